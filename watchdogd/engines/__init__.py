@@ -1,0 +1,117 @@
+"""Database engines: one module per engine, each knowing one database.
+
+An engine module ``watchdogd/engines/<name>.py`` defines::
+
+    def validate(section: Section) -> Mapping[str, Any]   # extra keys of `database:`
+    def create(db: DatabaseConfig, secrets: set[str]) -> Engine
+
+and the engine name in config is the module name (``engine: postgres``).
+Adding an engine is adding that module; nothing else changes.
+
+Positions (``current_pos``, ``receive_pos``, ``replay_pos``) are integers an
+engine can subtract to get a byte-like lag: PostgreSQL LSNs, Redis replication
+offsets, MySQL binlog byte offsets. They are only compared within one cluster.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from watchdogd.config import DatabaseConfig, Section
+
+
+class EngineError(Exception):
+    """A database operation failed; the message is one clear line."""
+
+
+@dataclass(frozen=True)
+class DbStatus:
+    """What one probe of one database saw. ``None`` means 'not known / not applicable'."""
+
+    # False when the server is a standby (in recovery / replica).
+    is_primary: bool
+    # Accepts writes right now (a primary not fenced read-only).
+    writable: bool
+    # Primary: its current write position. Standby: None.
+    current_pos: int | None = None
+    # Standby: last position received from the primary / replayed locally.
+    receive_pos: int | None = None
+    replay_pos: int | None = None
+    # Standby: its replication link to the primary is up and recently heard from.
+    streaming: bool | None = None
+    # Standby: seconds since it last heard from the primary (None: never / unknown).
+    last_receive_age: float | None = None
+    # Standby: seconds of replay lag as the standby measures it (0 when caught up).
+    lag_seconds: float | None = None
+    # Standby: replay is paused (PostgreSQL pg_wal_replay_pause()).
+    replay_paused: bool | None = None
+    # Short human text for status and logs.
+    detail: str = ""
+
+
+class Engine(Protocol):
+    """One database server. Every method is bounded by ``timeout`` (seconds) and
+    raises EngineError with one clear line on failure; never hangs longer."""
+
+    name: str
+
+    async def status(self, timeout: float) -> DbStatus:
+        """Health, role and replication position. Raises EngineError when unreachable."""
+        ...
+
+    async def stop_replication(self, timeout: float) -> str:
+        """Standby: stop following the primary (idempotent). Returns what was done."""
+        ...
+
+    async def promote(self, timeout: float) -> str:
+        """Standby: apply everything already received, become a writable primary,
+        and verify it accepts a write. Idempotent: an already-promoted server is
+        verified, not promoted again. Returns what was done."""
+        ...
+
+    async def fence(self, timeout: float) -> str:
+        """Old primary: refuse writes from now on (read-only) and end client sessions.
+        Idempotent. Returns what was done."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; never raises."""
+        ...
+
+
+class EngineModule(Protocol):
+    def validate(self, section: Section) -> Mapping[str, Any]: ...
+    def create(self, db: DatabaseConfig, secrets: set[str]) -> Engine: ...
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def _module(name: str) -> ModuleType:
+    if name not in available():
+        raise KeyError(name)
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def validate_database(section: Section, engine: str) -> Mapping[str, Any]:
+    """Called by config for each ``database:`` section: checks the engine name and
+    lets the engine module read (and so accept) its extra keys."""
+    try:
+        module = _module(engine)
+    except KeyError:
+        section.error(f"unknown engine {engine!r}; known: {', '.join(available())}", "engine")
+        return {}
+    result: Mapping[str, Any] = module.validate(section)
+    return result
+
+
+def create(db: DatabaseConfig, secrets: set[str]) -> Engine:
+    engine: Engine = _module(db.engine).create(db, secrets)
+    return engine

@@ -1,0 +1,35 @@
+"""Probes: each checks one thing and returns an Observation; they never decide.
+
+A probe is an object with ``name`` and ``async def check() -> Observation``; the
+daemon bounds every call with ``probe.timeout`` on top of the probe's own
+timeouts, so a hung peer costs one failed observation, never a stuck loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from watchdogd.engines import DbStatus
+
+
+@dataclass(frozen=True)
+class Observation:
+    target: str  # node or witness name
+    probe: str  # "database", "app" or "witness"
+    ok: bool
+    latency: float  # seconds
+    detail: str
+    at: float  # monotonic seconds (the daemon's clock)
+    # Database probes: what the server reported (None when unreachable).
+    db: DbStatus | None = None
+    # Witness probes: the witness's vote on the primary (None: abstains).
+    sees_primary: bool | None = None
+
+
+class Probe(Protocol):
+    target: str
+    probe: str
+
+    async def check(self) -> Observation: ...
