@@ -9,6 +9,7 @@ and all problems are collected before giving up, so one run shows them all.
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import string
@@ -19,8 +20,10 @@ from typing import Any
 
 import yaml
 
-DEFAULT_STEPS = ({"name": "stop_replication", "action": "stop_replication"},
-                 {"name": "promote", "action": "promote"})
+DEFAULT_STEPS = (
+    {"name": "stop_replication", "action": "stop_replication"},
+    {"name": "promote", "action": "promote"},
+)
 
 # Placeholders a step's strings may use; rendered at failover time.
 PLACEHOLDERS = frozenset(
@@ -42,8 +45,17 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
 _SIZE_UNITS = {
-    None: 1, "B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+    None: 1,
+    "B": 1,
+    "kB": 10**3,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
 }
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -134,6 +146,10 @@ class Section:
     def keys(self) -> list[str]:
         return list(self._data)
 
+    def read_items(self) -> dict[str, Any]:
+        """The keys read so far with their raw values (``${ENV}`` unresolved)."""
+        return {k: self._data[k] for k in self._seen if k in self._data}
+
     def _get(self, key: str, default: Any) -> Any:
         self._seen.add(key)
         if key in self._data and self._data[key] is not None:
@@ -164,7 +180,9 @@ class Section:
             self.error("must not be empty", key)
         return value
 
-    def secret(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+    def secret(
+        self, key: builtins.str, default: Any = None, *, required: builtins.bool = False
+    ) -> Any:
         """A secret given inline (usually ``${ENV}``) or as ``<key>_file``."""
         file_key = f"{key}_file"
         inline = self.str(key, None, allow_empty=True)
@@ -187,7 +205,7 @@ class Section:
             self.error(f"is required (or {file_key})", key)
         return default
 
-    def duration(self, key: str, default: Any = _REQUIRED, *, minimum: float = 0.0) -> Any:
+    def duration(self, key: builtins.str, default: Any = _REQUIRED, *, minimum: float = 0.0) -> Any:
         value = self._get(key, default)
         if value is None or value is default:
             return value
@@ -200,7 +218,7 @@ class Section:
             self.error(f"must be at least {format_duration(minimum)}, got {value!r}", key)
         return seconds
 
-    def size(self, key: str, default: Any = _REQUIRED) -> Any:
+    def size(self, key: builtins.str, default: Any = _REQUIRED) -> Any:
         value = self._get(key, default)
         if value is None or value is default:
             return value
@@ -210,8 +228,14 @@ class Section:
             self.error(str(exc), key)
             return default if default is not _REQUIRED else None
 
-    def int(self, key: str, default: Any = _REQUIRED, *, minimum: int | None = None,
-            maximum: int | None = None) -> Any:
+    def int(
+        self,
+        key: builtins.str,
+        default: Any = _REQUIRED,
+        *,
+        minimum: builtins.int | None = None,
+        maximum: builtins.int | None = None,
+    ) -> Any:
         value = self._get(key, default)
         if value is None or value is default:
             return value
@@ -224,7 +248,7 @@ class Section:
             self.error(f"must be at most {maximum}, got {value}", key)
         return value
 
-    def bool(self, key: str, default: Any = _REQUIRED) -> Any:
+    def bool(self, key: builtins.str, default: Any = _REQUIRED) -> Any:
         value = self._get(key, default)
         if value is None or value is default:
             return value
@@ -233,14 +257,16 @@ class Section:
             return default if default is not _REQUIRED else None
         return value
 
-    def choice(self, key: str, choices: tuple[str, ...], default: Any = _REQUIRED) -> Any:
+    def choice(
+        self, key: builtins.str, choices: tuple[builtins.str, ...], default: Any = _REQUIRED
+    ) -> Any:
         value = self.str(key, default)
         if value is not None and value is not default and value not in choices:
             self.error(f"expected one of {', '.join(choices)}, got {value!r}", key)
             return default if default is not _REQUIRED else None
         return value
 
-    def str_list(self, key: str, default: Any = _REQUIRED) -> Any:
+    def str_list(self, key: builtins.str, default: Any = _REQUIRED) -> Any:
         value = self._get(key, default)
         if value is None or value is default:
             return value
@@ -249,7 +275,7 @@ class Section:
             return default if default is not _REQUIRED else None
         return [self._resolve_env(v, f"{self.sub(key)}[{i}]") for i, v in enumerate(value)]
 
-    def str_map(self, key: str) -> dict[str, str]:
+    def str_map(self, key: builtins.str) -> dict[builtins.str, builtins.str]:
         value = self._get(key, None)
         if value is None:
             return {}
@@ -260,13 +286,13 @@ class Section:
             return {}
         return {k: self._resolve_env(str(v), f"{self.sub(key)}.{k}") for k, v in value.items()}
 
-    def section(self, key: str, *, required: bool = False) -> Section | None:
+    def section(self, key: builtins.str, *, required: builtins.bool = False) -> Section | None:
         value = self._get(key, _REQUIRED if required else None)
         if value is None:
             return None
         return Section(value, self.sub(key), self.errors, self.secrets)
 
-    def sections(self, key: str) -> Iterator[Section]:
+    def sections(self, key: builtins.str) -> Iterator[Section]:
         value = self._get(key, None)
         if value is None:
             return
@@ -276,13 +302,15 @@ class Section:
         for i, item in enumerate(value):
             yield Section(item, f"{self.sub(key)}[{i}]", self.errors, self.secrets)
 
-    def templated(self, key: str, value: Any) -> None:
+    def templated(self, key: builtins.str, value: Any) -> None:
         """Check that every ``{placeholder}`` in ``value`` (recursively) is known."""
         for path, text in _walk_strings(value, self.sub(key)):
             try:
                 unknown = template_fields(text) - PLACEHOLDERS
             except ValueError as exc:
-                self.errors.append(f"{path}: bad placeholder syntax ({exc}); write {{{{ for a brace")
+                self.errors.append(
+                    f"{path}: bad placeholder syntax ({exc}); write {{{{ for a brace"
+                )
                 continue
             if unknown:
                 self.errors.append(
@@ -290,9 +318,10 @@ class Section:
                     f"known: {', '.join('{' + p + '}' for p in sorted(PLACEHOLDERS))}"
                 )
 
-    def _resolve_env(self, value: Any, path: str) -> Any:
+    def _resolve_env(self, value: Any, path: builtins.str) -> Any:
         if isinstance(value, str):
-            def sub(m: re.Match[str]) -> str:
+
+            def sub(m: re.Match[builtins.str]) -> builtins.str:
                 name = m.group(1)
                 if name not in os.environ:
                     self.errors.append(f"{path}: environment variable {name} is not set")
@@ -311,9 +340,15 @@ class Section:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "nothing"}.get(
-        type(value), type(value).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "nothing",
+    }.get(type(value), type(value).__name__)
 
 
 def _walk_strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
@@ -518,20 +553,24 @@ def parse(data: Any, source: str | None = None) -> Config:
         )
         p.finish()
         if probe.timeout >= probe.interval:
-            p.error(f"must be shorter than probe.interval ({format_duration(probe.interval)})",
-                    "timeout")
+            p.error(
+                f"must be shorter than probe.interval ({format_duration(probe.interval)})",
+                "timeout",
+            )
 
     failover = _failover(root, actions.validate_step)
     if failover.outage_threshold < probe.interval:
         root.error("must be at least probe.interval", "failover.outage_threshold")
 
-    witnesses = []
+    witnesses: list[WitnessConfig] = []
     for w in root.sections("witnesses"):
-        witnesses.append(WitnessConfig(
-            name=w.str("name", f"witness{len(witnesses) + 1}"),
-            url=_url(w, "url"),
-            timeout=w.duration("timeout", None),
-        ))
+        witnesses.append(
+            WitnessConfig(
+                name=w.str("name", f"witness{len(witnesses) + 1}"),
+                url=_url(w, "url"),
+                timeout=w.duration("timeout", None),
+            )
+        )
         w.finish()
 
     metrics = MetricsConfig()
@@ -552,7 +591,7 @@ def parse(data: Any, source: str | None = None) -> Config:
                 if mode & 0o007:
                     c.error(f"must not give rights to others, got {mode_text!r}", "mode")
             else:
-                c.error(f"expected an octal mode like \"0660\", got {mode_text!r}", "mode")
+                c.error(f'expected an octal mode like "0660", got {mode_text!r}', "mode")
         control = ControlConfig(
             socket=c.str("socket", ControlConfig.socket),
             mode=mode,
@@ -570,15 +609,17 @@ def parse(data: Any, source: str | None = None) -> Config:
         )
         lg.finish()
 
-    webhooks = []
+    webhooks: list[WebhookConfig] = []
     if (n := root.section("notify")) is not None:
         for w in n.sections("webhooks"):
-            webhooks.append(WebhookConfig(
-                url=_url(w, "url"),
-                headers=w.str_map("headers"),
-                events=frozenset(w.str_list("events", [])),
-                timeout=w.duration("timeout", 5.0, minimum=0.01),
-            ))
+            webhooks.append(
+                WebhookConfig(
+                    url=_url(w, "url"),
+                    headers=w.str_map("headers"),
+                    events=frozenset(w.str_list("events", [])),
+                    timeout=w.duration("timeout", 5.0, minimum=0.01),
+                )
+            )
             w.finish()
         n.finish()
 
@@ -595,15 +636,26 @@ def parse(data: Any, source: str | None = None) -> Config:
         raise ConfigError(errors)
     assert nodes[0] is not None and nodes[1] is not None
     return Config(
-        cluster=cluster, primary=nodes[0], standby=nodes[1], probe=probe, failover=failover,
-        witnesses=tuple(witnesses), metrics=metrics, control=control, log=log,
-        webhooks=tuple(webhooks), state_dir=state_dir, providers=providers,
-        secrets=frozenset(secrets), source=source,
+        cluster=cluster,
+        primary=nodes[0],
+        standby=nodes[1],
+        probe=probe,
+        failover=failover,
+        witnesses=tuple(witnesses),
+        metrics=metrics,
+        control=control,
+        log=log,
+        webhooks=tuple(webhooks),
+        state_dir=state_dir,
+        providers=providers,
+        secrets=frozenset(secrets),
+        source=source,
     )
 
 
-def _node(root: Section, role: str,
-          validate_db: Callable[[Section, str], Mapping[str, Any]]) -> NodeConfig | None:
+def _node(
+    root: Section, role: str, validate_db: Callable[[Section, str], Mapping[str, Any]]
+) -> NodeConfig | None:
     s = root.section(role, required=True)
     if s is None:
         return None
@@ -618,8 +670,11 @@ def _node(root: Section, role: str,
         ):
             a.error(f"expected HTTP status codes, got {statuses!r}", "expect_status")
             statuses = []
-        app = AppConfig(health_url=_url(a, "health_url"), expect_status=tuple(statuses),
-                        headers=a.str_map("headers"))
+        app = AppConfig(
+            health_url=_url(a, "health_url"),
+            expect_status=tuple(statuses),
+            headers=a.str_map("headers"),
+        )
         a.finish()
     db = None
     if (d := s.section("database", required=True)) is not None:
@@ -636,14 +691,21 @@ def _node(root: Section, role: str,
     return NodeConfig(name=name, database=db, app=app)
 
 
-def _failover(root: Section, validate_step: Callable[[Section], StepConfig | None]
-              ) -> FailoverConfig:
+def _failover(
+    root: Section, validate_step: Callable[[Section], StepConfig | None]
+) -> FailoverConfig:
     f = root.section("failover")
     if f is None:
-        return FailoverConfig(steps=tuple(
-            s for s in (validate_step(Section(d, f"failover.steps[{i}]", root.errors,
-                                              root.secrets))
-                        for i, d in enumerate(DEFAULT_STEPS)) if s))
+        return FailoverConfig(
+            steps=tuple(
+                s
+                for s in (
+                    validate_step(Section(d, f"failover.steps[{i}]", root.errors, root.secrets))
+                    for i, d in enumerate(DEFAULT_STEPS)
+                )
+                if s
+            )
+        )
     trigger_on = f.str_list("trigger_on", ["database", "app"])
     for i, t in enumerate(trigger_on or []):
         if t not in ("database", "app"):
@@ -652,9 +714,14 @@ def _failover(root: Section, validate_step: Callable[[Section], StepConfig | Non
         f.error("must name at least one of database, app", "trigger_on")
     steps = _steps(f, "steps", validate_step)
     if not f.has("steps"):
-        steps = tuple(s for s in (validate_step(Section(d, f"failover.steps[{i}]", f.errors,
-                                                        f.secrets))
-                                  for i, d in enumerate(DEFAULT_STEPS)) if s)
+        steps = tuple(
+            s
+            for s in (
+                validate_step(Section(d, f"failover.steps[{i}]", f.errors, f.secrets))
+                for i, d in enumerate(DEFAULT_STEPS)
+            )
+            if s
+        )
     elif not steps and not any(e.startswith("failover.steps") for e in f.errors):
         f.error("must list at least one step", "steps")
     fence_steps = _steps(f, "fence_steps", validate_step)
@@ -673,8 +740,9 @@ def _failover(root: Section, validate_step: Callable[[Section], StepConfig | Non
     return cfg
 
 
-def _steps(f: Section, key: str, validate_step: Callable[[Section], StepConfig | None]
-           ) -> tuple[StepConfig, ...]:
+def _steps(
+    f: Section, key: str, validate_step: Callable[[Section], StepConfig | None]
+) -> tuple[StepConfig, ...]:
     steps: list[StepConfig] = []
     names: set[str] = set()
     for s in f.sections(key):

@@ -118,7 +118,7 @@ def validate_step(s: Section) -> StepConfig | None:
     if isinstance(kind, str):
         before = len(s.errors)
         kinds[kind](s)  # validates; the built action is thrown away
-        params = {k: s.raw(k) for k in s.keys() if k not in common}
+        params = {k: v for k, v in s.read_items().items() if k not in common}
         if len(s.errors) != before:
             kind = None
     s.finish()

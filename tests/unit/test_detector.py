@@ -1,0 +1,139 @@
+"""The detector, driven cycle by cycle with an injected clock: no sockets, no sleeps."""
+
+from __future__ import annotations
+
+from tests.unit.builders import cycle
+from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT, Detector
+
+
+def make(threshold: float = 5.0, interval: float = 1.0, n: int = 3, **kw: object) -> Detector:
+    return Detector(interval=interval, threshold=threshold, recovery_successes=n, **kw)  # type: ignore[arg-type]
+
+
+def test_healthy_primary_is_healthy() -> None:
+    d = make()
+    for t in range(10):
+        v = d.update(cycle(t, primary_ok=True, standby_streaming=True))
+        assert v.status == HEALTHY and v.outage_seconds == 0
+
+
+def test_outage_becomes_down_only_at_threshold_with_standby_agreeing() -> None:
+    d = make(threshold=5)
+    statuses = [d.update(cycle(t, primary_ok=False)).status for t in range(7)]
+    # failing since t=0: 0..4 s is below the 5 s threshold
+    assert statuses[:5] == [SUSPECT] * 5
+    assert statuses[5] == DOWN and statuses[6] == DOWN
+
+
+def test_down_reports_trigger_reasons_and_failing_probes() -> None:
+    d = make(threshold=2)
+    for t in range(3):
+        v = d.update(cycle(t, primary_ok=False))
+    assert v.status == DOWN and v.trigger == "database"
+    assert v.failing == ("main/database: connection refused",)
+    assert v.standby_sees_primary is False
+    assert "standby agrees" in v.reason and v.outage_seconds == 2
+
+
+def test_standby_still_streaming_means_partition_forever() -> None:
+    d = make(threshold=5)
+    for t in range(60):
+        v = d.update(cycle(t, primary_ok=False, standby_streaming=True))
+        assert v.status == SUSPECT
+    assert v.partition and "partition between watcher and primary" in v.reason
+
+
+def test_standby_streaming_but_silent_longer_than_threshold_agrees() -> None:
+    # A hung (SIGSTOPped) primary keeps the TCP link open: only silence tells.
+    d = make(threshold=5)
+    for t in range(6):
+        v = d.update(cycle(t, primary_ok=False, standby_streaming=True, age=t + 0.5))
+    assert v.status == DOWN
+
+
+def test_unreachable_standby_cannot_confirm() -> None:
+    d = make(threshold=2)
+    for t in range(5):
+        v = d.update(cycle(t, primary_ok=False, standby_ok=False))
+    assert v.status == SUSPECT and v.standby_sees_primary is None
+    assert "standby is unreachable" in v.reason
+
+
+def test_single_lucky_probe_does_not_reset_outage_timer() -> None:
+    d = make(threshold=5, n=3)
+    pattern = [False, False, False, True, False, False]  # one success at t=3
+    for t, ok in enumerate(pattern):
+        v = d.update(cycle(t, primary_ok=ok))
+    assert v.status == DOWN and v.outage_seconds == 5
+
+
+def test_recovery_needs_consecutive_successes() -> None:
+    d = make(threshold=10, n=3)
+    for t in range(3):
+        d.update(cycle(t, primary_ok=False))
+    v1 = d.update(cycle(3, primary_ok=True))
+    v2 = d.update(cycle(4, primary_ok=True))
+    assert v1.status == SUSPECT and v2.status == SUSPECT and not v2.recovered
+    v3 = d.update(cycle(5, primary_ok=True))
+    assert v3.status == HEALTHY and v3.recovered and v3.outage_seconds == 0
+
+
+def test_stall_discards_evidence_and_restarts_timer() -> None:
+    d = make(threshold=5, interval=1)
+    for t in range(4):
+        d.update(cycle(t, primary_ok=False))
+    v = d.update(cycle(10, primary_ok=False))  # 7 s gap: the loop stalled
+    assert v.status == STALE and "stalled" in v.reason
+    # the timer restarted at t=10: down only at t=15
+    assert d.update(cycle(11, primary_ok=False)).status == SUSPECT
+    assert [d.update(cycle(t, primary_ok=False)).status for t in range(12, 16)] == [
+        SUSPECT,
+        SUSPECT,
+        SUSPECT,
+        DOWN,
+    ]
+
+
+def test_witness_majority_required() -> None:
+    # own + standby say down, two witnesses still reach the primary: 2 of 4 is no majority
+    d = make(threshold=1)
+    for t in range(3):
+        v = d.update(cycle(t, primary_ok=False, witnesses=(True, True)))
+    assert v.status == SUSPECT and v.votes_down == 2 and v.votes_total == 4
+    d = make(threshold=1)
+    for t in range(3):
+        v = d.update(cycle(t, primary_ok=False, witnesses=(False, None)))
+    assert v.status == DOWN and v.votes_down == 3 and v.votes_total == 4
+
+
+def test_unreachable_witnesses_abstain_and_block_majority() -> None:
+    d = make(threshold=1)
+    for t in range(3):
+        v = d.update(cycle(t, primary_ok=False, witnesses=(None, None)))
+    assert v.status == SUSPECT
+
+
+def test_app_down_with_database_alive_is_app_trigger() -> None:
+    d = make(threshold=3)
+    for t in range(4):
+        v = d.update(cycle(t, primary_ok=True, standby_streaming=True, app_ok=False))
+    assert v.status == DOWN and v.trigger == "app"
+
+
+def test_trigger_on_excludes() -> None:
+    d = make(threshold=1, trigger_on=frozenset({"database"}))
+    for t in range(3):
+        v = d.update(cycle(t, primary_ok=True, standby_streaming=True, app_ok=False))
+    assert v.status == SUSPECT and "excludes app" in v.reason
+    d = make(threshold=1, trigger_on=frozenset({"app"}))
+    for t in range(3):
+        v = d.update(cycle(t, primary_ok=False))
+    assert v.status == SUSPECT and "excludes database" in v.reason
+
+
+def test_reset_forgets_everything() -> None:
+    d = make(threshold=2)
+    for t in range(2):
+        d.update(cycle(t, primary_ok=False))
+    d.reset()
+    assert d.update(cycle(2, primary_ok=False)).outage_seconds == 0

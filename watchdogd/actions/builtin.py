@@ -1,0 +1,108 @@
+"""Engine built-ins: steps that act on the pair's databases through their engines.
+
+``stop_replication`` and ``promote`` act on the standby (the node failed over to),
+``fence`` on the old primary (the node failed away from), ``catch_up`` waits until
+the standby has replayed everything the old primary wrote (switchover). All are
+idempotent: the engines check before they act, so a resumed failover never
+promotes twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from watchdogd.actions import Action, ActionError, StepContext
+from watchdogd.config import Section
+from watchdogd.engines import Engine, EngineError
+
+
+@dataclass
+class EngineCall:
+    verb: str  # stop_replication | promote | fence
+    target: str  # primary | standby (role within the failover)
+    idempotent: bool = True
+
+    def _node(self, ctx: StepContext) -> Any:
+        return ctx.primary if self.target == "primary" else ctx.standby
+
+    async def run(self, ctx: StepContext, timeout: float) -> str:
+        engine = ctx.engine(self._node(ctx))
+        call: Callable[[float], Awaitable[str]] = getattr(engine, self.verb)
+        try:
+            return await call(timeout)
+        except EngineError as exc:
+            raise ActionError(f"{self.verb} on {self._node(ctx).name}: {exc}") from None
+
+    def describe(self, ctx: StepContext) -> dict[str, Any]:
+        node = self._node(ctx)
+        return {"node": node.name, "engine": node.database.engine}
+
+
+@dataclass
+class CatchUp:
+    """Wait until the standby has replayed up to the old primary's current position."""
+
+    poll: float = 0.1
+    idempotent: bool = True
+
+    async def run(self, ctx: StepContext, timeout: float) -> str:
+        primary, standby = ctx.engine(ctx.primary), ctx.engine(ctx.standby)
+        deadline = time.monotonic() + timeout
+        try:
+            target = await _position(primary, "current_pos", deadline)
+        except EngineError as exc:
+            raise ActionError(
+                f"catch_up: cannot read {ctx.primary.name}'s position: {exc}"
+            ) from None
+        behind = None
+        while True:
+            try:
+                replayed = await _position(standby, "replay_pos", deadline)
+                behind = target - replayed
+                if behind <= 0:
+                    return f"{ctx.standby.name} replayed everything {ctx.primary.name} wrote"
+            except EngineError as exc:
+                behind_text = str(exc)
+            else:
+                behind_text = f"{behind} bytes behind"
+            if time.monotonic() + self.poll >= deadline:
+                raise ActionError(
+                    f"catch_up: {ctx.standby.name} still {behind_text} after {timeout:g}s"
+                )
+            await asyncio.sleep(self.poll)
+
+    def describe(self, ctx: StepContext) -> dict[str, Any]:
+        return {"wait_until": f"{ctx.standby.name} replayed all of {ctx.primary.name}'s WAL"}
+
+
+async def _position(engine: Engine, field: str, deadline: float) -> int:
+    status = await engine.status(max(0.05, deadline - time.monotonic()))
+    value = getattr(status, field)
+    if value is None:
+        raise EngineError(f"{field} unknown ({status.detail})")
+    result: int = value
+    return result
+
+
+def _engine_call(verb: str, default_target: str) -> Callable[[Section], Action]:
+    def parse(s: Section) -> Action:
+        target = s.choice("target", ("primary", "standby"), default_target)
+        return EngineCall(verb=verb, target=target)
+
+    return parse
+
+
+def _catch_up(s: Section) -> Action:
+    return CatchUp(poll=s.duration("poll_interval", 0.1, minimum=0.01))
+
+
+ACTIONS: dict[str, Callable[[Section], Action]] = {
+    "stop_replication": _engine_call("stop_replication", "standby"),
+    "promote": _engine_call("promote", "standby"),
+    "fence": _engine_call("fence", "primary"),
+    "catch_up": _catch_up,
+}

@@ -1,0 +1,107 @@
+"""The ``http`` step: one HTTP request (maintenance switches, webhooks of a platform)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from watchdogd.actions import Action, ActionError, StepContext
+from watchdogd.config import Section
+
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
+_IDEMPOTENT = frozenset({"GET", "PUT", "DELETE", "HEAD"})
+
+
+@dataclass
+class HttpAction:
+    method: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    json_body: Any = None
+    body: str | None = None
+    expect_status: tuple[int, ...] = ()
+    idempotent: bool = False
+
+    def _rendered(self, ctx: StepContext) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "url": ctx.render(self.url),
+            "headers": ctx.render(self.headers),
+            "json": ctx.render(self.json_body),
+            "body": ctx.render(self.body),
+        }
+
+    async def run(self, ctx: StepContext, timeout: float) -> str:
+        r = self._rendered(ctx)
+        kwargs: dict[str, Any] = {"headers": r["headers"]}
+        if self.json_body is not None:
+            kwargs["json"] = r["json"]
+        elif self.body is not None:
+            kwargs["data"] = r["body"].encode()
+        where = f"{self.method} {r['url']}"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+                async with s.request(self.method, r["url"], **kwargs) as resp:
+                    text = (await resp.text(errors="replace"))[:200]
+                    ok = (
+                        resp.status in self.expect_status
+                        if self.expect_status
+                        else 200 <= resp.status < 300
+                    )
+                    if not ok:
+                        first = text.strip().splitlines()[0] if text.strip() else ""
+                        raise ActionError(f"{where}: HTTP {resp.status} {first}".strip())
+                    return f"{where}: HTTP {resp.status}"
+        except TimeoutError:
+            raise ActionError(f"{where}: no answer within {timeout:g}s") from None
+        except aiohttp.ClientError as exc:
+            raise ActionError(f"{where}: {type(exc).__name__}: {exc}") from None
+
+    def describe(self, ctx: StepContext) -> dict[str, Any]:
+        r = self._rendered(ctx)
+        return {k: v for k, v in r.items() if v not in (None, {})}
+
+
+def parse(s: Section) -> Action:
+    method = s.choice("method", _METHODS, "POST")
+    url = s.str("url")
+    if isinstance(url, str):
+        s.templated("url", url)
+    headers = s.str_map("headers")
+    s.templated("headers", headers)
+    json_body = s.raw("json")
+    body = s.str("body", None, allow_empty=True)
+    if json_body is not None and body is not None:
+        s.error("give either json or body, not both")
+    if json_body is not None:
+        s.templated("json", json_body)
+        try:
+            json.dumps(json_body)
+        except (TypeError, ValueError):
+            s.error("must be JSON-serialisable", "json")
+    if body is not None:
+        s.templated("body", body)
+    statuses = s.raw("expect_status", [])
+    if isinstance(statuses, int):
+        statuses = [statuses]
+    if not isinstance(statuses, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and 100 <= x <= 599 for x in statuses
+    ):
+        s.error(f"expected HTTP status codes, got {statuses!r}", "expect_status")
+        statuses = []
+    return HttpAction(
+        method=method or "POST",
+        url=url or "",
+        headers=headers,
+        json_body=json_body,
+        body=body,
+        expect_status=tuple(statuses),
+        idempotent=(method or "POST") in _IDEMPOTENT,
+    )
+
+
+ACTIONS: dict[str, Callable[[Section], Action]] = {"http": parse}

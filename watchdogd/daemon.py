@@ -1,0 +1,1022 @@
+"""The daemon: composition root. Builds everything from the config, runs the probe
+cycle, turns decisions into runs, and answers operators.
+
+It owns no decision logic: each cycle it gathers observations (I/O), hands
+them to the detector and the policy (pure), and carries out what they decide —
+start a runner, fence an old primary that came back writable, update metrics,
+log and notify. Durable facts live in the journal; this object only caches the
+latest observations for ``status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets as pysecrets
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import aiohttp
+from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from watchdogd import __version__, actions, engines
+from watchdogd import config as configmod
+from watchdogd.actions import Action, StepContext
+from watchdogd.config import Config, NodeConfig, StepConfig
+from watchdogd.control import CommandError, ControlServer, Peer
+from watchdogd.detector import DOWN, HEALTHY, Cycle, Detector, Verdict
+from watchdogd.engines import Engine
+from watchdogd.failover.journal import FailoverRecord, Journal, JournalState, apply
+from watchdogd.failover.runner import Runner
+from watchdogd.logging import Secrets, setup_logging
+from watchdogd.metrics import Metrics, make_app, start_http
+from watchdogd.notify import Notifier
+from watchdogd.policy import (
+    BLOCKED,
+    FAILING_OVER,
+    Decision,
+    Plan,
+    Policy,
+    StandbyFacts,
+    build_plan,
+)
+from watchdogd.probes import Observation
+from watchdogd.probes.app import AppProbe
+from watchdogd.probes.database import DatabaseProbe
+from watchdogd.probes.witness import WitnessProbe
+from watchdogd.systemd import SystemdNotifier
+
+# Events that reach webhooks (the rest are logged only).
+NOTIFY_EVENTS = frozenset(
+    {
+        "primary_down",
+        "primary_recovered",
+        "failover_started",
+        "step_failed",
+        "failover_completed",
+        "failover_failed",
+        "failover_aborted",
+        "failover_blocked",
+        "paused",
+        "resumed",
+        "split_brain",
+        "partition_suspected",
+    }
+)
+_WARN_EVENTS = frozenset(
+    {
+        "primary_down",
+        "step_failed",
+        "step_retry",
+        "failover_failed",
+        "failover_aborted",
+        "failover_blocked",
+        "split_brain",
+        "partition_suspected",
+        "stall_detected",
+    }
+)
+
+
+@dataclass
+class Latest:
+    """The last cycle's observations, for status and the lag guard."""
+
+    primary_db: Observation | None = None
+    standby_db: Observation | None = None
+    primary_app: Observation | None = None
+    standby_app: Observation | None = None
+    verdict: Verdict | None = None
+    # The last write position seen on the primary: the lag guard's reference
+    # when the primary is gone.
+    last_primary_pos: int | None = None
+    lag_bytes: int | None = None
+    lag_seconds: float | None = None
+    writable: int = 0
+    cycle_at: float | None = None
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        log: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.wall = wall
+        self.secrets = Secrets(config.secrets)
+        self.log: Any = (
+            cast(Any, log)
+            if log is not None
+            else cast(
+                Any,
+                setup_logging(
+                    config.log.format,
+                    config.log.level,
+                    cluster=config.cluster,
+                    secrets=self.secrets,
+                ),
+            )
+        )
+        self.metrics = Metrics(config.cluster)
+        self.journal = Journal(config.state_dir)
+        self.state: JournalState = JournalState()
+        self.policy = Policy(config.failover, self.state)
+        self.detector = self._detector(config)
+        self.latest = Latest()
+        self.engines: dict[str, Engine] = {}
+        self.notifier = Notifier(config.webhooks, config.cluster, self.log, config.secrets)
+        self.systemd = SystemdNotifier()
+        self.runner: Runner | None = None
+        self.runner_task: asyncio.Task[str] | None = None
+        self.fence_task: asyncio.Task[None] | None = None
+        self._fenced_for: str | None = None  # failover id whose old primary was fenced
+        self._scheduler: AsyncIOScheduler | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._http: Any = None
+        self._control: ControlServer | None = None
+        self._stopping = asyncio.Event()
+        self._ready = False
+        self._last_decision: Decision | None = None
+        self._cycles = 0
+        self._last_cycle_wall: float | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @staticmethod
+    def _detector(config: Config) -> Detector:
+        return Detector(
+            interval=config.probe.interval,
+            threshold=config.failover.outage_threshold,
+            recovery_successes=config.probe.recovery_successes,
+            trigger_on=config.failover.trigger_on,
+        )
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.journal.lock()
+        self.state = self.journal.load()
+        self.policy.journal = self.state
+        for problem in self.state.problems:
+            self.log.warning("journal_problem", problem=problem, path=str(self.journal.path))
+        self._check_roles()
+        for node in cfg.nodes:
+            self.engines[node.name] = engines.create(node.database, set(cfg.secrets))
+        self._session = aiohttp.ClientSession()
+        self.metrics.set_outage_threshold(cfg.failover.outage_threshold)
+        if cfg.metrics.enabled:
+            app = make_app(
+                self.metrics, self._healthz, extra_routes=[web.get("/primary", self._witness_view)]
+            )
+            self._http = await start_http(app, cfg.metrics.host, cfg.metrics.port)
+        self._control = ControlServer(
+            cfg.control, self.handle_command, self.log, secrets=cfg.secrets
+        )
+        await self._control.start()
+        await self.notifier.start()
+        self.log.info(
+            "started",
+            version=__version__,
+            config=cfg.source,
+            primary=self.roles()[0].name,
+            standby=self.roles()[1].name,
+            mode=cfg.failover.mode,
+            outage_threshold=cfg.failover.outage_threshold,
+            interval=cfg.probe.interval,
+            state_dir=cfg.state_dir,
+        )
+        if (fo := self.state.unfinished) is not None:
+            self.log.warning(
+                "failover_unfinished",
+                failover_id=fo.id,
+                trigger=fo.trigger,
+                steps=[s.as_dict() for s in fo.steps],
+                note="resuming from the first unfinished step",
+            )
+            self._resume(fo)
+        self._scheduler = AsyncIOScheduler()
+        self._scheduler.add_job(
+            self.cycle_job,
+            "interval",
+            seconds=cfg.probe.interval,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=max(1, int(cfg.probe.interval)),
+            next_run_time=datetime.now(UTC),
+            id="probe",
+        )
+        self._scheduler.start()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop. SIGHUP reloads the config."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        self.log.info("stopping", state=self.policy.state)
+        self.systemd.stopping()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self.runner is not None and self.runner_task is not None and not self.runner_task.done():
+            # Let the running step finish and be journaled; the next start resumes.
+            self.log.info("waiting_for_step", step=self.runner.current_step)
+            self.runner.interrupt()
+            with contextlib.suppress(Exception):
+                await self.runner_task
+        if self.fence_task is not None:
+            with contextlib.suppress(Exception):
+                await self.fence_task
+        if self._control is not None:
+            await self._control.stop()
+        if self._http is not None:
+            await self._http.cleanup()
+        await self.notifier.close(2.0)
+        if self._session is not None:
+            await self._session.close()
+        for engine in self.engines.values():
+            await engine.close()
+        self.journal.close()
+        self.log.info("stopped")
+
+    # ------------------------------------------------------------------ roles
+
+    def _check_roles(self) -> None:
+        names = {n.name for n in self.config.nodes}
+        s = self.state
+        if s.primary is not None and {s.primary, s.standby} != names:
+            self.log.warning(
+                "journal_roles_ignored",
+                journal_primary=s.primary,
+                journal_standby=s.standby,
+                note="node names changed in the config; using configured roles",
+            )
+            s.primary = s.standby = None
+
+    def base_roles(self) -> tuple[NodeConfig, NodeConfig]:
+        """Roles as acknowledged: the config's, swapped by every acked failover."""
+        s = self.state
+        if s.primary is not None and s.standby is not None:
+            try:
+                return self.config.node(s.primary), self.config.node(s.standby)
+            except KeyError:
+                pass
+        return self.config.primary, self.config.standby
+
+    def roles(self) -> tuple[NodeConfig, NodeConfig]:
+        """Current roles: after a failover that promoted the standby, it is the primary
+        even before the operator acks."""
+        primary, standby = self.base_roles()
+        fo = self.state.awaiting_ack or self.state.unfinished
+        if (
+            fo is not None
+            and (fo.outcome == "completed" or fo.promoted)
+            and fo.to_node == standby.name
+        ):
+            return standby, primary
+        return primary, standby
+
+    # ------------------------------------------------------------------ the cycle
+
+    async def cycle_job(self) -> None:
+        try:
+            async with asyncio.timeout(self.config.probe.timeout + 2.0):
+                await self.cycle()
+        except TimeoutError:
+            self.log.error("cycle_timeout", note="a probe cycle overran its bound")
+        except Exception as exc:  # one bad cycle must never end the loop
+            self.log.exception("cycle_error", error=str(exc))
+
+    async def cycle(self) -> Verdict:
+        cfg = self.config
+        at = self.clock()
+        primary, standby = self.roles()
+        probes: list[Any] = [
+            DatabaseProbe(primary.name, self.engines[primary.name], cfg.probe.timeout, self.clock),
+            DatabaseProbe(standby.name, self.engines[standby.name], cfg.probe.timeout, self.clock),
+        ]
+        assert self._session is not None
+        apps: list[NodeConfig] = [n for n in (primary, standby) if n.app is not None]
+        for node in apps:
+            assert node.app is not None
+            probes.append(
+                AppProbe(node.name, node.app, self._session, cfg.probe.timeout, self.clock)
+            )
+        probes += [
+            WitnessProbe(w, self._session, cfg.probe.timeout, self.clock) for w in cfg.witnesses
+        ]
+        results = await asyncio.gather(*(self._bounded(p) for p in probes))
+        pdb, sdb = results[0], results[1]
+        app_obs = {o.target: o for o in results[2 : 2 + len(apps)]}
+        witnesses = tuple(results[2 + len(apps) :])
+        for obs in results:
+            self.metrics.observe_probe(obs.target, obs.probe, obs.ok, obs.latency)
+
+        latest = self.latest
+        latest.primary_db, latest.standby_db = pdb, sdb
+        latest.primary_app, latest.standby_app = (
+            app_obs.get(primary.name),
+            app_obs.get(standby.name),
+        )
+        latest.cycle_at = at
+        self._update_lag(pdb, sdb, standby.name)
+        verdict = self.detector.update(
+            Cycle(
+                at=at,
+                primary_db=pdb,
+                standby_db=sdb,
+                primary_app=latest.primary_app,
+                witnesses=witnesses,
+            )
+        )
+        previous = latest.verdict
+        latest.verdict = verdict
+        self._report_verdict(previous, verdict)
+
+        decision = self.policy.evaluate(verdict, self.standby_facts(), self.wall())
+        self._report_decision(decision)
+        if decision.start is not None and self.runner_task is None:
+            self._start_failover(decision.start, "automatic", verdict.reason, forced=False)
+        self._check_split_brain()
+
+        self.metrics.set_armed(self.policy.armed(self.wall()))
+        self.metrics.set_primary_down(verdict.outage_seconds)
+        self._cycles += 1
+        self._last_cycle_wall = self.wall()
+        self.metrics.cycle_completed(self._last_cycle_wall)
+        if not self._ready:
+            self._ready = True
+            self.systemd.ready(f"{self.policy.state}: {decision.reason}")
+        self.systemd.watchdog()
+        return verdict
+
+    async def _bounded(self, probe: Any) -> Observation:
+        timeout = self.config.probe.timeout
+        at = self.clock()
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                obs: Observation = await probe.check()
+                return obs
+        except TimeoutError:
+            return Observation(
+                probe.target,
+                probe.probe,
+                False,
+                time.monotonic() - t0,
+                f"no answer within {timeout:g}s",
+                at,
+            )
+
+    def _update_lag(self, pdb: Observation, sdb: Observation, standby: str) -> None:
+        latest = self.latest
+        if pdb.ok and pdb.db is not None and pdb.db.current_pos is not None:
+            latest.last_primary_pos = pdb.db.current_pos
+        sstat = sdb.db if sdb.ok else None
+        lag_bytes = None
+        if (
+            sstat is not None
+            and not sstat.is_primary
+            and latest.last_primary_pos is not None
+            and sstat.replay_pos is not None
+        ):
+            lag_bytes = max(0, latest.last_primary_pos - sstat.replay_pos)
+        latest.lag_bytes = lag_bytes
+        latest.lag_seconds = sstat.lag_seconds if sstat is not None else None
+        self.metrics.set_lag(standby, lag_bytes, latest.lag_seconds)
+        self.metrics.set_streaming(
+            standby, None if sstat is None or sstat.is_primary else bool(sstat.streaming)
+        )
+        latest.writable = sum(1 for o in (pdb, sdb) if o.ok and o.db is not None and o.db.writable)
+        self.metrics.set_writable_primaries(latest.writable)
+
+    def standby_facts(self) -> StandbyFacts:
+        sdb = self.latest.standby_db
+        if sdb is None or not sdb.ok or sdb.db is None:
+            return StandbyFacts(
+                False, False, None, None, sdb.detail if sdb is not None else "not probed yet"
+            )
+        st = sdb.db
+        guard = None
+        if self.latest.last_primary_pos is not None and st.receive_pos is not None:
+            guard = max(0, self.latest.last_primary_pos - st.receive_pos)
+        return StandbyFacts(True, not st.is_primary, guard, st.lag_seconds, st.detail)
+
+    def _report_verdict(self, previous: Verdict | None, verdict: Verdict) -> None:
+        before = previous.status if previous is not None else HEALTHY
+        facts = verdict.facts()
+        if verdict.status == "stale":
+            self.emit("stall_detected", **facts)
+        if verdict.status == DOWN and before != DOWN:
+            self.emit("primary_down", **facts)
+        if verdict.recovered:
+            self.emit("primary_recovered", **facts)
+        was_partition = previous is not None and previous.partition
+        if verdict.partition and not was_partition:
+            self.emit("partition_suspected", **facts)
+        self.metrics.set_partition(verdict.partition)
+
+    def _report_decision(self, decision: Decision) -> None:
+        last = self._last_decision
+        self._last_decision = decision
+        self.metrics.set_state(decision.state)
+        if last is not None and last.state == decision.state and last.reason == decision.reason:
+            return
+        if last is None or last.state != decision.state:
+            self.systemd.status(f"{decision.state}: {decision.reason}")
+            latest = self.latest
+            self.log.info(
+                "state_changed",
+                state=decision.state,
+                previous=last.state if last else None,
+                reason=decision.reason,
+                lag_bytes=latest.lag_bytes,
+                lag_seconds=latest.lag_seconds,
+                **(latest.verdict.facts() if latest.verdict else {}),
+            )
+            if decision.state == BLOCKED:
+                self.metrics.failover_finished("automatic", "blocked", self.wall())
+                self.emit(
+                    "failover_blocked",
+                    reason=decision.reason,
+                    lag_bytes=self.standby_facts().lag_bytes,
+                )
+
+    # ------------------------------------------------------------------ failover
+
+    def _new_id(self) -> str:
+        stamp = datetime.fromtimestamp(self.wall(), UTC).strftime("%Y%m%dT%H%M%SZ")
+        return f"{stamp}-{pysecrets.token_hex(2)}"
+
+    def plan(
+        self,
+        kind: str,
+        trigger: str,
+        reason: str,
+        *,
+        forced: bool = False,
+        catchup_timeout: float | None = None,
+        id: str | None = None,
+    ) -> Plan:
+        primary, standby = self.base_roles()
+        cfg = self.config.failover
+        if catchup_timeout is not None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, catchup_timeout=catchup_timeout)
+        return build_plan(
+            cfg,
+            id=id or self._new_id(),
+            kind=kind,
+            trigger=trigger,
+            reason=reason,
+            from_node=primary.name,
+            to_node=standby.name,
+            forced=forced,
+        )
+
+    def context(self, plan: Plan) -> StepContext:
+        return StepContext(
+            config=self.config,
+            primary=self.config.node(plan.from_node),
+            standby=self.config.node(plan.to_node),
+            engines=self.engines,
+            failover_id=plan.id,
+            reason=plan.reason,
+            trigger=plan.trigger,
+        )
+
+    def _actions(self, steps: tuple[StepConfig, ...]) -> dict[str, Action]:
+        return {s.name: actions.build(s, self.config) for s in steps}
+
+    def _start_failover(
+        self,
+        kind: str,
+        trigger: str,
+        reason: str,
+        *,
+        forced: bool,
+        catchup_timeout: float | None = None,
+    ) -> Plan:
+        plan = self.plan(kind, trigger, reason, forced=forced, catchup_timeout=catchup_timeout)
+        self._launch(plan, resume=None)
+        return plan
+
+    def _resume(self, fo: FailoverRecord) -> None:
+        plan = self.plan(fo.kind, fo.trigger, fo.reason, forced=fo.forced, id=fo.id)
+        if [s.name for s in plan.steps] != fo.plan or plan.from_node != fo.from_node:
+            # The config changed under an unfinished failover: do not guess.
+            error = (
+                "cannot resume: the failover steps or roles in the config changed since it "
+                "started; finish it by hand and ack"
+            )
+            self.record(
+                {
+                    "type": "failover_finished",
+                    "id": fo.id,
+                    "outcome": "failed",
+                    "error": error,
+                    "at": self.wall(),
+                }
+            )
+            self.emit("failover_failed", failover_id=fo.id, error=error)
+            return
+        self._launch(plan, resume=fo)
+
+    def _launch(self, plan: Plan, resume: FailoverRecord | None) -> None:
+        runner = Runner(
+            plan,
+            self.context(plan),
+            self._actions(plan.steps),
+            self.record,
+            self.emit,
+            resume=resume,
+            wall=self.wall,
+        )
+        self.runner = runner
+        self.metrics.set_in_progress(True)
+        self.metrics.set_state(FAILING_OVER)
+        self.runner_task = asyncio.create_task(self._run(runner), name=f"failover-{plan.id}")
+
+    async def _run(self, runner: Runner) -> str:
+        try:
+            outcome = await runner.run()
+        except Exception as exc:
+            self.log.exception("failover_crashed", failover_id=runner.plan.id, error=str(exc))
+            outcome = "failed"
+        finally:
+            self.runner, self.runner_task = None, None
+            self.metrics.set_in_progress(False)
+        self._refresh_state()
+        return outcome
+
+    def _refresh_state(self) -> None:
+        verdict = self.latest.verdict or Verdict(HEALTHY, "not probed yet")
+        self._report_decision(self.policy.evaluate(verdict, self.standby_facts(), self.wall()))
+        self.metrics.set_armed(self.policy.armed(self.wall()))
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """Journal a record durably, then fold it into the live state."""
+        self.journal.append(rec)
+        apply(self.state, rec)
+
+    def emit(self, event: str, **facts: Any) -> None:
+        level = "warning" if event in _WARN_EVENTS else "info"
+        getattr(self.log, level)(event, **facts)
+        if event in ("step_completed", "step_failed"):
+            self.metrics.step_finished(
+                facts["step"],
+                "ok" if event == "step_completed" else facts.get("outcome", "failed"),
+                float(facts.get("seconds", 0.0)),
+            )
+        elif event in ("failover_completed", "failover_failed", "failover_aborted"):
+            self.metrics.failover_finished(
+                facts.get("trigger", "automatic"), event.removeprefix("failover_"), self.wall()
+            )
+        if event in NOTIFY_EVENTS:
+            self.notifier.notify(event, **facts)
+
+    # ------------------------------------------------------------------ split brain
+
+    def _check_split_brain(self) -> None:
+        latest = self.latest
+        split = latest.writable > 1
+        self.metrics.set_split_brain(split)
+        if not split:
+            self._fenced_for = None  # a later episode is handled afresh
+            return
+        fo = self.state.last
+        ours = fo is not None and fo.acked_at is None and (fo.outcome == "completed" or fo.promoted)
+        key = fo.id if ours and fo is not None else "unexplained"
+        if self._fenced_for == key:
+            return  # this episode is reported (and fenced once); the alert keeps firing
+        self._fenced_for = key
+        if not ours or fo is None:
+            self.emit(
+                "split_brain",
+                writable_primaries=latest.writable,
+                note="both nodes accept writes and no failover of ours explains it: "
+                "fencing neither; an operator must decide",
+            )
+            return
+        self.emit(
+            "split_brain",
+            writable_primaries=latest.writable,
+            failover_id=fo.id,
+            old_primary=fo.from_node,
+            new_primary=fo.to_node,
+            fence_steps=[s.name for s in self.config.failover.fence_steps],
+        )
+        self.fence_task = asyncio.create_task(self._fence(fo))
+
+    async def _fence(self, fo: FailoverRecord) -> None:
+        plan = Plan(
+            id=fo.id,
+            kind="fence",
+            trigger="split_brain",
+            reason="old primary came back writable",
+            from_node=fo.from_node,
+            to_node=fo.to_node,
+            steps=self.config.failover.fence_steps,
+        )
+        ctx = self.context(plan)
+        for step in plan.steps:
+            action = actions.build(step, self.config)
+            t0 = time.monotonic()
+            try:
+                async with asyncio.timeout(step.timeout + 1.0):
+                    detail = await action.run(ctx, step.timeout)
+                self.log.info(
+                    "fence_step_completed",
+                    step=step.name,
+                    detail=detail,
+                    failover_id=fo.id,
+                    seconds=round(time.monotonic() - t0, 3),
+                )
+            except Exception as exc:
+                self.emit(
+                    "step_failed",
+                    failover_id=fo.id,
+                    step=step.name,
+                    action=step.action,
+                    outcome="failed",
+                    error=self.config.mask(str(exc)),
+                    fence=True,
+                    seconds=round(time.monotonic() - t0, 3),
+                    required=step.required,
+                )
+
+    # ------------------------------------------------------------------ operators
+
+    async def handle_command(
+        self, command: str, args: dict[str, Any], peer: Peer
+    ) -> dict[str, Any]:
+        handler = getattr(self, f"_cmd_{command}", None)
+        if handler is None:
+            raise CommandError(f"unknown command {command!r}")
+        result: dict[str, Any] = await handler(args, peer)
+        return result
+
+    async def _cmd_status(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        return self.status()
+
+    async def _cmd_history(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        n = int(args.get("n", 10))
+        return {"failovers": [f.as_dict() for f in reversed(self.state.failovers[-n:])]}
+
+    async def _cmd_pause(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        reason = args.get("reason") or f"paused by {_who(peer)}"
+        self.record({"type": "pause", "reason": reason, "by": _who(peer), "at": self.wall()})
+        self.emit("paused", reason=reason, by=_who(peer))
+        self._refresh_state()
+        return {"paused": True, "reason": reason}
+
+    async def _cmd_resume(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        if not self.state.paused:
+            raise CommandError("automatic failover is not paused")
+        self.record({"type": "resume", "by": _who(peer), "at": self.wall()})
+        self.emit("resumed", by=_who(peer))
+        self._refresh_state()
+        return {"paused": False}
+
+    async def _cmd_failover(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        force, dry_run = bool(args.get("force")), bool(args.get("dry_run"))
+        verdict = self.latest.verdict or Verdict(HEALTHY, "not probed yet")
+        refusal = self.policy.refuse_manual_failover(verdict, self.standby_facts(), force)
+        if refusal is not None:
+            raise CommandError(f"failover refused: {refusal}")
+        reason = args.get("reason") or f"manual failover by {_who(peer)}" + (
+            " (forced)" if force else ""
+        )
+        return self._start_or_describe("failover", "manual", reason, force, dry_run)
+
+    async def _cmd_switchover(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        pdb = self.latest.primary_db
+        refusal = self.policy.refuse_switchover(bool(pdb and pdb.ok), self.standby_facts())
+        if refusal is not None:
+            raise CommandError(f"switchover refused: {refusal}")
+        timeout = args.get("timeout")
+        reason = f"switchover by {_who(peer)}"
+        return self._start_or_describe(
+            "switchover",
+            "switchover",
+            reason,
+            False,
+            bool(args.get("dry_run")),
+            float(timeout) if timeout is not None else None,
+        )
+
+    def _start_or_describe(
+        self,
+        kind: str,
+        trigger: str,
+        reason: str,
+        forced: bool,
+        dry_run: bool,
+        catchup_timeout: float | None = None,
+    ) -> dict[str, Any]:
+        if dry_run:
+            plan = self.plan(kind, trigger, reason, forced=forced, catchup_timeout=catchup_timeout)
+            return {"dry_run": True, "plan": self.describe(plan)}
+        if self.state.awaiting_ack is not None:
+            # A failed failover being retried by hand: the new one supersedes it.
+            fo = self.state.awaiting_ack
+            self.record(
+                {
+                    "type": "ack",
+                    "id": fo.id,
+                    "primary": self.base_roles()[0].name,
+                    "standby": self.base_roles()[1].name,
+                    "at": self.wall(),
+                    "note": "superseded by a manual retry",
+                }
+            )
+        plan = self._start_failover(
+            kind, trigger, reason, forced=forced, catchup_timeout=catchup_timeout
+        )
+        return {"started": plan.id, "plan": self.describe(plan)}
+
+    def describe(self, plan: Plan) -> dict[str, Any]:
+        ctx = self.context(plan)
+        return {
+            "failover_id": plan.id,
+            "kind": plan.kind,
+            "trigger": plan.trigger,
+            "reason": plan.reason,
+            "from": plan.from_node,
+            "to": plan.to_node,
+            "forced": plan.forced,
+            "steps": [actions.describe(s, actions.build(s, self.config), ctx) for s in plan.steps],
+        }
+
+    async def _cmd_abort(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        who = _who(peer)
+        if self.runner is not None:
+            self.runner.abort(by=f"operator ({who})")
+            self.log.warning(
+                "abort_requested",
+                failover_id=self.runner.plan.id,
+                by=who,
+                current_step=self.runner.current_step,
+            )
+            return {
+                "aborting": self.runner.plan.id,
+                "note": "the sequence stops before its next step",
+            }
+        verdict = self.latest.verdict or Verdict(HEALTHY, "not probed yet")
+        if not self.policy.pending_outage(verdict):
+            raise CommandError("nothing to abort: no failover is running or pending")
+        primary, standby = self.base_roles()
+        fid = self._new_id()
+        self.record(
+            {
+                "type": "failover_started",
+                "id": fid,
+                "trigger": "automatic",
+                "kind": "failover",
+                "reason": verdict.reason,
+                "from": primary.name,
+                "to": standby.name,
+                "steps": [],
+                "at": self.wall(),
+                "pending": True,
+            }
+        )
+        self.record(
+            {
+                "type": "failover_finished",
+                "id": fid,
+                "outcome": "aborted",
+                "error": f"aborted by operator ({who}) before it started",
+                "at": self.wall(),
+            }
+        )
+        self.emit(
+            "failover_aborted",
+            failover_id=fid,
+            trigger="automatic",
+            by=who,
+            error="aborted by operator before it started",
+        )
+        self._refresh_state()
+        return {"aborted": fid, "note": "no automatic failover until an operator acks"}
+
+    async def _cmd_ack(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        try:
+            primary, standby = self.policy.ack_roles()
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        fo = self.state.awaiting_ack
+        assert fo is not None
+        self.record(
+            {
+                "type": "ack",
+                "id": fo.id,
+                "primary": primary,
+                "standby": standby,
+                "by": _who(peer),
+                "at": self.wall(),
+            }
+        )
+        self.log.info("acked", failover_id=fo.id, by=_who(peer), primary=primary, standby=standby)
+        # The pair is watched in its new roles from a clean slate.
+        self.detector.reset()
+        self.latest = Latest()
+        self._fenced_for = None
+        self._refresh_state()
+        return {
+            "acked": fo.id,
+            "roles": {"primary": primary, "standby": standby},
+            "armed": self.policy.armed(self.wall()),
+        }
+
+    async def _cmd_reload(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        return await self.reload(by=_who(peer))
+
+    def _spawn_reload(self) -> None:
+        task = asyncio.create_task(self._reload_quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reload_quietly(self) -> None:
+        with contextlib.suppress(CommandError):
+            await self.reload(by="SIGHUP")
+
+    async def reload(self, by: str) -> dict[str, Any]:
+        self.systemd.reloading()
+        try:
+            return await self._reload(by)
+        finally:
+            self.systemd.ready(f"{self.policy.state}")
+
+    async def _reload(self, by: str) -> dict[str, Any]:
+        if self.config.source is None:
+            raise CommandError("reload refused: the daemon was not started from a config file")
+        try:
+            new = configmod.load(self.config.source)
+        except configmod.ConfigError as exc:
+            self.metrics.config_reloaded(False, self.wall())
+            self.log.error("reload_refused", by=by, problems=exc.problems)
+            raise CommandError(
+                "reload refused, running config kept: " + "; ".join(exc.problems)
+            ) from None
+        if self.runner is not None:
+            raise CommandError("reload refused: a failover is running; reload when it ends")
+        changed = [
+            k
+            for k in ("control", "metrics", "state_dir")
+            if getattr(new, k) != getattr(self.config, k)
+        ]
+        old = self.config
+        self.config = new
+        self.policy.cfg = new.failover
+        self.detector = self._detector(new)
+        for node in new.nodes:
+            if node.name not in self.engines or old_db(old, node.name) != node.database:
+                if node.name in self.engines:
+                    await self.engines[node.name].close()
+                self.engines[node.name] = engines.create(node.database, set(new.secrets))
+        self._check_roles()
+        if self._scheduler is not None and new.probe.interval != old.probe.interval:
+            self._scheduler.reschedule_job("probe", trigger="interval", seconds=new.probe.interval)
+        self.metrics.set_outage_threshold(new.failover.outage_threshold)
+        self.secrets.replace(new.secrets)
+        self.metrics.config_reloaded(True, self.wall())
+        self.log.info("reloaded", by=by, restart_needed_for=changed or None)
+        return {"reloaded": True, "restart_needed_for": changed}
+
+    # ------------------------------------------------------------------ views
+
+    def status(self) -> dict[str, Any]:
+        primary, standby = self.roles()
+        latest = self.latest
+        decision = self._last_decision
+        running = None
+        if self.runner is not None:
+            running = {
+                "id": self.runner.plan.id,
+                "step": self.runner.current_step,
+                "started_at": self.runner.current_step_started,
+            }
+        last = self.state.last
+        nodes = []
+        for node, role in ((primary, "primary"), (standby, "standby")):
+            db = latest.primary_db if role == "primary" else latest.standby_db
+            app = latest.primary_app if role == "primary" else latest.standby_app
+            nodes.append(
+                {
+                    "name": node.name,
+                    "role": role,
+                    "database": _obs(db),
+                    "app": _obs(app) if node.app is not None else None,
+                }
+            )
+        verdict = latest.verdict
+        return {
+            "cluster": self.config.cluster,
+            "version": __version__,
+            "state": self.policy.state,
+            "reason": decision.reason if decision else "starting",
+            "mode": self.config.failover.mode,
+            "armed": self.policy.armed(self.wall()),
+            "paused": self.state.paused,
+            "pause_reason": self.state.pause_reason,
+            "awaiting_ack": self.state.awaiting_ack is not None,
+            "cooldown_left": round(self.policy.cooldown_left(self.wall()), 1),
+            "roles": {"primary": primary.name, "standby": standby.name},
+            "nodes": nodes,
+            "outage_seconds": round(verdict.outage_seconds, 3) if verdict else 0.0,
+            "verdict": verdict.facts() if verdict else None,
+            "lag": {
+                "bytes": latest.lag_bytes,
+                "seconds": latest.lag_seconds,
+                "streaming": _streaming(latest.standby_db),
+            },
+            "writable_primaries": latest.writable,
+            "failover_in_progress": running,
+            "last_failover": _summary(last) if last else None,
+            "last_cycle_at": self._last_cycle_wall,
+        }
+
+    def _healthz(self) -> tuple[bool, str]:
+        if self._last_cycle_wall is None:
+            return False, "no probe cycle completed yet"
+        age = self.wall() - self._last_cycle_wall
+        limit = max(3 * self.config.probe.interval, self.config.probe.timeout + 5.0)
+        if age > limit:
+            return False, f"probe loop stalled: last cycle {age:.1f}s ago"
+        return True, f"{self.policy.state}; last cycle {age:.1f}s ago"
+
+    async def _witness_view(self, request: web.Request) -> web.Response:
+        pdb = self.latest.primary_db
+        up = bool(pdb is not None and pdb.ok)
+        return web.json_response(
+            {
+                "primary_up": up,
+                "primary": self.roles()[0].name,
+                "detail": pdb.detail if pdb else "not probed yet",
+            },
+            status=200 if up else 503,
+        )
+
+
+def old_db(config: Config, name: str) -> Any:
+    try:
+        return config.node(name).database
+    except KeyError:
+        return None
+
+
+def _who(peer: Peer) -> str:
+    return f"{peer.user or 'uid ' + str(peer.uid)} (pid {peer.pid})"
+
+
+def _obs(obs: Observation | None) -> dict[str, Any] | None:
+    if obs is None:
+        return None
+    out: dict[str, Any] = {"ok": obs.ok, "detail": obs.detail, "latency": round(obs.latency, 4)}
+    if obs.db is not None:
+        out["writable"] = obs.db.writable
+        out["is_primary"] = obs.db.is_primary
+    return out
+
+
+def _streaming(obs: Observation | None) -> bool | None:
+    if obs is None or obs.db is None or obs.db.is_primary:
+        return None
+    return bool(obs.db.streaming)
+
+
+def _summary(fo: FailoverRecord) -> dict[str, Any]:
+    return {
+        "id": fo.id,
+        "trigger": fo.trigger,
+        "outcome": fo.outcome or "in progress",
+        "reason": fo.reason,
+        "from": fo.from_node,
+        "to": fo.to_node,
+        "started_at": fo.started_at,
+        "finished_at": fo.finished_at,
+        "error": fo.error,
+        "acked": fo.acked_at is not None,
+    }

@@ -1,0 +1,1 @@
+"""Acting on a decision: the journal and the step runner."""
