@@ -1,0 +1,770 @@
+"""The control socket: how operators steer the daemon (``watchdogctl`` is its client).
+
+Owns the wire protocol, the command table and argument validation, authorisation
+from peer credentials, the safety of the socket file, per-connection limits, and
+``request()``, the client helper.
+
+Protocol: a Unix stream socket carrying JSON lines. A request is
+``{"command": "failover", "args": {"force": true}}``; the reply is
+``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "one clear sentence"}``.
+A connection may send several requests; each newline-terminated line gets exactly
+one reply, in order.
+
+Validation happens here, before the daemon's handler is called: the handler gets
+a known command name and an args dict holding every declared argument (defaults
+filled in, optional ones without a default as ``None``).
+
+Authorisation (SO_PEERCRED, groups resolved with pwd/grp on every request):
+
+- full access: root, the daemon's own uid, ``allow_users``, members (primary or
+  supplementary) of ``allow_groups``;
+- read-only commands (status, history): members of ``read_groups``; when
+  ``read_groups`` is empty, anyone who can connect. The socket's mode (0660 by
+  default; config forbids bits for others) already limits who can connect to
+  the socket's owner and group, so an empty ``read_groups`` means "the socket's
+  group may look";
+- everyone else gets ``permission denied``, and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as errno_codes
+import grp
+import json
+import math
+import os
+import pwd
+import socket
+import stat
+import struct
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+    from watchdogd.config import ControlConfig
+
+MAX_LINE = 64 * 1024
+IDLE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+# Generous, so a burst of clients queues instead of being refused by the kernel.
+BACKLOG = 1024
+# Replies (a long history) may be far larger than requests.
+REPLY_LIMIT = 64 * 1024 * 1024
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+MAX_TEXT = 1000
+
+Access = Literal["full", "read", "none"]
+Handler = Callable[[str, dict[str, Any], "Peer"], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end of a connection (from SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+    user: str | None
+
+
+class CommandError(Exception):
+    """A request is refused; the message (one sentence) is sent to the client as is.
+
+    The daemon's handler raises it to refuse a command ("already paused")."""
+
+
+class ControlSocketError(Exception):
+    """The control socket cannot be set up safely; the message is one line."""
+
+
+class ControlUnavailable(Exception):
+    """``request()`` could not get a reply from the daemon."""
+
+    def __init__(self, path: str, reason: str, errno: int | None = None) -> None:
+        super().__init__(f"cannot reach watchdogd at {path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.errno = errno
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument: ``kind`` is bool, int, number (seconds) or text (one line)."""
+
+    kind: Literal["bool", "int", "number", "text"]
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    mutating: bool
+    help: str
+    args: Mapping[str, Arg] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args", MappingProxyType(dict(self.args)))
+
+
+def _table(*commands: Command) -> Mapping[str, Command]:
+    return MappingProxyType({c.name: c for c in commands})
+
+
+COMMANDS: Mapping[str, Command] = _table(
+    Command("status", False, "show the cluster's state"),
+    Command(
+        "history", False, "list recent failovers with their steps", {"n": Arg("int", 10, 1, 1000)}
+    ),
+    Command("pause", True, "stop automatic failover until resumed", {"reason": Arg("text")}),
+    Command("resume", True, "resume automatic failover"),
+    Command(
+        "failover",
+        True,
+        "fail over from the primary to the standby now",
+        {"force": Arg("bool", False), "dry_run": Arg("bool", False), "reason": Arg("text")},
+    ),
+    Command(
+        "switchover",
+        True,
+        "planned switch to the standby once it has caught up",
+        {"dry_run": Arg("bool", False), "timeout": Arg("number", None, 0.1, 86400)},
+    ),
+    Command("abort", True, "abort the failover in progress"),
+    Command("ack", True, "acknowledge a finished or failed failover"),
+    Command("reload", True, "reload the configuration"),
+)
+
+
+def lookup(name: Any) -> Command:
+    """The Command called ``name``; CommandError when there is none."""
+    known = ", ".join(COMMANDS)
+    if not isinstance(name, str):
+        raise CommandError(f"'command' must be a string, got {_show(name)}; known: {known}")
+    command = COMMANDS.get(name)
+    if command is None:
+        raise CommandError(f"unknown command {_show(name)}; known: {known}")
+    return command
+
+
+def validate_args(command: Command, args: Any) -> dict[str, Any]:
+    """Check ``args`` against the command's schema; return it with defaults filled in."""
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise CommandError(f"{command.name}: 'args' must be an object, got {_show(args)}")
+    for key in args:
+        if key not in command.args:
+            takes = (
+                f"known: {', '.join(command.args)}"
+                if command.args
+                else f"{command.name} takes no arguments"
+            )
+            raise CommandError(f"unknown argument {_show(key)} for {command.name}; {takes}")
+    checked: dict[str, Any] = {}
+    for key, spec in command.args.items():
+        value = args.get(key)
+        checked[key] = spec.default if value is None else _check(command.name, key, spec, value)
+    return checked
+
+
+def _check(command: str, key: str, spec: Arg, value: Any) -> Any:
+    where = f"{command}: argument '{key}'"
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise CommandError(f"{where} must be true or false, got {_show(value)}")
+        return value
+    if spec.kind == "text":
+        if not isinstance(value, str):
+            raise CommandError(f"{where} must be a string, got {_show(value)}")
+        if not value.strip():
+            raise CommandError(f"{where} must not be empty")
+        if len(value) > MAX_TEXT:
+            raise CommandError(f"{where} must be at most {MAX_TEXT} characters, got {len(value)}")
+        # It ends up in logs, the journal and notifications: one printable line.
+        if not value.isprintable():
+            raise CommandError(f"{where} must be one line of printable text, got {_show(value)}")
+        return value
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if spec.kind == "int":
+        if not number or not isinstance(value, int):
+            raise CommandError(
+                f"{where} must be a whole number from {spec.minimum:g} "
+                f"to {spec.maximum:g}, got {_show(value)}"
+            )
+    elif not number or not math.isfinite(value):
+        raise CommandError(
+            f"{where} must be a number of seconds from {spec.minimum:g} "
+            f"to {spec.maximum:g}, got {_show(value)}"
+        )
+    if (spec.minimum is not None and value < spec.minimum) or (
+        spec.maximum is not None and value > spec.maximum
+    ):
+        unit = " seconds" if spec.kind == "number" else ""
+        raise CommandError(
+            f"{where} must be from {spec.minimum:g} to {spec.maximum:g}{unit}, got {_show(value)}"
+        )
+    return value
+
+
+class _BadConstant(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BadConstant(f"{name} is not a number JSON allows")
+
+
+def parse_request(line: bytes) -> tuple[Any, Any]:
+    """Decode one request line into (command, args), unvalidated; CommandError if malformed."""
+    text = line.strip()
+    if not text:
+        raise CommandError(
+            'empty request; send one JSON object per line, like {"command": "status"}'
+        )
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandError("request is not valid UTF-8") from None
+    try:
+        data = json.loads(decoded, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"request is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except _BadConstant as exc:
+        raise CommandError(f"request is not valid JSON: {exc}") from None
+    except ValueError:  # an integer with more digits than Python will convert
+        raise CommandError("request is not valid JSON: a number is too large") from None
+    except RecursionError:
+        raise CommandError("request is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise CommandError(
+            f'request must be a JSON object like {{"command": "status"}}, got {_show(data)}'
+        )
+    for key in data:
+        if key not in ("command", "args"):
+            raise CommandError(
+                f"unknown field {_show(key)} in request; expected 'command' and optional 'args'"
+            )
+    if "command" not in data:
+        raise CommandError(f"request has no 'command'; known: {', '.join(COMMANDS)}")
+    return data["command"], data.get("args")
+
+
+def _show(value: Any) -> str:
+    """A short, safe rendering of a client-supplied value for an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, int) and value.bit_length() > 100:
+        return "a very large number"
+    text = repr(value)  # escapes control characters and lone surrogates
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --------------------------------------------------------------------------- server
+
+
+class ControlServer:
+    """Serves the control socket; ``handler(command, args, peer)`` is the daemon.
+
+    The handler returns the result object or raises CommandError to refuse. It is
+    cancelled if the server stops mid-request, so long work belongs in the
+    daemon's own tasks, not inline in the handler.
+    """
+
+    def __init__(
+        self,
+        config: ControlConfig,
+        handler: Handler,
+        log: FilteringBoundLogger,
+        *,
+        max_line: int = MAX_LINE,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        secrets: frozenset[str] = frozenset(),
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.log = log
+        self.max_line = max_line
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.secrets = secrets
+        self.path = config.socket
+        self._server: asyncio.AbstractServer | None = None
+        self._identity: tuple[int, int] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._own_uid = os.geteuid()
+
+    @property
+    def connections(self) -> int:
+        """Connections being served right now."""
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        """Bind and listen; ControlSocketError (one line) if that is not safe."""
+        if self._server is not None:
+            raise ControlSocketError("control server already started")
+        self._stopping = False
+        path = Path(self.path)
+        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
+            raise ControlSocketError(
+                f"control socket path {self.path} is too long (at most {MAX_SOCKET_PATH} bytes)"
+            )
+        _prepare_directory(path.parent)
+        if _clear_stale(path):
+            self.log.info("control.stale_socket_replaced", socket=self.path)
+        sock = _bind(path, self.config.mode)
+        try:
+            st = os.stat(path)
+            self._identity = (st.st_dev, st.st_ino)
+            self._server = await asyncio.start_unix_server(
+                self._on_client, sock=sock, limit=self.max_line, backlog=BACKLOG
+            )
+        except BaseException:
+            sock.close()
+            self._unlink()
+            raise
+        for problem in self._unknown_names():
+            self.log.warning("control.config_name_unknown", problem=problem)
+        self.log.info("control.listening", socket=self.path, mode=f"{self.config.mode:04o}")
+
+    async def stop(self) -> None:
+        """Stop listening, drop open connections, remove the socket file."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping = True
+        server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await server.wait_closed()
+        self._unlink()
+        self.log.info("control.stopped", socket=self.path)
+
+    def _unlink(self) -> None:
+        # Only our own socket: a successor may already have replaced it.
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
+
+    def _unknown_names(self) -> list[str]:
+        problems = []
+        for user in self.config.allow_users:
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                problems.append(f"control.allow_users: no such user {user!r}")
+        for key in ("allow_groups", "read_groups"):
+            for group in getattr(self.config, key):
+                try:
+                    grp.getgrnam(group)
+                except KeyError:
+                    problems.append(f"control.{key}: no such group {group!r}")
+        return problems
+
+    # -- authorisation
+
+    def access(self, peer: Peer) -> Access:
+        """What ``peer`` may do: full, read (status/history) or none."""
+        cfg = self.config
+        if peer.uid in (0, self._own_uid):
+            return "full"
+        if peer.user is not None and peer.user in cfg.allow_users:
+            return "full"
+        if _member_of_any(peer, cfg.allow_groups):
+            return "full"
+        if not cfg.read_groups or _member_of_any(peer, cfg.read_groups):
+            return "read"
+        return "none"
+
+    # -- connections
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None or self._stopping:  # accepted just before stop(): not served
+            writer.close()
+            return
+        if len(self._tasks) >= self.max_connections:
+            self.log.warning("control.busy", connections=len(self._tasks))
+            with contextlib.suppress(OSError):
+                writer.write(
+                    _encode(
+                        _error(
+                            f"busy: too many control connections (limit {self.max_connections}); "
+                            "try again shortly"
+                        )
+                    )
+                )
+            writer.close()
+            return
+        self._tasks.add(task)
+        try:
+            peer = _peer(writer)
+            if peer is None:
+                self.log.error("control.no_peer_credentials")
+                return
+            await self._serve(reader, writer, peer)
+        except _Gone:
+            pass
+        except asyncio.CancelledError:
+            # stop() cancels open connections; ending quietly keeps asyncio's
+            # stream callback from logging the cancellation as an error.
+            if not self._stopping:
+                raise
+        except Exception as exc:
+            self.log.error("control.connection_failed", error=self._mask(_one_line(exc)))
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
+    ) -> None:
+        while True:
+            last = False
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    line = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:
+                # The client half-closed: answer a final unterminated line, if any.
+                line, last = exc.partial, True
+                if not line.strip():
+                    return
+            except asyncio.LimitOverrunError:
+                self.log.warning("control.line_too_long", uid=peer.uid, pid=peer.pid)
+                await self._send(
+                    writer,
+                    _error(
+                        f"request line longer than {self.max_line} bytes; closing the connection"
+                    ),
+                )
+                return
+            except TimeoutError:
+                await self._send(
+                    writer,
+                    _error(
+                        f"no complete request within {self.idle_timeout:g}s; closing the connection"
+                    ),
+                )
+                return
+            except OSError:
+                return
+            await self._send(writer, await self.respond(line, peer))
+            if last:
+                return
+
+    async def _send(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+        try:
+            writer.write(_encode(reply))
+            # A client that never reads must not hold the connection forever.
+            async with asyncio.timeout(self.idle_timeout):
+                await writer.drain()
+        except (OSError, TimeoutError):
+            raise _Gone from None
+
+    async def respond(self, line: bytes, peer: Peer) -> dict[str, Any]:
+        """The reply to one request line from ``peer``."""
+        try:
+            name, raw_args = parse_request(line)
+            command = lookup(name)
+            level = self.access(peer)
+            if level == "none" or (level == "read" and command.mutating):
+                self.log.warning(
+                    "control.denied",
+                    command=command.name,
+                    uid=peer.uid,
+                    user=peer.user,
+                    pid=peer.pid,
+                )
+                return _error("permission denied")
+            args = validate_args(command, raw_args)
+        except CommandError as exc:
+            return _error(self._mask(_sentence(exc)))
+        who = {"uid": peer.uid, "user": peer.user, "pid": peer.pid}
+        if command.mutating:
+            self.log.info(
+                "control.command", command=command.name, args=self._mask_value(args), **who
+            )
+        else:
+            self.log.debug("control.command", command=command.name, args=args, **who)
+        try:
+            result = await self.handler(command.name, args, peer)
+        except CommandError as exc:
+            message = self._mask(_sentence(exc))
+            self.log.info("control.refused", command=command.name, error=message, **who)
+            return _error(message)
+        except Exception as exc:
+            message = self._mask(_one_line(exc))
+            self.log.error(
+                "control.handler_failed",
+                command=command.name,
+                error=message,
+                traceback=self._mask("".join(traceback.format_exception(exc))),
+            )
+            return _error(f"internal error: {message}")
+        if not isinstance(result, dict):
+            self.log.error(
+                "control.handler_failed",
+                command=command.name,
+                error=f"handler returned {type(result).__name__}, not a dict",
+            )
+            return _error(f"internal error: {command.name} returned no result object")
+        return {"ok": True, "result": result}
+
+    def _mask(self, text: str) -> str:
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            if len(secret) >= 3:
+                text = text.replace(secret, "***")
+        return text
+
+    def _mask_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._mask(value)
+        if isinstance(value, dict):
+            return {k: self._mask_value(v) for k, v in value.items()}
+        return value
+
+
+class _Gone(Exception):
+    """The client went away or stopped reading."""
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": message}
+
+
+def _sentence(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = "; ".join(lines) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."
+
+
+def _one_line(exc: BaseException) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    name = type(exc).__name__
+    text = f"{name}: {first}" if first else name
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _encode(reply: Mapping[str, Any]) -> bytes:
+    """One JSON line, whatever odd values the result holds."""
+    try:
+        text = json.dumps(reply, default=str, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        try:
+            text = json.dumps(_plain(reply, 0), allow_nan=False)
+        except (ValueError, TypeError, RecursionError):
+            text = json.dumps(_error("internal error: the reply could not be encoded"))
+    return text.encode() + b"\n"
+
+
+def _plain(value: Any, depth: int) -> Any:
+    """``value`` made JSON-safe: non-finite floats, odd keys, cycles, huge ints."""
+    if depth > 64:
+        return "..."
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value if value.bit_length() < 4000 else f"<integer of {value.bit_length()} bits>"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {
+            _safe_str(k) if not isinstance(k, str) else k: _plain(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v, depth + 1) for v in value]
+    return _safe_str(value)
+
+
+def _safe_str(value: Any) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+def _peer(writer: asyncio.StreamWriter) -> Peer | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("=iII"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("=iII", raw)
+    try:
+        user: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = None
+    return Peer(pid=pid, uid=uid, gid=gid, user=user)
+
+
+def _member_of_any(peer: Peer, groups: tuple[str, ...]) -> bool:
+    if not groups:
+        return False
+    try:
+        primary = {peer.gid, pwd.getpwuid(peer.uid).pw_gid}
+    except KeyError:
+        primary = {peer.gid}
+    for name in groups:
+        try:
+            group = grp.getgrnam(name)
+        except KeyError:
+            continue
+        if group.gr_gid in primary or (peer.user is not None and peer.user in group.gr_mem):
+            return True
+    return False
+
+
+def _prepare_directory(directory: Path) -> None:
+    if not directory.exists():
+        try:
+            directory.mkdir(mode=0o750, parents=True)
+            os.chmod(directory, 0o750)
+        except FileExistsError:
+            pass  # created concurrently; checked below like any other
+        except OSError as exc:
+            raise ControlSocketError(
+                f"cannot create control socket directory {directory}: {exc.strerror}"
+            ) from None
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise ControlSocketError(
+            f"cannot use control socket directory {directory}: {exc.strerror}"
+        ) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlSocketError(f"control socket directory {directory} is not a directory")
+    if st.st_mode & stat.S_IWOTH:
+        # Anyone could put their own socket there and impersonate the daemon.
+        raise ControlSocketError(
+            f"control socket directory {directory} is world-writable "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); use a private one like /run/watchdogd"
+        )
+
+
+def _clear_stale(path: Path) -> bool:
+    """Remove a socket file nobody listens on; refuse if a live daemon answers."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ControlSocketError(f"cannot check control socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlSocketError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return True
+    except TimeoutError:
+        pass  # accepted into a full backlog: somebody is listening
+    except OSError as exc:
+        raise ControlSocketError(
+            f"cannot check control socket {path} ({exc.strerror}); "
+            "remove it if no watchdogd is running"
+        ) from None
+    finally:
+        probe.close()
+    raise ControlSocketError(
+        f"another watchdogd is already listening on {path}; "
+        "stop it first or set a different control.socket"
+    )
+
+
+def _bind(path: Path, mode: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The umask gives the socket its mode at bind(): there is no window in which
+    # a looser mode exists. Nothing awaits in between, so no other task sees it.
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno_codes.EADDRINUSE:
+            raise ControlSocketError(
+                f"control socket {path} was created by someone else "
+                "while starting; is another watchdogd starting?"
+            ) from None
+        raise ControlSocketError(f"cannot create control socket {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    return sock
+
+
+# --------------------------------------------------------------------------- client
+
+
+async def request(
+    socket_path: str,
+    command: str,
+    args: dict[str, Any] | None = None,
+    timeout: float = 30,
+) -> dict[str, Any]:
+    """Send one request, return the reply (``{"ok": ..., "result"/"error": ...}``).
+
+    Raises ControlUnavailable when there is no usable reply: no socket, nobody
+    listening, no permission, timeout, or a reply that is not a JSON object.
+    """
+    message: dict[str, Any] = {"command": command}
+    if args:
+        message["args"] = args
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(socket_path, limit=REPLY_LIMIT)
+            try:
+                writer.write(json.dumps(message).encode() + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except TimeoutError:
+        raise ControlUnavailable(socket_path, f"no reply within {timeout:g}s") from None
+    except ValueError:
+        raise ControlUnavailable(socket_path, "the reply is too large") from None
+    except OSError as exc:
+        raise ControlUnavailable(socket_path, exc.strerror or str(exc), exc.errno) from None
+    if not line:
+        raise ControlUnavailable(socket_path, "the connection closed without a reply")
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise ControlUnavailable(
+            socket_path, "the reply is not JSON: is this a watchdogd control socket?"
+        ) from None
+    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+        raise ControlUnavailable(socket_path, "the reply is not a watchdogd reply")
+    return reply

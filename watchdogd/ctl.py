@@ -1,0 +1,553 @@
+"""``watchdogctl``: the operator's client for the control socket.
+
+Owns the command line (argparse), the confirmation of mutating commands, and
+the human rendering of replies (status table, failover history, dry-run plan).
+The protocol, the command table and argument validation live in
+``watchdogd.control``, so the client rejects a bad argument with the same
+message the daemon would.
+
+Exit codes: 0 done, 1 refused (by the daemon, or not confirmed), 2 usage error,
+3 cannot reach the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from watchdogd.config import parse_duration
+from watchdogd.control import (
+    COMMANDS,
+    CommandError,
+    ControlUnavailable,
+    request,
+    validate_args,
+)
+
+DEFAULT_SOCKET = "/run/watchdogd/control.sock"
+SOCKET_ENV = "WATCHDOGD_SOCKET"
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+# What a mutating command will do, for the confirmation prompt.
+_INTENT = {
+    "pause": "pause automatic failover",
+    "resume": "resume automatic failover",
+    "failover": "fail over from the primary to the standby",
+    "switchover": "switch over from the primary to the standby",
+    "abort": "abort the failover in progress",
+    "ack": "acknowledge the last failover",
+    "reload": "reload the daemon's configuration",
+}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _seconds(text: str) -> float:
+    """``30``, ``2.5`` or ``2m`` → seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            value = parse_duration(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected seconds like 30 or a duration like 2m, got {text!r}"
+            ) from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Options shared by the top level and every command, so both
+    # ``watchdogctl --json status`` and ``watchdogctl status --json`` work.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--socket",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help=f"control socket (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the raw result"
+    )
+    common.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="do not ask for confirmation",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="watchdogctl",
+        parents=[common],
+        description="Inspect and steer a running watchdogd through its control socket.",
+        epilog="exit codes: 0 done, 1 refused, 2 usage error, 3 cannot reach watchdogd",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=30.0,
+        dest="request_timeout",
+        metavar="S",
+        help="seconds to wait for the reply (default 30)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = {
+        name: sub.add_parser(name, parents=[common], help=c.help, description=c.help)
+        for name, c in COMMANDS.items()
+    }
+    commands["history"].add_argument(
+        "-n", type=int, dest="n", metavar="N", help="how many failovers (default 10)"
+    )
+    commands["pause"].add_argument("--reason", metavar="TEXT")
+    failover = commands["failover"]
+    failover.add_argument(
+        "--force", action="store_true", help="skip the safety checks the daemon would apply"
+    )
+    failover.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    failover.add_argument("--reason", metavar="TEXT")
+    switchover = commands["switchover"]
+    switchover.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    switchover.add_argument(
+        "--timeout",
+        type=_seconds,
+        dest="switch_timeout",
+        metavar="S",
+        help="how long the standby may take to catch up",
+    )
+    return parser
+
+
+def command_args(ns: argparse.Namespace) -> dict[str, Any]:
+    """The request's args: only what was given, so the daemon's defaults apply."""
+    names = {
+        "n": "n",
+        "reason": "reason",
+        "force": "force",
+        "dry_run": "dry_run",
+        "switch_timeout": "timeout",
+    }
+    args: dict[str, Any] = {}
+    for attr, key in names.items():
+        value = getattr(ns, attr, None)
+        if value is None or value is False:
+            continue
+        args[key] = value
+    return args
+
+
+def needs_confirmation(
+    command: str, args: Mapping[str, Any], *, assume_yes: bool, interactive: bool
+) -> bool:
+    """Ask before a mutating command when a person is at the keyboard.
+
+    Scripts (stdin not a TTY) and ``--yes`` are not asked; dry runs change
+    nothing and are never asked."""
+    spec = COMMANDS.get(command)
+    if spec is None or not spec.mutating or args.get("dry_run"):
+        return False
+    return interactive and not assume_yes
+
+
+def confirm(prompt: str, read_line: Callable[[], str], out: IO[str]) -> bool:
+    """Show ``prompt``; only the answer ``yes`` confirms (EOF does not)."""
+    out.write(prompt)
+    out.flush()
+    try:
+        answer = read_line()
+    except (EOFError, KeyboardInterrupt):
+        answer = ""
+    return answer.strip().lower() == "yes"
+
+
+def _prompt(command: str, args: Mapping[str, Any], status: Mapping[str, Any] | None) -> str:
+    intent = _INTENT.get(command, command)
+    details = []
+    if args.get("force"):
+        details.append("forced")
+    if args.get("timeout"):
+        details.append(f"catch-up timeout {_duration(args['timeout'])}")
+    if args.get("reason"):
+        details.append(f"reason: {args['reason']}")
+    where = ""
+    if status:
+        roles = status.get("roles") if isinstance(status.get("roles"), dict) else {}
+        cluster = status.get("cluster", "?")
+        where = f" on cluster {cluster}"
+        if roles:
+            where += f" (primary {roles.get('primary', '?')}, standby {roles.get('standby', '?')})"
+    extra = f" [{'; '.join(details)}]" if details else ""
+    return f"About to {intent}{where}{extra}.\nType yes to continue: "
+
+
+def _unreachable(exc: ControlUnavailable) -> str:
+    hints = {
+        errno.ENOENT: "is watchdogd running, and is this the control.socket from its config?",
+        errno.EACCES: "permission denied: you need to be root or in the socket's group "
+        "(see control.allow_users/allow_groups/read_groups)",
+        errno.ECONNREFUSED: "nobody is listening (stale socket): is watchdogd running?",
+    }
+    hint = hints.get(exc.errno or 0) or (
+        "check that watchdogd is running, the socket path (--socket or "
+        f"${SOCKET_ENV}) and your permissions on it"
+    )
+    return f"watchdogctl: {exc}\n  {hint}"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed by argparse
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    command: str = ns.command
+    socket_path = getattr(ns, "socket", None) or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+    timeout: float = ns.request_timeout
+    args = command_args(ns)
+    try:
+        args_checked = validate_args(COMMANDS[command], args)
+    except CommandError as exc:
+        print(f"watchdogctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args_checked.get("timeout"):
+        # The reply may only come once the switchover's catch-up wait is over.
+        timeout = max(timeout, float(args_checked["timeout"]) + 10)
+
+    try:
+        if needs_confirmation(
+            command,
+            args,
+            assume_yes=getattr(ns, "yes", False),
+            interactive=sys.stdin is not None and sys.stdin.isatty(),
+        ):
+            status = asyncio.run(request(socket_path, "status", timeout=min(timeout, 10)))
+            shown = status.get("result") if status.get("ok") else None
+            shown = shown if isinstance(shown, dict) else None
+            if not confirm(_prompt(command, args, shown), sys.stdin.readline, sys.stderr):
+                print("watchdogctl: not confirmed; nothing was done", file=sys.stderr)
+                return EXIT_REFUSED
+        reply = asyncio.run(request(socket_path, command, args, timeout=timeout))
+    except ControlUnavailable as exc:
+        print(_unreachable(exc), file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        print("watchdogctl: interrupted", file=sys.stderr)
+        return 130
+
+    if not reply["ok"]:
+        error = _text(reply.get("error", "refused"))
+        print(f"watchdogctl: {command}: {error}", file=sys.stderr)
+        if error == "permission denied":
+            print(
+                "  you need to be root or listed in control.allow_users/allow_groups "
+                "(control.read_groups allows only status and history)",
+                file=sys.stderr,
+            )
+        return EXIT_REFUSED
+    result = reply.get("result")
+    if getattr(ns, "json", False):
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(render(command, result if isinstance(result, dict) else {}))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render(command: str, result: Mapping[str, Any]) -> str:
+    """The human form of a command's result."""
+    if result.get("dry_run") and isinstance(result.get("plan"), dict):
+        return render_plan(result)
+    if command == "status":
+        return render_status(result)
+    if command == "history":
+        return render_history(result)
+    return render_generic(command, result)
+
+
+def render_status(s: Mapping[str, Any]) -> str:
+    rows: list[tuple[str, str]] = [("cluster", _text(s.get("cluster", "?")))]
+    state = _text(s.get("state", "unknown"))
+    if s.get("reason"):
+        state += f" ({_text(s['reason'])})"
+    rows.append(("state", state))
+    if "mode" in s or "armed" in s:
+        mode = _text(s.get("mode", "?"))
+        if isinstance(s.get("armed"), bool):
+            mode += ", armed" if s["armed"] else ", NOT armed"
+        rows.append(("mode", mode))
+    if s.get("paused"):
+        reason = s.get("pause_reason")
+        rows.append(("paused", "yes" + (f": {_text(reason)}" if reason else "")))
+    roles = s.get("roles")
+    if isinstance(roles, dict):
+        rows.append(
+            (
+                "roles",
+                f"primary {_text(roles.get('primary', '?'))}, "
+                f"standby {_text(roles.get('standby', '?'))}",
+            )
+        )
+    if "outage_seconds" in s:
+        outage = _number(s.get("outage_seconds"))
+        rows.append(("outage", _duration(outage) if outage else "none"))
+    lag = s.get("lag")
+    if isinstance(lag, dict):
+        rows.append(("lag", _lag(lag)))
+    running = s.get("failover_in_progress")
+    if isinstance(running, dict):
+        rows.append(
+            (
+                "in progress",
+                f"{_text(running.get('id', '?'))} at step "
+                f"{_text(running.get('step', '?'))}, started {_when(running.get('started_at'))}",
+            )
+        )
+    if "last_failover" in s:
+        last = s.get("last_failover")
+        rows.append(("last failover", _failover_line(last) if isinstance(last, dict) else "none"))
+        if isinstance(last, dict) and last.get("reason"):
+            rows.append(("", f"reason: {_text(last['reason'])}"))
+    if "awaiting_ack" in s:
+        rows.append(("awaiting ack", "YES (watchdogctl ack)" if s.get("awaiting_ack") else "no"))
+    out = _pairs(rows)
+    nodes = s.get("nodes")
+    if isinstance(nodes, list) and nodes:
+        table = [("NODE", "ROLE", "DATABASE", "WRITABLE", "APP")]
+        for node in nodes:
+            if not isinstance(node, dict):
+                continue
+            db = node.get("database")
+            writable = db.get("writable") if isinstance(db, dict) else None
+            table.append(
+                (
+                    _text(node.get("name", "?")),
+                    _text(node.get("role", "?")),
+                    _health(db),
+                    "-" if writable is None else ("yes" if writable else "no"),
+                    _health(node.get("app")),
+                )
+            )
+        out += "\n\n" + _table(table)
+    return out
+
+
+def render_history(result: Mapping[str, Any]) -> str:
+    failovers = result.get("failovers")
+    if not isinstance(failovers, list) or not failovers:
+        return "no failovers recorded"
+    blocks = []
+    for f in failovers:
+        if not isinstance(f, dict):
+            continue
+        lines = [_failover_line(f)]
+        if f.get("reason"):
+            lines.append(f"  reason: {_text(f['reason'])}")
+        steps = f.get("steps")
+        if isinstance(steps, list) and steps:
+            start = _number(f.get("started_at"))
+            table = [("STEP", "AT", "OUTCOME", "TOOK", "ATTEMPTS", "DETAIL")]
+            for step in steps:
+                if not isinstance(step, dict):
+                    continue
+                began = _number(step.get("started_at"))
+                at = f"+{began - start:.1f}s" if began is not None and start is not None else "-"
+                detail = (
+                    f"error: {_text(step['error'])}"
+                    if step.get("error")
+                    else _text(step.get("detail") or "")
+                )
+                table.append(
+                    (
+                        _text(step.get("name", "?")),
+                        at,
+                        _text(step.get("outcome", "?")),
+                        _took(step.get("started_at"), step.get("finished_at")),
+                        _text(step.get("attempts", "-")),
+                        detail,
+                    )
+                )
+            lines.extend("  " + line for line in _table(table).splitlines())
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+_STEP_COMMON = ("name", "action", "timeout", "retries", "required")
+
+
+def render_plan(result: Mapping[str, Any]) -> str:
+    plan = result.get("plan")
+    plan = plan if isinstance(plan, dict) else {}
+    head = (
+        f"dry run (nothing was changed): failover {_text(plan.get('failover_id', '?'))} "
+        f"({_text(plan.get('trigger', '?'))}), {_text(plan.get('from', '?'))} -> "
+        f"{_text(plan.get('to', '?'))}"
+    )
+    lines = [head]
+    if plan.get("reason"):
+        lines.append(f"reason: {_text(plan['reason'])}")
+    steps = plan.get("steps")
+    if not isinstance(steps, list) or not steps:
+        lines.append("no steps")
+        return "\n".join(lines)
+    for i, step in enumerate(steps, 1):
+        if not isinstance(step, dict):
+            continue
+        timeout = _number(step.get("timeout"))
+        facts = [
+            f"timeout {_duration(timeout)}" if timeout is not None else None,
+            f"retries {_text(step['retries'])}" if "retries" in step else None,
+            None if "required" not in step else ("required" if step["required"] else "optional"),
+        ]
+        summary = ", ".join(f for f in facts if f)
+        lines.append(
+            f"{i:>3}. {_text(step.get('name', '?'))} [{_text(step.get('action', '?'))}]"
+            + (f"  {summary}" if summary else "")
+        )
+        for key, value in step.items():
+            if key not in _STEP_COMMON:
+                lines.append(f"       {key}: {_value(value)}")
+    return "\n".join(lines)
+
+
+def render_generic(command: str, result: Mapping[str, Any]) -> str:
+    lines = []
+    if result.get("message"):
+        lines.append(_text(result["message"]))
+    lines.extend(f"{k}: {_value(v)}" for k, v in result.items() if k != "message")
+    return "\n".join(lines) if lines else f"{command}: done"
+
+
+# -- formatting helpers; every one tolerates a missing or mistyped value
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    # Daemon-supplied text must not move the cursor or fake extra lines.
+    return "".join(c if c.isprintable() else " " for c in str(value))
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return _text(json.dumps(value, default=str))
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return _text(value)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def format_bytes(n: Any) -> str:
+    """``1572864`` → ``1.5 MiB``."""
+    value = _number(n)
+    if value is None:
+        return "?"
+    if abs(value) < 1024:
+        return f"{int(value)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if abs(value) < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _duration(seconds: Any) -> str:
+    value = _number(seconds)
+    if value is None:
+        return "?"
+    if value < 1:
+        return f"{value * 1000:.0f}ms"
+    if value < 60:
+        return f"{value:.1f}s"
+    if value < 3600:
+        return f"{int(value // 60)}m{int(value % 60):02d}s"
+    return f"{int(value // 3600)}h{int(value % 3600 // 60):02d}m"
+
+
+def _when(ts: Any) -> str:
+    value = _number(ts)
+    if value is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return _text(ts)
+
+
+def _took(started: Any, finished: Any) -> str:
+    a, b = _number(started), _number(finished)
+    if a is None or b is None:
+        return "-"
+    return _duration(max(b - a, 0.0))
+
+
+def _lag(lag: Mapping[str, Any]) -> str:
+    parts = []
+    if "bytes" in lag:
+        parts.append(format_bytes(lag.get("bytes")) if lag.get("bytes") is not None else "?")
+    if lag.get("seconds") is not None:
+        parts.append(f"{_duration(lag.get('seconds'))} behind")
+    if "streaming" in lag:
+        parts.append("streaming" if lag.get("streaming") else "NOT streaming")
+    return ", ".join(parts) or "-"
+
+
+def _health(check: Any) -> str:
+    if check is None:
+        return "-"
+    if not isinstance(check, dict):
+        return _text(check)
+    latency = _number(check.get("latency"))
+    if check.get("ok"):
+        return "ok" + (f" ({_duration(latency)})" if latency is not None else "")
+    return "FAIL: " + _text(check.get("detail") or "down")
+
+
+def _failover_line(f: Mapping[str, Any]) -> str:
+    took = _took(f.get("started_at"), f.get("finished_at"))
+    return (
+        f"{_text(f.get('id', '?'))}: {_text(f.get('trigger', '?'))}, "
+        f"{_text(f.get('outcome', '?'))}, {_text(f.get('from', '?'))} -> "
+        f"{_text(f.get('to', '?'))}, {_when(f.get('started_at'))}"
+        + (f" (took {took})" if took != "-" else "")
+    )
+
+
+def _pairs(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
