@@ -1,0 +1,404 @@
+"""Prometheus metrics: the metric names and labels (a contract with config/alerts.yml and
+config/grafana-dashboard.json), one ``CollectorRegistry`` per daemon instance, and the small
+aiohttp server that exposes ``/metrics`` and ``/healthz``.
+
+Conventions chosen here (documented because alerts depend on them):
+
+- Unknown values are ``NaN``, never "the last value seen": ``set_lag(..., None)`` and
+  ``set_streaming(..., None)`` write NaN, so a dashboard shows a gap instead of a stale
+  figure and ``lag > x`` comparisons stay false while ``streaming != 1`` is true.
+- Label sets that rate()/increase() are taken over are created at zero up front
+  (``watchdogd_failovers_total`` for every trigger x outcome, a probe's failure counter on its
+  first observation), so the first increment is visible as an increase.
+- ``watchdogd_last_failover_timestamp_seconds`` is the time the last *completed* failover
+  finished (when the standby last became the primary); 0 until then.
+- ``watchdogd_config_last_reload_timestamp_seconds`` is the time of the last *successful*
+  load or reload (like Prometheus' own ``..._last_reload_success_timestamp_seconds``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Awaitable, Callable, Iterable
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from watchdogd import __version__
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+STATES = ("watching", "suspect", "failing_over", "failed_over", "paused", "blocked", "failed")
+TRIGGERS = ("automatic", "manual", "switchover")
+OUTCOMES = ("completed", "failed", "aborted", "blocked")
+
+PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# A step is an HTTP call (tens of ms) up to a promotion waiting for WAL replay (minutes).
+STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class MetricsServerError(Exception):
+    """The metrics endpoint could not be started; the message is one clear line."""
+
+
+def _flag(value: bool | None) -> float:
+    if value is None:
+        return math.nan
+    return 1.0 if value else 0.0
+
+
+class Metrics:
+    """Every metric of one daemon instance, registered in its own registry."""
+
+    def __init__(
+        self,
+        cluster: str,
+        registry: CollectorRegistry | None = None,
+        *,
+        process_metrics: bool = True,
+    ) -> None:
+        self.cluster = cluster
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if process_metrics:
+            # process_* (memory, fds, CPU) and python_*: cheap and what an operator checks
+            # first when the daemon itself misbehaves.
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+
+        c = ("cluster",)
+        self.build_info = Gauge(
+            "watchdogd_build_info",
+            "Always 1; labels carry the version.",
+            ("version", "cluster"),
+            registry=r,
+        )
+        self.probe_success = Gauge(
+            "watchdogd_probe_success",
+            "1 if the last probe succeeded, else 0.",
+            ("cluster", "node", "probe"),
+            registry=r,
+        )
+        self.probe_duration = Histogram(
+            "watchdogd_probe_duration_seconds",
+            "Probe latency.",
+            ("cluster", "node", "probe"),
+            buckets=PROBE_BUCKETS,
+            registry=r,
+        )
+        self.probe_failures = Counter(
+            "watchdogd_probe_failures_total",
+            "Failed probes.",
+            ("cluster", "node", "probe"),
+            registry=r,
+        )
+        self.primary_down = Gauge(
+            "watchdogd_primary_down_seconds",
+            "How long the primary has been judged down (0 while healthy).",
+            c,
+            registry=r,
+        )
+        self.outage_threshold = Gauge(
+            "watchdogd_outage_threshold_seconds",
+            "Configured outage threshold before an automatic failover.",
+            c,
+            registry=r,
+        )
+        self.lag_bytes = Gauge(
+            "watchdogd_replication_lag_bytes",
+            "Replication lag of a standby in bytes (NaN: unknown).",
+            ("cluster", "standby"),
+            registry=r,
+        )
+        self.lag_seconds = Gauge(
+            "watchdogd_replication_lag_seconds",
+            "Replication lag of a standby in seconds (NaN: unknown).",
+            ("cluster", "standby"),
+            registry=r,
+        )
+        self.max_lag_bytes = Gauge(
+            "watchdogd_failover_max_lag_bytes",
+            "Lag guard: above this byte lag an automatic failover is refused.",
+            c,
+            registry=r,
+        )
+        self.max_lag_seconds = Gauge(
+            "watchdogd_failover_max_lag_seconds",
+            "Lag guard in seconds (absent when not configured).",
+            c,
+            registry=r,
+        )
+        self.streaming = Gauge(
+            "watchdogd_standby_streaming",
+            "1 if the standby receives from the primary, 0 if not, NaN if unknown.",
+            ("cluster", "standby"),
+            registry=r,
+        )
+        self.state = Gauge(
+            "watchdogd_state",
+            "1 for the current state of the state machine, 0 for the others.",
+            ("cluster", "state"),
+            registry=r,
+        )
+        self.armed = Gauge(
+            "watchdogd_automatic_failover_armed",
+            "1 if an outage would trigger an automatic failover right now.",
+            c,
+            registry=r,
+        )
+        self.in_progress = Gauge(
+            "watchdogd_failover_in_progress", "1 while a failover sequence runs.", c, registry=r
+        )
+        self.partition = Gauge(
+            "watchdogd_partition_suspected",
+            "1 if our probes fail but the standby still sees the primary.",
+            c,
+            registry=r,
+        )
+        self.split_brain = Gauge(
+            "watchdogd_split_brain", "1 if more than one node accepts writes.", c, registry=r
+        )
+        self.writable_primaries = Gauge(
+            "watchdogd_writable_primaries", "Number of nodes accepting writes.", c, registry=r
+        )
+        self.failovers = Counter(
+            "watchdogd_failovers_total",
+            "Failover sequences by trigger and outcome.",
+            ("cluster", "trigger", "outcome"),
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "watchdogd_failover_step_duration_seconds",
+            "Duration of failover steps.",
+            ("cluster", "step", "outcome"),
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.last_failover = Gauge(
+            "watchdogd_last_failover_timestamp_seconds",
+            "When the last completed failover finished (0: never).",
+            c,
+            registry=r,
+        )
+        self.cycle_timestamp = Gauge(
+            "watchdogd_probe_cycle_timestamp_seconds",
+            "When the last probe cycle completed.",
+            c,
+            registry=r,
+        )
+        self.reload_success = Gauge(
+            "watchdogd_config_reload_success",
+            "1 if the last config load or reload succeeded.",
+            c,
+            registry=r,
+        )
+        self.reload_timestamp = Gauge(
+            "watchdogd_config_last_reload_timestamp_seconds",
+            "When the config was last loaded or reloaded successfully.",
+            c,
+            registry=r,
+        )
+
+        self.build_info.labels(version=__version__, cluster=cluster).set(1)
+        for state in STATES:
+            self.state.labels(cluster=cluster, state=state).set(0)
+        for trigger in TRIGGERS:
+            for outcome in OUTCOMES:
+                self.failovers.labels(cluster=cluster, trigger=trigger, outcome=outcome)
+        for gauge in (
+            self.primary_down,
+            self.outage_threshold,
+            self.armed,
+            self.in_progress,
+            self.partition,
+            self.split_brain,
+            self.writable_primaries,
+            self.last_failover,
+            self.cycle_timestamp,
+        ):
+            gauge.labels(cluster=cluster).set(0)
+
+    # ----------------------------------------------------------------------- sense
+
+    def observe_probe(self, node: str, probe: str, ok: bool, seconds: float) -> None:
+        labels = {"cluster": self.cluster, "node": node, "probe": probe}
+        self.probe_success.labels(**labels).set(1 if ok else 0)
+        self.probe_duration.labels(**labels).observe(max(seconds, 0.0))
+        failures = self.probe_failures.labels(**labels)
+        if not ok:
+            failures.inc()
+
+    def set_primary_down(self, seconds: float) -> None:
+        self.primary_down.labels(cluster=self.cluster).set(max(seconds, 0.0))
+
+    def set_outage_threshold(self, seconds: float) -> None:
+        self.outage_threshold.labels(cluster=self.cluster).set(seconds)
+
+    def set_lag(self, standby: str, lag_bytes: int | None, lag_seconds: float | None) -> None:
+        """None means unknown and is exported as NaN (not the previous value)."""
+        self.lag_bytes.labels(cluster=self.cluster, standby=standby).set(
+            math.nan if lag_bytes is None else lag_bytes
+        )
+        self.lag_seconds.labels(cluster=self.cluster, standby=standby).set(
+            math.nan if lag_seconds is None else lag_seconds
+        )
+
+    def set_lag_limits(self, max_bytes: int, max_seconds: float | None) -> None:
+        """Export the configured lag guard so alerts compare against it."""
+        self.max_lag_bytes.labels(cluster=self.cluster).set(max_bytes)
+        if max_seconds is None:
+            with contextlib.suppress(KeyError):  # older prometheus-client raise on a miss
+                self.max_lag_seconds.remove(self.cluster)
+        else:
+            self.max_lag_seconds.labels(cluster=self.cluster).set(max_seconds)
+
+    def set_streaming(self, standby: str, streaming: bool | None) -> None:
+        """None means unknown (standby unreachable) and is exported as NaN."""
+        self.streaming.labels(cluster=self.cluster, standby=standby).set(_flag(streaming))
+
+    def set_writable_primaries(self, n: int) -> None:
+        self.writable_primaries.labels(cluster=self.cluster).set(n)
+
+    def set_split_brain(self, split: bool) -> None:
+        self.split_brain.labels(cluster=self.cluster).set(_flag(split))
+
+    def set_partition(self, suspected: bool) -> None:
+        self.partition.labels(cluster=self.cluster).set(_flag(suspected))
+
+    def cycle_completed(self, timestamp: float) -> None:
+        self.cycle_timestamp.labels(cluster=self.cluster).set(timestamp)
+
+    # ----------------------------------------------------------------------- decide / act
+
+    def set_state(self, state: str) -> None:
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}; known: {', '.join(STATES)}")
+        for s in STATES:
+            self.state.labels(cluster=self.cluster, state=s).set(1 if s == state else 0)
+
+    def set_armed(self, armed: bool) -> None:
+        self.armed.labels(cluster=self.cluster).set(_flag(armed))
+
+    def set_in_progress(self, in_progress: bool) -> None:
+        self.in_progress.labels(cluster=self.cluster).set(_flag(in_progress))
+
+    def failover_finished(self, trigger: str, outcome: str, timestamp: float) -> None:
+        if trigger not in TRIGGERS:
+            raise ValueError(f"unknown failover trigger {trigger!r}; known: {', '.join(TRIGGERS)}")
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown failover outcome {outcome!r}; known: {', '.join(OUTCOMES)}")
+        self.failovers.labels(cluster=self.cluster, trigger=trigger, outcome=outcome).inc()
+        if outcome == "completed":
+            self.last_failover.labels(cluster=self.cluster).set(timestamp)
+
+    def step_finished(self, step: str, outcome: str, seconds: float) -> None:
+        self.step_duration.labels(cluster=self.cluster, step=step, outcome=outcome).observe(
+            max(seconds, 0.0)
+        )
+
+    def config_reloaded(self, ok: bool, timestamp: float) -> None:
+        self.reload_success.labels(cluster=self.cluster).set(_flag(ok))
+        if ok:
+            self.reload_timestamp.labels(cluster=self.cluster).set(timestamp)
+
+    # ----------------------------------------------------------------------- exposition
+
+    def exposition(self) -> bytes:
+        """The text exposition format, as served on /metrics."""
+        return generate_latest(self.registry)
+
+
+def make_app(
+    metrics: Metrics,
+    healthz: Callable[[], tuple[bool, str]],
+    extra_routes: Iterable[web.AbstractRouteDef | tuple[str, str, Handler]] | None = None,
+) -> web.Application:
+    """GET /metrics (Prometheus exposition) and GET /healthz (200 ``ok ...`` or 503).
+
+    ``extra_routes`` are aiohttp route definitions (``web.get(path, handler)``) or
+    ``(method, path, handler)`` tuples.
+    """
+    metrics_handler = _metrics_handler(metrics)
+
+    async def healthz_handler(request: web.Request) -> web.Response:
+        try:
+            alive, detail = healthz()
+        except Exception as exc:  # a broken check must read as unhealthy, not as a 500
+            alive, detail = False, f"health check raised {type(exc).__name__}"
+        detail = " ".join(detail.split())
+        if alive:
+            return web.Response(text=f"ok {detail}".rstrip() + "\n")
+        return web.Response(status=503, text=f"unhealthy {detail}".rstrip() + "\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz_handler)
+    for route in extra_routes or ():
+        if isinstance(route, tuple):
+            method, path, handler = route
+            app.router.add_route(method, path, handler)
+        else:
+            app.router.add_routes([route])
+    return app
+
+
+def _metrics_handler(
+    metrics: Metrics,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    try:
+        # Handles Accept (OpenMetrics) and compression; prometheus-client >= 0.24.
+        from prometheus_client.aiohttp import make_aiohttp_handler
+    except ImportError:
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            # Not content_type=: aiohttp rejects the charset parameter in it.
+            return web.Response(
+                body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
+
+        return handler
+    return make_aiohttp_handler(metrics.registry)
+
+
+async def start_http(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve ``app`` on host:port (port 0: any free port, see ``bound_port``).
+
+    Raises MetricsServerError with one line (e.g. the port is taken).
+    """
+    # Scrapes every few seconds would flood the log with access lines.
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        reason = exc.strerror or str(exc)
+        raise MetricsServerError(
+            f"metrics.listen: cannot listen on {host}:{port}: {reason}"
+        ) from None
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The TCP port the runner listens on (useful after ``start_http(..., port=0)``)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    raise MetricsServerError("metrics server is not listening")
+
+
+async def stop_http(runner: web.AppRunner) -> None:
+    await runner.cleanup()
