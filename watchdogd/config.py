@@ -621,6 +621,9 @@ def parse(data: Any, source: str | None = None) -> Config:
                 )
             )
             w.finish()
+        from watchdogd.notify import unknown_events  # notify imports this module
+
+        errors.extend(unknown_events(webhooks))
         n.finish()
 
     state_dir = root.str("state_dir", "/var/lib/watchdogd")

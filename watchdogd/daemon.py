@@ -35,6 +35,7 @@ from watchdogd.failover.journal import FailoverRecord, Journal, JournalState, ap
 from watchdogd.failover.runner import Runner
 from watchdogd.logging import Secrets, setup_logging
 from watchdogd.metrics import Metrics, make_app, start_http
+from watchdogd.notify import EVENTS as NOTIFY_EVENTS
 from watchdogd.notify import Notifier
 from watchdogd.policy import (
     BLOCKED,
@@ -51,23 +52,6 @@ from watchdogd.probes.database import DatabaseProbe
 from watchdogd.probes.witness import WitnessProbe
 from watchdogd.systemd import SystemdNotifier
 
-# Events that reach webhooks (the rest are logged only).
-NOTIFY_EVENTS = frozenset(
-    {
-        "primary_down",
-        "primary_recovered",
-        "failover_started",
-        "step_failed",
-        "failover_completed",
-        "failover_failed",
-        "failover_aborted",
-        "failover_blocked",
-        "paused",
-        "resumed",
-        "split_brain",
-        "partition_suspected",
-    }
-)
 _WARN_EVENTS = frozenset(
     {
         "primary_down",
@@ -134,7 +118,7 @@ class Daemon:
         self.detector = self._detector(config)
         self.latest = Latest()
         self.engines: dict[str, Engine] = {}
-        self.notifier = Notifier(config.webhooks, config.cluster, self.log, config.secrets)
+        self.notifier = Notifier(config.webhooks, config.cluster, self.log, self.secrets)
         self.systemd = SystemdNotifier()
         self.runner: Runner | None = None
         self.runner_task: asyncio.Task[str] | None = None
@@ -173,7 +157,7 @@ class Daemon:
         for node in cfg.nodes:
             self.engines[node.name] = engines.create(node.database, set(cfg.secrets))
         self._session = aiohttp.ClientSession()
-        self.metrics.set_outage_threshold(cfg.failover.outage_threshold)
+        self._export_config(cfg)
         if cfg.metrics.enabled:
             app = make_app(
                 self.metrics, self._healthz, extra_routes=[web.get("/primary", self._witness_view)]
@@ -258,6 +242,11 @@ class Daemon:
             await engine.close()
         self.journal.close()
         self.log.info("stopped")
+
+    def _export_config(self, cfg: Config) -> None:
+        self.metrics.set_outage_threshold(cfg.failover.outage_threshold)
+        self.metrics.set_lag_limits(cfg.failover.max_lag, cfg.failover.max_lag_seconds)
+        self.metrics.config_reloaded(True, self.wall())
 
     # ------------------------------------------------------------------ roles
 
@@ -899,9 +888,17 @@ class Daemon:
         self._check_roles()
         if self._scheduler is not None and new.probe.interval != old.probe.interval:
             self._scheduler.reschedule_job("probe", trigger="interval", seconds=new.probe.interval)
-        self.metrics.set_outage_threshold(new.failover.outage_threshold)
         self.secrets.replace(new.secrets)
-        self.metrics.config_reloaded(True, self.wall())
+        if new.log != old.log:
+            setup_logging(new.log.format, new.log.level, cluster=new.cluster, secrets=self.secrets)
+        if new.webhooks != old.webhooks:
+            previous, self.notifier = (
+                self.notifier,
+                Notifier(new.webhooks, new.cluster, self.log, self.secrets),
+            )
+            await self.notifier.start()
+            await previous.close(2.0)
+        self._export_config(new)
         self.log.info("reloaded", by=by, restart_needed_for=changed or None)
         return {"reloaded": True, "restart_needed_for": changed}
 

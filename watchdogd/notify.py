@@ -42,6 +42,7 @@ EVENTS = frozenset(
         "paused",
         "resumed",
         "split_brain",
+        "partition_suspected",
     }
 )
 

@@ -1,0 +1,38 @@
+# Two commands do everything: `make demo` (the local failover lab) and `make test`.
+# Each sets up its own virtualenv in .venv on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/watchdogd demo $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check watchdogd tests bench
+	$(BIN)/ruff format --check watchdogd tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest -ra $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+bench: $(STAMP)
+	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/idle.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

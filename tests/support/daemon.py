@@ -1,0 +1,205 @@
+"""Run watchdogd as a real process against a lab: config builder, start/stop/kill,
+control requests, journal reading."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.support import free_port
+from watchdogd.control import request
+from watchdogd.lab import PgPair
+
+
+def lab_config(
+    pair: PgPair,
+    tmp: Path,
+    apps: Any = None,
+    *,
+    traffic_log: Path | None = None,
+    interval: str = "500ms",
+    timeout: str = "300ms",
+    threshold: str = "2s",
+    five_steps: bool = True,
+    **failover: Any,
+) -> dict[str, Any]:
+    """The issue's five-step sequence against the lab's servers and app stand-ins."""
+    traffic_log = traffic_log or tmp / "traffic.log"
+    primary: dict[str, Any] = {
+        "name": "main",
+        "database": {"engine": "postgres", "dsn": pair.primary.dsn},
+    }
+    standby: dict[str, Any] = {
+        "name": "failover",
+        "database": {"engine": "postgres", "dsn": pair.standby.dsn},
+    }
+    steps: list[dict[str, Any]] = [
+        {"name": "stop_replication", "action": "stop_replication"},
+        {"name": "promote_standby", "action": "promote"},
+    ]
+    if apps is not None:
+        primary["app"] = {"health_url": f"{apps.primary.url}/health"}
+        standby["app"] = {"health_url": f"{apps.standby.url}/health"}
+        if five_steps:
+            steps = [
+                {
+                    "name": "primary_maintenance_on",
+                    "action": "http",
+                    "method": "POST",
+                    "url": f"{apps.primary.url}/maintenance",
+                    "json": {"enabled": True},
+                    "required": False,
+                    "timeout": "1s",
+                    "retries": 1,
+                    "retry_delay": "100ms",
+                },
+                *steps,
+                {
+                    "name": "standby_maintenance_off",
+                    "action": "http",
+                    "method": "DELETE",
+                    "url": f"{apps.standby.url}/maintenance",
+                    "timeout": "2s",
+                },
+                {
+                    "name": "switch_traffic",
+                    "action": "command",
+                    "timeout": "5s",
+                    "argv": [
+                        "sh",
+                        "-c",
+                        f'echo "{{standby.name}} {{failover_id}}" >> {traffic_log}',
+                    ],
+                },
+            ]
+    return {
+        "cluster": "orders",
+        "primary": primary,
+        "standby": standby,
+        "probe": {"interval": interval, "timeout": timeout, "recovery_successes": 3},
+        "failover": {
+            "mode": "automatic",
+            "outage_threshold": threshold,
+            "max_lag": "16MB",
+            "cooldown": "1h",
+            "steps": steps,
+            **failover,
+        },
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "control": {"socket": str(tmp / "run" / "control.sock")},
+        "log": {"format": "json", "level": "info"},
+        "state_dir": str(tmp / "state"),
+    }
+
+
+class DaemonProcess:
+    def __init__(self, cfg: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.tmp = tmp
+        self.config_path = tmp / "watchdogd.yml"
+        self.write_config(cfg)
+        self.log_path = tmp / "watchdogd.log"
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.socket = cfg["control"]["socket"]
+        self.metrics_url = "http://{}/metrics".format(cfg["metrics"]["listen"])
+
+    def write_config(self, cfg: dict[str, Any]) -> None:
+        self.config_path.write_text(yaml.safe_dump(cfg))
+
+    async def start(self, ready_within: float = 15.0) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 - a daemon we poll, never await
+            [sys.executable, "-m", "watchdogd.cli", "run", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+        )
+        log.close()
+        deadline = time.monotonic() + ready_within
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"watchdogd exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                status = await self.status()
+                if status.get("last_cycle_at"):
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"watchdogd not ready within {ready_within}s:\n{self.logs()}")
+
+    async def call(self, command: str, **args: Any) -> dict[str, Any]:
+        reply: dict[str, Any] = await request(self.socket, command, args or None, timeout=10)
+        return reply
+
+    async def status(self) -> dict[str, Any]:
+        reply = await self.call("status")
+        assert reply["ok"], reply
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    async def wait_state(self, *states: str, within: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + within
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            status = await self.status()
+            if status["state"] in states:
+                return status
+            await asyncio.sleep(0.1)
+        raise AssertionError(
+            f"state {status.get('state')!r} ({status.get('reason')}) never became "
+            f"{states} within {within}s\n{self.logs()[-4000:]}"
+        )
+
+    async def metrics(self) -> str:
+        async with aiohttp.ClientSession() as s, s.get(self.metrics_url) as r:
+            return await r.text()
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.logs().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def journal(self) -> list[dict[str, Any]]:
+        path = Path(self.cfg["state_dir"]) / "journal.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def promotions(self) -> int:
+        """How many times a promote step *ran to success* according to the journal."""
+        return sum(
+            1
+            for r in self.journal()
+            if r.get("type") == "step_finished"
+            and r.get("action") == "promote"
+            and r.get("outcome") == "ok"
+        )
