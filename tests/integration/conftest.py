@@ -1,0 +1,6 @@
+"""Fixtures for integration tests (real servers, started per test)."""
+
+from tests.support.apps import demo_apps
+from tests.support.pg import pg_pair
+
+__all__ = ["demo_apps", "pg_pair"]

@@ -1,0 +1,69 @@
+"""PostgreSQL fixtures: a real primary + streaming standby per test (watchdogd.lab).
+
+Import ``pg_pair`` into a conftest (``from tests.support.pg import pg_pair``) to use
+it from any test directory; it needs no other fixture. The first pair of a
+session runs initdb once into a template that later pairs copy (removed at the
+end of the session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import need
+from watchdogd.lab import PgPair, find_pg_bin, make_template
+
+SECRET = "s3cret-lab-password"  # the lab's PASSWORD_ROLE logs in with this
+
+_TEMPLATE = pytest.StashKey[Path]()
+
+
+def require_pg_bin() -> Path:
+    found = find_pg_bin()
+    return Path(
+        need("PostgreSQL server binaries (postgres, initdb)", str(found) if found else None)
+    )
+
+
+def pg_template(config: pytest.Config) -> Path:
+    """This session's initdb template, made on first use."""
+    if _TEMPLATE not in config.stash:
+        template = make_template(bin_dir=require_pg_bin())
+        config.stash[_TEMPLATE] = template
+        config.add_cleanup(lambda: shutil.rmtree(template.parent, ignore_errors=True))
+    return config.stash[_TEMPLATE]
+
+
+@pytest.fixture
+def pg_pair(request: pytest.FixtureRequest) -> Iterator[PgPair]:
+    """A primary and a standby streaming from it; killed and removed afterwards.
+    The ``watchdogd`` role logs in over TCP with ``SECRET`` (everyone else: trust)."""
+    bin_dir = require_pg_bin()
+    pair = PgPair.create(bin_dir=bin_dir, password=SECRET, template=pg_template(request.config))
+    try:
+        yield pair
+    finally:
+        pair.destroy()
+
+
+async def eventually(
+    check: Callable[[], object], within: float = 5.0, interval: float = 0.05
+) -> None:
+    """Wait until ``check()`` (sync or async) is truthy; fail the test after ``within``."""
+    deadline = time.monotonic() + within
+    last: object = None
+    while True:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return
+        if time.monotonic() >= deadline:
+            pytest.fail(f"condition not met within {within:g}s (last value: {last!r})")
+        await asyncio.sleep(interval)
