@@ -243,6 +243,22 @@ class Daemon:
         self.journal.close()
         self.log.info("stopped")
 
+    async def _advise(self) -> None:
+        """Log the engines' warnings about settings that weaken our decisions."""
+        for node in self.config.nodes:
+            advise = getattr(self.engines[node.name], "advise", None)
+            if advise is None:
+                continue
+            try:
+                lines = await advise(
+                    self.config.failover.outage_threshold, self.config.probe.timeout * 4
+                )
+            except Exception as exc:  # advice is best effort; the probes report outages
+                self.log.debug("advice_unavailable", node=node.name, error=str(exc))
+                continue
+            for line in lines:
+                self.log.warning("engine_advice", node=node.name, advice=line)
+
     def _export_config(self, cfg: Config) -> None:
         self.metrics.set_outage_threshold(cfg.failover.outage_threshold)
         self.metrics.set_lag_limits(cfg.failover.max_lag, cfg.failover.max_lag_seconds)
@@ -899,6 +915,7 @@ class Daemon:
             await self.notifier.start()
             await previous.close(2.0)
         self._export_config(new)
+        await self._advise()
         self.log.info("reloaded", by=by, restart_needed_for=changed or None)
         return {"reloaded": True, "restart_needed_for": changed}
 

@@ -389,3 +389,18 @@ def test_pg_duration_seconds() -> None:
     assert pg.pg_duration_seconds("500ms") == 0.5
     assert pg.pg_duration_seconds("0") == 0.0
     assert pg.pg_duration_seconds("off") is None
+
+
+async def test_advise_warns_about_a_slow_wal_receiver_timeout(pg_pair: PgPair) -> None:
+    from watchdogd.engines.postgres import PostgresEngine
+
+    standby = PostgresEngine(pg_pair.standby.dsn)
+    primary = PostgresEngine(pg_pair.primary.dsn)
+    try:
+        assert await primary.advise(1.0, 2.0) == []
+        assert await standby.advise(5.0, 2.0) == []  # the lab sets 2s
+        advice = await standby.advise(1.0, 2.0)
+        assert len(advice) == 1 and "wal_receiver_timeout is 2s" in advice[0]
+    finally:
+        await standby.close()
+        await primary.close()

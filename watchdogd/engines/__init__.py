@@ -85,6 +85,14 @@ class Engine(Protocol):
         ...
 
 
+class Advisor(Protocol):
+    """Optional engine method: settings of this server that would weaken the daemon's
+    decisions (e.g. a standby that notices a hung primary only after the outage
+    threshold). One line each; the daemon logs them at start and after a reload."""
+
+    async def advise(self, outage_threshold: float, timeout: float) -> list[str]: ...
+
+
 class EngineModule(Protocol):
     def validate(self, section: Section) -> Mapping[str, Any]: ...
     def create(self, db: DatabaseConfig, secrets: set[str]) -> Engine: ...

@@ -365,6 +365,23 @@ class PostgresEngine:
 
         return await self._probe(f"reading setting {name}", timeout, query)
 
+    async def advise(self, outage_threshold: float, timeout: float) -> list[str]:
+        """A standby whose wal_receiver_timeout exceeds the outage threshold keeps
+        calling a hung (SIGSTOPped, not crashed) primary 'streaming' for that long,
+        so it cannot confirm the outage in time: say so at start."""
+        status = await self.status(timeout)
+        if status.is_primary:
+            return []
+        text = await self.setting("wal_receiver_timeout", timeout)
+        seconds = pg_duration_seconds(text)
+        if seconds is not None and (seconds == 0 or seconds > outage_threshold):
+            return [
+                f"wal_receiver_timeout is {text} on this standby, longer than the outage "
+                f"threshold ({outage_threshold:g}s): a hung primary is confirmed only after it; "
+                "set it to at most the threshold"
+            ]
+        return []
+
     async def stop_replication(self, timeout: float) -> str:
         async def action(conn: Any, deadline: float) -> str:
             row = await conn.fetchrow(

@@ -1,0 +1,853 @@
+"""MySQL / MariaDB engine (aiomysql): status, stop_replication, promote and fence.
+
+Owns everything the daemon knows about MySQL 8 and MariaDB 10.6+: the
+``database:`` keys for it (``password`` / ``password_file``, merged into the
+connection at connect time; or the password in ``mysql://user:password@host:3306/``),
+flavour and version detection (``SHOW REPLICA STATUS`` or ``SHOW SLAVE STATUS``,
+``SHOW BINARY LOG STATUS`` or ``SHOW MASTER STATUS``, ``super_read_only`` where
+it exists), and the failover operations with their verifications.
+
+Definitions (what ``status()`` reports):
+
+* **standby** (``is_primary=False``): the server has a configured replication
+  channel (a ``SHOW REPLICA STATUS`` row with a source host), running or not.
+  A server without one is a **primary**, even when read-only (a fenced old
+  primary, or one not opened for writes yet). More than one channel
+  (multi-source) is refused with a clear error: watchdogd manages one pair.
+* **writable**: a primary with ``read_only`` off (and ``super_read_only`` off
+  where it exists). A replica is never reported writable; when its
+  ``read_only`` is off anyway, ``detail`` says so.
+* **positions** are binlog coordinates of the primary folded into one integer,
+  ``file index * 2**32 + byte offset`` (``binlog.000007:1934`` is
+  ``7 * 2**32 + 1934``): ``current_pos`` from the primary's binlog status,
+  ``receive_pos`` from the replica's ``Master_Log_File``/``Read_Master_Log_Pos``,
+  ``replay_pos`` from ``Relay_Master_Log_File``/``Exec_Master_Log_Pos``. Within
+  one binlog file the difference is exact bytes; across a rotation it
+  overstates the lag by up to 4 GiB minus the earlier file's size (the size of
+  a finished file is not known to the replica).
+* **streaming**: the IO thread is connected (``Slave_IO_Running = Yes``).
+* **last_receive_age**: how long since this engine saw the replica's receive
+  state (received position, heartbeat count) change; ``None`` until it has
+  changed once while watched. It is accurate to one probe interval, and on an
+  idle primary it only changes once per ``MASTER_HEARTBEAT_PERIOD`` (default
+  half of ``slave_net_timeout``, 30 s): set the period to about the probe
+  interval (``CHANGE MASTER TO MASTER_HEARTBEAT_PERIOD = 1``).
+* **lag_seconds**: ``Seconds_Behind_Master`` / ``Seconds_Behind_Source``
+  (``None`` while a replication thread is stopped).
+* **replay_paused**: the SQL thread is stopped while the IO thread runs.
+
+Operations:
+
+* ``stop_replication``: ``STOP REPLICA IO_THREAD``; wait (bounded by the
+  timeout) until the SQL thread has applied everything received (restarting
+  it if it was merely stopped; a SQL thread stopped by an error fails the step
+  with that error); ``STOP REPLICA``; ``RESET REPLICA ALL``.
+* ``promote``: the same when a channel is still configured; then
+  ``read_only`` (and ``super_read_only``) off, and a verified write:
+  ``REPLACE INTO watchdogd.heartbeat`` (schema and table created if missing).
+  A real table write is the only check that fails on a server still refusing
+  writes (a temporary table is allowed even under ``read_only``). Idempotent:
+  an already writable primary is only verified.
+* ``fence``: ``read_only`` on (``super_read_only`` too where it exists); if
+  an open write transaction blocks that, client connections are killed first
+  and it is retried; then every client connection but ours and replication
+  threads is killed and the settings are read back. On MySQL 8 both ``fence``
+  and ``promote`` use ``SET PERSIST`` so the setting survives a restart;
+  MariaDB has no such thing (keep ``read_only`` in the server's config file
+  in step with your failover).
+
+On MariaDB, accounts holding ``READ_ONLY ADMIN`` (``ALL PRIVILEGES`` includes
+it) may still write under ``read_only``: applications must not use them. The
+watchdogd account needs, on MariaDB 10.6+: ``REPLICA MONITOR, BINLOG MONITOR,
+REPLICATION SLAVE ADMIN, READ_ONLY ADMIN, RELOAD, CONNECTION ADMIN, PROCESS ON
+*.*`` and ``ALL ON watchdogd.*``; on MySQL 8: ``REPLICATION CLIENT,
+REPLICATION_SLAVE_ADMIN, SYSTEM_VARIABLES_ADMIN, RELOAD, CONNECTION_ADMIN,
+PROCESS ON *.*`` and ``ALL ON watchdogd.*`` (``RELOAD`` is for ``RESET
+REPLICA``).
+
+Every call is bounded by ``asyncio.timeout`` around the whole method (connect
+included) and ``lock_wait_timeout`` on the server for statements that wait for
+locks. Probing reuses one lazily (re)opened connection; the failover
+operations use a connection of their own, one at a time. Any failure drops
+the connection and becomes one EngineError line without secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import aiomysql
+
+from watchdogd.config import mask
+from watchdogd.engines import DbStatus, EngineError
+
+if TYPE_CHECKING:
+    from watchdogd.config import DatabaseConfig, Section
+
+T = TypeVar("T")
+
+DEFAULT_PORT = 3306
+EXAMPLE = "mysql://watchdogd:password@host:3306/"
+# promote()'s proof of writability: created when missing (checked first, as
+# IF NOT EXISTS on an existing object leaves a warning), then one row replaced.
+HEARTBEAT_EXISTS_SQL = (
+    "SELECT COUNT(*) AS n FROM information_schema.TABLES"
+    " WHERE TABLE_SCHEMA = 'watchdogd' AND TABLE_NAME = 'heartbeat'"
+)
+HEARTBEAT_CREATE_SQL = (
+    "CREATE DATABASE IF NOT EXISTS watchdogd",
+    "CREATE TABLE IF NOT EXISTS watchdogd.heartbeat ("
+    " id TINYINT UNSIGNED NOT NULL PRIMARY KEY,"
+    " server_id INT UNSIGNED NOT NULL,"
+    " written_at TIMESTAMP(6) NOT NULL) ENGINE=InnoDB",
+)
+HEARTBEAT_WRITE_SQL = (
+    "REPLACE INTO watchdogd.heartbeat (id, server_id, written_at) VALUES (1, @@server_id, NOW(6))"
+)
+# Threads fence() must not kill: replication (ours to replicas, or a replica's
+# own threads) and the server's own.
+_SYSTEM_COMMANDS = frozenset(
+    {"Binlog Dump", "Binlog Dump GTID", "Daemon", "Slave_IO", "Slave_SQL", "Slave_worker"}
+)
+_SYSTEM_USERS = frozenset({"system user", "event_scheduler"})
+# Client-side errors meaning "this connection is dead" (server restarted, or
+# fence() killed it): a reused probing connection is retried once, fresh.
+_STALE_CODES = frozenset({0, 2006, 2013, 2014, 2055, 1927, 4031})
+_LOCK_WAIT_TIMEOUT = 1205
+_POLL = 0.05
+# How long an idle SQL thread must stay put before a relay log that ends inside
+# a transaction counts as fully applied (see MySQLEngine._drain).
+IDLE_SETTLE = 1.0
+
+
+class Secret(str):
+    """A password: compares and serialises like the string, never shows in a repr."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+# --------------------------------------------------------------------------- DSN
+
+
+@dataclass(frozen=True)
+class MySQLDsn:
+    host: str
+    port: int
+    user: str
+    password: str | None
+    database: str | None
+
+    def __repr__(self) -> str:
+        return f"MySQLDsn({self.where!r}, user={self.user!r})"
+
+    @property
+    def where(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_dsn(dsn: str) -> MySQLDsn:
+    """``mysql://user:password@host:3306/[database]``. The ValueError's message
+    never repeats the DSN (it may hold a password)."""
+    try:
+        parts = urlsplit(dsn.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a valid MySQL URL ({exc}); expected {EXAMPLE}") from None
+    if parts.scheme not in ("mysql", "mariadb"):
+        raise ValueError(f"expected a URL like {EXAMPLE}, got scheme {parts.scheme or 'none'!r}")
+    if not parts.hostname:
+        raise ValueError(f"expected a host, e.g. {EXAMPLE}")
+    if not parts.username:
+        raise ValueError(f"expected a user, e.g. {EXAMPLE}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"query parameters are not supported; expected {EXAMPLE}")
+    database = unquote(parts.path.strip("/")) or None
+    if database is not None and "/" in database:
+        raise ValueError(f"expected at most a database name after the host, e.g. {EXAMPLE}")
+    return MySQLDsn(
+        host=parts.hostname,
+        port=port or DEFAULT_PORT,
+        user=unquote(parts.username),
+        password=unquote(parts.password) if parts.password else None,
+        database=database,
+    )
+
+
+# --------------------------------------------------------------------------- module contract
+
+
+def validate(section: Section) -> Mapping[str, Any]:
+    """Extra keys of a ``database:`` section with ``engine: mysql``."""
+    password = section.secret("password")
+    # Config already read (and reported problems with) `dsn`; read it again for
+    # its shape only, without repeating its ${VAR} errors.
+    before = len(section.errors)
+    dsn = section.raw("dsn")
+    del section.errors[before:]
+    if isinstance(dsn, str) and dsn:
+        try:
+            parsed = parse_dsn(dsn)
+        except ValueError as exc:
+            section.error(str(exc), "dsn")
+        else:
+            if parsed.password:
+                section.secrets.add(parsed.password)
+                if password:
+                    section.error(
+                        "give the password either in dsn or in password/password_file, not both",
+                        "password",
+                    )
+    return {"password": Secret(password)} if password else {}
+
+
+def create(db: DatabaseConfig, secrets: set[str]) -> MySQLEngine:
+    try:
+        dsn = parse_dsn(db.dsn)
+    except ValueError as exc:
+        raise EngineError(f"mysql: database.dsn: {exc}") from None
+    password = db.options.get("password")
+    return MySQLEngine(dsn, password=str(password) if password else None, secrets=secrets)
+
+
+# --------------------------------------------------------------------------- server facts
+
+
+def binlog_pos(file: Any, pos: Any) -> int | None:
+    """``("binlog.000007", 1934)`` → ``7 * 2**32 + 1934``; None when unknown."""
+    if not isinstance(file, str) or pos is None:
+        return None
+    m = re.search(r"\.(\d+)$", file)
+    if not m:
+        return None
+    return int(m.group(1)) * 2**32 + int(pos)
+
+
+def format_pos(pos: int | None) -> str:
+    return "?" if pos is None else f"{pos >> 32:06d}:{pos & 0xFFFFFFFF}"
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """Which server this is, and so which statements it speaks."""
+
+    mariadb: bool
+    version: tuple[int, int, int]
+    super_read_only: bool
+
+    @classmethod
+    def detect(cls, version_text: str, comment: str, super_read_only: bool) -> Flavour:
+        m = re.match(r"(\d+)\.(\d+)\.(\d+)", version_text)
+        version = (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else (0, 0, 0)
+        mariadb = "mariadb" in f"{version_text} {comment}".lower()
+        return cls(mariadb=mariadb, version=version, super_read_only=super_read_only)
+
+    @property
+    def label(self) -> str:
+        return f"{'MariaDB' if self.mariadb else 'MySQL'} {'.'.join(map(str, self.version))}"
+
+    @property
+    def replica(self) -> str:
+        """``REPLICA`` where the server knows it (MariaDB 10.5.1, MySQL 8.0.22)."""
+        new = self.version >= ((10, 5, 1) if self.mariadb else (8, 0, 22))
+        return "REPLICA" if new else "SLAVE"
+
+    @property
+    def replica_status_sql(self) -> str:
+        # MariaDB's ALL form lists every connection and adds the heartbeat count.
+        if self.mariadb:
+            return f"SHOW ALL {self.replica}S STATUS"
+        return f"SHOW {self.replica} STATUS"
+
+    @property
+    def binlog_status_sql(self) -> str:
+        if not self.mariadb and self.version >= (8, 2, 0):
+            return "SHOW BINARY LOG STATUS"
+        return "SHOW MASTER STATUS"
+
+    @property
+    def set_scope(self) -> str:
+        return "PERSIST" if not self.mariadb and self.version >= (8, 0, 0) else "GLOBAL"
+
+    def keep_relay_log_sql(self, ch: Channel) -> str:
+        """MariaDB: leave GTID mode but keep the relay log, at the SQL thread's position."""
+        name = " '" + aiomysql.escape_string(ch.name) + "'" if ch.name else ""
+        relay = aiomysql.escape_string(ch.relay_file or "")
+        return (
+            f"CHANGE MASTER{name} TO MASTER_USE_GTID = no, RELAY_LOG_FILE = '{relay}',"
+            f" RELAY_LOG_POS = {int(ch.relay_pos or 4)}"
+        )
+
+    def channel_sql(self, verb: str, channel: str, thread: str = "", tail: str = "") -> str:
+        """``STOP REPLICA IO_THREAD`` and friends, for one named or default channel."""
+        name = "'" + aiomysql.escape_string(channel) + "'" if channel else ""
+        if self.mariadb:
+            words = [verb, self.replica, name, thread, tail]
+        else:
+            words = [verb, self.replica, thread, tail, f"FOR CHANNEL {name}" if name else ""]
+        return " ".join(w for w in words if w)
+
+
+def _col(row: Mapping[str, Any], *names: str) -> Any:
+    for name in names:
+        if name in row:
+            return row[name]
+    return None
+
+
+def _one_line(text: Any, limit: int = 160) -> str:
+    line = " ".join(str(text or "").split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One replication channel as SHOW REPLICA STATUS describes it (either naming)."""
+
+    name: str
+    host: str
+    port: int | None
+    io: str
+    sql: str
+    recv_file: str | None
+    recv_pos: int | None
+    exec_file: str | None
+    exec_pos: int | None
+    behind: int | None
+    sql_state: str
+    relay_file: str | None
+    relay_pos: int | None
+    using_gtid: str
+    sql_errno: int
+    sql_error: str
+    io_error: str
+    heartbeats: int | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Channel:
+        def num(*names: str) -> int | None:
+            value = _col(row, *names)
+            return None if value is None or value == "" else int(value)
+
+        return cls(
+            name=str(_col(row, "Connection_name", "Channel_Name", "Channel_name") or ""),
+            host=str(_col(row, "Master_Host", "Source_Host") or ""),
+            port=num("Master_Port", "Source_Port"),
+            io=str(_col(row, "Slave_IO_Running", "Replica_IO_Running") or "No"),
+            sql=str(_col(row, "Slave_SQL_Running", "Replica_SQL_Running") or "No"),
+            recv_file=_col(row, "Master_Log_File", "Source_Log_File") or None,
+            recv_pos=num("Read_Master_Log_Pos", "Read_Source_Log_Pos"),
+            exec_file=_col(row, "Relay_Master_Log_File", "Relay_Source_Log_File") or None,
+            exec_pos=num("Exec_Master_Log_Pos", "Exec_Source_Log_Pos"),
+            behind=num("Seconds_Behind_Master", "Seconds_Behind_Source"),
+            sql_state=str(
+                _col(row, "Slave_SQL_Running_State", "Replica_SQL_Running_State", "Slave_SQL_State")
+                or ""
+            ),
+            relay_file=_col(row, "Relay_Log_File") or None,
+            relay_pos=num("Relay_Log_Pos"),
+            using_gtid=str(_col(row, "Using_Gtid") or ""),
+            sql_errno=num("Last_SQL_Errno") or 0,
+            sql_error=_one_line(_col(row, "Last_SQL_Error")),
+            io_error=_one_line(_col(row, "Last_IO_Error")),
+            heartbeats=num("Slave_received_heartbeats"),
+        )
+
+    @property
+    def source(self) -> str:
+        return f"{self.host}:{self.port}" if self.port else self.host
+
+    @property
+    def receive_pos(self) -> int | None:
+        return binlog_pos(self.recv_file, self.recv_pos)
+
+    @property
+    def replay_pos(self) -> int | None:
+        return binlog_pos(self.exec_file, self.exec_pos)
+
+    @property
+    def applied_all(self) -> bool:
+        return (self.exec_file, self.exec_pos) == (self.recv_file, self.recv_pos)
+
+
+def _reason(exc: BaseException) -> str:
+    args: tuple[Any, ...] = getattr(exc, "args", ())
+    if len(args) == 2 and isinstance(args[0], int):
+        text = f"{_one_line(args[1], 300)} (error {args[0]})"
+    else:
+        text = _one_line(exc, 300) or type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f": {_one_line(cause, 200)}"
+    return text
+
+
+def _code(exc: BaseException) -> int | None:
+    args: tuple[Any, ...] = getattr(exc, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def _is_stale(exc: BaseException) -> bool:
+    if isinstance(exc, aiomysql.InterfaceError | ConnectionError):
+        return True
+    return isinstance(exc, aiomysql.OperationalError) and _code(exc) in _STALE_CODES
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
+    """A cursor that does not turn server notes ("replica already stopped") into
+    Python warnings, nor spend a SHOW WARNINGS round trip on them."""
+
+    async def _show_warnings(self, conn: Any) -> None:
+        return None
+
+
+class _QuietDictCursor(_QuietCursor, aiomysql.DictCursor):  # type: ignore[misc]
+    pass
+
+
+class _Conn:
+    """An aiomysql connection plus what we learnt about its server."""
+
+    def __init__(self, raw: Any, flavour: Flavour) -> None:
+        self.raw = raw
+        self.flavour = flavour
+
+    async def rows(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        async with self.raw.cursor(_QuietDictCursor) as cur:
+            await cur.execute(sql, args)
+            return list(await cur.fetchall())
+
+    async def execute(self, sql: str, args: Any = None) -> None:
+        async with self.raw.cursor(_QuietCursor) as cur:
+            await cur.execute(sql, args)
+
+    def close(self) -> None:
+        # Closes the transport without a goodbye: never blocks on a hung server.
+        self.raw.close()
+
+
+class MySQLEngine:
+    """One MySQL or MariaDB server."""
+
+    def __init__(
+        self,
+        dsn: MySQLDsn,
+        *,
+        password: str | None = None,
+        secrets: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        self.name = "mysql"
+        self.dsn = dsn
+        self.where = dsn.where
+        self._password = password if password is not None else dsn.password
+        self._secrets = set(secrets)
+        if self._password:
+            self._secrets.add(self._password)
+        self._conn: _Conn | None = None
+        self._probe_lock = asyncio.Lock()
+        # One failover operation at a time per server: two concurrent promote()
+        # calls must not interleave their STOP/RESET/SET statements.
+        self._admin_lock = asyncio.Lock()
+        # last_receive_age bookkeeping: the receive state last seen and when it changed.
+        self._receive_state: tuple[Any, ...] | None = None
+        self._receive_changed: float | None = None
+
+    def __repr__(self) -> str:
+        return f"MySQLEngine({self.dsn.user}@{self.where})"
+
+    # -- plumbing
+
+    def _line(self, message: str) -> str:
+        return mask(f"mysql {self.where}: {message}", self._secrets)
+
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        return max(deadline - asyncio.get_running_loop().time(), 0.001)
+
+    async def _connect(self, deadline: float) -> _Conn:
+        raw = aiomysql.Connection(
+            host=self.dsn.host,
+            port=self.dsn.port,
+            user=self.dsn.user,
+            password=self._password or "",
+            db=self.dsn.database,
+            connect_timeout=self._remaining(deadline),
+            autocommit=True,
+            charset="utf8mb4",
+            program_name="watchdogd",
+        )
+        try:
+            # The private step behind aiomysql.connect(): called directly so the
+            # socket is closed when a hung handshake is cancelled by our timeout
+            # (aiomysql only cleans up after an Exception, not a cancellation).
+            await raw._connect()
+            conn = _Conn(raw, await self._flavour(raw))
+        except BaseException:
+            raw.close()
+            raise
+        return conn
+
+    @staticmethod
+    async def _flavour(raw: Any) -> Flavour:
+        async with raw.cursor() as cur:
+            await cur.execute("SELECT @@version, @@version_comment")
+            version, comment = await cur.fetchone()
+            await cur.execute("SHOW GLOBAL VARIABLES LIKE 'super_read_only'")
+            has_sro = bool(await cur.fetchall())
+        return Flavour.detect(str(version), str(comment), has_sro)
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    async def _bounded(self, op: str, limit: float, body: Callable[[float], Awaitable[T]]) -> T:
+        """Run ``body(deadline)`` within ``limit``; every failure is one EngineError line."""
+        deadline = asyncio.get_running_loop().time() + limit
+        try:
+            async with asyncio.timeout(limit):
+                return await body(deadline)
+        except TimeoutError:
+            raise EngineError(self._line(f"{op} timed out after {limit:g}s")) from None
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError(self._line(f"{op}: {_reason(exc)}")) from None
+
+    async def _probe(
+        self, op: str, limit: float, query: Callable[[_Conn, float], Awaitable[T]]
+    ) -> T:
+        """``query(conn, deadline)`` on the shared probing connection."""
+
+        async def body(deadline: float) -> T:
+            async with self._probe_lock:
+                try:
+                    if self._conn is not None:
+                        try:
+                            return await query(self._conn, deadline)
+                        except Exception as exc:
+                            if not _is_stale(exc):
+                                raise
+                            self._drop()
+                    self._conn = await self._connect(deadline)
+                    return await query(self._conn, deadline)
+                except BaseException:
+                    self._drop()
+                    raise
+
+        return await self._bounded(op, limit, body)
+
+    async def _admin(
+        self, op: str, limit: float, action: Callable[[_Conn, float], Awaitable[str]]
+    ) -> str:
+        """``action(conn, deadline)`` on a connection of its own, closed afterwards."""
+
+        async def body(deadline: float) -> str:
+            async with self._admin_lock:
+                conn = await self._connect(deadline)
+                try:
+                    await conn.execute(
+                        "SET SESSION lock_wait_timeout = %s",
+                        (max(1, math.floor(self._remaining(deadline))),),
+                    )
+                    return await action(conn, deadline)
+                finally:
+                    conn.close()
+
+        return await self._bounded(op, limit, body)
+
+    async def _channel(self, conn: _Conn) -> Channel | None:
+        rows = await conn.rows(conn.flavour.replica_status_sql)
+        channels = [c for c in map(Channel.from_row, rows) if c.host]
+        if len(channels) > 1:
+            names = ", ".join(repr(c.name) for c in channels)
+            raise EngineError(
+                self._line(
+                    f"{len(channels)} replication channels ({names}): multi-source replication "
+                    "is not supported"
+                )
+            )
+        if not channels:
+            return None
+        channel = channels[0]
+        if channel.heartbeats is None and not conn.flavour.mariadb:
+            channel = await self._with_mysql_heartbeats(conn, channel)
+        return channel
+
+    @staticmethod
+    async def _with_mysql_heartbeats(conn: _Conn, channel: Channel) -> Channel:
+        try:
+            rows = await conn.rows(
+                "SELECT COUNT_RECEIVED_HEARTBEATS AS n FROM"
+                " performance_schema.replication_connection_status WHERE CHANNEL_NAME = %s",
+                (channel.name,),
+            )
+        except aiomysql.Error:
+            return channel  # performance_schema off or not readable: positions only
+        if not rows or rows[0]["n"] is None:
+            return channel
+        return dataclasses.replace(channel, heartbeats=int(rows[0]["n"]))
+
+    async def _read_only(self, conn: _Conn) -> tuple[bool, bool]:
+        """(read_only, super_read_only); the latter False where it does not exist."""
+        sro = ", @@global.super_read_only AS sro" if conn.flavour.super_read_only else ""
+        row = (await conn.rows(f"SELECT @@global.read_only AS ro{sro}"))[0]
+        return bool(int(row["ro"])), bool(int(row.get("sro") or 0))
+
+    # -- Engine: status
+
+    async def status(self, timeout: float) -> DbStatus:
+        async def query(conn: _Conn, deadline: float) -> DbStatus:
+            channel = await self._channel(conn)
+            read_only, super_ro = await self._read_only(conn)
+            if channel is None:
+                self._receive_state = self._receive_changed = None
+                rows = await conn.rows(conn.flavour.binlog_status_sql)
+                current = binlog_pos(rows[0].get("File"), rows[0].get("Position")) if rows else None
+                return self._primary_status(conn.flavour, read_only or super_ro, current)
+            return self._standby_status(conn.flavour, channel, read_only or super_ro)
+
+        return await self._probe("status", timeout, query)
+
+    @staticmethod
+    def _primary_status(flavour: Flavour, read_only: bool, current: int | None) -> DbStatus:
+        where = f" at {format_pos(current)}" if current is not None else ", binary log off"
+        return DbStatus(
+            is_primary=True,
+            writable=not read_only,
+            current_pos=current,
+            detail=f"{flavour.label} primary, {'read-only' if read_only else 'read-write'}{where}",
+        )
+
+    def _standby_status(self, flavour: Flavour, ch: Channel, read_only: bool) -> DbStatus:
+        streaming = ch.io == "Yes"
+        paused = ch.sql != "Yes" and streaming
+        state = (ch.recv_file, ch.recv_pos, ch.heartbeats)
+        now = asyncio.get_running_loop().time()
+        if state != self._receive_state:
+            # A first sighting says nothing about when it last heard from the primary.
+            self._receive_changed = now if self._receive_state is not None else None
+            self._receive_state = state
+        age = now - self._receive_changed if self._receive_changed is not None else None
+        parts = [f"{flavour.label} replica of {ch.source}", f"IO {ch.io}", f"SQL {ch.sql}"]
+        if ch.behind is not None:
+            parts.append(f"{ch.behind}s behind")
+        parts.append(f"applied {format_pos(ch.replay_pos)} of {format_pos(ch.receive_pos)}")
+        if not streaming and ch.io_error:
+            parts.append(f"IO error: {ch.io_error}")
+        if ch.sql_errno:
+            parts.append(f"SQL error {ch.sql_errno}: {ch.sql_error}")
+        if not read_only:
+            parts.append("read_only is OFF on this replica")
+        return DbStatus(
+            is_primary=False,
+            writable=False,
+            receive_pos=ch.receive_pos,
+            replay_pos=ch.replay_pos,
+            streaming=streaming,
+            last_receive_age=age,
+            lag_seconds=float(ch.behind) if ch.behind is not None else None,
+            replay_paused=paused,
+            detail=", ".join(parts),
+        )
+
+    # -- Engine: failover operations
+
+    async def stop_replication(self, timeout: float) -> str:
+        async def action(conn: _Conn, deadline: float) -> str:
+            return await self._stop(conn, deadline, "stop_replication")
+
+        return await self._admin("stop_replication", timeout, action)
+
+    async def _stop(self, conn: _Conn, deadline: float, op: str) -> str:
+        ch = await self._channel(conn)
+        if ch is None:
+            return "no replication configured: nothing to stop"
+        f = conn.flavour
+        positions_trusted = True
+        notes: list[str] = []
+        if ch.sql != "Yes":
+            self._check_sql_error(ch, op)
+            # A paused SQL thread must still apply what was received. Start it
+            # while the IO thread still runs where possible: MariaDB discards the
+            # relay log of a GTID channel when a thread starts with both stopped,
+            # unless told a relay log position (which makes the reported source
+            # positions meaningless until it has caught up).
+            if f.mariadb and ch.io == "No" and ch.using_gtid not in ("", "No"):
+                await conn.execute(f.keep_relay_log_sql(ch))
+                positions_trusted = False
+            await conn.execute(f.channel_sql("START", ch.name, "SQL_THREAD"))
+            notes.append("started the stopped SQL thread")
+        await conn.execute(f.channel_sql("STOP", ch.name, "IO_THREAD"))
+        applied = await self._drain(conn, deadline, op, positions_trusted)
+        await conn.execute(f.channel_sql("STOP", ch.name))
+        await conn.execute(f.channel_sql("RESET", ch.name, tail="ALL"))
+        if await self._channel(conn) is not None:
+            raise EngineError(
+                self._line(
+                    f"{op}: a replication channel is still configured after RESET REPLICA ALL"
+                )
+            )
+        if positions_trusted and not applied.applied_all:
+            notes.append(
+                f"applied {format_pos(applied.replay_pos)} of {format_pos(applied.receive_pos)}:"
+                " the rest is an incomplete transaction the source never finished sending"
+            )
+        else:
+            notes.append(f"applied everything received (up to {format_pos(applied.replay_pos)})")
+        return (
+            f"stopped replication from {ch.source}; " + "; ".join(notes) + "; replica "
+            "configuration removed"
+        )
+
+    def _check_sql_error(self, ch: Channel, op: str) -> None:
+        if ch.sql != "Yes" and ch.sql_errno:
+            raise EngineError(
+                self._line(
+                    f"{op}: SQL thread stopped by error {ch.sql_errno} ({ch.sql_error}); "
+                    f"applied {format_pos(ch.replay_pos)} of {format_pos(ch.receive_pos)}"
+                    " received: fix or skip it, then retry"
+                )
+            )
+
+    async def _drain(self, conn: _Conn, deadline: float, op: str, positions: bool) -> Channel:
+        """With the IO thread stopped, wait until the SQL thread applied the relay log.
+
+        Done when the applied source position reaches the received one, or when
+        the SQL thread says it has read all of the relay log and its relay log
+        position has not moved for IDLE_SETTLE seconds: the two differ for good
+        when the relay log ends inside a transaction (the source died mid-send).
+        """
+        loop = asyncio.get_running_loop()
+        idle: tuple[Any, ...] | None = None
+        idle_since = 0.0
+        while True:
+            ch = await self._channel(conn)
+            if ch is None:
+                raise EngineError(self._line(f"{op}: the replication channel disappeared"))
+            self._check_sql_error(ch, op)
+            if ch.sql != "Yes":
+                raise EngineError(self._line(f"{op}: the SQL thread was stopped by someone else"))
+            if positions and ch.applied_all:
+                return ch
+            now = loop.time()
+            if "read all relay log" in ch.sql_state.lower():
+                marker = (ch.relay_file, ch.relay_pos)
+                if marker != idle:
+                    idle, idle_since = marker, now
+                elif now - idle_since >= IDLE_SETTLE:
+                    return ch
+            else:
+                idle = None
+            if now + _POLL >= deadline:
+                raise EngineError(
+                    self._line(
+                        f"{op}: still applying received events: applied {format_pos(ch.replay_pos)}"
+                        f" of {format_pos(ch.receive_pos)}"
+                    )
+                )
+            await asyncio.sleep(_POLL)
+
+    async def promote(self, timeout: float) -> str:
+        async def action(conn: _Conn, deadline: float) -> str:
+            done: list[str] = []
+            if await self._channel(conn) is not None:
+                done.append(await self._stop(conn, deadline, "promote"))
+            read_only, super_ro = await self._read_only(conn)
+            if read_only or super_ro:
+                scope = conn.flavour.set_scope
+                if conn.flavour.super_read_only:
+                    await conn.execute(f"SET {scope} super_read_only = OFF")
+                await conn.execute(f"SET {scope} read_only = OFF")
+                done.append("read_only turned off")
+            await self._verify_write(conn)
+            if not done:
+                return "already a writable primary: write verified, nothing changed"
+            return "promoted: " + "; ".join(done) + "; write verified"
+
+        return await self._admin("promote", timeout, action)
+
+    async def _verify_write(self, conn: _Conn) -> None:
+        read_only, super_ro = await self._read_only(conn)
+        if read_only or super_ro:
+            raise EngineError(self._line("promote: the server is still read-only"))
+        try:
+            if not (await conn.rows(HEARTBEAT_EXISTS_SQL))[0]["n"]:
+                for statement in HEARTBEAT_CREATE_SQL:
+                    await conn.execute(statement)
+            await conn.execute(HEARTBEAT_WRITE_SQL)
+        except aiomysql.Error as exc:
+            raise EngineError(
+                self._line(f"promote: a write to watchdogd.heartbeat was refused: {_reason(exc)}")
+            ) from None
+
+    async def fence(self, timeout: float) -> str:
+        async def action(conn: _Conn, deadline: float) -> str:
+            before = await self._read_only(conn)
+            killed = 0
+            # Leave time to kill the blocker and try again if the first attempt waits.
+            await conn.execute(
+                "SET SESSION lock_wait_timeout = %s",
+                (max(1, math.floor(self._remaining(deadline) / 3)),),
+            )
+            try:
+                await self._set_read_only(conn)
+            except aiomysql.OperationalError as exc:
+                if _code(exc) != _LOCK_WAIT_TIMEOUT:
+                    raise
+                # An open write transaction blocks read_only: end the sessions first.
+                killed += await self._kill_clients(conn)
+                await self._set_read_only(conn)
+            killed += await self._kill_clients(conn)
+            read_only, super_ro = await self._read_only(conn)
+            if not read_only or (conn.flavour.super_read_only and not super_ro):
+                raise EngineError(self._line("fence: read_only did not stay on"))
+            was = before[0] and (before[1] or not conn.flavour.super_read_only)
+            head = "already read-only" if was else "fenced: now read-only"
+            what = "super_read_only" if conn.flavour.super_read_only else "read_only"
+            return f"{head} ({what}=ON); {killed} client connection(s) killed"
+
+        return await self._admin("fence", timeout, action)
+
+    @staticmethod
+    async def _set_read_only(conn: _Conn) -> None:
+        scope = conn.flavour.set_scope
+        await conn.execute(f"SET {scope} read_only = ON")
+        if conn.flavour.super_read_only:
+            await conn.execute(f"SET {scope} super_read_only = ON")
+
+    @staticmethod
+    async def _kill_clients(conn: _Conn) -> int:
+        own = (await conn.rows("SELECT CONNECTION_ID() AS id"))[0]["id"]
+        killed = 0
+        for row in await conn.rows("SHOW PROCESSLIST"):
+            if (
+                row["Id"] == own
+                or row["Command"] in _SYSTEM_COMMANDS
+                or row["User"] in _SYSTEM_USERS
+                or row["Command"] == "Killed"
+            ):
+                continue
+            try:
+                await conn.execute("KILL CONNECTION %s", (int(row["Id"]),))
+                killed += 1
+            except aiomysql.OperationalError as exc:
+                if _code(exc) != 1094:  # ER_NO_SUCH_THREAD: it ended meanwhile
+                    raise
+        return killed
+
+    async def close(self) -> None:
+        self._drop()

@@ -1,0 +1,517 @@
+"""Redis engine (redis-py asyncio): status, stop_replication, promote and fence.
+
+Owns everything the daemon knows about Redis 6.2+ (and protocol-compatible
+servers): the ``database:`` keys for it (``password`` / ``password_file``,
+merged into the connection at connect time; or the password in
+``redis://[[user]:password@]host:6379/0``), and the failover operations with
+their verifications.
+
+Definitions (what ``status()`` reports, from ``INFO replication``):
+
+* **primary** (``is_primary=True``): ``role:master``. ``current_pos`` is its
+  ``master_repl_offset``.
+* **standby**: ``role:slave``. ``receive_pos`` is ``slave_read_repl_offset``
+  (Redis 7; ``slave_repl_offset`` before), ``replay_pos`` is
+  ``slave_repl_offset``: both in the primary's offset space, so
+  ``current_pos - replay_pos`` is the byte lag. ``streaming`` is
+  ``master_link_status:up``; ``last_receive_age`` is
+  ``master_last_io_seconds_ago`` while the link is up and
+  ``master_link_down_since_seconds`` while it is down (whole seconds; the
+  primary pings every ``repl-ping-replica-period``, 10 s by default: lower it
+  for a timelier view). ``lag_seconds`` is 0 while streaming (a replica
+  applies the stream as it reads it: it has no replay backlog to measure) and
+  unknown otherwise. ``replay_paused`` does not apply (None).
+* **writable**: a primary whose writes are not refused by
+  ``min-replicas-to-write`` (the fence, below), i.e. not
+  ``min-replicas-to-write > good replicas`` with ``min-replicas-max-lag > 0``.
+  A replica is never reported writable (``detail`` says when
+  ``replica-read-only`` is off).
+
+Fencing: ``CONFIG SET min-replicas-to-write 2147483647`` (and
+``min-replicas-max-lag`` to 10 if it was 0, which would disable the check).
+Chosen over ``CLIENT PAUSE WRITE``, whose state cannot be read back and whose
+paused writers hang instead of failing, and over ``REPLICAOF <new primary>``,
+which needs an address ``Engine.fence()`` is not given: every client's writes
+fail at once with ``NOREPLICAS``, the state is visible to ``status()`` (so
+``writable`` is derived, not remembered), and it survives a watchdogd restart.
+It is persisted with ``CONFIG REWRITE`` when the server has a config file (the
+result says whether it could). Then normal and pub/sub client connections
+other than ours are killed and a write is checked to be refused. ``promote``
+undoes exactly this fence (``min-replicas-to-write`` back to 0 when it holds
+the fence value; an operator's own setting is left alone, and promotion then
+fails its write check with the server's reason).
+
+``stop_replication`` and ``promote`` both run ``REPLICAOF NO ONE`` on a
+replica (Redis has no "stopped but not promoted" state); ``promote`` then
+verifies ``role:master`` and that ``SET watchdogd:promoted`` is accepted. Both
+are idempotent.
+
+With ACLs the watchdogd user needs ``+ping +info +config|get +config|set
++config|rewrite +client|kill +client|setname +replicaof +set ~watchdogd:*``.
+
+Every call is bounded by ``asyncio.timeout`` around the whole method (connect
+included), with redis-py's own retries off. Probing reuses one lazily
+(re)opened connection; the failover operations use a connection of their
+own, one at a time. Any failure drops the connection and becomes one
+EngineError line without secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from watchdogd.config import mask
+from watchdogd.engines import DbStatus, EngineError
+
+if TYPE_CHECKING:
+    from watchdogd.config import DatabaseConfig, Section
+
+T = TypeVar("T")
+
+DEFAULT_PORT = 6379
+EXAMPLE = "redis://:password@host:6379/0"
+# min-replicas-to-write while fenced: no server ever has this many replicas,
+# and no operator picks it, so it also marks the fence as ours.
+FENCE_MIN_REPLICAS = 2_147_483_647
+FENCE_MAX_LAG = 10
+PROMOTED_KEY = "watchdogd:promoted"
+FENCE_CHECK_KEY = "watchdogd:fence-check"
+
+
+class Secret(str):
+    """A password: compares and serialises like the string, never shows in a repr."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+# --------------------------------------------------------------------------- DSN
+
+
+@dataclass(frozen=True)
+class RedisDsn:
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+
+    def __repr__(self) -> str:
+        return f"RedisDsn({self.where!r}, db={self.db})"
+
+    @property
+    def where(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_dsn(dsn: str) -> RedisDsn:
+    """``redis://[[user]:password@]host[:6379][/db]``. The ValueError's message
+    never repeats the DSN (it may hold a password)."""
+    try:
+        parts = urlsplit(dsn.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a valid Redis URL ({exc}); expected {EXAMPLE}") from None
+    if parts.scheme != "redis":
+        raise ValueError(f"expected a URL like {EXAMPLE}, got scheme {parts.scheme or 'none'!r}")
+    if not parts.hostname:
+        raise ValueError(f"expected a host, e.g. {EXAMPLE}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"query parameters are not supported; expected {EXAMPLE}")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"expected a database number after the host, e.g. {EXAMPLE}")
+    return RedisDsn(
+        host=parts.hostname,
+        port=port or DEFAULT_PORT,
+        db=int(path) if path else 0,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+# --------------------------------------------------------------------------- module contract
+
+
+def validate(section: Section) -> Mapping[str, Any]:
+    """Extra keys of a ``database:`` section with ``engine: redis``."""
+    password = section.secret("password")
+    # Config already read (and reported problems with) `dsn`; read it again for
+    # its shape only, without repeating its ${VAR} errors.
+    before = len(section.errors)
+    dsn = section.raw("dsn")
+    del section.errors[before:]
+    if isinstance(dsn, str) and dsn:
+        try:
+            parsed = parse_dsn(dsn)
+        except ValueError as exc:
+            section.error(str(exc), "dsn")
+        else:
+            if parsed.password:
+                section.secrets.add(parsed.password)
+                if password:
+                    section.error(
+                        "give the password either in dsn or in password/password_file, not both",
+                        "password",
+                    )
+    return {"password": Secret(password)} if password else {}
+
+
+def create(db: DatabaseConfig, secrets: set[str]) -> RedisEngine:
+    try:
+        dsn = parse_dsn(db.dsn)
+    except ValueError as exc:
+        raise EngineError(f"redis: database.dsn: {exc}") from None
+    password = db.options.get("password")
+    return RedisEngine(dsn, password=str(password) if password else None, secrets=secrets)
+
+
+# --------------------------------------------------------------------------- server facts
+
+
+def _int(value: Any, default: int | None = None) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, rexc.AuthenticationError) and "auth" not in text.lower():
+        text = f"authentication failed ({text})"
+    return text
+
+
+def _is_stale(exc: BaseException) -> bool:
+    """A dead connection (server restarted, or fence() killed it), as opposed to
+    a refusal: worth one retry on a fresh connection."""
+    if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError | rexc.BusyLoadingError):
+        return False
+    return isinstance(exc, rexc.ConnectionError | ConnectionError)
+
+
+@dataclass(frozen=True)
+class MinReplicas:
+    """The two settings behind the fence, or None where CONFIG is not allowed."""
+
+    to_write: int
+    max_lag: int
+
+    @property
+    def fenced(self) -> bool:
+        return self.to_write == FENCE_MIN_REPLICAS
+
+
+async def _min_replicas(client: aioredis.Redis) -> MinReplicas | None:
+    try:
+        got = await client.config_get("min-replicas-*")
+    except rexc.ResponseError:
+        return None  # CONFIG renamed away or denied by ACL
+    return MinReplicas(
+        to_write=_int(got.get("min-replicas-to-write"), 0) or 0,
+        max_lag=_int(got.get("min-replicas-max-lag"), 0) or 0,
+    )
+
+
+def _good_replicas(info: Mapping[str, Any], max_lag: int) -> int:
+    if "min_slaves_good_slaves" in info:
+        return _int(info["min_slaves_good_slaves"], 0) or 0
+    good = 0
+    for key, value in info.items():
+        if key.startswith("slave") and key[5:].isdigit() and isinstance(value, Mapping):
+            lag = _int(value.get("lag"), None)
+            if value.get("state") == "online" and lag is not None and lag <= max_lag:
+                good += 1
+    return good
+
+
+def _writes_refused(info: Mapping[str, Any], mr: MinReplicas | None) -> bool:
+    if mr is None or mr.to_write <= 0 or mr.max_lag <= 0:
+        return False
+    return _good_replicas(info, mr.max_lag) < mr.to_write
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class RedisEngine:
+    """One Redis server."""
+
+    def __init__(
+        self,
+        dsn: RedisDsn,
+        *,
+        password: str | None = None,
+        secrets: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        self.name = "redis"
+        self.dsn = dsn
+        self.where = dsn.where
+        self._password = password if password is not None else dsn.password
+        self._secrets = set(secrets)
+        if self._password:
+            self._secrets.add(self._password)
+        self._client: aioredis.Redis | None = None
+        self._probe_lock = asyncio.Lock()
+        # One failover operation at a time per server.
+        self._admin_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"RedisEngine({self.where}/{self.dsn.db})"
+
+    # -- plumbing
+
+    def _line(self, message: str) -> str:
+        return mask(f"redis {self.where}: {message}", self._secrets)
+
+    def _new_client(self, limit: float) -> aioredis.Redis:
+        return aioredis.Redis(
+            host=self.dsn.host,
+            port=self.dsn.port,
+            db=self.dsn.db,
+            username=self.dsn.username,
+            password=self._password,
+            socket_connect_timeout=limit,
+            socket_timeout=None,  # asyncio.timeout bounds every call instead
+            retry=Retry(NoBackoff(), 0),
+            single_connection_client=True,
+            decode_responses=True,
+            client_name="watchdogd",
+            # RESP2: no HELLO handshake, whose error for a missing password is
+            # confusing, and the oldest servers speak it.
+            protocol=2,
+        )
+
+    @staticmethod
+    async def _discard(client: aioredis.Redis) -> None:
+        # Never waits for a hung server: close the socket without a goodbye.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                if client.connection is not None:
+                    await client.connection.disconnect(nowait=True)
+                await client.aclose()
+
+    async def _bounded(self, op: str, limit: float, body: Callable[[], Awaitable[T]]) -> T:
+        """Run ``body()`` within ``limit``; every failure is one EngineError line."""
+        try:
+            async with asyncio.timeout(limit):
+                return await body()
+        except TimeoutError:
+            raise EngineError(self._line(f"{op} timed out after {limit:g}s")) from None
+        except EngineError:
+            raise
+        except Exception as exc:
+            reason = _reason(exc)
+            if isinstance(exc, rexc.AuthenticationError) and not self._password:
+                reason += " (no password configured: give one in the dsn or database.password)"
+            raise EngineError(self._line(f"{op}: {reason}")) from None
+
+    async def _probe(
+        self, op: str, limit: float, query: Callable[[aioredis.Redis], Awaitable[T]]
+    ) -> T:
+        """``query(client)`` on the shared probing connection."""
+
+        async def body() -> T:
+            async with self._probe_lock:
+                try:
+                    if self._client is not None:
+                        try:
+                            return await query(self._client)
+                        except Exception as exc:
+                            if not _is_stale(exc):
+                                raise
+                            await self._drop()
+                    self._client = self._new_client(limit)
+                    return await query(self._client)
+                except BaseException:
+                    await self._drop()
+                    raise
+
+        return await self._bounded(op, limit, body)
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await self._discard(client)
+
+    async def _admin(
+        self, op: str, limit: float, action: Callable[[aioredis.Redis], Awaitable[str]]
+    ) -> str:
+        """``action(client)`` on a connection of its own, closed afterwards."""
+
+        async def body() -> str:
+            async with self._admin_lock:
+                client = self._new_client(limit)
+                try:
+                    return await action(client)
+                finally:
+                    await self._discard(client)
+
+        return await self._bounded(op, limit, body)
+
+    async def _info(self, client: aioredis.Redis) -> dict[str, Any]:
+        info: dict[str, Any] = await client.info("replication")
+        if info.get("role") not in ("master", "slave"):
+            raise EngineError(self._line(f"unexpected role {info.get('role')!r}"))
+        return info
+
+    # -- Engine: status
+
+    async def status(self, timeout: float) -> DbStatus:
+        async def query(client: aioredis.Redis) -> DbStatus:
+            info = await self._info(client)
+            if info["role"] == "master":
+                return self._primary_status(info, await _min_replicas(client))
+            return self._standby_status(info)
+
+        return await self._probe("status", timeout, query)
+
+    @staticmethod
+    def _primary_status(info: Mapping[str, Any], mr: MinReplicas | None) -> DbStatus:
+        refused = _writes_refused(info, mr)
+        current = _int(info.get("master_repl_offset"))
+        parts = [f"primary at offset {current}", f"{info.get('connected_slaves', 0)} replica(s)"]
+        if mr is not None and mr.fenced:
+            parts.append("fenced by watchdogd (min-replicas-to-write), writes refused")
+        elif refused and mr is not None:
+            parts.append(
+                f"writes refused: fewer than min-replicas-to-write={mr.to_write} good replicas"
+            )
+        elif mr is None:
+            parts.append("CONFIG not allowed: fence state unknown")
+        return DbStatus(
+            is_primary=True,
+            writable=not refused,
+            current_pos=current,
+            detail=", ".join(parts),
+        )
+
+    @staticmethod
+    def _standby_status(info: Mapping[str, Any]) -> DbStatus:
+        up = info.get("master_link_status") == "up"
+        syncing = bool(_int(info.get("master_sync_in_progress"), 0))
+        replay = _int(info.get("slave_repl_offset"))
+        receive = _int(info.get("slave_read_repl_offset"), replay)
+        age_key = "master_last_io_seconds_ago" if up else "master_link_down_since_seconds"
+        age = _int(info.get(age_key))
+        source = f"{info.get('master_host')}:{info.get('master_port')}"
+        parts = [f"replica of {source}", f"link {'up' if up else 'down'}"]
+        if syncing:
+            parts.append("full sync in progress")
+        parts.append(f"offset {replay}")
+        if not _int(info.get("slave_read_only"), 1):
+            parts.append("replica-read-only is off")
+        return DbStatus(
+            is_primary=False,
+            writable=False,
+            receive_pos=receive,
+            replay_pos=replay,
+            streaming=up and not syncing,
+            last_receive_age=float(age) if age is not None and age >= 0 else None,
+            lag_seconds=0.0 if up and not syncing else None,
+            replay_paused=None,
+            detail=", ".join(parts),
+        )
+
+    # -- Engine: failover operations
+
+    async def stop_replication(self, timeout: float) -> str:
+        async def action(client: aioredis.Redis) -> str:
+            info = await self._info(client)
+            if info["role"] == "master":
+                return "not a replica: nothing to stop"
+            await client.replicaof("NO", "ONE")
+            if (await self._info(client))["role"] != "master":
+                raise EngineError(self._line("stop_replication: still a replica after REPLICAOF"))
+            return (
+                f"stopped replicating from {info.get('master_host')}:{info.get('master_port')}"
+                f" at offset {info.get('slave_repl_offset')} (REPLICAOF NO ONE): now a primary"
+            )
+
+        return await self._admin("stop_replication", timeout, action)
+
+    async def promote(self, timeout: float) -> str:
+        async def action(client: aioredis.Redis) -> str:
+            done: list[str] = []
+            info = await self._info(client)
+            if info["role"] == "slave":
+                await client.replicaof("NO", "ONE")
+                done.append(
+                    f"stopped replicating from {info.get('master_host')}:"
+                    f"{info.get('master_port')} (REPLICAOF NO ONE)"
+                )
+            mr = await _min_replicas(client)
+            if mr is not None and mr.fenced:
+                await client.config_set("min-replicas-to-write", 0)
+                done.append("cleared the watchdogd fence" + await self._persist(client))
+            if (await self._info(client))["role"] != "master":
+                raise EngineError(self._line("promote: still a replica after REPLICAOF NO ONE"))
+            try:
+                await client.set(PROMOTED_KEY, str(time.time()))
+            except rexc.ResponseError as exc:
+                raise EngineError(
+                    self._line(f"promote: a write to {PROMOTED_KEY} was refused: {_reason(exc)}")
+                ) from None
+            if not done:
+                return "already a writable primary: write verified, nothing changed"
+            return "promoted: " + "; ".join(done) + "; write verified"
+
+        return await self._admin("promote", timeout, action)
+
+    async def fence(self, timeout: float) -> str:
+        async def action(client: aioredis.Redis) -> str:
+            mr = await _min_replicas(client)
+            if mr is None:
+                raise EngineError(
+                    self._line("fence: CONFIG GET is not allowed, so writes cannot be refused")
+                )
+            persisted = ""
+            if mr.max_lag <= 0:
+                await client.config_set("min-replicas-max-lag", FENCE_MAX_LAG)
+            if not mr.fenced:
+                await client.config_set("min-replicas-to-write", FENCE_MIN_REPLICAS)
+            if not mr.fenced or mr.max_lag <= 0:
+                persisted = await self._persist(client)
+            killed = 0
+            for kind in ("normal", "pubsub"):
+                killed += await client.client_kill_filter(_type=kind, skipme=True)
+            try:
+                await client.set(FENCE_CHECK_KEY, str(time.time()))
+            except rexc.ResponseError:
+                pass  # NOREPLICAS (or READONLY on a replica): refused, as it should be
+            else:
+                raise EngineError(self._line("fence: a write was still accepted"))
+            head = "already fenced" if mr.fenced else "fenced"
+            return (
+                f"{head}: writes refused (min-replicas-to-write={FENCE_MIN_REPLICAS}{persisted});"
+                f" {killed} client connection(s) killed"
+            )
+
+        return await self._admin("fence", timeout, action)
+
+    @staticmethod
+    async def _persist(client: aioredis.Redis) -> str:
+        """CONFIG REWRITE, so the change survives a restart; says how it went."""
+        try:
+            await client.config_rewrite()
+        except rexc.ResponseError as exc:
+            return f"; not persisted: {_reason(exc)}"
+        return "; persisted with CONFIG REWRITE"
+
+    async def close(self) -> None:
+        await self._drop()
