@@ -638,7 +638,7 @@ def parse(data: Any, source: str | None = None) -> Config:
     if errors:
         raise ConfigError(errors)
     assert nodes[0] is not None and nodes[1] is not None
-    return Config(
+    config = Config(
         cluster=cluster,
         primary=nodes[0],
         standby=nodes[1],
@@ -654,6 +654,9 @@ def parse(data: Any, source: str | None = None) -> Config:
         secrets=frozenset(secrets),
         source=source,
     )
+    if problems := actions.check_config(config):
+        raise ConfigError(problems)
+    return config
 
 
 def _node(

@@ -583,3 +583,18 @@ def test_step_validated_through_the_registry_keeps_its_params() -> None:
         "stack": STACK,
         "enabled": True,
     }
+
+
+def test_cloud66_step_without_the_section_fails_at_config_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("C66_TOKEN", TOKEN)
+    data = _full_config(tmp_path)
+    del data["cloud66"]
+    with pytest.raises(ConfigError) as err:
+        config.parse(data)
+    assert err.value.problems[0] == (
+        "failover.steps[0]: action cloud66 needs a top-level cloud66 section with token "
+        "(or token_file)"
+    )
+    assert len(err.value.problems) == 4  # one line per cloud66 step

@@ -5,6 +5,7 @@ An action module ``watchdogd/actions/<family>.py`` defines::
     ACTIONS: dict[str, Callable[[Section], Action]]      # action name -> parser
     SECTION: str                                          # optional top-level config key
     def parse_section(section: Section) -> Any            # ... and its parser
+    def check(config: Config) -> list[str]                # optional whole-config checks
 
 A parser reads the action's own keys from the step's Section (errors carry the
 step's path) and returns an Action. Adding an action kind is adding a module;
@@ -104,6 +105,16 @@ def registry() -> dict[str, Callable[[Section], Action]]:
 
 def provider_sections() -> dict[str, Callable[[Section], Any]]:
     return {m.SECTION: m.parse_section for m in _modules() if hasattr(m, "SECTION")}
+
+
+def check_config(config: Config) -> list[str]:
+    """Problems only visible with the whole config (e.g. a step needing a top-level
+    section), one path-named line each."""
+    problems: list[str] = []
+    for module in _modules():
+        if hasattr(module, "check"):
+            problems.extend(module.check(config))
+    return problems
 
 
 def validate_step(s: Section) -> StepConfig | None:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from watchdogd.actions import StepContext
-    from watchdogd.config import Section
+    from watchdogd.config import Config, Section
 
 SECTION = "cloud66"
 API_BASE = "https://app.cloud66.com/api/3"
@@ -388,3 +388,22 @@ def parse(s: Section) -> Cloud66Action:
 
 
 ACTIONS = {"cloud66": parse}
+
+
+def check(config: Config) -> list[str]:
+    """A cloud66 step needs the top-level section with the token: say so at config time,
+    not at 3 a.m. when the step runs."""
+    if SECTION in config.providers:
+        return []
+    problems = []
+    for key, steps in (
+        ("steps", config.failover.steps),
+        ("fence_steps", config.failover.fence_steps),
+    ):
+        for i, step in enumerate(steps):
+            if step.action == "cloud66":
+                problems.append(
+                    f"failover.{key}[{i}]: action cloud66 needs a top-level "
+                    "cloud66 section with token (or token_file)"
+                )
+    return problems
