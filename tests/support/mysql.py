@@ -1,0 +1,330 @@
+"""MariaDB test servers: a primary and a replica on free loopback ports in temp dirs.
+
+``mariadb_template()`` runs ``mariadb-install-db`` once (about a second); each
+``mariadb_pair()`` copies that datadir twice, starts both servers, creates the
+users on the primary (they reach the replica through replication) and starts
+replication. Every server is SIGKILLed and its directory removed on the way
+out, whatever happened in between; the servers also die with the test process
+(PR_SET_PDEATHSIG) so an interrupted run leaks nothing.
+
+Users, all on ``127.0.0.1`` (``--skip-name-resolve``):
+
+* ``watchdogd``: the grants the engine documents, random password;
+* ``app``: an application account (reads and writes ``app.*`` only);
+* ``repl``: the replication account.
+
+Root has no password and is reached over the unix socket only (fixture use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pymysql  # type: ignore[import-untyped]  # no stubs in the test extras
+
+from tests.support import free_port, need, which
+
+# Kept in step with the grants documented in watchdogd/engines/mysql.py.
+WATCHDOGD_GRANTS = (
+    "REPLICA MONITOR, BINLOG MONITOR, REPLICATION SLAVE ADMIN, READ_ONLY ADMIN, RELOAD,"
+    " CONNECTION ADMIN, PROCESS ON *.*",
+    "ALL PRIVILEGES ON watchdogd.*",
+)
+START_TIMEOUT = 20.0
+
+
+def _server_user() -> tuple[str | None, int | None, int | None]:
+    """MariaDB refuses to run as root: run it as ``mysql`` when we are root."""
+    if os.geteuid() != 0:
+        return None, None, None
+    import pwd
+
+    entry = pwd.getpwnam("mysql")
+    return "mysql", entry.pw_uid, entry.pw_gid
+
+
+# Looked up once in the parent: the forked child only calls it (no dlopen there).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent() -> None:
+    # Runs in the child after the uid switch, so the setting survives exec.
+    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def binaries() -> tuple[str, str]:
+    mariadbd = need("mariadbd (MariaDB server)", which("mariadbd", "/usr/sbin"))
+    install = need("mariadb-install-db", which("mariadb-install-db", "/usr/bin"))
+    return mariadbd, install
+
+
+def _tempdir(prefix: str) -> Path:
+    # Not under pytest's tmp_path: its parents are 0700 root, which the
+    # mysql user cannot traverse.
+    # tmpfs when there is one: copying and starting datadirs is several times faster.
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
+    _, uid, gid = _server_user()
+    if uid is not None and gid is not None:
+        os.chown(path, uid, gid)
+    return path
+
+
+def _chown_tree(path: Path) -> None:
+    _, uid, gid = _server_user()
+    if uid is None or gid is None:
+        return
+    os.chown(path, uid, gid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), uid, gid)
+
+
+@contextlib.contextmanager
+def mariadb_template() -> Iterator[Path]:
+    """A freshly initialised datadir to copy (never started itself)."""
+    _, install = binaries()
+    base = _tempdir("watchdogd-mariadb-template-")
+    user, _, _ = _server_user()
+    try:
+        cmd = [
+            install,
+            "--no-defaults",
+            f"--datadir={base / 'data'}",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+            "--innodb-log-file-size=8M",
+            "--innodb-buffer-pool-size=32M",
+        ]
+        if user:
+            cmd.append(f"--user={user}")
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"mariadb-install-db failed: {done.stderr.strip()[-500:]}")
+        yield base / "data"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class MariaDB:
+    """One running mariadbd; ``sql()`` talks to it as root over the unix socket."""
+
+    name: str
+    port: int
+    base: Path
+    process: subprocess.Popen[bytes]
+    _alive: bool = field(default=True, repr=False)
+
+    @property
+    def socket(self) -> str:
+        return str(self.base / "mysqld.sock")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def connect(self, **kwargs: Any) -> pymysql.connections.Connection[Any]:
+        return pymysql.connect(
+            unix_socket=self.socket,
+            user="root",
+            autocommit=True,
+            connect_timeout=5,
+            read_timeout=10,
+            write_timeout=10,
+            **kwargs,
+        )
+
+    def sql(self, statement: str, args: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        conn = self.connect(cursorclass=pymysql.cursors.DictCursor)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement, args)
+                return list(cur.fetchall())
+        finally:
+            conn.close()
+
+    def script(self, *statements: str) -> None:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+        finally:
+            conn.close()
+
+    def tcp(self, user: str, password: str, **kwargs: Any) -> pymysql.connections.Connection[Any]:
+        return pymysql.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=user,
+            password=password,
+            autocommit=True,
+            connect_timeout=5,
+            read_timeout=10,
+            write_timeout=10,
+            **kwargs,
+        )
+
+    def log_tail(self) -> str:
+        try:
+            return (self.base / "error.log").read_text(errors="replace")[-1500:]
+        except OSError:
+            return "(no error log)"
+
+    def kill(self) -> None:
+        """SIGKILL (works on a SIGSTOPped server too) and reap."""
+        if self._alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+            self._alive = False
+
+
+def spawn_mariadb(
+    name: str, template: Path, base: Path, server_id: int, extra: Sequence[str] = ()
+) -> MariaDB:
+    """Start mariadbd on a copy of ``template``; ``wait_ready()`` before use."""
+    mariadbd, _ = binaries()
+    user, uid, gid = _server_user()
+    shutil.copytree(template, base / "data", symlinks=True)
+    _chown_tree(base)
+    port = free_port()
+    cmd = [
+        mariadbd, "--no-defaults", f"--datadir={base / 'data'}", f"--tmpdir={base}",
+        f"--port={port}", "--bind-address=127.0.0.1", f"--socket={base / 'mysqld.sock'}",
+        f"--pid-file={base / 'mysqld.pid'}", f"--log-error={base / 'error.log'}",
+        "--skip-name-resolve", "--innodb-log-file-size=8M", "--innodb-buffer-pool-size=32M",
+        "--performance-schema=OFF", "--innodb-flush-log-at-trx-commit=2", "--sync-binlog=0",
+        f"--server-id={server_id}", f"--log-bin={base / 'data' / 'binlog'}",
+        f"--relay-log={base / 'data' / 'relay'}", "--max-connections=50", *extra,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        cmd,
+        user=user,
+        group=gid if uid is not None else None,
+        extra_groups=[] if uid is not None else None,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )
+    return MariaDB(name=name, port=port, base=base, process=process)
+
+
+def wait_ready(server: MariaDB) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"{server.name} mariadbd exited {server.process.returncode}: {server.log_tail()}"
+            )
+        if os.path.exists(server.socket):
+            try:
+                server.connect().close()
+                return
+            except pymysql.err.OperationalError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{server.name} mariadbd not ready after {START_TIMEOUT:g}s: {server.log_tail()}"
+            )
+        time.sleep(0.02)
+
+
+@dataclass
+class MariaDBPair:
+    primary: MariaDB
+    replica: MariaDB
+    password: str  # the watchdogd user's
+    app_password: str
+
+    def dsn(self, server: MariaDB, password: str | None = None) -> str:
+        pw = self.password if password is None else password
+        return f"mysql://watchdogd:{pw}@127.0.0.1:{server.port}/"
+
+    def wait_replica_caught_up(self, timeout: float = 10.0) -> None:
+        """Until the replica has applied the primary's whole binlog. Binlog
+        coordinates, not GTIDs: gtid_slave_pos moves before Exec_Master_Log_Pos."""
+        head = self.primary.sql("SHOW MASTER STATUS")[0]
+        target = (head["File"], head["Position"])
+        deadline = time.monotonic() + timeout
+        while True:
+            st = replica_status(self.replica)
+            got = (st.get("Relay_Master_Log_File"), st.get("Exec_Master_Log_Pos"))
+            if got == target:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica applied up to {got!r}, primary at {target!r}")
+            time.sleep(0.02)
+
+
+def replica_status(server: MariaDB) -> dict[str, Any]:
+    rows = server.sql("SHOW REPLICA STATUS")
+    return rows[0] if rows else {}
+
+
+def wait_replicating(server: MariaDB, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = replica_status(server)
+        if st.get("Slave_IO_Running") == "Yes" and st.get("Slave_SQL_Running") == "Yes":
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"replication not running after {timeout:g}s: IO={st.get('Slave_IO_Running')} "
+                f"SQL={st.get('Slave_SQL_Running')} {st.get('Last_IO_Error')}"
+                f" {st.get('Last_SQL_Error')}"
+            )
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def mariadb_pair(template: Path) -> Iterator[MariaDBPair]:
+    """A primary and a replicating, read-only replica; both SIGKILLed on exit."""
+    password = secrets.token_urlsafe(12)
+    app_password = secrets.token_urlsafe(12)
+    repl_password = secrets.token_urlsafe(12)
+    with contextlib.ExitStack() as stack:
+        base = _tempdir("watchdogd-mariadb-")
+        stack.callback(shutil.rmtree, base, True)
+        (base / "primary").mkdir()
+        (base / "replica").mkdir()
+        primary = spawn_mariadb("primary", template, base / "primary", 1)
+        stack.callback(primary.kill)
+        replica = spawn_mariadb("replica", template, base / "replica", 2, ["--read-only"])
+        stack.callback(replica.kill)
+        wait_ready(primary)
+        wait_ready(replica)
+        primary.script(
+            f"CREATE USER watchdogd@'127.0.0.1' IDENTIFIED BY '{password}'",
+            *(f"GRANT {g} TO watchdogd@'127.0.0.1'" for g in WATCHDOGD_GRANTS),
+            f"CREATE USER app@'127.0.0.1' IDENTIFIED BY '{app_password}'",
+            "CREATE DATABASE app",
+            "CREATE TABLE app.t (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(100))",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON app.* TO app@'127.0.0.1'",
+            f"CREATE USER repl@'127.0.0.1' IDENTIFIED BY '{repl_password}'",
+            "GRANT REPLICATION SLAVE ON *.* TO repl@'127.0.0.1'",
+        )
+        replica.sql(
+            f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={primary.port},"
+            f" MASTER_USER='repl', MASTER_PASSWORD='{repl_password}',"
+            " MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, MASTER_HEARTBEAT_PERIOD=1"
+        )
+        replica.sql("START REPLICA")
+        pair = MariaDBPair(primary, replica, password, app_password)
+        wait_replicating(replica)
+        pair.wait_replica_caught_up()
+        yield pair
