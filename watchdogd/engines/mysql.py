@@ -87,6 +87,7 @@ import aiomysql
 
 from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
+from watchdogd.engines._common import Secret, bounded, host_port, remaining
 
 if TYPE_CHECKING:
     from watchdogd.config import DatabaseConfig, Section
@@ -127,15 +128,6 @@ _POLL = 0.05
 IDLE_SETTLE = 1.0
 
 
-class Secret(str):
-    """A password: compares and serialises like the string, never shows in a repr."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-
 # --------------------------------------------------------------------------- DSN
 
 
@@ -152,8 +144,7 @@ class MySQLDsn:
 
     @property
     def where(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 def parse_dsn(dsn: str) -> MySQLDsn:
@@ -473,9 +464,7 @@ class MySQLEngine:
     def _line(self, message: str) -> str:
         return mask(f"mysql {self.where}: {message}", self._secrets)
 
-    @staticmethod
-    def _remaining(deadline: float) -> float:
-        return max(deadline - asyncio.get_running_loop().time(), 0.001)
+    _remaining = staticmethod(remaining)
 
     async def _connect(self, deadline: float) -> _Conn:
         raw = aiomysql.Connection(
@@ -515,17 +504,7 @@ class MySQLEngine:
             conn.close()
 
     async def _bounded(self, op: str, limit: float, body: Callable[[float], Awaitable[T]]) -> T:
-        """Run ``body(deadline)`` within ``limit``; every failure is one EngineError line."""
-        deadline = asyncio.get_running_loop().time() + limit
-        try:
-            async with asyncio.timeout(limit):
-                return await body(deadline)
-        except TimeoutError:
-            raise EngineError(self._line(f"{op} timed out after {limit:g}s")) from None
-        except EngineError:
-            raise
-        except Exception as exc:
-            raise EngineError(self._line(f"{op}: {_reason(exc)}")) from None
+        return await bounded(op, limit, body, self._line, _reason)
 
     async def _probe(
         self, op: str, limit: float, query: Callable[[_Conn, float], Awaitable[T]]

@@ -32,6 +32,7 @@ import asyncpg
 
 from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
+from watchdogd.engines._common import Secret, bounded, remaining
 
 if TYPE_CHECKING:
     from watchdogd.config import DatabaseConfig, Section
@@ -69,15 +70,6 @@ SELECT
 FROM (SELECT pg_is_in_recovery() AS in_recovery) AS r
 LEFT JOIN pg_stat_wal_receiver AS w ON true
 """
-
-
-class Secret(str):
-    """A password: compares and serialises like the string, never shows in a repr."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "'***'"
 
 
 # --------------------------------------------------------------------------- module contract
@@ -222,8 +214,7 @@ class PostgresEngine:
     def _line(self, message: str) -> str:
         return mask(f"postgres {self.where}: {message}", self._secrets)
 
-    def _remaining(self, deadline: float) -> float:
-        return max(deadline - asyncio.get_running_loop().time(), 0.001)
+    _remaining = staticmethod(remaining)
 
     async def _connect(self, deadline: float, statement_ms: int) -> Any:
         return await asyncpg.connect(
@@ -242,17 +233,7 @@ class PostgresEngine:
             conn.terminate()
 
     async def _bounded(self, op: str, limit: float, body: Callable[[float], Awaitable[T]]) -> T:
-        """Run ``body(deadline)`` within ``limit``; every failure is one EngineError line."""
-        deadline = asyncio.get_running_loop().time() + limit
-        try:
-            async with asyncio.timeout(limit):
-                return await body(deadline)
-        except TimeoutError:
-            raise EngineError(self._line(f"{op} timed out after {limit:g}s")) from None
-        except EngineError:
-            raise
-        except Exception as exc:
-            raise EngineError(self._line(f"{op}: {_reason(exc)}")) from None
+        return await bounded(op, limit, body, self._line, _reason)
 
     async def _probe(self, op: str, limit: float, query: Callable[[Any, float], Awaitable[T]]) -> T:
         """``query(conn, remaining)`` on the shared probing connection."""

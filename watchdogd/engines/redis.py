@@ -73,6 +73,7 @@ from redis.backoff import NoBackoff
 
 from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
+from watchdogd.engines._common import Secret, bounded, host_port
 
 if TYPE_CHECKING:
     from watchdogd.config import DatabaseConfig, Section
@@ -87,15 +88,6 @@ FENCE_MIN_REPLICAS = 2_147_483_647
 FENCE_MAX_LAG = 10
 PROMOTED_KEY = "watchdogd:promoted"
 FENCE_CHECK_KEY = "watchdogd:fence-check"
-
-
-class Secret(str):
-    """A password: compares and serialises like the string, never shows in a repr."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "'***'"
 
 
 # --------------------------------------------------------------------------- DSN
@@ -114,8 +106,7 @@ class RedisDsn:
 
     @property
     def where(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 def parse_dsn(dsn: str) -> RedisDsn:
@@ -307,19 +298,16 @@ class RedisEngine:
                 await client.aclose()
 
     async def _bounded(self, op: str, limit: float, body: Callable[[], Awaitable[T]]) -> T:
-        """Run ``body()`` within ``limit``; every failure is one EngineError line."""
-        try:
-            async with asyncio.timeout(limit):
-                return await body()
-        except TimeoutError:
-            raise EngineError(self._line(f"{op} timed out after {limit:g}s")) from None
-        except EngineError:
-            raise
-        except Exception as exc:
-            reason = _reason(exc)
-            if isinstance(exc, rexc.AuthenticationError) and not self._password:
-                reason += " (no password configured: give one in the dsn or database.password)"
-            raise EngineError(self._line(f"{op}: {reason}")) from None
+        async def timed(_: float) -> T:
+            return await body()
+
+        return await bounded(op, limit, timed, self._line, self._reason)
+
+    def _reason(self, exc: BaseException) -> str:
+        reason = _reason(exc)
+        if isinstance(exc, rexc.AuthenticationError) and not self._password:
+            reason += " (no password configured: give one in the dsn or database.password)"
+        return reason
 
     async def _probe(
         self, op: str, limit: float, query: Callable[[aioredis.Redis], Awaitable[T]]
