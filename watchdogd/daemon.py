@@ -450,6 +450,9 @@ class Daemon:
         if last is None or last.state != decision.state:
             self.systemd.status(f"{decision.state}: {decision.reason}")
             latest = self.latest
+            # The decision's reason leads; the verdict's is kept beside it.
+            verdict_facts = latest.verdict.facts() if latest.verdict else {}
+            verdict_facts["verdict_reason"] = verdict_facts.pop("reason", None)
             self.log.info(
                 "state_changed",
                 state=decision.state,
@@ -457,7 +460,7 @@ class Daemon:
                 reason=decision.reason,
                 lag_bytes=latest.lag_bytes,
                 lag_seconds=latest.lag_seconds,
-                **(latest.verdict.facts() if latest.verdict else {}),
+                **verdict_facts,
             )
             if decision.state == BLOCKED:
                 self.metrics.failover_finished("automatic", "blocked", self.wall())

@@ -5,10 +5,13 @@ its failure turned into a single EngineError line."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from watchdogd.engines import EngineError
+
+if TYPE_CHECKING:
+    from watchdogd.config import Section
 
 T = TypeVar("T")
 
@@ -20,6 +23,35 @@ class Secret(str):
 
     def __repr__(self) -> str:
         return "'***'"
+
+
+def validate_password(
+    section: Section, dsn_password: Callable[[str], str | None]
+) -> Mapping[str, Any]:
+    """The ``password``/``password_file`` keys of a ``database:`` section, checked
+    against a password written inside the DSN (also a secret; not both).
+    ``dsn_password(dsn)`` returns the DSN's password or raises ValueError with a
+    message that never repeats the DSN."""
+    password = section.secret("password")
+    # Config already read (and reported problems with) `dsn`; read it again for
+    # its shape only, without repeating its ${VAR} errors.
+    before = len(section.errors)
+    dsn = section.raw("dsn")
+    del section.errors[before:]
+    if isinstance(dsn, str) and dsn:
+        try:
+            inline = dsn_password(dsn)
+        except ValueError as exc:
+            section.error(str(exc), "dsn")
+        else:
+            if inline:
+                section.secrets.add(inline)
+                if password:
+                    section.error(
+                        "give the password either in dsn or in password/password_file, not both",
+                        "password",
+                    )
+    return {"password": Secret(password)} if password else {}
 
 
 def host_port(host: str, port: int) -> str:

@@ -87,7 +87,12 @@ import aiomysql
 
 from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
-from watchdogd.engines._common import Secret, bounded, host_port, remaining
+from watchdogd.engines._common import (
+    bounded,
+    host_port,
+    remaining,
+    validate_password,
+)
 
 if TYPE_CHECKING:
     from watchdogd.config import DatabaseConfig, Section
@@ -180,26 +185,7 @@ def parse_dsn(dsn: str) -> MySQLDsn:
 
 def validate(section: Section) -> Mapping[str, Any]:
     """Extra keys of a ``database:`` section with ``engine: mysql``."""
-    password = section.secret("password")
-    # Config already read (and reported problems with) `dsn`; read it again for
-    # its shape only, without repeating its ${VAR} errors.
-    before = len(section.errors)
-    dsn = section.raw("dsn")
-    del section.errors[before:]
-    if isinstance(dsn, str) and dsn:
-        try:
-            parsed = parse_dsn(dsn)
-        except ValueError as exc:
-            section.error(str(exc), "dsn")
-        else:
-            if parsed.password:
-                section.secrets.add(parsed.password)
-                if password:
-                    section.error(
-                        "give the password either in dsn or in password/password_file, not both",
-                        "password",
-                    )
-    return {"password": Secret(password)} if password else {}
+    return validate_password(section, lambda dsn: parse_dsn(dsn).password)
 
 
 def create(db: DatabaseConfig, secrets: set[str]) -> MySQLEngine:

@@ -32,7 +32,7 @@ import asyncpg
 
 from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
-from watchdogd.engines._common import Secret, bounded, remaining
+from watchdogd.engines._common import bounded, remaining, validate_password
 
 if TYPE_CHECKING:
     from watchdogd.config import DatabaseConfig, Section
@@ -77,26 +77,14 @@ LEFT JOIN pg_stat_wal_receiver AS w ON true
 
 def validate(section: Section) -> Mapping[str, Any]:
     """Extra keys of a ``database:`` section with ``engine: postgres``."""
-    password = section.secret("password")
-    # Config already read (and reported problems with) `dsn`; read it again for
-    # its shape only, without repeating its ${VAR} errors.
-    before = len(section.errors)
-    dsn = section.raw("dsn")
-    del section.errors[before:]
-    if isinstance(dsn, str) and dsn:
-        problem = _dsn_problem(dsn)
-        if problem:
-            section.error(problem, "dsn")
-        else:
-            inline = urlsplit(dsn).password
-            if inline:
-                section.secrets.add(inline)
-                if password:
-                    section.error(
-                        "give the password either in dsn or in password/password_file, not both",
-                        "password",
-                    )
-    return {"password": Secret(password)} if password else {}
+    return validate_password(section, _dsn_password)
+
+
+def _dsn_password(dsn: str) -> str | None:
+    problem = _dsn_problem(dsn)
+    if problem:
+        raise ValueError(problem)
+    return urlsplit(dsn).password
 
 
 def create(db: DatabaseConfig, secrets: set[str]) -> PostgresEngine:
