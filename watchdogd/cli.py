@@ -86,10 +86,11 @@ def run(path: str) -> int:
     from watchdogd.control import ControlSocketError
     from watchdogd.daemon import Daemon
     from watchdogd.failover.journal import JournalLocked
+    from watchdogd.metrics import MetricsServerError
 
     try:
         asyncio.run(Daemon(cfg).run())
-    except (ControlSocketError, JournalLocked) as exc:
+    except (ControlSocketError, JournalLocked, MetricsServerError) as exc:
         print(f"watchdogd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:

@@ -204,7 +204,13 @@ class Daemon:
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop. SIGHUP reloads the config."""
         loop = asyncio.get_running_loop()
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # Leave nothing behind (socket file, lock, servers) for the next start.
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
