@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets as pysecrets
 import signal
 import time
@@ -27,7 +28,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from watchdogd import __version__, actions, engines
 from watchdogd import config as configmod
 from watchdogd.actions import Action, StepContext
-from watchdogd.config import Config, NodeConfig, StepConfig
+from watchdogd.config import Config, NodeConfig, StepConfig, mask_value
 from watchdogd.control import CommandError, ControlServer, Peer
 from watchdogd.detector import DOWN, HEALTHY, Cycle, Detector, Verdict
 from watchdogd.engines import Engine
@@ -188,6 +189,8 @@ class Daemon:
                 note="resuming from the first unfinished step",
             )
             self._resume(fo)
+        # Two INFO lines per cycle from the scheduler are noise, not news.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(
             self.cycle_job,
@@ -207,9 +210,10 @@ class Daemon:
         try:
             await self.start()
         except BaseException:
-            # Leave nothing behind (socket file, lock, servers) for the next start.
+            # Leave nothing behind (socket file, lock, servers) for the next start, and
+            # say nothing: the caller prints the one line that explains the failure.
             with contextlib.suppress(Exception):
-                await self.stop()
+                await self.stop(quiet=True)
             raise
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
@@ -222,8 +226,9 @@ class Daemon:
     def request_stop(self) -> None:
         self._stopping.set()
 
-    async def stop(self) -> None:
-        self.log.info("stopping", state=self.policy.state)
+    async def stop(self, *, quiet: bool = False) -> None:
+        if not quiet:
+            self.log.info("stopping", state=self.policy.state)
         self.systemd.stopping()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
@@ -247,7 +252,8 @@ class Daemon:
         for engine in self.engines.values():
             await engine.close()
         self.journal.close()
-        self.log.info("stopped")
+        if not quiet:
+            self.log.info("stopped")
 
     async def _advise(self) -> None:
         """Log the engines' warnings about settings that weaken our decisions."""
@@ -772,7 +778,7 @@ class Daemon:
 
     def describe(self, plan: Plan) -> dict[str, Any]:
         ctx = self.context(plan)
-        return {
+        described = {
             "failover_id": plan.id,
             "kind": plan.kind,
             "trigger": plan.trigger,
@@ -782,6 +788,9 @@ class Daemon:
             "forced": plan.forced,
             "steps": [actions.describe(s, actions.build(s, self.config), ctx) for s in plan.steps],
         }
+        # The operator's reason may quote a secret too: mask the whole plan, not just steps.
+        result: dict[str, Any] = mask_value(described, self.config.secrets)
+        return result
 
     async def _cmd_abort(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         who = _who(peer)
@@ -853,9 +862,12 @@ class Daemon:
             }
         )
         self.log.info("acked", failover_id=fo.id, by=_who(peer), primary=primary, standby=standby)
-        # The pair is watched in its new roles from a clean slate.
+        # The pair is watched in its new roles from a clean slate, except that the
+        # lag guard keeps the last position of a primary that stays the primary
+        # (an aborted outage: it may still be dead and never report one again).
         self.detector.reset()
-        self.latest = Latest()
+        kept = self.latest.last_primary_pos if primary == fo.from_node else None
+        self.latest = Latest(last_primary_pos=kept)
         self._fenced_for = None
         self._refresh_state()
         return {
@@ -942,10 +954,19 @@ class Daemon:
                 "started_at": self.runner.current_step_started,
             }
         last = self.state.last
+        # Match observations by node, not by role: right after a failover the roles
+        # have swapped but the last cycle observed them the other way round.
+        observed = [
+            o
+            for o in (latest.primary_db, latest.standby_db, latest.primary_app, latest.standby_app)
+            if o is not None
+        ]
         nodes = []
         for node, role in ((primary, "primary"), (standby, "standby")):
-            db = latest.primary_db if role == "primary" else latest.standby_db
-            app = latest.primary_app if role == "primary" else latest.standby_app
+            db = next(
+                (o for o in observed if o.target == node.name and o.probe == "database"), None
+            )
+            app = next((o for o in observed if o.target == node.name and o.probe == "app"), None)
             nodes.append(
                 {
                     "name": node.name,

@@ -67,11 +67,12 @@ class Plan:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+    """Decimal units, as ``max_lag: 16MB`` is written in the config."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover
 
 
 class Policy:
@@ -210,12 +211,7 @@ class Policy:
     def pending_outage(self, verdict: Verdict) -> bool:
         """An automatic failover is pending: the primary is failing, nothing has started."""
         j = self.journal
-        return (
-            verdict.status in (SUSPECT, DOWN)
-            and verdict.outage_seconds > 0
-            and j.unfinished is None
-            and j.awaiting_ack is None
-        )
+        return verdict.status in (SUSPECT, DOWN) and j.unfinished is None and j.awaiting_ack is None
 
     def ack_roles(self) -> tuple[str, str]:
         """The roles after acking the failover that awaits it: (primary, standby).

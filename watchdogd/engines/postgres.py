@@ -46,6 +46,9 @@ _STALE = (
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.InterfaceError,
     asyncpg.AdminShutdownError,
+    # A session the server ended (fence terminates every client, our probing one
+    # too) can surface as this while asyncpg is still catching up with the FATAL.
+    asyncpg.InternalClientError,
     ConnectionError,
 )
 
