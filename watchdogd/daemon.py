@@ -705,7 +705,8 @@ class Daemon:
         return {"failovers": [f.as_dict() for f in reversed(self.state.failovers[-n:])]}
 
     async def _cmd_pause(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        reason = args.get("reason") or f"paused by {_who(peer)}"
+        # Masked at intake: the reason is journaled and shown back in status/history.
+        reason = self.config.mask(args.get("reason") or f"paused by {_who(peer)}")
         self.record({"type": "pause", "reason": reason, "by": _who(peer), "at": self.wall()})
         self.emit("paused", reason=reason, by=_who(peer))
         self._refresh_state()
@@ -728,6 +729,8 @@ class Daemon:
         reason = args.get("reason") or f"manual failover by {_who(peer)}" + (
             " (forced)" if force else ""
         )
+        # Masked at intake: the reason is journaled and shown back in status/history.
+        reason = self.config.mask(reason)
         return self._start_or_describe("failover", "manual", reason, force, dry_run)
 
     async def _cmd_switchover(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TextIO
 
 import aiohttp
@@ -779,15 +780,17 @@ def timeline(lab: Lab, fo: FailoverRecord, since: float = 0.0) -> list[str]:
 # --------------------------------------------------------------------------- the view
 
 
-_STATE_COLOURS = {
-    "watching": "32",
-    "suspect": "33",
-    "failing_over": "1;31",
-    "failed_over": "36",
-    "paused": "35",
-    "blocked": "1;31",
-    "failed": "1;31",
-}
+_STATE_COLOURS = MappingProxyType(
+    {
+        "watching": "32",
+        "suspect": "33",
+        "failing_over": "1;31",
+        "failed_over": "36",
+        "paused": "35",
+        "blocked": "1;31",
+        "failed": "1;31",
+    }
+)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -1077,9 +1080,13 @@ class Demo:
         self._ticker = asyncio.create_task(self._tick(view), name="demo-view")
         try:
             if self.scenario == "interactive":
-                self._start_keys()
+                keys = self._start_keys()
                 if not self.live:
-                    self.print(f"running; {KEY_HELP} (or Ctrl-C)")
+                    self.print(
+                        f"running; {KEY_HELP} (or Ctrl-C)"
+                        if keys
+                        else "running; stdin gives no keys: Ctrl-C or SIGTERM stops the demo"
+                    )
                 await self._interactive(lab, view)
                 return 0
             return await self._scenario(lab, view)
@@ -1165,22 +1172,23 @@ class Demo:
 
     # -- interactive
 
-    def _start_keys(self) -> None:
+    def _start_keys(self) -> bool:
         """Keys from stdin: cbreak mode on a terminal; a pipe works too (one key per
         character), so the demo can be scripted. No stdin (or /dev/null): no keys."""
         try:
             fd = sys.stdin.fileno()
         except (AttributeError, OSError, ValueError):
-            return
+            return False
         if os.isatty(fd):
             self._term = termios.tcgetattr(fd)
             tty.setcbreak(fd)
         try:
             asyncio.get_running_loop().add_reader(fd, self._read_key, fd)
-        except (OSError, ValueError, PermissionError):
+        except (OSError, ValueError):
             self._restore_term()
-            return
+            return False
         self._stdin_fd = fd
+        return True
 
     def _read_key(self, fd: int) -> None:
         try:

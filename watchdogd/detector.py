@@ -193,10 +193,11 @@ class Detector:
                     partition=True,
                 )
             if sees is None:
+                why = "is unreachable" if not cycle.standby_db.ok else "cannot tell"
                 return verdict(
                     SUSPECT,
-                    "cannot confirm the primary is down: the standby is "
-                    f"unreachable ({cycle.standby_db.detail})",
+                    f"cannot confirm the primary is down: the standby {why} "
+                    f"({cycle.standby_db.detail})",
                     "database",
                 )
             down_votes, total = 2, 2 + len(cycle.witnesses)
@@ -258,6 +259,10 @@ def standby_sees_primary(standby: Observation, threshold: float) -> bool | None:
     the standby itself cannot be asked (or is no longer a standby)."""
     db = standby.db
     if not standby.ok or db is None or db.is_primary:
+        return None
+    if db.streaming is None:
+        # Unknown (e.g. a role that may not see the WAL receiver) is not "lost":
+        # counting it as agreement would bypass the partition guard.
         return None
     if not db.streaming:
         return False

@@ -6,14 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import aiohttp
 import pytest
 from aioresponses import aioresponses
 from yarl import URL
 
+from tests.support.vendor import VendorAPI
 from watchdogd import config
 from watchdogd.actions import ActionError, StepContext, validate_step
 from watchdogd.actions import describe as describe_step
@@ -101,25 +100,9 @@ def _calls(m: aioresponses, method: str, url: str) -> list[Any]:
     return list(m.requests.get((method, URL(url)), []))
 
 
-class _Response(aiohttp.ClientResponse):
-    """aioresponses 0.7.x builds responses without the ``stream_writer`` that aiohttp 3.14
-    requires (pnuckowski/aioresponses#289); a finished request's writer is only asked
-    for its output size."""
-
-    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
-        kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
-        super().__init__(method, url, **kwargs)
-
-
-class _Mock(aioresponses):
-    def add(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("response_class", _Response)
-        super().add(*args, **kwargs)
-
-
 @pytest.fixture
 def api() -> Iterator[aioresponses]:
-    with _Mock() as m:
+    with VendorAPI() as m:
         yield m
 
 

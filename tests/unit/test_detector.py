@@ -137,3 +137,18 @@ def test_reset_forgets_everything() -> None:
         d.update(cycle(t, primary_ok=False))
     d.reset()
     assert d.update(cycle(2, primary_ok=False)).outage_seconds == 0
+
+
+def test_unknown_replication_state_is_not_agreement() -> None:
+    # A monitoring role that cannot see the WAL receiver reports streaming=None:
+    # treating that as "lost the primary" would bypass the partition guard.
+    from dataclasses import replace
+
+    d = make(threshold=1)
+    for t in range(4):
+        c = cycle(t, primary_ok=False)
+        assert c.standby_db.db is not None
+        blind = replace(c.standby_db, db=replace(c.standby_db.db, streaming=None))
+        v = d.update(replace(c, standby_db=blind))
+    assert v.status == SUSPECT and v.standby_sees_primary is None
+    assert "the standby cannot tell" in v.reason

@@ -14,8 +14,9 @@ idle probing costs one round trip; the failover operations use a connection of
 their own, so a long promote never blocks a probe and vice versa.
 
 The role needs superuser, or: pg_monitor (pg_stat_wal_receiver details,
-primary_conninfo), EXECUTE on pg_promote / pg_wal_replay_resume, ALTER SYSTEM on
-primary_conninfo and default_transaction_read_only, and pg_signal_backend.
+primary_conninfo), EXECUTE on pg_promote / pg_wal_replay_resume / pg_reload_conf,
+ALTER SYSTEM on primary_conninfo and default_transaction_read_only, and
+pg_signal_backend (the README has the GRANT lines).
 """
 
 from __future__ import annotations
