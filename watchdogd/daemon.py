@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -83,7 +83,6 @@ class Latest:
     lag_bytes: int | None = None
     lag_seconds: float | None = None
     writable: int = 0
-    cycle_at: float | None = None
 
 
 class Daemon:
@@ -99,19 +98,11 @@ class Daemon:
         self.clock = clock
         self.wall = wall
         self.secrets = Secrets(config.secrets)
-        self.log: Any = (
-            cast(Any, log)
-            if log is not None
-            else cast(
-                Any,
-                setup_logging(
-                    config.log.format,
-                    config.log.level,
-                    cluster=config.cluster,
-                    secrets=self.secrets,
-                ),
+        if log is None:
+            log = setup_logging(
+                config.log.format, config.log.level, cluster=config.cluster, secrets=self.secrets
             )
-        )
+        self.log: Any = log
         self.metrics = Metrics(config.cluster)
         self.journal = Journal(config.state_dir)
         self.state: JournalState = JournalState()
@@ -132,7 +123,6 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._ready = False
         self._last_decision: Decision | None = None
-        self._cycles = 0
         self._last_cycle_wall: float | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -180,6 +170,7 @@ class Daemon:
             interval=cfg.probe.interval,
             state_dir=cfg.state_dir,
         )
+        await self._advise()
         if (fo := self.state.unfinished) is not None:
             self.log.warning(
                 "failover_unfinished",
@@ -355,7 +346,6 @@ class Daemon:
             app_obs.get(primary.name),
             app_obs.get(standby.name),
         )
-        latest.cycle_at = at
         self._update_lag(pdb, sdb, standby.name)
         verdict = self.detector.update(
             Cycle(
@@ -378,7 +368,6 @@ class Daemon:
 
         self.metrics.set_armed(self.policy.armed(self.wall()))
         self.metrics.set_primary_down(verdict.outage_seconds)
-        self._cycles += 1
         self._last_cycle_wall = self.wall()
         self.metrics.cycle_completed(self._last_cycle_wall)
         if not self._ready:

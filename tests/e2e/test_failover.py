@@ -186,3 +186,14 @@ async def test_required_step_failing_stops_the_sequence(
         'watchdogd_failovers_total{cluster="orders",outcome="failed",trigger="automatic"} 1.0'
         in metrics
     )
+
+
+async def test_start_warns_when_the_standby_confirms_a_hang_too_late(
+    pg_pair: PgPair, daemon_factory: Factory, tmp_path: Path
+) -> None:
+    # The lab's standby has wal_receiver_timeout 2s: longer than a 1s threshold.
+    d = daemon_factory(lab_config(pg_pair, tmp_path, interval="500ms", threshold="1s"))
+    await d.start()
+    advice = [e for e in d.events() if e.get("event") == "engine_advice"]
+    assert len(advice) == 1 and advice[0]["node"] == "failover"
+    assert "wal_receiver_timeout is 2s" in advice[0]["advice"]
