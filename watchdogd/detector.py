@@ -109,6 +109,13 @@ class Detector:
     _app: _Run = field(default_factory=_Run)
     _last_at: float | None = None
 
+    @property
+    def _slack(self) -> float:
+        """Outages are measured between cycle starts, which the scheduler may fire a
+        millisecond early: without slack the cycle due at exactly the threshold reads
+        2.999 s for 3 s and the decision slips a whole interval."""
+        return min(0.05, 0.1 * self.interval)
+
     def reset(self) -> None:
         """Forget all evidence (roles changed: a different node is the primary now)."""
         self._db, self._app, self._last_at = _Run(), _Run(), None
@@ -173,7 +180,7 @@ class Detector:
                     f"({self._db.good_streak}/{n} good cycles to recover)",
                     "database",
                 )
-            if db_for < self.threshold:
+            if db_for < self.threshold - self._slack:
                 return verdict(
                     SUSPECT,
                     f"primary database failing for {db_for:.1f}s (threshold {self.threshold:g}s)",
@@ -227,7 +234,7 @@ class Detector:
                     f"({self._app.good_streak}/{n} good cycles to recover)",
                     "app",
                 )
-            if app_for < self.threshold:
+            if app_for < self.threshold - self._slack:
                 return verdict(
                     SUSPECT,
                     f"primary application failing for {app_for:.1f}s "

@@ -152,3 +152,13 @@ def test_unknown_replication_state_is_not_agreement() -> None:
         v = d.update(replace(c, standby_db=blind))
     assert v.status == SUSPECT and v.standby_sees_primary is None
     assert "the standby cannot tell" in v.reason
+
+
+def test_a_cycle_fired_a_millisecond_early_still_decides_at_the_threshold() -> None:
+    d = make(threshold=3, interval=1)
+    ats = [0.0, 0.999, 1.999, 2.999]  # the scheduler runs slightly ahead of the clock
+    statuses = [d.update(cycle(t, primary_ok=False)).status for t in ats]
+    assert statuses == [SUSPECT, SUSPECT, SUSPECT, DOWN]
+    d = make(threshold=3, interval=1)
+    statuses = [d.update(cycle(t, primary_ok=False)).status for t in (0.0, 1.0, 2.0, 2.9)]
+    assert statuses[-1] == SUSPECT  # 100 ms short is still short
