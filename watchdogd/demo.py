@@ -404,7 +404,6 @@ class Lab:
         self.daemon: Daemon | None = None
         self.events = EventLog(None)
         self.hung: set[str] = set()
-        self.killed: set[str] = set()
         self.metrics_port = 0
         self._log_file: TextIO | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -577,7 +576,6 @@ class Lab:
             return f"{node}: database already down"
         t = time.monotonic()
         await asyncio.to_thread(server.kill)
-        self.killed.add(node)
         self.hung.discard(node)
         self.events.demo("killed", t=t, node=node, signal="SIGKILL")
         return f"{node}: database killed (SIGKILL)"
