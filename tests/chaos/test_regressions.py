@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tests.chaos import events, promotions, sample, started_failovers, wait_for
 from tests.support.daemon import DaemonProcess, lab_config
+from tests.support.pg import leave_standby_behind
 from watchdogd.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
@@ -32,12 +33,7 @@ async def test_state_changes_are_reported_without_breaking_cycles_or_commands(
     assert resumed["ok"], resumed
     await d.wait_state("watching", within=3)
 
-    await asyncio.to_thread(pg_pair.detach_standby)
-    await asyncio.to_thread(
-        pg_pair.primary.execute,
-        "CREATE TABLE unreceived AS SELECT g, repeat('x', 200) AS pad "
-        "FROM generate_series(1, 12000) g",
-    )
+    await asyncio.to_thread(leave_standby_behind, pg_pair)
 
     async def lag_seen() -> bool:
         lag = (await d.status())["lag"]["bytes"]

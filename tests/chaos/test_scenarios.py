@@ -31,6 +31,7 @@ from tests.chaos import (
 )
 from tests.support.apps import DemoApps
 from tests.support.daemon import DaemonProcess, lab_config
+from tests.support.pg import leave_standby_behind
 from tests.support.proxy import BLACKHOLE, PASS, REFUSE, FaultProxy
 from watchdogd.lab import PgPair
 
@@ -258,12 +259,7 @@ async def test_lagging_standby_blocks_until_forced(
     unreceived writes are lost, which is exactly what the guard protected."""
     d = await started(daemon_factory(lab_config(pg_pair, tmp_path, max_lag="1MB")))
     rows = await commit_rows(pg_pair, "lag")
-    await asyncio.to_thread(pg_pair.detach_standby)
-    await asyncio.to_thread(
-        pg_pair.primary.execute,
-        "CREATE TABLE unreceived AS SELECT g, repeat('x', 200) AS pad "
-        "FROM generate_series(1, 12000) g",
-    )
+    await asyncio.to_thread(leave_standby_behind, pg_pair)
 
     async def lag_seen() -> bool:
         lag = (await d.status())["lag"]["bytes"]

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import free_port, need, which
 from tests.support.daemon import DaemonProcess, lab_config
-from tests.support.pg import eventually
+from tests.support.pg import eventually, leave_standby_behind
 from watchdogd.control import COMMANDS, CommandError, lookup, parse_request, validate_args
 from watchdogd.lab import PgPair
 
@@ -152,11 +152,7 @@ async def test_lag_refuses_failover_until_forced(
     d = daemon_factory(cfg)
     await d.start()
     await d.wait_state("watching")
-    pg_pair.detach_standby()
-    # ~3 MB of WAL the standby never receives
-    pg_pair.primary.execute(
-        "CREATE TABLE big AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 12000) g"
-    )
+    leave_standby_behind(pg_pair)
     await asyncio.sleep(1.2)  # let a cycle see the primary's new position
     pg_pair.primary.kill()
     await d.wait_state("blocked", within=10)

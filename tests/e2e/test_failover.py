@@ -12,7 +12,7 @@ import asyncpg
 
 from tests.support.apps import DemoApps
 from tests.support.daemon import DaemonProcess, lab_config
-from tests.support.pg import eventually
+from tests.support.pg import eventually, leave_standby_behind
 from watchdogd.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
@@ -103,11 +103,7 @@ async def test_lag_guard_blocks_when_standby_fell_behind(
     d = daemon_factory(cfg)
     await d.start()
     await d.wait_state("watching")
-    pg_pair.detach_standby()
-    # ~3 MB of WAL the standby never receives
-    pg_pair.primary.execute(
-        "CREATE TABLE big AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 12000) g"
-    )
+    leave_standby_behind(pg_pair)
     await asyncio.sleep(1.5)  # let the daemon see the primary's new position
     pg_pair.primary.kill()
     status = await d.wait_state("blocked", within=15)

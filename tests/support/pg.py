@@ -67,3 +67,13 @@ async def eventually(
         if time.monotonic() >= deadline:
             pytest.fail(f"condition not met within {within:g}s (last value: {last!r})")
         await asyncio.sleep(interval)
+
+
+def leave_standby_behind(pair: PgPair) -> None:
+    """Detach the standby, then write ~3 MB of WAL it never receives: a lag the
+    guard must refuse (tests use max_lag 1MB)."""
+    pair.detach_standby()
+    pair.primary.execute(
+        "CREATE TABLE unreceived AS SELECT g, repeat('x', 200) AS pad "
+        "FROM generate_series(1, 12000) g"
+    )
