@@ -4,42 +4,14 @@ scripts rely on (0 done, 1 refused, 2 usage error, 3 cannot reach the daemon).""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import need, which
-from tests.support.daemon import DaemonProcess, lab_config
+from tests.support.daemon import DaemonProcess, ctl, lab_config
 from watchdogd.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
-
-
-@dataclass
-class Ran:
-    code: int
-    out: str
-    err: str
-
-
-async def ctl(*argv: str, env: dict[str, str] | None = None) -> Ran:
-    """Run the console script as a script would: stdin not a terminal."""
-    exe = need("watchdogctl", which("watchdogctl", str(Path(sys.executable).parent)))
-    proc = await asyncio.create_subprocess_exec(
-        exe,
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return Ran(proc.returncode, out.decode(), err.decode())
 
 
 def row(text: str, key: str) -> str:

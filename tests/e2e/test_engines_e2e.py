@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from tests.support import free_port, need, which
+from tests.support import free_port
 from tests.support import mysql as mysql_support
 from tests.support import redis as redis_support
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, ctl
 from tests.support.pg import eventually
 
 Factory = Callable[..., DaemonProcess]
@@ -84,29 +81,6 @@ def engine_config(
         "log": {"format": "json", "level": "info"},
         "state_dir": str(tmp / "state"),
     }
-
-
-@dataclass
-class Ran:
-    code: int
-    out: str
-    err: str
-
-
-async def ctl(*argv: str) -> Ran:
-    """The installed watchdogctl, as a script runs it (stdin not a terminal)."""
-    exe = need("watchdogctl", which("watchdogctl", str(Path(sys.executable).parent)))
-    proc = await asyncio.create_subprocess_exec(
-        exe,
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=dict(os.environ),
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return Ran(proc.returncode, out.decode(), err.decode())
 
 
 async def dry_run_is_masked(d: DaemonProcess, password: str, hook_env: dict[str, str]) -> None:

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -21,10 +20,9 @@ import pytest
 import pytest_asyncio
 from aioresponses import aioresponses
 
-from tests.support import need, which
 from tests.support.apps import DemoApps
 from tests.support.bind import Bind, bind_server
-from tests.support.daemon import DaemonProcess, lab_config
+from tests.support.daemon import DaemonProcess, ctl, lab_config
 from tests.support.haproxy import Haproxy, Server, haproxy
 from tests.support.vendor import VendorAPI
 from watchdogd import config as configmod
@@ -52,29 +50,6 @@ TRAFFIC_STEPS = [
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@dataclass
-class Ran:
-    code: int
-    out: str
-    err: str
-
-
-async def ctl(*argv: str) -> Ran:
-    """The installed watchdogctl, as a script runs it (stdin not a terminal)."""
-    exe = need("watchdogctl", which("watchdogctl", str(Path(sys.executable).parent)))
-    proc = await asyncio.create_subprocess_exec(
-        exe,
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=dict(os.environ),
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return Ran(proc.returncode, out.decode(), err.decode())
 
 
 async def through(lb: Haproxy, method: str, path: str) -> tuple[int, dict[str, Any]]:

@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import yaml
 
-from tests.support import free_port
+from tests.support import free_port, need, which
 from watchdogd.control import request
 from watchdogd.lab import PgPair
 
@@ -203,3 +204,26 @@ class DaemonProcess:
             and r.get("action") == "promote"
             and r.get("outcome") == "ok"
         )
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+async def ctl(*argv: str, env: dict[str, str] | None = None) -> Ran:
+    """The installed watchdogctl, run as a script would run it (stdin not a terminal)."""
+    exe = need("watchdogctl", which("watchdogctl", str(Path(sys.executable).parent)))
+    proc = await asyncio.create_subprocess_exec(
+        exe,
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return Ran(proc.returncode, out.decode(), err.decode())
