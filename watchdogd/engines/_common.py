@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import SplitResult, urlsplit
 
 from watchdogd.engines import EngineError
 
@@ -52,6 +53,26 @@ def validate_password(
                         "password",
                     )
     return {"password": Secret(password)} if password else {}
+
+
+def split_dsn(
+    dsn: str, schemes: tuple[str, ...], kind: str, example: str
+) -> tuple[SplitResult, str, int | None]:
+    """``urlsplit`` plus the checks every URL-style DSN shares (scheme, host, no query);
+    returns the parts, the host and the port (None: the engine's default).
+    A ValueError's message never repeats the DSN: it may hold a password."""
+    try:
+        parts = urlsplit(dsn.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a valid {kind} URL ({exc}); expected {example}") from None
+    if parts.scheme not in schemes:
+        raise ValueError(f"expected a URL like {example}, got scheme {parts.scheme or 'none'!r}")
+    if not parts.hostname:
+        raise ValueError(f"expected a host, e.g. {example}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"query parameters are not supported; expected {example}")
+    return parts, parts.hostname, port
 
 
 def host_port(host: str, port: int) -> str:

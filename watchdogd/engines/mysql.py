@@ -81,7 +81,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import aiomysql
 
@@ -91,6 +91,7 @@ from watchdogd.engines._common import (
     bounded,
     host_port,
     remaining,
+    split_dsn,
     validate_password,
 )
 
@@ -155,24 +156,14 @@ class MySQLDsn:
 def parse_dsn(dsn: str) -> MySQLDsn:
     """``mysql://user:password@host:3306/[database]``. The ValueError's message
     never repeats the DSN (it may hold a password)."""
-    try:
-        parts = urlsplit(dsn.strip())
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"not a valid MySQL URL ({exc}); expected {EXAMPLE}") from None
-    if parts.scheme not in ("mysql", "mariadb"):
-        raise ValueError(f"expected a URL like {EXAMPLE}, got scheme {parts.scheme or 'none'!r}")
-    if not parts.hostname:
-        raise ValueError(f"expected a host, e.g. {EXAMPLE}")
+    parts, host, port = split_dsn(dsn, ("mysql", "mariadb"), "MySQL", EXAMPLE)
     if not parts.username:
         raise ValueError(f"expected a user, e.g. {EXAMPLE}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"query parameters are not supported; expected {EXAMPLE}")
     database = unquote(parts.path.strip("/")) or None
     if database is not None and "/" in database:
         raise ValueError(f"expected at most a database name after the host, e.g. {EXAMPLE}")
     return MySQLDsn(
-        host=parts.hostname,
+        host=host,
         port=port or DEFAULT_PORT,
         user=unquote(parts.username),
         password=unquote(parts.password) if parts.password else None,

@@ -64,7 +64,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -73,7 +73,7 @@ from redis.backoff import NoBackoff
 
 from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
-from watchdogd.engines._common import bounded, host_port, validate_password
+from watchdogd.engines._common import bounded, host_port, split_dsn, validate_password
 
 if TYPE_CHECKING:
     from watchdogd.config import DatabaseConfig, Section
@@ -112,22 +112,12 @@ class RedisDsn:
 def parse_dsn(dsn: str) -> RedisDsn:
     """``redis://[[user]:password@]host[:6379][/db]``. The ValueError's message
     never repeats the DSN (it may hold a password)."""
-    try:
-        parts = urlsplit(dsn.strip())
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"not a valid Redis URL ({exc}); expected {EXAMPLE}") from None
-    if parts.scheme != "redis":
-        raise ValueError(f"expected a URL like {EXAMPLE}, got scheme {parts.scheme or 'none'!r}")
-    if not parts.hostname:
-        raise ValueError(f"expected a host, e.g. {EXAMPLE}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"query parameters are not supported; expected {EXAMPLE}")
+    parts, host, port = split_dsn(dsn, ("redis",), "Redis", EXAMPLE)
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise ValueError(f"expected a database number after the host, e.g. {EXAMPLE}")
     return RedisDsn(
-        host=parts.hostname,
+        host=host,
         port=port or DEFAULT_PORT,
         db=int(path) if path else 0,
         username=unquote(parts.username) if parts.username else None,
