@@ -17,7 +17,7 @@ import secrets as pysecrets
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -490,8 +490,6 @@ class Daemon:
         primary, standby = self.base_roles()
         cfg = self.config.failover
         if catchup_timeout is not None:
-            from dataclasses import replace
-
             cfg = replace(cfg, catchup_timeout=catchup_timeout)
         return build_plan(
             cfg,
