@@ -40,6 +40,24 @@ PASSWORD_ROLE = "watchdogd"
 
 _PR_SET_PDEATHSIG = 1
 
+# Server profiles (issue 10). ``stock``: PostgreSQL's shipped defaults for everything
+# that times the replication link (wal_receiver_timeout 60s, wal_sender_timeout 60s,
+# wal_receiver_status_interval 10s, wal_retrieve_retry_interval 5s, and no libpq
+# connect_timeout in primary_conninfo): only what replication itself needs is set.
+# ``tuned``: the link settings the docs recommend, so a standby gives up on a hung
+# primary within a 2 s outage threshold. Both keep the lab's speed settings (fsync
+# off, small buffers and WAL segments), none of which touches the link's timing.
+STOCK, TUNED = "stock", "tuned"
+PROFILES: dict[str, dict[str, str]] = {
+    STOCK: {},
+    TUNED: {
+        "wal_receiver_timeout": "2s",
+        "wal_retrieve_retry_interval": "100ms",
+        "wal_receiver_status_interval": "1s",
+        "wal_sender_timeout": "5s",
+    },
+}
+
 
 class LabError(Exception):
     """Building or driving the lab failed; the message is one line."""
@@ -428,6 +446,9 @@ class PgPair:
     primary: PgServer
     standby: PgServer
     bin_dir: Path
+    profile: str = TUNED
+    # The port the standby dials for replication (the primary's, or a proxy's).
+    upstream_port: int | None = None
 
     @classmethod
     def create(
@@ -436,8 +457,9 @@ class PgPair:
         *,
         bin_dir: Path | None = None,
         fsync: bool = False,
-        wal_receiver_timeout: str = "2s",
-        wal_retrieve_retry_interval: str = "100ms",
+        profile: str = TUNED,
+        wal_receiver_timeout: str | None = None,
+        wal_retrieve_retry_interval: str | None = None,
         password: str | None = None,
         settings: dict[str, str] | None = None,
         template: str | os.PathLike[str] | None = None,
@@ -447,7 +469,16 @@ class PgPair:
         superuser role ``watchdogd`` (see PASSWORD_ROLE) that must log in with it
         over TCP. ``settings`` are extra postgresql.conf lines for both servers.
         ``template`` is a data dir from make_template(), copied instead of running
-        initdb (saves about a second per pair)."""
+        initdb (saves about a second per pair). ``profile`` picks the replication
+        link settings (see PROFILES); ``wal_receiver_timeout`` and
+        ``wal_retrieve_retry_interval`` override the profile's."""
+        if profile not in PROFILES:
+            raise LabError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+        link = dict(PROFILES[profile])
+        if wal_receiver_timeout is not None:
+            link["wal_receiver_timeout"] = wal_receiver_timeout
+        if wal_retrieve_retry_interval is not None:
+            link["wal_retrieve_retry_interval"] = wal_retrieve_retry_interval
         bin_dir = bin_dir or find_pg_bin()
         if bin_dir is None:
             raise LabError("PostgreSQL server binaries not found (PATH, /usr/lib/postgresql/*/bin)")
@@ -457,12 +488,12 @@ class PgPair:
             primary=PgServer("primary", bin_dir, base / "primary", free_port()),
             standby=PgServer("standby", bin_dir, base / "standby", free_port()),
             bin_dir=bin_dir,
+            profile=profile,
         )
         try:
             pair._build(
                 fsync=fsync,
-                wal_receiver_timeout=wal_receiver_timeout,
-                wal_retrieve_retry_interval=wal_retrieve_retry_interval,
+                link=link,
                 password=password,
                 settings=settings or {},
                 template=Path(template) if template is not None else None,
@@ -477,8 +508,7 @@ class PgPair:
         self,
         *,
         fsync: bool,
-        wal_receiver_timeout: str,
-        wal_retrieve_retry_interval: str,
+        link: dict[str, str],
         password: str | None,
         settings: dict[str, str],
         template: Path | None,
@@ -503,10 +533,7 @@ class PgPair:
             "full_page_writes": "on" if fsync else "off",
             "shared_buffers": "'16MB'",
             "max_connections": "40",
-            "wal_receiver_timeout": _quote(wal_receiver_timeout),
-            "wal_retrieve_retry_interval": _quote(wal_retrieve_retry_interval),
-            "wal_receiver_status_interval": "'1s'",
-            "wal_sender_timeout": "'5s'",
+            **{name: _quote(value) for name, value in link.items()},
             "log_checkpoints": "off",
             # Segments as files in the data dir: a SIGKILLed server would otherwise
             # leak them in /dev/shm (posix), as nothing cleans up after it.
@@ -559,10 +586,32 @@ class PgPair:
             raise LabError(f"standby did not start streaming within {timeout:g}s: {s._log_tail()}")
 
     def primary_conninfo(self) -> str:
-        return (
-            f"host=127.0.0.1 port={self.primary.port} user=postgres "
-            f"application_name=standby connect_timeout=2"
+        port = self.upstream_port or self.primary.port
+        conninfo = f"host=127.0.0.1 port={port} user=postgres application_name=standby"
+        # libpq waits for a connection for ever by default; the tuned lab gives up after 2 s.
+        return conninfo if self.profile == STOCK else conninfo + " connect_timeout=2"
+
+    def repoint_standby(self, port: int | None, timeout: float = 20.0) -> None:
+        """Replicate through ``port`` (a proxy in front of the primary; None: the
+        primary itself) and wait until the standby streams from there. The standby
+        restarts its WAL receiver on the new primary_conninfo (PostgreSQL 13+); on
+        stock settings that may take wal_retrieve_retry_interval (5 s)."""
+        self.upstream_port = port
+        self.standby.execute(
+            f"ALTER SYSTEM SET primary_conninfo = {_quote(self.primary_conninfo())}"
         )
+        self.standby.execute("SELECT pg_reload_conf()")
+        want = str(port or self.primary.port)
+        sql = "SELECT status || ' ' || sender_port FROM pg_stat_wal_receiver"
+
+        def there() -> bool:
+            try:
+                return self.standby.execute(sql, 5.0) == f"streaming {want}"
+            except LabError:
+                return False
+
+        if not _wait(there, timeout, interval=0.05):
+            raise LabError(f"standby did not stream through port {want} within {timeout:g}s")
 
     def destroy(self, *, keep_dir: bool = False) -> None:
         """Kill both servers and remove the directory (unless ``keep_dir``, to read

@@ -1,18 +1,33 @@
 """Fixtures for the chaos suite: a PostgreSQL pair, the app stand-ins, watchdogd as a
-real process, and fault proxies; all killed or closed after each test, even on failure."""
+real process, and fault proxies; all killed or closed after each test, even on failure.
+For the matrix (test_matrix.py): a cluster of any engine on a server profile, and the
+fault→failover times each cell measured, printed at the end of the run."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_asyncio
 
+from tests.support import mysql as mysql_support
 from tests.support.apps import demo_apps
+from tests.support.cluster import (
+    MARIADB,
+    POSTGRES,
+    REDIS,
+    STOCK,
+    Cluster,
+    maria_cluster,
+    pg_cluster,
+    redis_cluster,
+)
 from tests.support.daemon import DaemonProcess
-from tests.support.pg import pg_pair
+from tests.support.pg import SECRET, pg_pair, pg_template, require_pg_bin
 from tests.support.proxy import FaultProxy
+from tests.support.redis import binary as redis_binary
 
 __all__ = ["daemon_factory", "demo_apps", "fault_proxy", "pg_pair"]
 
@@ -49,3 +64,76 @@ async def fault_proxy() -> AsyncIterator[Callable[[int], Awaitable[FaultProxy]]]
     yield make
     for proxy in proxies:
         await proxy.stop()
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+@pytest.fixture(scope="session")
+def mariadb_template_dir() -> Iterator[Path]:
+    with mysql_support.mariadb_template() as template:
+        yield template
+
+
+@pytest_asyncio.fixture
+async def cluster(
+    request: pytest.FixtureRequest, engine: str, profile: str
+) -> AsyncIterator[Cluster]:
+    """A primary + standby of ``engine`` on ``profile`` (the matrix's parameters).
+    Built in the event loop's (main) thread, blocking it: no proxy runs yet, and the
+    servers must die with this thread, not a worker's."""
+    made: Cluster
+    if engine == POSTGRES:
+        made = pg_cluster(profile, require_pg_bin(), pg_template(request.config), SECRET)
+    elif engine == MARIADB:
+        made = maria_cluster(profile, request.getfixturevalue("mariadb_template_dir"))
+    elif engine == REDIS:
+        redis_binary()  # skip (or fail, in CI) loudly when missing
+        made = redis_cluster(profile)
+    else:
+        raise AssertionError(f"unknown engine {engine!r}")
+    try:
+        yield made
+    finally:
+        await made.aclose()
+
+
+# Rough wall time of a matrix cell, to start the long ones first under pytest-xdist.
+_LONG_ON_STOCK = {"test_hang": 70, "test_standby_link_cut": 75, "test_isolated_primary": 80}
+
+
+def _cost(item: pytest.Item) -> float:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "engine" not in params:
+        return 0.0
+    name = getattr(item, "originalname", item.name)
+    if params.get("profile") != STOCK:
+        return 10.0
+    if name == "test_watcher_primary_cut":
+        return 20.0 if params["engine"] == REDIS else 40.0
+    return float(_LONG_ON_STOCK.get(name, 12))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Matrix cells first, longest first (everything else keeps its order): with
+    xdist the long sleep-bound cells then overlap instead of forming a tail."""
+    items.sort(key=lambda item: -_cost(item))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault→failover times the matrix cells recorded (record_property), one line
+    per cell, so a CI log shows them per engine and profile."""
+    rows = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) != "call":
+                continue
+            for key, value in getattr(report, "user_properties", ()):
+                if key.startswith("seconds_"):
+                    rows.append(
+                        (report.nodeid.split("::")[-1], key.removeprefix("seconds_"), value)
+                    )
+    if rows:
+        terminalreporter.section("chaos matrix: measured seconds from fault to event")
+        for test, what, value in sorted(rows):
+            terminalreporter.write_line(f"{test:<58} {what:<24} {value:7.1f}")

@@ -14,6 +14,15 @@ Users, all on ``127.0.0.1`` (``--skip-name-resolve``):
 * ``repl``: the replication account.
 
 Root has no password and is reached over the unix socket only (fixture use).
+
+Profiles (issue 10), for the replication link only: ``tuned`` (what the docs
+recommend for a 2 s outage threshold: ``MASTER_HEARTBEAT_PERIOD=1`` and
+``MASTER_CONNECT_RETRY=1``, plus ``slave_net_timeout=2`` on the replica) and
+``stock`` (MariaDB's defaults: heartbeat every ``slave_net_timeout / 2`` = 30 s,
+``slave_net_timeout`` 60 s, connect retry 60 s). Without a profile the pair is the
+lab's as before (tuned, but the stock ``slave_net_timeout``). All keep the lab's
+speed settings (small InnoDB files, ``innodb_flush_log_at_trx_commit=2``,
+``sync_binlog=0``, no performance schema), none of which touches the link's timing.
 """
 
 from __future__ import annotations
@@ -43,6 +52,11 @@ WATCHDOGD_GRANTS = (
     "ALL PRIVILEGES ON watchdogd.*",
 )
 START_TIMEOUT = 20.0
+STOCK, TUNED, LAB = "stock", "tuned", "lab"
+# Per profile: the replica's extra server options and its CHANGE MASTER options.
+_KEEPALIVE = ", MASTER_CONNECT_RETRY=1, MASTER_HEARTBEAT_PERIOD=1"
+REPLICA_OPTIONS = {STOCK: (), TUNED: ("--slave-net-timeout=2",), LAB: ()}
+CHANGE_MASTER = {STOCK: "", TUNED: _KEEPALIVE, LAB: _KEEPALIVE}
 
 
 def _server_user() -> tuple[str | None, int | None, int | None]:
@@ -192,6 +206,14 @@ class MariaDB:
             self.process.wait(timeout=10)
             self._alive = False
 
+    def sigstop(self) -> None:
+        """Hang the server (one process: every thread stops), like a frozen machine."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def sigcont(self) -> None:
+        if self._alive and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
 
 def spawn_mariadb(
     name: str, template: Path, base: Path, server_id: int, extra: Sequence[str] = ()
@@ -250,6 +272,26 @@ class MariaDBPair:
     replica: MariaDB
     password: str  # the watchdogd user's
     app_password: str
+    repl_password: str = ""
+    profile: str = LAB
+
+    def change_master(self, port: int) -> str:
+        return (
+            f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={port},"
+            f" MASTER_USER='repl', MASTER_PASSWORD='{self.repl_password}',"
+            f" MASTER_USE_GTID=slave_pos{CHANGE_MASTER[self.profile]}"
+        )
+
+    def repoint_replica(self, port: int, timeout: float = 15.0) -> None:
+        """Replicate through ``port`` (a proxy in front of the primary) and wait until
+        the IO thread is connected there again."""
+        self.replica.sql("STOP REPLICA")
+        self.replica.sql(self.change_master(port))
+        self.replica.sql("START REPLICA")
+        wait_replicating(self.replica, timeout)
+        st = replica_status(self.replica)
+        if st.get("Master_Port") != port:
+            raise RuntimeError(f"replica follows port {st.get('Master_Port')}, not {port}")
 
     def dsn(self, server: MariaDB, password: str | None = None) -> str:
         pw = self.password if password is None else password
@@ -292,7 +334,7 @@ def wait_replicating(server: MariaDB, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def mariadb_pair(template: Path) -> Iterator[MariaDBPair]:
+def mariadb_pair(template: Path, profile: str = LAB) -> Iterator[MariaDBPair]:
     """A primary and a replicating, read-only replica; both SIGKILLed on exit."""
     password = secrets.token_urlsafe(12)
     app_password = secrets.token_urlsafe(12)
@@ -304,7 +346,9 @@ def mariadb_pair(template: Path) -> Iterator[MariaDBPair]:
         (base / "replica").mkdir()
         primary = spawn_mariadb("primary", template, base / "primary", 1)
         stack.callback(primary.kill)
-        replica = spawn_mariadb("replica", template, base / "replica", 2, ["--read-only"])
+        replica = spawn_mariadb(
+            "replica", template, base / "replica", 2, ["--read-only", *REPLICA_OPTIONS[profile]]
+        )
         stack.callback(replica.kill)
         wait_ready(primary)
         wait_ready(replica)
@@ -318,13 +362,9 @@ def mariadb_pair(template: Path) -> Iterator[MariaDBPair]:
             f"CREATE USER repl@'127.0.0.1' IDENTIFIED BY '{repl_password}'",
             "GRANT REPLICATION SLAVE ON *.* TO repl@'127.0.0.1'",
         )
-        replica.sql(
-            f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={primary.port},"
-            f" MASTER_USER='repl', MASTER_PASSWORD='{repl_password}',"
-            " MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, MASTER_HEARTBEAT_PERIOD=1"
-        )
+        pair = MariaDBPair(primary, replica, password, app_password, repl_password, profile)
+        replica.sql(pair.change_master(primary.port))
         replica.sql("START REPLICA")
-        pair = MariaDBPair(primary, replica, password, app_password)
         wait_replicating(replica)
         pair.wait_replica_caught_up()
         yield pair

@@ -1,10 +1,16 @@
 """Redis test servers: a primary and a replica on free loopback ports in temp dirs.
 
 Both require the same random password (``requirepass``; the replica also uses it
-as ``masterauth``), keep nothing on disk (``--save ""``, no AOF) and ping their
-replicas every second so a replica's ``master_last_io_seconds_ago`` stays
-small. The initial sync goes through an RDB file: after a diskless one the
-primary holds the stream until the replica's first ACK, up to a second later.
+as ``masterauth``) and keep nothing on disk (``--save ""``, no AOF). The initial
+sync goes through an RDB file: after a diskless one the primary holds the stream
+until the replica's first ACK, up to a second later. None of these touches the
+replication link's timing.
+
+Profiles (issue 10), for the link only: ``stock`` (Redis's defaults: the primary
+pings every ``repl-ping-replica-period`` 10 s, the replica gives the link up after
+``repl-timeout`` 60 s) and ``tuned`` (what the docs recommend for a 2 s outage
+threshold: ping every second, ``repl-timeout 2``). Without a profile the pair is
+the lab's as before: ping every second, the stock ``repl-timeout``.
 Every server is SIGKILLed and its directory removed on the way out, whatever
 happened in between; the servers also die with the test process
 (PR_SET_PDEATHSIG) so an interrupted run leaks nothing.
@@ -30,6 +36,12 @@ import redis
 from tests.support import free_port, need, which
 
 START_TIMEOUT = 10.0
+STOCK, TUNED, LAB = "stock", "tuned", "lab"
+LINK_OPTIONS: dict[str, tuple[str, ...]] = {
+    STOCK: (),
+    TUNED: ("--repl-ping-replica-period", "1", "--repl-timeout", "2"),
+    LAB: ("--repl-ping-replica-period", "1"),
+}
 
 
 # Looked up once in the parent: the forked child only calls it (no dlopen there).
@@ -84,6 +96,13 @@ class RedisServer:
         except OSError:
             return "(no log)"
 
+    def log(self) -> str:
+        """The server's whole log ('' before it wrote one)."""
+        try:
+            return (self.base / "redis.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
     def kill(self) -> None:
         """SIGKILL (works on a SIGSTOPped server too) and reap."""
         if self._alive:
@@ -92,15 +111,25 @@ class RedisServer:
             self.process.wait(timeout=10)
             self._alive = False
 
+    def sigstop(self) -> None:
+        """Hang the server (one process: every thread stops), like a frozen machine."""
+        self.process.send_signal(signal.SIGSTOP)
 
-def start_redis(name: str, base: Path, password: str, extra: Sequence[str] = ()) -> RedisServer:
+    def sigcont(self) -> None:
+        if self._alive and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
+
+def start_redis(
+    name: str, base: Path, password: str, extra: Sequence[str] = (), profile: str = LAB
+) -> RedisServer:
     base.mkdir()
     port = free_port()
     cmd = [
         binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(base),
         "--save", "", "--appendonly", "no", "--daemonize", "no",
         "--logfile", str(base / "redis.log"), "--requirepass", password,
-        "--repl-ping-replica-period", "1", "--repl-diskless-sync", "no", *extra,
+        "--repl-diskless-sync", "no", *LINK_OPTIONS[profile], *extra,
     ]  # fmt: skip
     process = subprocess.Popen(
         cmd,
@@ -160,6 +189,20 @@ class RedisPair:
                 )
             time.sleep(0.01)
 
+    def repoint_replica(self, port: int, timeout: float = 15.0) -> None:
+        """Replicate through ``port`` (a proxy in front of the primary) and wait until
+        the link is up there (a partial resync: same primary behind the proxy)."""
+        self.replica.call("REPLICAOF", "127.0.0.1", str(port))
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.replica.info()
+            if info.get("master_port") == port and info.get("master_link_status") == "up":
+                self.wait_link_up(max(0.1, deadline - time.monotonic()))
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica link via port {port} not up after {timeout:g}s")
+            time.sleep(0.02)
+
     def wait_caught_up(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
@@ -172,19 +215,20 @@ class RedisPair:
 
 
 @contextlib.contextmanager
-def redis_pair() -> Iterator[RedisPair]:
+def redis_pair(profile: str = LAB) -> Iterator[RedisPair]:
     """A primary and a replica replicating from it; both SIGKILLed on exit."""
     password = secrets.token_urlsafe(12)
     with contextlib.ExitStack() as stack:
         base = Path(tempfile.mkdtemp(prefix="watchdogd-redis-"))
         stack.callback(shutil.rmtree, base, True)
-        primary = start_redis("primary", base / "primary", password)
+        primary = start_redis("primary", base / "primary", password, profile=profile)
         stack.callback(primary.kill)
         replica = start_redis(
             "replica",
             base / "replica",
             password,
             ["--masterauth", password, "--replicaof", "127.0.0.1", str(primary.port)],
+            profile=profile,
         )
         stack.callback(replica.kill)
         pair = RedisPair(primary, replica, password)
