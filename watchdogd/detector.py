@@ -201,7 +201,8 @@ class Detector:
             if sees is True:
                 return verdict(
                     SUSPECT,
-                    "partition between watcher and primary: the standby still streams from it",
+                    "partition between watcher and primary: the standby still streams from it"
+                    + _link_note(cycle.standby_db),
                     "database",
                     partition=True,
                 )
@@ -264,6 +265,23 @@ class Detector:
             standby_sees_primary=sees,
             recovered=recovered,
         )
+
+
+def _link_note(standby: Observation) -> str:
+    """How quiet the standby's link is against its own limit, for the operator who
+    wonders why a long silence is not an outage."""
+    db = standby.db
+    if db is None or db.last_receive_age is None:
+        return ""
+    limit = db.link_timeout
+    own = (
+        "no limit of its own"
+        if limit == 0
+        else "its own link timeout unknown"
+        if limit is None
+        else f"its own link timeout {limit:g}s"
+    )
+    return f" (last heard {db.last_receive_age:.1f}s ago; {own})"
 
 
 def standby_sees_primary(standby: Observation) -> bool | None:

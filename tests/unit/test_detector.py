@@ -55,6 +55,7 @@ def test_quiet_link_within_the_replicas_own_timeout_is_not_a_lost_primary() -> N
         )
         assert v.status == SUSPECT and v.standby_sees_primary is True
     assert v.partition and "partition between watcher and primary" in v.reason
+    assert v.reason.endswith("(last heard 29.5s ago; its own link timeout 60s)")
 
 
 def test_silence_past_the_replicas_own_timeout_agrees() -> None:
