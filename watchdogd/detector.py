@@ -9,12 +9,18 @@ how long? The rules, each guarding against a known false failover:
   so one lucky probe does not reset the outage timer (hysteresis); but a primary
   that answers in *this* cycle is never declared down.
 - **Independent agreement.** The watcher's own failing probes are necessary,
-  not sufficient: the standby must also have lost the primary (its replication
-  link is down, or silent for longer than the threshold). When it still
-  streams, the verdict is ``suspect`` with a partition reason, however long it
-  lasts. With witnesses, a strict majority of all vantage points (own probes,
-  the standby, every witness; an unreachable witness abstains and so counts as
-  not seeing it down) must see the primary down.
+  not sufficient: the standby must also have lost the primary. That view is
+  judged by the replica's own rules, never by ours: the link is lost when the
+  replica has dropped it (a crash closes it at once), or when it has been silent
+  for longer than the replica's own link timeout (read from the server). A
+  healthy link on an idle primary is silent for long stretches on stock
+  settings (PostgreSQL: up to half of ``wal_receiver_timeout``, 30 s), so
+  silence within that timeout is normal, whatever the outage threshold. When
+  the standby still holds its link, the verdict is ``suspect`` with a partition
+  reason, however long it lasts. With witnesses, a strict majority of all
+  vantage points (own probes, the standby, every witness; an unreachable
+  witness abstains and so counts as not seeing it down) must see the primary
+  down.
 - **App trigger.** The primary application failing while its database answers
   is a ``down`` with trigger ``app``: the database is reachable, so the policy
   plans a zero-data-loss switchover rather than a blind promotion. Reaching the
@@ -147,7 +153,7 @@ class Detector:
             for o in (cycle.primary_db, app)
             if o is not None and not o.ok
         )
-        sees = standby_sees_primary(cycle.standby_db, self.threshold)
+        sees = standby_sees_primary(cycle.standby_db)
 
         def verdict(
             status: str,
@@ -195,7 +201,8 @@ class Detector:
             if sees is True:
                 return verdict(
                     SUSPECT,
-                    "partition between watcher and primary: the standby still streams from it",
+                    "partition between watcher and primary: the standby still streams from it"
+                    + _link_note(cycle.standby_db),
                     "database",
                     partition=True,
                 )
@@ -260,10 +267,32 @@ class Detector:
         )
 
 
-def standby_sees_primary(standby: Observation, threshold: float) -> bool | None:
-    """The standby's own view: True while it streams from the primary and has heard
-    from it within the threshold; False when the link is down or silent; None when
-    the standby itself cannot be asked (or is no longer a standby)."""
+def _link_note(standby: Observation) -> str:
+    """How quiet the standby's link is against its own limit, for the operator who
+    wonders why a long silence is not an outage."""
+    db = standby.db
+    if db is None or db.last_receive_age is None:
+        return ""
+    limit = db.link_timeout
+    own = (
+        "no limit of its own"
+        if limit == 0
+        else "its own link timeout unknown"
+        if limit is None
+        else f"its own link timeout {limit:g}s"
+    )
+    return f" (last heard {db.last_receive_age:.1f}s ago; {own})"
+
+
+def standby_sees_primary(standby: Observation) -> bool | None:
+    """The standby's own view of the primary, judged by the standby's own rules.
+
+    True while it holds its replication link and the link's silence is within the
+    replica's own link timeout; False once the replica has given the link up, or
+    when the silence has outlasted that timeout (the replica is dropping it); None
+    when the standby itself cannot be asked (or is no longer a standby). Without
+    a readable timeout (or with it disabled) silence is never evidence: the
+    replica holding its link is the answer, until the replica itself drops it."""
     db = standby.db
     if not standby.ok or db is None or db.is_primary:
         return None
@@ -273,4 +302,7 @@ def standby_sees_primary(standby: Observation, threshold: float) -> bool | None:
         return None
     if not db.streaming:
         return False
-    return db.last_receive_age is None or db.last_receive_age <= threshold
+    silence, limit = db.last_receive_age, db.link_timeout
+    if silence is None or not limit:
+        return True
+    return silence <= limit

@@ -104,6 +104,7 @@ async def test_status_on_primary_and_replica(pair: support.MariaDBPair, engines:
         lambda: replica.status(2), lambda s: s.last_receive_age is not None, timeout=4
     )
     assert r.last_receive_age is not None and 0 <= r.last_receive_age < 2.5
+    assert r.link_timeout == 60.0  # the replica's own slave_net_timeout (the default)
 
 
 def test_binlog_position_folds_file_index_and_offset() -> None:
@@ -344,3 +345,24 @@ def test_password_keys(tmp_path: Path) -> None:
         "primary.database.password: give the password either in dsn or in "
         "password/password_file, not both"
     ]
+
+
+async def test_advise_names_the_settings_that_confirm_a_hang_in_time(
+    pair: support.MariaDBPair, engines: Engines
+) -> None:
+    """Stock slave_net_timeout (60 s) is later than a 5 s threshold: the advice says so
+    and gives statements that, run as written, fix it and keep replication running."""
+    primary, replica = engines
+    assert await primary.advise(5.0, 2.0) == []
+    (advice,) = await replica.advise(5.0, 2.0)
+    assert "slave_net_timeout is 60s on this replica" in advice
+    statements = advice.split("on the replica: ", 1)[1].split(" (and", 1)[0]
+    assert statements == (
+        "SET GLOBAL slave_net_timeout = 5; STOP REPLICA; "
+        "CHANGE MASTER TO MASTER_HEARTBEAT_PERIOD = 1; START REPLICA;"
+    )
+    pair.replica.script(*(s.strip() for s in statements.split(";") if s.strip()))
+    support.wait_replicating(pair.replica)
+    assert await replica.advise(5.0, 2.0) == []
+    r = await replica.status(2)
+    assert r.link_timeout == 5.0 and r.streaming is True

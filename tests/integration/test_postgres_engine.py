@@ -66,6 +66,7 @@ async def test_status_of_primary_and_standby(
     assert s.lag_seconds == 0
     assert s.replay_paused is False
     assert s.last_receive_age is not None and 0 <= s.last_receive_age < 3
+    assert s.link_timeout == 2.0  # the lab's wal_receiver_timeout, read from the standby
     assert "streaming" in s.detail
 
 
@@ -407,6 +408,55 @@ async def test_advise_warns_about_a_slow_wal_receiver_timeout(pg_pair: PgPair) -
         assert await standby.advise(5.0, 2.0) == []  # the lab sets 2s
         advice = await standby.advise(1.0, 2.0)
         assert len(advice) == 1 and "wal_receiver_timeout is 2s" in advice[0]
+        # The advice names the exact setting and the value that fixes it, and that
+        # value is what the standby then reports as its own link timeout.
+        assert "ALTER SYSTEM SET wal_receiver_timeout = '1s'" in advice[0]
+        pg_pair.standby.execute("ALTER SYSTEM SET wal_receiver_timeout = '1s'")
+        pg_pair.standby.execute("SELECT pg_reload_conf()")
+        await eventually(lambda: _link_timeout_is(standby, 1.0))
+        assert await standby.advise(1.0, 2.0) == []
+        # Disabled (0): the standby never gives up on a silent link.
+        pg_pair.standby.execute("ALTER SYSTEM SET wal_receiver_timeout = 0")
+        pg_pair.standby.execute("SELECT pg_reload_conf()")
+        await eventually(lambda: _link_timeout_is(standby, 0.0))
+        (advice,) = await standby.advise(30.0, 2.0)
+        assert "confirmed never" in advice and "wal_receiver_timeout = '30s'" in advice
     finally:
         await standby.close()
         await primary.close()
+
+
+async def _link_timeout_is(engine: pg.PostgresEngine, seconds: float) -> bool:
+    return (await engine.status(2.0)).link_timeout == seconds
+
+
+async def test_stock_standby_on_an_idle_primary_is_quiet_yet_still_sees_it() -> None:
+    """Issue 10's premise on a real server: with PostgreSQL's shipped link settings
+    (wal_receiver_timeout 60s, wal_sender_timeout 60s, status interval 10s) an idle
+    primary says nothing to a healthy standby for seconds on end. The standby's view
+    is judged by its own 60 s timeout, read from the server, so the quiet link is
+    still "sees the primary", far past a short outage threshold."""
+    from tests.support.pg import require_pg_bin
+    from watchdogd.detector import standby_sees_primary
+    from watchdogd.probes import Observation
+
+    pair = PgPair.create(
+        bin_dir=require_pg_bin(),
+        wal_receiver_timeout="60s",
+        settings={"wal_sender_timeout": "'60s'", "wal_receiver_status_interval": "'10s'"},
+    )
+    standby = pg.PostgresEngine(pair.standby.dsn)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            s = await standby.status(2.0)
+            if s.last_receive_age is not None and s.last_receive_age > 4:
+                break
+            assert time.monotonic() < deadline, f"the idle link was never quiet for 4s: {s}"
+            await asyncio.sleep(0.25)
+        assert s.streaming is True and s.link_timeout == 60.0
+        seen = Observation("failover", "database", True, 0.001, s.detail, 0.0, db=s)
+        assert standby_sees_primary(seen) is True
+    finally:
+        await standby.close()
+        pair.destroy()

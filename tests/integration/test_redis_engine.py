@@ -77,6 +77,7 @@ async def test_status_on_primary_and_replica(pair: support.RedisPair, engines: E
     assert r.streaming is True and r.lag_seconds == 0.0 and r.replay_paused is None
     assert r.receive_pos == r.replay_pos
     assert r.last_receive_age is not None and 0 <= r.last_receive_age <= 2
+    assert r.link_timeout == 60.0  # the replica's own repl-timeout (Redis's default)
     assert f"replica of 127.0.0.1:{pair.primary.port}, link up" in r.detail
 
 
@@ -310,3 +311,26 @@ def test_password_keys(tmp_path: Path) -> None:
         "standby.database.password: give the password either in dsn or in "
         "password/password_file, not both"
     ]
+
+
+async def test_advise_names_the_settings_that_confirm_a_hang_in_time(
+    pair: support.RedisPair, engines: Engines
+) -> None:
+    """Stock repl-timeout (60 s) is later than a 5 s threshold: the advice says so and
+    gives commands that, run as written, fix it without breaking the healthy link."""
+    primary, replica = engines
+    assert await primary.advise(5.0, 2.0) == []
+    (advice,) = await replica.advise(5.0, 2.0)
+    assert "repl-timeout is 60s on this replica" in advice
+    assert "CONFIG SET repl-timeout 5 on the replica" in advice
+    assert "CONFIG SET repl-ping-replica-period 1 on the primary" in advice
+    pair.replica.call("CONFIG", "SET", "repl-timeout", "5")
+    pair.primary.call("CONFIG", "SET", "repl-ping-replica-period", "1")
+    assert await replica.advise(5.0, 2.0) == []
+    r = await replica.status(2)
+    assert r.link_timeout == 5.0 and r.streaming is True
+    # Past one timeout on an idle primary the healthy link is still held.
+    await asyncio.sleep(6)
+    r = await replica.status(2)
+    assert r.streaming is True and r.last_receive_age is not None
+    assert r.last_receive_age <= r.link_timeout

@@ -10,7 +10,11 @@ PRIMARY_UP = DbStatus(is_primary=True, writable=True, current_pos=1000, detail="
 
 
 def standby_status(
-    streaming: bool = True, age: float | None = 0.1, receive: int = 1000, replay: int = 1000
+    streaming: bool = True,
+    age: float | None = 0.1,
+    receive: int = 1000,
+    replay: int = 1000,
+    link_timeout: float | None = 60.0,
 ) -> DbStatus:
     return DbStatus(
         is_primary=False,
@@ -19,6 +23,7 @@ def standby_status(
         replay_pos=replay,
         streaming=streaming,
         last_receive_age=age,
+        link_timeout=link_timeout,
         lag_seconds=0.0,
         detail="standby",
     )
@@ -45,6 +50,7 @@ def cycle(
     app_ok: bool | None = None,
     witnesses: tuple[bool | None, ...] = (),
     age: float | None = 0.1,
+    link_timeout: float | None = 60.0,
 ) -> Cycle:
     return Cycle(
         at=at,
@@ -53,7 +59,9 @@ def cycle(
             "failover",
             standby_ok,
             at,
-            db=standby_status(standby_streaming, age) if standby_ok else None,
+            db=standby_status(standby_streaming, age, link_timeout=link_timeout)
+            if standby_ok
+            else None,
         ),
         primary_app=None if app_ok is None else obs("main", app_ok, at, probe="app"),
         witnesses=tuple(

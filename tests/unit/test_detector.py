@@ -43,12 +43,42 @@ def test_standby_still_streaming_means_partition_forever() -> None:
     assert v.partition and "partition between watcher and primary" in v.reason
 
 
-def test_standby_streaming_but_silent_longer_than_threshold_agrees() -> None:
-    # A hung (SIGSTOPped) primary keeps the TCP link open: only silence tells.
+def test_quiet_link_within_the_replicas_own_timeout_is_not_a_lost_primary() -> None:
+    # Issue 10: stock PostgreSQL (wal_receiver_timeout 60s) on an idle primary: the
+    # healthy link is silent for up to 30 s, far past a 2 s threshold. Silence the
+    # replica itself calls normal never confirms an outage the watcher alone sees.
+    d = make(threshold=2, interval=0.5)
+    for i in range(120):
+        t = i * 0.5
+        v = d.update(
+            cycle(t, primary_ok=False, standby_streaming=True, age=t % 30, link_timeout=60)
+        )
+        assert v.status == SUSPECT and v.standby_sees_primary is True
+    assert v.partition and "partition between watcher and primary" in v.reason
+    assert v.reason.endswith("(last heard 29.5s ago; its own link timeout 60s)")
+
+
+def test_silence_past_the_replicas_own_timeout_agrees() -> None:
+    # A hung (SIGSTOPped) primary keeps the TCP link open: silence beyond what the
+    # replica's own setting allows is the replica dropping the link.
     d = make(threshold=5)
     for t in range(6):
-        v = d.update(cycle(t, primary_ok=False, standby_streaming=True, age=t + 0.5))
-    assert v.status == DOWN
+        v = d.update(
+            cycle(t, primary_ok=False, standby_streaming=True, age=t + 0.5, link_timeout=3)
+        )
+    assert v.status == DOWN and v.standby_sees_primary is False
+
+
+def test_silence_never_counts_when_the_replicas_timeout_is_unknown_or_disabled() -> None:
+    for link_timeout in (None, 0.0):
+        d = make(threshold=2)
+        for t in range(30):
+            v = d.update(
+                cycle(
+                    t, primary_ok=False, standby_streaming=True, age=1e6, link_timeout=link_timeout
+                )
+            )
+            assert v.status == SUSPECT and v.standby_sees_primary is True
 
 
 def test_unreachable_standby_cannot_confirm() -> None:

@@ -47,6 +47,11 @@ class DbStatus:
     streaming: bool | None = None
     # Standby: seconds since it last heard from the primary (None: never / unknown).
     last_receive_age: float | None = None
+    # Standby: the replica's own rule for a silent link, read from the server: after
+    # this many seconds without a word from the primary the replica itself gives the
+    # link up (PostgreSQL wal_receiver_timeout, Redis repl-timeout, MySQL/MariaDB
+    # slave_net_timeout). 0: never; None: not readable. Silence up to it is normal.
+    link_timeout: float | None = None
     # Standby: seconds of replay lag as the standby measures it (0 when caught up).
     lag_seconds: float | None = None
     # Standby: replay is paused (PostgreSQL pg_wal_replay_pause()).
@@ -88,7 +93,8 @@ class Engine(Protocol):
 class Advisor(Protocol):
     """Optional engine method: settings of this server that would weaken the daemon's
     decisions (e.g. a standby that notices a hung primary only after the outage
-    threshold). One line each; the daemon logs them at start and after a reload."""
+    threshold). One line each, naming the exact setting and the value that fixes it;
+    the daemon logs them at start and after a reload."""
 
     async def advise(self, outage_threshold: float, timeout: float) -> list[str]: ...
 

@@ -103,3 +103,16 @@ async def bounded(
         raise
     except Exception as exc:
         raise EngineError(line(f"{op}: {reason(exc)}")) from None
+
+
+def confirm_within(outage_threshold: float) -> int:
+    """The replica link timeout, in whole seconds, that lets a replica give up on a
+    hung primary within the outage threshold: the threshold rounded down, at least
+    one second (the granularity every engine's setting accepts)."""
+    return max(1, int(outage_threshold))
+
+
+def keepalive_for(link_timeout: int) -> int:
+    """A keepalive period that keeps a healthy idle link from reaching ``link_timeout``:
+    about a third of it (two keepalives may be lost), at least one second."""
+    return max(1, link_timeout // 3)

@@ -89,7 +89,9 @@ from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
 from watchdogd.engines._common import (
     bounded,
+    confirm_within,
     host_port,
+    keepalive_for,
     remaining,
     split_dsn,
     validate_password,
@@ -574,9 +576,24 @@ class MySQLEngine:
                 rows = await conn.rows(conn.flavour.binlog_status_sql)
                 current = binlog_pos(rows[0].get("File"), rows[0].get("Position")) if rows else None
                 return self._primary_status(conn.flavour, read_only or super_ro, current)
-            return self._standby_status(conn.flavour, channel, read_only or super_ro)
+            net_timeout = await self._net_timeout(conn)
+            return self._standby_status(conn.flavour, channel, read_only or super_ro, net_timeout)
 
         return await self._probe("status", timeout, query)
+
+    @staticmethod
+    async def _net_timeout(conn: _Conn) -> int | None:
+        """The replica's ``slave_net_timeout`` (``replica_net_timeout`` on newer MySQL):
+        seconds of silence after which its IO thread gives up on the link."""
+        rows = await conn.rows(
+            "SHOW GLOBAL VARIABLES WHERE Variable_name IN"
+            " ('slave_net_timeout', 'replica_net_timeout')"
+        )
+        for row in rows:
+            value = _col(row, "Value", "VARIABLE_VALUE")
+            if value is not None and str(value).isdigit():
+                return int(value)
+        return None
 
     @staticmethod
     def _primary_status(flavour: Flavour, read_only: bool, current: int | None) -> DbStatus:
@@ -588,7 +605,9 @@ class MySQLEngine:
             detail=f"{flavour.label} primary, {'read-only' if read_only else 'read-write'}{where}",
         )
 
-    def _standby_status(self, flavour: Flavour, ch: Channel, read_only: bool) -> DbStatus:
+    def _standby_status(
+        self, flavour: Flavour, ch: Channel, read_only: bool, net_timeout: int | None = None
+    ) -> DbStatus:
         streaming = ch.io == "Yes"
         paused = ch.sql != "Yes" and streaming
         state = (ch.recv_file, ch.recv_pos, ch.heartbeats)
@@ -615,10 +634,36 @@ class MySQLEngine:
             replay_pos=ch.replay_pos,
             streaming=streaming,
             last_receive_age=age,
+            link_timeout=float(net_timeout) if net_timeout is not None else None,
             lag_seconds=float(ch.behind) if ch.behind is not None else None,
             replay_paused=paused,
             detail=", ".join(parts),
         )
+
+    async def advise(self, outage_threshold: float, timeout: float) -> list[str]:
+        """A replica's IO thread gives up on a silent link only after its
+        ``slave_net_timeout``, so a hung primary (SIGSTOP, a cut path without RST) is
+        confirmed only then: say so at start when that is later than the outage
+        threshold, with the settings that make it fast. A crash is fast on any setting."""
+        status = await self.status(timeout)
+        seconds = status.link_timeout
+        if status.is_primary or seconds is None or 0 < seconds <= outage_threshold:
+            return []
+        value = confirm_within(outage_threshold)
+        beat = keepalive_for(value)
+        mariadb = self._conn is None or self._conn.flavour.mariadb
+        change = (
+            f"CHANGE MASTER TO MASTER_HEARTBEAT_PERIOD = {beat}"
+            if mariadb
+            else f"CHANGE REPLICATION SOURCE TO SOURCE_HEARTBEAT_PERIOD = {beat}"
+        )
+        after = "never" if seconds == 0 else f"only after {seconds:g}s"
+        return [
+            f"slave_net_timeout is {seconds:g}s on this replica: a hung primary is confirmed "
+            f"{after}, not within the outage threshold ({outage_threshold:g}s). To confirm it "
+            f"in time, on the replica: SET GLOBAL slave_net_timeout = {value}; STOP REPLICA; "
+            f"{change}; START REPLICA; (and slave_net_timeout in its config file)"
+        ]
 
     # -- Engine: failover operations
 

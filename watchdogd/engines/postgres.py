@@ -33,7 +33,7 @@ import asyncpg
 
 from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
-from watchdogd.engines._common import bounded, remaining, validate_password
+from watchdogd.engines._common import bounded, confirm_within, remaining, validate_password
 
 if TYPE_CHECKING:
     from watchdogd.config import DatabaseConfig, Section
@@ -65,6 +65,7 @@ SELECT
   w.pid AS receiver_pid,
   w.status AS receiver_status,
   EXTRACT(EPOCH FROM clock_timestamp() - w.last_msg_receipt_time)::float8 AS receive_age,
+  CASE WHEN r.in_recovery THEN current_setting('wal_receiver_timeout') END AS receiver_timeout,
   CASE
     WHEN NOT r.in_recovery THEN NULL
     WHEN pg_last_wal_receive_lsn() IS NULL
@@ -145,6 +146,12 @@ def pg_duration_seconds(text: str) -> float | None:
     if not m:
         return None
     return float(m.group(1)) * _PG_UNITS[m.group(2) or "ms"]
+
+
+def _link_timeout(text: str | None) -> float | None:
+    """wal_receiver_timeout in seconds (0: the receiver never gives up on silence)."""
+    seconds = None if text is None else pg_duration_seconds(text)
+    return None if seconds is None else max(seconds, 0.0)
 
 
 def format_lsn(pos: int) -> str:
@@ -325,6 +332,7 @@ class PostgresEngine:
             replay_pos=replay,
             streaming=streaming,
             last_receive_age=_float(row["receive_age"]),
+            link_timeout=_link_timeout(row["receiver_timeout"]),
             lag_seconds=_float(row["lag_seconds"]),
             replay_paused=paused,
             detail=", ".join(parts),
@@ -339,21 +347,25 @@ class PostgresEngine:
         return await self._probe(f"reading setting {name}", timeout, query)
 
     async def advise(self, outage_threshold: float, timeout: float) -> list[str]:
-        """A standby whose wal_receiver_timeout exceeds the outage threshold keeps
-        calling a hung (SIGSTOPped, not crashed) primary 'streaming' for that long,
-        so it cannot confirm the outage in time: say so at start."""
+        """The standby's wal_receiver_timeout decides when it gives up on a silent
+        link, so a hung primary (SIGSTOP, a cut path without RST) is confirmed only
+        after it: say so at start when that is later than the outage threshold, with
+        the setting that makes it fast. A crashed primary is fast on any setting."""
         status = await self.status(timeout)
         if status.is_primary:
             return []
         text = await self.setting("wal_receiver_timeout", timeout)
         seconds = pg_duration_seconds(text)
-        if seconds is not None and (seconds == 0 or seconds > outage_threshold):
-            return [
-                f"wal_receiver_timeout is {text} on this standby, longer than the outage "
-                f"threshold ({outage_threshold:g}s): a hung primary is confirmed only after it; "
-                "set it to at most the threshold"
-            ]
-        return []
+        if seconds is None or 0 < seconds <= outage_threshold:
+            return []
+        after = "never" if seconds == 0 else f"only after {text}"
+        value = confirm_within(outage_threshold)
+        return [
+            f"wal_receiver_timeout is {text} on this standby: a hung primary is confirmed "
+            f"{after}, not within the outage threshold ({outage_threshold:g}s). To confirm "
+            f"it in time, on the standby: ALTER SYSTEM SET wal_receiver_timeout = '{value}s'; "
+            "SELECT pg_reload_conf();"
+        ]
 
     async def stop_replication(self, timeout: float) -> str:
         async def action(conn: Any, deadline: float) -> str:

@@ -73,7 +73,14 @@ from redis.backoff import NoBackoff
 
 from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
-from watchdogd.engines._common import bounded, host_port, split_dsn, validate_password
+from watchdogd.engines._common import (
+    bounded,
+    confirm_within,
+    host_port,
+    keepalive_for,
+    split_dsn,
+    validate_password,
+)
 
 if TYPE_CHECKING:
     from watchdogd.config import DatabaseConfig, Section
@@ -188,6 +195,16 @@ async def _min_replicas(client: aioredis.Redis) -> MinReplicas | None:
         to_write=_int(got.get("min-replicas-to-write"), 0) or 0,
         max_lag=_int(got.get("min-replicas-max-lag"), 0) or 0,
     )
+
+
+async def _repl_timeout(client: aioredis.Redis) -> int | None:
+    """The replica's ``repl-timeout`` (seconds of silence before it drops its link to
+    the primary), or None where CONFIG is not allowed."""
+    try:
+        got = await client.config_get("repl-timeout")
+    except rexc.ResponseError:
+        return None
+    return _int(got.get("repl-timeout"))
 
 
 def _good_replicas(info: Mapping[str, Any], max_lag: int) -> int:
@@ -336,7 +353,7 @@ class RedisEngine:
             info = await self._info(client)
             if info["role"] == "master":
                 return self._primary_status(info, await _min_replicas(client))
-            return self._standby_status(info)
+            return self._standby_status(info, await _repl_timeout(client))
 
         return await self._probe("status", timeout, query)
 
@@ -361,7 +378,7 @@ class RedisEngine:
         )
 
     @staticmethod
-    def _standby_status(info: Mapping[str, Any]) -> DbStatus:
+    def _standby_status(info: Mapping[str, Any], repl_timeout: int | None = None) -> DbStatus:
         up = info.get("master_link_status") == "up"
         syncing = bool(_int(info.get("master_sync_in_progress"), 0))
         replay = _int(info.get("slave_repl_offset"))
@@ -382,10 +399,39 @@ class RedisEngine:
             replay_pos=replay,
             streaming=up and not syncing,
             last_receive_age=float(age) if age is not None and age >= 0 else None,
+            link_timeout=float(repl_timeout) if repl_timeout is not None else None,
             lag_seconds=0.0 if up and not syncing else None,
             replay_paused=None,
             detail=", ".join(parts),
         )
+
+    async def advise(self, outage_threshold: float, timeout: float) -> list[str]:
+        """A replica gives up on a silent link only after its ``repl-timeout``, so a
+        hung primary (SIGSTOP, a cut path without RST) is confirmed only then: say so
+        at start when that is later than the outage threshold, with the settings that
+        make it fast. A crashed primary is fast on any setting."""
+        status = await self.status(timeout)
+        if status.is_primary:
+            return []
+        value = confirm_within(outage_threshold)
+        fix = (
+            f"To confirm it in time: CONFIG SET repl-timeout {value} on the replica and "
+            f"CONFIG SET repl-ping-replica-period {keepalive_for(value)} on the primary "
+            "(the ping must come well within the timeout), then CONFIG REWRITE on both."
+        )
+        seconds = status.link_timeout
+        if seconds is None:
+            return [
+                "repl-timeout cannot be read on this replica (CONFIG not allowed): a hung "
+                "primary is confirmed only after it (60s by default), perhaps later than "
+                f"the outage threshold ({outage_threshold:g}s). {fix}"
+            ]
+        if seconds <= outage_threshold:
+            return []
+        return [
+            f"repl-timeout is {seconds:g}s on this replica: a hung primary is confirmed only "
+            f"after {seconds:g}s, not within the outage threshold ({outage_threshold:g}s). {fix}"
+        ]
 
     # -- Engine: failover operations
 
