@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for `make test`. The chaos matrix is bound by sleeps (60 s replica
+# timeouts on stock settings), not CPU: 6 workers fit 2 cores. --maxschedchunk 1 hands
+# out one test at a time, so the long cells (collected first) spread over the workers.
+JOBS ?= 6
 
 .PHONY: demo test lint typecheck unit bench clean
 
@@ -25,7 +29,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck
-	$(BIN)/pytest -ra $(PYTEST_ARGS)
+	$(BIN)/pytest -ra -n $(JOBS) --maxschedchunk 1 $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
