@@ -121,6 +121,10 @@ def mariadb_template() -> Iterator[Path]:
             "--skip-test-db",
             "--innodb-log-file-size=8M",
             "--innodb-buffer-pool-size=32M",
+            # Not /tmp: a starting mariadbd deletes every #sql* file in its tmpdir, so
+            # concurrent bootstraps (xdist workers, other suites) wreck each other's
+            # temporary tables ("Unknown table 'mysql.tmp_user_nopasswd'").
+            f"--tmpdir={base}",
         ]
         if user:
             cmd.append(f"--user={user}")
