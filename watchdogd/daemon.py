@@ -33,7 +33,13 @@ from watchdogd.control import CommandError, ControlServer, Peer
 from watchdogd.detector import DOWN, HEALTHY, Cycle, Detector, Verdict
 from watchdogd.engines import Engine
 from watchdogd.failover import journal as records
-from watchdogd.failover.journal import FailoverRecord, Journal, JournalState, apply
+from watchdogd.failover.journal import (
+    FailoverRecord,
+    Journal,
+    JournalError,
+    JournalState,
+    apply,
+)
 from watchdogd.failover.runner import Runner
 from watchdogd.logging import Secrets, setup_logging
 from watchdogd.metrics import Metrics, make_app, start_http
@@ -75,7 +81,8 @@ _WARN_EVENTS = frozenset(
 # Fence events a webhook receiver used to get as ``step_failed`` (fence=True) before fences
 # had events of their own. Not in notify.EVENTS yet: sent anyway, as the notifier does for
 # any name, because losing the news that a fence failed is worse than an odd event name.
-_ALSO_NOTIFY = frozenset({"fence_step_failed", "fence_failed"})
+_ALSO_NOTIFY = frozenset({"fence_step_failed", "fence_failed", "journal_write_failed"})
+_ERROR_EVENTS = frozenset({"journal_write_failed"})
 
 
 @dataclass
@@ -131,6 +138,9 @@ class Daemon:
         # a restart the detector starts afresh, and must not announce it a second time.
         self._down_reported: str | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
+        # Why the journal last refused a record (None: it takes records): a failed state
+        # shown by /healthz and status until a record is written again.
+        self.journal_error: str | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._session: aiohttp.ClientSession | None = None
         self._http: Any = None
@@ -156,6 +166,8 @@ class Daemon:
         cfg = self.config
         self.journal.lock()
         self.state = self.journal.load()
+        # Found out now, not when the first failover cannot record its first step.
+        self.journal.open()
         self.policy.journal = self.state
         for problem in self.state.problems:
             self.log.warning("journal_problem", problem=problem, path=str(self.journal.path))
@@ -387,6 +399,7 @@ class Daemon:
         probes += [
             WitnessProbe(w, self._session, cfg.probe.timeout, self.clock) for w in cfg.witnesses
         ]
+        # _bounded never raises: one probe's failure is its own failed observation.
         results = await asyncio.gather(*(self._bounded(p) for p in probes))
         pdb, sdb = results[0], results[1]
         app_obs = {o.target: o for o in results[2 : 2 + len(apps)]}
@@ -417,7 +430,10 @@ class Daemon:
         decision = self.policy.evaluate(verdict, self.standby_facts(), self.wall())
         self._report_decision(decision)
         if decision.start is not None and self.runner_task is None:
-            self._start_failover(decision.start, "automatic", verdict.reason, forced=False)
+            # A journal that refuses the start is reported by record(); the next cycle
+            # tries again, and nothing was acted on.
+            with contextlib.suppress(JournalError):
+                self._start_failover(decision.start, "automatic", verdict.reason, forced=False)
         self._check_split_brain()
 
         self.metrics.set_armed(self.policy.armed(self.wall()))
@@ -445,6 +461,18 @@ class Daemon:
                 False,
                 time.monotonic() - t0,
                 f"no answer within {timeout:g}s",
+                at,
+            )
+        except Exception as exc:
+            # A hostile reply or a bug in one probe is that probe's failed observation (a
+            # witness abstains): it must never stop the cycle that watches the primary.
+            text = " ".join(str(exc).split())[:200]
+            return Observation(
+                probe.target,
+                probe.probe,
+                False,
+                time.monotonic() - t0,
+                self.config.mask(f"probe error: {type(exc).__name__}: {text}".rstrip(": ")),
                 at,
             )
 
@@ -629,6 +657,16 @@ class Daemon:
     async def _run(self, runner: Runner) -> str:
         try:
             outcome = await runner.run()
+        except JournalError:
+            # Reported by record(). Nothing more is done without a durable journal; the
+            # failover stays unfinished and a restart resumes it once the disk takes records.
+            self.log.error(
+                "failover_stopped",
+                failover_id=runner.plan.id,
+                note="the journal cannot be written: no further step runs; restart watchdogd "
+                "once it can, and the failover resumes",
+            )
+            outcome = "failed"
         except Exception as exc:
             self.log.exception("failover_crashed", failover_id=runner.plan.id, error=str(exc))
             outcome = "failed"
@@ -644,12 +682,25 @@ class Daemon:
         self.metrics.set_armed(self.policy.armed(self.wall()))
 
     def record(self, rec: dict[str, Any]) -> None:
-        """Journal a record durably, then fold it into the live state."""
-        self.journal.append(rec)
+        """Journal a record durably, then fold it into the live state. A journal that
+        refuses it raises JournalError (so the caller does not act) and puts the daemon
+        in a visible failed state: one event, /healthz 503, ``journal_error`` in status."""
+        try:
+            self.journal.append(rec)
+        except JournalError as exc:
+            if self.journal_error is None:
+                self.emit("journal_write_failed", error=str(exc), record=rec.get("type"))
+            self.journal_error = str(exc)
+            raise
+        if self.journal_error is not None:
+            self.log.info("journal_writable_again", after=self.journal_error)
+            self.journal_error = None
         apply(self.state, rec)
 
     def emit(self, event: str, **facts: Any) -> None:
-        level = "warning" if event in _WARN_EVENTS else "info"
+        level = (
+            "error" if event in _ERROR_EVENTS else "warning" if event in _WARN_EVENTS else "info"
+        )
         getattr(self.log, level)(event, **facts)
         if event in ("step_completed", "step_failed"):
             self.metrics.step_finished(
@@ -724,7 +775,10 @@ class Daemon:
             wall=self.wall,
             failover_id=fo.id,
         )
-        runner.begin()
+        try:
+            runner.begin()
+        except JournalError:
+            return  # reported by record(); fenced again after a restart if still needed
         self.fence_runner = runner
         self.fence_task = asyncio.create_task(self._run_fence(runner), name=plan.id)
 
@@ -777,7 +831,11 @@ class Daemon:
         handler = getattr(self, f"_cmd_{command}", None)
         if handler is None:
             raise CommandError(f"unknown command {command!r}")
-        result: dict[str, Any] = await handler(args, peer)
+        try:
+            result: dict[str, Any] = await handler(args, peer)
+        except JournalError as exc:
+            # Nothing was done: every change is journaled before it is acted on.
+            raise CommandError(f"{command} refused: {exc}") from None
         return result
 
     async def _cmd_status(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -1079,9 +1137,12 @@ class Daemon:
             "failover_in_progress": running,
             "last_failover": _summary(last) if last else None,
             "last_cycle_at": self._last_cycle_wall,
+            "journal_error": self.journal_error,
         }
 
     def _healthz(self) -> tuple[bool, str]:
+        if self.journal_error is not None:
+            return False, f"journal cannot be written: {self.journal_error}"
         if self._last_cycle_wall is None:
             return False, "no probe cycle completed yet"
         age = self.wall() - self._last_cycle_wall

@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from watchdogd import config
+from watchdogd.control import CommandError, Peer
 from watchdogd.daemon import Daemon
 from watchdogd.detector import DOWN, HEALTHY, SUSPECT, Verdict
 from watchdogd.failover import journal
+from watchdogd.failover.journal import JournalError, JournalWriteError
 from watchdogd.systemd import SystemdNotifier, watchdog_advice
 
 
@@ -256,3 +258,73 @@ async def test_primary_down_is_not_announced_twice_for_a_resumed_failover(tmp_pa
     d._report_verdict(verdict(HEALTHY), verdict(DOWN))
     assert len(log.named("primary_down")) == 1
     d.journal.close()
+
+
+# ----------------------------------------------------------------- an unwritable journal
+
+
+async def test_a_journal_that_refuses_records_is_a_visible_failed_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = Log()
+    d = Daemon(make_config(tmp_path), log=log)
+    d.state = d.journal.load()
+    d.policy.journal = d.state
+    d._last_cycle_wall = d.wall()
+    assert d._healthz()[0]
+    real_append = d.journal.append
+
+    def full_disk(rec: dict[str, Any]) -> None:
+        raise JournalWriteError(
+            "journal /x/journal.jsonl: a record could not be written "
+            "(No space left on device); nothing of it was kept"
+        )
+
+    monkeypatch.setattr(d.journal, "append", full_disk)
+    peer = Peer(pid=1, uid=0, gid=0, user="root")
+    with pytest.raises(CommandError, match=r"pause refused: journal .*No space left on device"):
+        await d.handle_command("pause", {"reason": "window"}, peer)
+    assert not d.state.paused  # nothing acted on what was not journaled
+    # A failover (here: a manual one) is refused before it starts, not "started" and lost.
+    with pytest.raises(JournalError):
+        d._start_failover("failover", "manual", "test", forced=True)
+    assert d.runner is None and d.runner_task is None and d.state.failovers == []
+    (event,) = log.named("journal_write_failed")  # once, not once per refused record
+    assert "No space left on device" in event["error"] and event["record"] == "pause"
+    assert [lvl for lvl, e, _ in log.entries if e == "journal_write_failed"] == ["error"]
+    ok, why = d._healthz()
+    assert not ok and why.startswith("journal cannot be written: ")
+    assert d.status()["journal_error"] is not None
+
+    monkeypatch.setattr(d.journal, "append", real_append)
+    await d.handle_command("pause", {"reason": "window"}, peer)
+    assert d.state.paused and d._healthz()[0] and d.status()["journal_error"] is None
+    assert len(log.named("journal_writable_again")) == 1
+    d.journal.close()
+
+
+# ----------------------------------------------------------------- one bad probe
+
+
+class Exploding:
+    target, probe = "w1", "witness"
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def check(self) -> Any:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    "exc", [RecursionError("maximum recursion depth exceeded"), KeyError("x"), MemoryError()]
+)
+async def test_a_probe_raising_anything_is_its_own_failed_observation(
+    tmp_path: Path, exc: BaseException
+) -> None:
+    d = Daemon(make_config(tmp_path), log=Log())
+    obs = await d._bounded(Exploding(exc))
+    assert not obs.ok and obs.sees_primary is None  # a witness abstains
+    assert obs.target == "w1" and obs.probe == "witness"
+    assert obs.detail.startswith(f"probe error: {type(exc).__name__}")
+    assert "\n" not in obs.detail
