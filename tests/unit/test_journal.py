@@ -14,6 +14,7 @@ from watchdogd.failover import journal
 from watchdogd.failover.journal import (
     Journal,
     JournalDamaged,
+    JournalError,
     JournalWriteError,
     plan_repair,
     replay,
@@ -233,6 +234,8 @@ def test_journal_and_lock_do_not_follow_symlinks(tmp_path: Path) -> None:
     state_dir.mkdir()
     (state_dir / "journal.jsonl").symlink_to(target)
     j = Journal(state_dir)
+    with pytest.raises(JournalError, match="cannot be read"):
+        j.load()
     with pytest.raises(JournalWriteError):
         j.open()
     with pytest.raises(JournalWriteError):

@@ -589,9 +589,14 @@ class Journal:
         """The journal's bytes and their replay, changing nothing (``journal check``)."""
         if not self.path.exists():
             return b"", JournalState()
-        fd = _nofollow(self.path, os.O_RDONLY)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read()
+        try:
+            fd = _nofollow(self.path, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise JournalError(
+                f"journal {self.path} cannot be read ({exc.strerror or exc})"
+            ) from None
         return data, replay(data.decode("utf-8", "surrogateescape").split("\n"))
 
     def load(self) -> JournalState:
