@@ -439,3 +439,13 @@ def test_repair_drops_a_damaged_pause_and_says_automatic_failover_is_armed(
     repair = plan_repair(data, close_unfinished=False, at=10)
     assert [d.line for d in repair.dropped] == [7] and repair.refusals == []
     assert any("line 7 may have been a pause" in n and "armed" in n for n in repair.notes)
+
+
+def test_repair_refuses_to_forget_a_failover_whose_start_is_damaged(tmp_path: Path) -> None:
+    lines = failed_failover_then_pause(tmp_path)
+    lines[0] = lines[0].replace('"trigger":"automatic"', '"trigger":"automatiq"')
+    data = "".join(line + "\n" for line in lines).encode()
+    for close in (False, True):
+        repair = plan_repair(data, close_unfinished=close, at=10)
+        assert [d.line for d in repair.dropped] == [1]
+        assert any("failover(s) F1" in r and "restore that line" in r for r in repair.refusals)

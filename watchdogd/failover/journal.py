@@ -744,6 +744,21 @@ def plan_repair(data: bytes, *, close_unfinished: bool, at: float) -> Repair:
             rec = decode_line(line)
             if rec.get("type") == "failover_started" and isinstance(rec.get("id"), str):
                 started_at_line[rec["id"]] = n
+    # Failovers the kept lines refer to but no kept line starts.
+    referred: set[str] = set()
+    for line in kept:
+        with contextlib.suppress(Damaged, ValueError):
+            rec = decode_line(line)
+            if rec.get("type") in ("step_started", "step_finished", "failover_finished", "ack"):
+                referred.add(str(rec.get("id")))
+    orphans = sorted(referred - {f.id for f in repaired.failovers})
+    if orphans and dropped:
+        where = ", ".join(str(d.line) for d in dropped)
+        refusals.append(
+            f"later lines refer to failover(s) {', '.join(orphans)} whose start may be on "
+            f"damaged line(s) {where}: without it watchdogd would forget that failover "
+            "(and whether it promoted); restore that line by hand from the copy"
+        )
     fo = repaired.unfinished
     if fo is not None:
         later = [d.line for d in dropped if d.line > started_at_line.get(fo.id, 0)]
