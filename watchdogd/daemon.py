@@ -32,7 +32,14 @@ from watchdogd.config import Config, NodeConfig, StepConfig, mask_value
 from watchdogd.control import CommandError, ControlServer, Peer
 from watchdogd.detector import DOWN, HEALTHY, Cycle, Detector, Verdict
 from watchdogd.engines import Engine
-from watchdogd.failover.journal import FailoverRecord, Journal, JournalState, apply
+from watchdogd.failover import journal as records
+from watchdogd.failover.journal import (
+    FailoverRecord,
+    Journal,
+    JournalError,
+    JournalState,
+    apply,
+)
 from watchdogd.failover.runner import Runner
 from watchdogd.logging import Secrets, setup_logging
 from watchdogd.metrics import Metrics, make_app, start_http
@@ -51,7 +58,7 @@ from watchdogd.probes import Observation
 from watchdogd.probes.app import AppProbe
 from watchdogd.probes.database import DatabaseProbe
 from watchdogd.probes.witness import WitnessProbe
-from watchdogd.systemd import SystemdNotifier
+from watchdogd.systemd import SystemdNotifier, watchdog_advice
 
 _WARN_EVENTS = frozenset(
     {
@@ -64,8 +71,18 @@ _WARN_EVENTS = frozenset(
         "split_brain",
         "partition_suspected",
         "stall_detected",
+        "fence_step_failed",
+        "fence_step_retry",
+        "fence_failed",
+        "fence_aborted",
+        "fence_unfinished",
     }
 )
+# Fence events a webhook receiver used to get as ``step_failed`` (fence=True) before fences
+# had events of their own. Not in notify.EVENTS yet: sent anyway, as the notifier does for
+# any name, because losing the news that a fence failed is worse than an odd event name.
+_ALSO_NOTIFY = frozenset({"fence_step_failed", "fence_failed", "journal_write_failed"})
+_ERROR_EVENTS = frozenset({"journal_write_failed"})
 
 
 @dataclass
@@ -114,8 +131,16 @@ class Daemon:
         self.systemd = SystemdNotifier()
         self.runner: Runner | None = None
         self.runner_task: asyncio.Task[str] | None = None
-        self.fence_task: asyncio.Task[None] | None = None
+        self.fence_runner: Runner | None = None
+        self.fence_task: asyncio.Task[str] | None = None
         self._fenced_for: str | None = None  # failover id whose old primary was fenced
+        # The primary whose outage a failover of a previous run already announced: after
+        # a restart the detector starts afresh, and must not announce it a second time.
+        self._down_reported: str | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        # Why the journal last refused a record (None: it takes records): a failed state
+        # shown by /healthz and status until a record is written again.
+        self.journal_error: str | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._session: aiohttp.ClientSession | None = None
         self._http: Any = None
@@ -141,6 +166,8 @@ class Daemon:
         cfg = self.config
         self.journal.lock()
         self.state = self.journal.load()
+        # Found out now, not when the first failover cannot record its first step.
+        self.journal.open()
         self.policy.journal = self.state
         for problem in self.state.problems:
             self.log.warning("journal_problem", problem=problem, path=str(self.journal.path))
@@ -171,6 +198,8 @@ class Daemon:
             state_dir=cfg.state_dir,
         )
         await self._advise()
+        self._close_unfinished_fence()
+        self._recall_outage()
         if (fo := self.state.unfinished) is not None:
             self.log.warning(
                 "failover_unfinished",
@@ -194,6 +223,39 @@ class Daemon:
             id="probe",
         )
         self._scheduler.start()
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        """Ping systemd's watchdog from a timer as well as after each probe cycle.
+
+        Per-cycle pings alone make ``probe.interval`` (plus the cycle's own time) race
+        ``WatchdogSec``: a long interval gets a healthy daemon killed — possibly in the
+        middle of a failover step. The timer pings every ``WatchdogSec / 2`` but only
+        while probe cycles keep completing (the same staleness rule as /healthz), so a
+        stuck probe loop still stops the pings and systemd still restarts it."""
+        period = self.systemd.watchdog_interval()
+        if period is None:
+            return
+        advice = watchdog_advice(
+            period * 2, self.config.probe.interval, self.config.probe.timeout, self._stall_limit()
+        )
+        if advice is not None:
+            self.log.warning("watchdog_interval", advice=advice)
+        self._watchdog_task = asyncio.create_task(self._watchdog_loop(period), name="watchdog")
+
+    async def _watchdog_loop(self, period: float) -> None:
+        while True:
+            if self._probe_loop_alive():
+                self.systemd.watchdog()
+            await asyncio.sleep(period)
+
+    def _stall_limit(self) -> float:
+        """How long without a completed probe cycle before the loop counts as stalled."""
+        return max(3 * self.config.probe.interval, self.config.probe.timeout + 5.0)
+
+    def _probe_loop_alive(self) -> bool:
+        last = self._last_cycle_wall
+        return last is not None and self.wall() - last <= self._stall_limit()
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop. SIGHUP reloads the config."""
@@ -224,15 +286,19 @@ class Daemon:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-        if self.runner is not None and self.runner_task is not None and not self.runner_task.done():
-            # Let the running step finish and be journaled; the next start resumes.
-            self.log.info("waiting_for_step", step=self.runner.current_step)
-            self.runner.interrupt()
-            with contextlib.suppress(Exception):
-                await self.runner_task
-        if self.fence_task is not None:
-            with contextlib.suppress(Exception):
-                await self.fence_task
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+            self._watchdog_task = None
+        # Let a running step finish and be journaled (a retry delay ends at once); the
+        # next start resumes a failover, and fences again if still needed.
+        for runner, task in ((self.runner, self.runner_task), (self.fence_runner, self.fence_task)):
+            if runner is not None and task is not None and not task.done():
+                self.log.info(
+                    "waiting_for_step", step=runner.current_step, sequence=runner.sequence
+                )
+                runner.interrupt()
+                with contextlib.suppress(Exception):
+                    await task
         if self._control is not None:
             await self._control.stop()
         if self._http is not None:
@@ -333,6 +399,7 @@ class Daemon:
         probes += [
             WitnessProbe(w, self._session, cfg.probe.timeout, self.clock) for w in cfg.witnesses
         ]
+        # _bounded never raises: one probe's failure is its own failed observation.
         results = await asyncio.gather(*(self._bounded(p) for p in probes))
         pdb, sdb = results[0], results[1]
         app_obs = {o.target: o for o in results[2 : 2 + len(apps)]}
@@ -363,7 +430,10 @@ class Daemon:
         decision = self.policy.evaluate(verdict, self.standby_facts(), self.wall())
         self._report_decision(decision)
         if decision.start is not None and self.runner_task is None:
-            self._start_failover(decision.start, "automatic", verdict.reason, forced=False)
+            # A journal that refuses the start is reported by record(); the next cycle
+            # tries again, and nothing was acted on.
+            with contextlib.suppress(JournalError):
+                self._start_failover(decision.start, "automatic", verdict.reason, forced=False)
         self._check_split_brain()
 
         self.metrics.set_armed(self.policy.armed(self.wall()))
@@ -391,6 +461,18 @@ class Daemon:
                 False,
                 time.monotonic() - t0,
                 f"no answer within {timeout:g}s",
+                at,
+            )
+        except Exception as exc:
+            # A hostile reply or a bug in one probe is that probe's failed observation (a
+            # witness abstains): it must never stop the cycle that watches the primary.
+            text = " ".join(str(exc).split())[:200]
+            return Observation(
+                probe.target,
+                probe.probe,
+                False,
+                time.monotonic() - t0,
+                self.config.mask(f"probe error: {type(exc).__name__}: {text}".rstrip(": ")),
                 at,
             )
 
@@ -434,7 +516,17 @@ class Daemon:
         if verdict.status == "stale":
             self.emit("stall_detected", **facts)
         if verdict.status == DOWN and before != DOWN:
-            self.emit("primary_down", **facts)
+            if self._down_reported is not None and self._down_reported == self.roles()[0].name:
+                self.log.info(
+                    "primary_still_down",
+                    note="announced before the restart; the unfinished or unacked failover "
+                    "is about this outage",
+                    **facts,
+                )
+            else:
+                self.emit("primary_down", **facts)
+        if verdict.status == HEALTHY or verdict.recovered:
+            self._down_reported = None  # a later outage is a new episode
         if verdict.recovered:
             self.emit("primary_recovered", **facts)
         was_partition = previous is not None and previous.partition
@@ -538,13 +630,9 @@ class Daemon:
                 "started; finish it by hand and ack"
             )
             self.record(
-                {
-                    "type": "failover_finished",
-                    "id": fo.id,
-                    "outcome": "failed",
-                    "error": error,
-                    "at": self.wall(),
-                }
+                records.sequence_finished(
+                    "failover", id=fo.id, outcome="failed", error=error, at=self.wall()
+                )
             )
             self.emit("failover_failed", failover_id=fo.id, error=error)
             return
@@ -560,6 +648,7 @@ class Daemon:
             resume=resume,
             wall=self.wall,
         )
+        runner.begin()  # journaled before anyone is told the failover started
         self.runner = runner
         self.metrics.set_in_progress(True)
         self.metrics.set_state(FAILING_OVER)
@@ -568,6 +657,16 @@ class Daemon:
     async def _run(self, runner: Runner) -> str:
         try:
             outcome = await runner.run()
+        except JournalError:
+            # Reported by record(). Nothing more is done without a durable journal; the
+            # failover stays unfinished and a restart resumes it once the disk takes records.
+            self.log.error(
+                "failover_stopped",
+                failover_id=runner.plan.id,
+                note="the journal cannot be written: no further step runs; restart watchdogd "
+                "once it can, and the failover resumes",
+            )
+            outcome = "failed"
         except Exception as exc:
             self.log.exception("failover_crashed", failover_id=runner.plan.id, error=str(exc))
             outcome = "failed"
@@ -583,12 +682,25 @@ class Daemon:
         self.metrics.set_armed(self.policy.armed(self.wall()))
 
     def record(self, rec: dict[str, Any]) -> None:
-        """Journal a record durably, then fold it into the live state."""
-        self.journal.append(rec)
+        """Journal a record durably, then fold it into the live state. A journal that
+        refuses it raises JournalError (so the caller does not act) and puts the daemon
+        in a visible failed state: one event, /healthz 503, ``journal_error`` in status."""
+        try:
+            self.journal.append(rec)
+        except JournalError as exc:
+            if self.journal_error is None:
+                self.emit("journal_write_failed", error=str(exc), record=rec.get("type"))
+            self.journal_error = str(exc)
+            raise
+        if self.journal_error is not None:
+            self.log.info("journal_writable_again", after=self.journal_error)
+            self.journal_error = None
         apply(self.state, rec)
 
     def emit(self, event: str, **facts: Any) -> None:
-        level = "warning" if event in _WARN_EVENTS else "info"
+        level = (
+            "error" if event in _ERROR_EVENTS else "warning" if event in _WARN_EVENTS else "info"
+        )
         getattr(self.log, level)(event, **facts)
         if event in ("step_completed", "step_failed"):
             self.metrics.step_finished(
@@ -600,7 +712,7 @@ class Daemon:
             self.metrics.failover_finished(
                 facts.get("trigger", "automatic"), event.removeprefix("failover_"), self.wall()
             )
-        if event in NOTIFY_EVENTS:
+        if event in NOTIFY_EVENTS or (event in _ALSO_NOTIFY and self.config.webhooks):
             self.notifier.notify(event, **facts)
 
     # ------------------------------------------------------------------ split brain
@@ -634,44 +746,82 @@ class Daemon:
             new_primary=fo.to_node,
             fence_steps=[s.name for s in self.config.failover.fence_steps],
         )
-        self.fence_task = asyncio.create_task(self._fence(fo))
+        self._start_fence(fo)
 
-    async def _fence(self, fo: FailoverRecord) -> None:
+    def _start_fence(self, fo: FailoverRecord) -> None:
+        """Run the fence steps through the runner (retries, timeouts, ``required``,
+        journaled as a fence, never as a failover)."""
+        steps = self.config.failover.fence_steps
+        if not steps or (self.fence_task is not None and not self.fence_task.done()):
+            return
         plan = Plan(
-            id=fo.id,
+            id=f"fence-{self._new_id()}",
             kind="fence",
             trigger="split_brain",
             reason="old primary came back writable",
             from_node=fo.from_node,
             to_node=fo.to_node,
-            steps=self.config.failover.fence_steps,
+            steps=steps,
         )
         ctx = self.context(plan)
-        for step in plan.steps:
-            action = actions.build(step, self.config)
-            t0 = time.monotonic()
-            try:
-                async with asyncio.timeout(step.timeout + 1.0):
-                    detail = await action.run(ctx, step.timeout)
-                self.log.info(
-                    "fence_step_completed",
-                    step=step.name,
-                    detail=detail,
-                    failover_id=fo.id,
-                    seconds=round(time.monotonic() - t0, 3),
-                )
-            except Exception as exc:
-                self.emit(
-                    "step_failed",
-                    failover_id=fo.id,
-                    step=step.name,
-                    action=step.action,
-                    outcome="failed",
-                    error=self.config.mask(str(exc)),
-                    fence=True,
-                    seconds=round(time.monotonic() - t0, 3),
-                    required=step.required,
-                )
+        # Step templates name the failover ({failover_id}) whose old primary is fenced.
+        ctx.failover_id = fo.id
+        runner = Runner(
+            plan,
+            ctx,
+            self._actions(steps),
+            self.record,
+            self.emit,
+            wall=self.wall,
+            failover_id=fo.id,
+        )
+        try:
+            runner.begin()
+        except JournalError:
+            return  # reported by record(); fenced again after a restart if still needed
+        self.fence_runner = runner
+        self.fence_task = asyncio.create_task(self._run_fence(runner), name=plan.id)
+
+    async def _run_fence(self, runner: Runner) -> str:
+        try:
+            return await runner.run()
+        except Exception as exc:
+            self.log.exception("fence_crashed", fence_id=runner.plan.id, error=str(exc))
+            return "failed"
+        finally:
+            self.fence_runner = None
+
+    def _recall_outage(self) -> None:
+        """After a restart with a failover unfinished (or unacked and not promoted), its
+        primary_down went out before the restart: the same outage is not news again."""
+        episode = self.state.unfinished or self.state.awaiting_ack
+        if episode is not None and not episode.promoted:
+            self._down_reported = episode.from_node
+
+    def _close_unfinished_fence(self) -> None:
+        """A fence cut off by a crash is closed, not resumed: fencing is idempotent, and if
+        both nodes still accept writes the split-brain check fences again on its own.
+        Resuming it as a failover would be wrong in every way (history, cooldown, roles)."""
+        fence = self.state.unfinished_fence
+        if fence is None:
+            return
+        note = (
+            "the daemon stopped during this fence; fences are not resumed: the split-brain "
+            "check fences again if both nodes still accept writes"
+        )
+        self.record(
+            records.sequence_finished(
+                "fence", id=fence.id, outcome="interrupted", error=note, at=self.wall()
+            )
+        )
+        self.emit(
+            "fence_unfinished",
+            fence_id=fence.id,
+            failover_id=fence.failover_id,
+            old_primary=fence.from_node,
+            steps_done=[st.name for st in fence.steps if st.outcome == "ok"],
+            note=note,
+        )
 
     # ------------------------------------------------------------------ operators
 
@@ -681,7 +831,11 @@ class Daemon:
         handler = getattr(self, f"_cmd_{command}", None)
         if handler is None:
             raise CommandError(f"unknown command {command!r}")
-        result: dict[str, Any] = await handler(args, peer)
+        try:
+            result: dict[str, Any] = await handler(args, peer)
+        except JournalError as exc:
+            # Nothing was done: every change is journaled before it is acted on.
+            raise CommandError(f"{command} refused: {exc}") from None
         return result
 
     async def _cmd_status(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -694,7 +848,7 @@ class Daemon:
     async def _cmd_pause(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         # Masked at intake: the reason is journaled and shown back in status/history.
         reason = self.config.mask(args.get("reason") or f"paused by {_who(peer)}")
-        self.record({"type": "pause", "reason": reason, "by": _who(peer), "at": self.wall()})
+        self.record(records.pause(reason=reason, by=_who(peer), at=self.wall()))
         self.emit("paused", reason=reason, by=_who(peer))
         self._refresh_state()
         return {"paused": True, "reason": reason}
@@ -702,7 +856,7 @@ class Daemon:
     async def _cmd_resume(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         if not self.state.paused:
             raise CommandError("automatic failover is not paused")
-        self.record({"type": "resume", "by": _who(peer), "at": self.wall()})
+        self.record(records.resume(by=_who(peer), at=self.wall()))
         self.emit("resumed", by=_who(peer))
         self._refresh_state()
         return {"paused": False}
@@ -752,14 +906,13 @@ class Daemon:
             # A failed failover being retried by hand: the new one supersedes it.
             fo = self.state.awaiting_ack
             self.record(
-                {
-                    "type": "ack",
-                    "id": fo.id,
-                    "primary": self.base_roles()[0].name,
-                    "standby": self.base_roles()[1].name,
-                    "at": self.wall(),
-                    "note": "superseded by a manual retry",
-                }
+                records.ack(
+                    id=fo.id,
+                    primary=self.base_roles()[0].name,
+                    standby=self.base_roles()[1].name,
+                    at=self.wall(),
+                    note="superseded by a manual retry",
+                )
             )
         plan = self._start_failover(
             kind, trigger, reason, forced=forced, catchup_timeout=catchup_timeout
@@ -802,27 +955,27 @@ class Daemon:
         primary, standby = self.base_roles()
         fid = self._new_id()
         self.record(
-            {
-                "type": "failover_started",
-                "id": fid,
-                "trigger": "automatic",
-                "kind": "failover",
-                "reason": verdict.reason,
-                "from": primary.name,
-                "to": standby.name,
-                "steps": [],
-                "at": self.wall(),
-                "pending": True,
-            }
+            records.sequence_started(
+                "failover",
+                id=fid,
+                trigger="automatic",
+                kind="failover",
+                reason=verdict.reason,
+                from_node=primary.name,
+                to_node=standby.name,
+                steps=[],
+                at=self.wall(),
+                pending=True,
+            )
         )
         self.record(
-            {
-                "type": "failover_finished",
-                "id": fid,
-                "outcome": "aborted",
-                "error": f"aborted by operator ({who}) before it started",
-                "at": self.wall(),
-            }
+            records.sequence_finished(
+                "failover",
+                id=fid,
+                outcome="aborted",
+                error=f"aborted by operator ({who}) before it started",
+                at=self.wall(),
+            )
         )
         self.emit(
             "failover_aborted",
@@ -842,14 +995,7 @@ class Daemon:
         fo = self.state.awaiting_ack
         assert fo is not None
         self.record(
-            {
-                "type": "ack",
-                "id": fo.id,
-                "primary": primary,
-                "standby": standby,
-                "by": _who(peer),
-                "at": self.wall(),
-            }
+            records.ack(id=fo.id, primary=primary, standby=standby, at=self.wall(), by=_who(peer))
         )
         self.log.info("acked", failover_id=fo.id, by=_who(peer), primary=primary, standby=standby)
         # The pair is watched in its new roles from a clean slate, except that the
@@ -859,6 +1005,7 @@ class Daemon:
         kept = self.latest.last_primary_pos if primary == fo.from_node else None
         self.latest = Latest(last_primary_pos=kept)
         self._fenced_for = None
+        self._down_reported = None
         self._refresh_state()
         return {
             "acked": fo.id,
@@ -990,14 +1137,16 @@ class Daemon:
             "failover_in_progress": running,
             "last_failover": _summary(last) if last else None,
             "last_cycle_at": self._last_cycle_wall,
+            "journal_error": self.journal_error,
         }
 
     def _healthz(self) -> tuple[bool, str]:
+        if self.journal_error is not None:
+            return False, f"journal cannot be written: {self.journal_error}"
         if self._last_cycle_wall is None:
             return False, "no probe cycle completed yet"
         age = self.wall() - self._last_cycle_wall
-        limit = max(3 * self.config.probe.interval, self.config.probe.timeout + 5.0)
-        if age > limit:
+        if age > self._stall_limit():
             return False, f"probe loop stalled: last cycle {age:.1f}s ago"
         return True, f"{self.policy.state}; last cycle {age:.1f}s ago"
 
