@@ -571,12 +571,17 @@ def unresolve(problems: list[str], env_refs: Mapping[str, str], secrets: set[str
 
 
 def mask_value(value: Any, secrets: frozenset[str] | set[str]) -> Any:
+    """``value`` with every string in it masked, mapping keys included (a key can quote
+    a secret as well as a value can)."""
     if isinstance(value, str):
         return mask(value, secrets)
-    if isinstance(value, list | tuple):
+    if isinstance(value, list | tuple | set | frozenset):
         return [mask_value(v, secrets) for v in value]
     if isinstance(value, Mapping):
-        return {k: mask_value(v, secrets) for k, v in value.items()}
+        return {
+            (mask(k, secrets) if isinstance(k, str) else k): mask_value(v, secrets)
+            for k, v in value.items()
+        }
     return value
 
 

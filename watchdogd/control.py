@@ -54,9 +54,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from watchdogd.logging import Secrets, as_secrets
+# Not watchdogd.logging: watchdogctl imports this module and must not need structlog.
+from watchdogd.config import mask, mask_value
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -84,6 +85,15 @@ MAX_SOCKET_PATH = 107
 MAX_TEXT = 1000
 
 Access = Literal["full", "read", "none"]
+
+
+class SecretsHolder(Protocol):
+    """The daemon's ``watchdogd.logging.Secrets``: the secrets of the config loaded now."""
+
+    @property
+    def values(self) -> frozenset[str]: ...
+
+
 Handler = Callable[[str, dict[str, Any], "Peer"], Awaitable[dict[str, Any]]]
 
 
@@ -330,7 +340,7 @@ class ControlServer:
         reserved: int = RESERVED_FOR_FULL,
         per_uid: int = MAX_PER_UID,
         max_lifetime: float = MAX_LIFETIME,
-        secrets: Secrets | Iterable[str] = (),
+        secrets: SecretsHolder | Iterable[str] = (),
     ) -> None:
         self.config = config
         self.handler = handler
@@ -341,7 +351,11 @@ class ControlServer:
         self.reserved = min(reserved, max_connections)
         self.per_uid = per_uid
         self.max_lifetime = max_lifetime
-        self._secrets = as_secrets(secrets)
+        self._secrets: SecretsHolder = (
+            _Fixed(frozenset(secrets))
+            if isinstance(secrets, set | frozenset | list | tuple)
+            else secrets  # type: ignore[assignment]
+        )
         self.path = config.socket
         self._server: asyncio.AbstractServer | None = None
         self._identity: tuple[int, int] | None = None
@@ -648,7 +662,7 @@ class ControlServer:
             return {"ok": False, "error": "permission denied"}, True
         # One place for every reply: a probe detail or handler error echoing a token (an
         # app health endpoint returning its Authorization header) never reaches a peer.
-        masked: dict[str, Any] = self._secrets.mask_value(reply)
+        masked: dict[str, Any] = mask_value(reply, self._secrets.values)
         return masked, False
 
     async def _respond(self, line: bytes, peer: Peer, level: Access | None) -> dict[str, Any]:
@@ -701,10 +715,17 @@ class ControlServer:
         return {"ok": True, "result": result}
 
     def _mask(self, text: str) -> str:
-        return self._secrets.mask(text)
+        return mask(text, self._secrets.values)
 
     def _mask_value(self, value: Any) -> Any:
-        return self._secrets.mask_value(value)
+        return mask_value(value, self._secrets.values)
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    """Secrets given as a plain collection: they never change."""
+
+    values: frozenset[str]
 
 
 class _Gone(Exception):
