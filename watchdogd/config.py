@@ -146,6 +146,9 @@ class Section:
         # Resolved ``${VAR}`` value -> "${VAR}", shared by child sections: problems are
         # reported with the reference, never the value (see ``unresolve``).
         self.env_refs: dict[str, str] = env_refs if env_refs is not None else {}
+        # A step's strings are templates: a ``${VAR}`` value with a brace would be read
+        # as a placeholder (and change, and then escape masking), so it is refused.
+        self.templates = False
         self.ok = isinstance(data, Mapping)
         if not self.ok and data is not None:
             self.error(f"expected a mapping, got {_kind(data)}")
@@ -320,7 +323,9 @@ class Section:
         value = self._get(key, _REQUIRED if required else None)
         if value is None:
             return None
-        return Section(value, self.sub(key), self.errors, self.secrets, self.env_refs)
+        child = Section(value, self.sub(key), self.errors, self.secrets, self.env_refs)
+        child.templates = self.templates
+        return child
 
     def sections(self, key: builtins.str) -> Iterator[Section]:
         value = self._get(key, None)
@@ -330,7 +335,9 @@ class Section:
             self.error(f"expected a list, got {_kind(value)}", key)
             return
         for i, item in enumerate(value):
-            yield Section(item, f"{self.sub(key)}[{i}]", self.errors, self.secrets, self.env_refs)
+            child = Section(item, f"{self.sub(key)}[{i}]", self.errors, self.secrets, self.env_refs)
+            child.templates = self.templates
+            yield child
 
     def templated(self, key: builtins.str, value: Any) -> None:
         """Check that every ``{placeholder}`` in ``value`` (recursively) is known."""
@@ -365,6 +372,12 @@ class Section:
                         f"{path}: environment variable {name} is shorter than {MIN_SECRET} "
                         "characters; values read from the environment are masked as secrets "
                         "and one this short cannot be"
+                    )
+                    return ""
+                if self.templates and ("{" in resolved or "}" in resolved):
+                    self.errors.append(
+                        f"{path}: environment variable {name} contains a brace, which a "
+                        "step would read as a {placeholder}; use a value without braces"
                     )
                     return ""
                 if resolved:
@@ -869,6 +882,7 @@ def _steps(
     steps: list[StepConfig] = []
     names: set[str] = set()
     for s in f.sections(key):
+        s.templates = True
         step = validate_step(s)
         if step is None:
             continue

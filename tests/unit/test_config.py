@@ -304,3 +304,19 @@ def test_control_group() -> None:
     assert config.parse(base()).control.group is None
     data["control"]["group"] = "bad group;"
     assert "control.group: expected a group name, got 'bad group;'" in problems(data)
+
+
+def test_a_step_secret_with_braces_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # It would be parsed as a placeholder: changed when rendered, then no longer masked.
+    monkeypatch.setenv("BRACE_T", "p{w}d-s3cret")
+    data = base()
+    data["failover"]["steps"][0]["headers"] = {"Authorization": "Bearer ${BRACE_T}"}
+    found = problems(data)
+    assert found == [
+        "failover.steps[0].headers.Authorization: environment variable BRACE_T contains a "
+        "brace, which a step would read as a {placeholder}; use a value without braces"
+    ]
+    # Elsewhere a brace is just a character.
+    data = base()
+    data["primary"]["database"]["dsn"] = "postgresql://postgres:${BRACE_T}@127.0.0.1:5432/x"
+    assert "p{w}d-s3cret" in config.parse(data).primary.database.dsn
