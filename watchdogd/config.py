@@ -10,9 +10,11 @@ and all problems are collected before giving up, so one run shows them all.
 from __future__ import annotations
 
 import builtins
+import json
 import os
 import re
 import string
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,16 @@ _SIZE_UNITS = {
     "TiB": 2**40,
 }
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Masking replaces text; a secret this short would mangle every reply and log line,
+# and leaving it unmasked would show it. Config refuses such secrets instead.
+MIN_SECRET = 3
+# Paths systemd gives the service (``${CREDENTIALS_DIRECTORY}/pg-password``): not secrets,
+# so not masked, and problems naming them show the path itself.
+PATH_ENV = frozenset({"CREDENTIALS_DIRECTORY", "RUNTIME_DIRECTORY", "STATE_DIRECTORY"})
+# A config is a few kilobytes. The caps stop a YAML alias bomb ("billion laughs"):
+# aliases make shared references, and walking them would expand to billions of nodes.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_NODES = 100_000
 
 
 def parse_duration(value: Any) -> float:
@@ -120,10 +132,23 @@ class Section:
     errors carry the same paths as the core's.
     """
 
-    def __init__(self, data: Any, path: str, errors: list[str], secrets: set[str]) -> None:
+    def __init__(
+        self,
+        data: Any,
+        path: str,
+        errors: list[str],
+        secrets: set[str],
+        env_refs: dict[str, str] | None = None,
+    ) -> None:
         self.path = path
         self.errors = errors
         self.secrets = secrets
+        # Resolved ``${VAR}`` value -> "${VAR}", shared by child sections: problems are
+        # reported with the reference, never the value (see ``unresolve``).
+        self.env_refs: dict[str, str] = env_refs if env_refs is not None else {}
+        # A step's strings are templates: a ``${VAR}`` value with a brace would be read
+        # as a placeholder (and change, and then escape masking), so it is refused.
+        self.templates = False
         self.ok = isinstance(data, Mapping)
         if not self.ok and data is not None:
             self.error(f"expected a mapping, got {_kind(data)}")
@@ -199,6 +224,14 @@ class Section:
             if not inline:
                 self.error(f"{path} is empty", file_key)
         if inline:
+            if len(inline) < MIN_SECRET:
+                where = file_key if path is not None else key
+                self.error(
+                    f"a secret shorter than {MIN_SECRET} characters cannot be masked; "
+                    "use a longer one",
+                    where,
+                )
+                return default
             self.secrets.add(inline)
             return inline
         if required:
@@ -290,7 +323,9 @@ class Section:
         value = self._get(key, _REQUIRED if required else None)
         if value is None:
             return None
-        return Section(value, self.sub(key), self.errors, self.secrets)
+        child = Section(value, self.sub(key), self.errors, self.secrets, self.env_refs)
+        child.templates = self.templates
+        return child
 
     def sections(self, key: builtins.str) -> Iterator[Section]:
         value = self._get(key, None)
@@ -300,7 +335,9 @@ class Section:
             self.error(f"expected a list, got {_kind(value)}", key)
             return
         for i, item in enumerate(value):
-            yield Section(item, f"{self.sub(key)}[{i}]", self.errors, self.secrets)
+            child = Section(item, f"{self.sub(key)}[{i}]", self.errors, self.secrets, self.env_refs)
+            child.templates = self.templates
+            yield child
 
     def templated(self, key: builtins.str, value: Any) -> None:
         """Check that every ``{placeholder}`` in ``value`` (recursively) is known."""
@@ -327,8 +364,25 @@ class Section:
                     self.errors.append(f"{path}: environment variable {name} is not set")
                     return ""
                 resolved = os.environ[name]
+                if name in PATH_ENV:
+                    return resolved
+                if 0 < len(resolved) < MIN_SECRET:
+                    # Every ${VAR} value is masked as a secret; one this short cannot be.
+                    self.errors.append(
+                        f"{path}: environment variable {name} is shorter than {MIN_SECRET} "
+                        "characters; values read from the environment are masked as secrets "
+                        "and one this short cannot be"
+                    )
+                    return ""
+                if self.templates and ("{" in resolved or "}" in resolved):
+                    self.errors.append(
+                        f"{path}: environment variable {name} contains a brace, which a "
+                        "step would read as a {placeholder}; use a value without braces"
+                    )
+                    return ""
                 if resolved:
                     self.secrets.add(resolved)
+                    self.env_refs.setdefault(resolved, "${" + name + "}")
                 return resolved
 
             return _ENV_REF.sub(sub, value)
@@ -439,6 +493,9 @@ class MetricsConfig:
 class ControlConfig:
     socket: str = "/run/watchdogd/control.sock"
     mode: int = 0o660
+    # The socket's group (None: the daemon's own). Operators join this group to use
+    # watchdogctl without joining the daemon's group, which can read its secrets.
+    group: str | None = None
     allow_users: tuple[str, ...] = ()
     allow_groups: tuple[str, ...] = ()
     read_groups: tuple[str, ...] = ()
@@ -492,19 +549,52 @@ class Config:
 
 
 def mask(text: str, secrets: frozenset[str] | set[str]) -> str:
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= 3:
-            text = text.replace(secret, "***")
+    """``text`` with every secret replaced by ``***``, also in the forms a secret takes
+    inside a URL (percent-encoded) or a JSON string (escaped), where echoes show it."""
+    for form in _forms(secrets):
+        text = text.replace(form, "***")
     return text
 
 
+def _forms(secrets: frozenset[str] | set[str]) -> list[str]:
+    forms: set[str] = set()
+    for secret in secrets:
+        if len(secret) < MIN_SECRET:
+            continue  # config refuses these; masking them would mangle every text
+        forms.add(secret)
+        forms.add(urllib.parse.quote(secret, safe=""))
+        forms.add(urllib.parse.quote_plus(secret, safe=""))
+        forms.add(urllib.parse.quote(secret))
+        forms.add(json.dumps(secret)[1:-1])
+        forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+    # Longest first, so a secret containing another is masked whole.
+    return sorted(forms, key=len, reverse=True)
+
+
+def unresolve(problems: list[str], env_refs: Mapping[str, str], secrets: set[str]) -> list[str]:
+    """Problems as the operator wrote the config: ``${VAR}`` instead of its value, and
+    ``***`` for any other secret (a ``*_file``'s contents)."""
+    out = []
+    for problem in problems:
+        for secret in sorted(secrets | set(env_refs), key=len, reverse=True):
+            if len(secret) >= MIN_SECRET:
+                problem = problem.replace(secret, env_refs.get(secret, "***"))
+        out.append(mask(problem, secrets))
+    return out
+
+
 def mask_value(value: Any, secrets: frozenset[str] | set[str]) -> Any:
+    """``value`` with every string in it masked, mapping keys included (a key can quote
+    a secret as well as a value can)."""
     if isinstance(value, str):
         return mask(value, secrets)
-    if isinstance(value, list | tuple):
+    if isinstance(value, list | tuple | set | frozenset):
         return [mask_value(v, secrets) for v in value]
     if isinstance(value, Mapping):
-        return {k: mask_value(v, secrets) for k, v in value.items()}
+        return {
+            (mask(k, secrets) if isinstance(k, str) else k): mask_value(v, secrets)
+            for k, v in value.items()
+        }
     return value
 
 
@@ -514,9 +604,16 @@ def mask_value(value: Any, secrets: frozenset[str] | set[str]) -> Any:
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file; raises ConfigError with every problem."""
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: config is larger than {MAX_CONFIG_BYTES // 1024} KiB"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: config is not valid UTF-8"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -524,7 +621,35 @@ def load(path: str | os.PathLike[str]) -> Config:
         line = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([f"{path}: not valid YAML{line}: {problem}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from None
+    if _too_many_nodes(data, MAX_CONFIG_NODES):
+        raise ConfigError(
+            [
+                f"{path}: config expands to more than {MAX_CONFIG_NODES} values "
+                "(YAML aliases repeating aliases?); write it out plainly"
+            ]
+        )
     return parse(data, source=str(path))
+
+
+def _too_many_nodes(data: Any, limit: int) -> bool:
+    """Whether ``data`` has more than ``limit`` values, counting each alias use again.
+
+    Iterative and stopping at ``limit``, so a bomb costs ``limit`` steps, not billions."""
+    stack = [data]
+    seen = 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(value, Mapping):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 def parse(data: Any, source: str | None = None) -> Config:
@@ -532,9 +657,10 @@ def parse(data: Any, source: str | None = None) -> Config:
 
     errors: list[str] = []
     secrets: set[str] = set()
+    env_refs: dict[str, str] = {}
     if not isinstance(data, Mapping):
         raise ConfigError([f"config: expected a mapping at the top level, got {_kind(data)}"])
-    root = Section(data, "", errors, secrets)
+    root = Section(data, "", errors, secrets, env_refs)
 
     cluster = root.str("cluster")
     if isinstance(cluster, str) and not re.fullmatch(r"[A-Za-z0-9_.-]+", cluster):
@@ -592,9 +718,13 @@ def parse(data: Any, source: str | None = None) -> Config:
                     c.error(f"must not give rights to others, got {mode_text!r}", "mode")
             else:
                 c.error(f'expected an octal mode like "0660", got {mode_text!r}', "mode")
+        group = c.str("group", None)
+        if isinstance(group, str) and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?", group):
+            c.error(f"expected a group name, got {group!r}", "group")
         control = ControlConfig(
             socket=c.str("socket", ControlConfig.socket),
             mode=mode,
+            group=group,
             allow_users=tuple(c.str_list("allow_users", [])),
             allow_groups=tuple(c.str_list("allow_groups", [])),
             read_groups=tuple(c.str_list("read_groups", [])),
@@ -636,7 +766,7 @@ def parse(data: Any, source: str | None = None) -> Config:
 
     root.finish()
     if errors:
-        raise ConfigError(errors)
+        raise ConfigError(unresolve(errors, env_refs, secrets))
     assert nodes[0] is not None and nodes[1] is not None
     config = Config(
         cluster=cluster,
@@ -655,7 +785,7 @@ def parse(data: Any, source: str | None = None) -> Config:
         source=source,
     )
     if problems := actions.check_config(config):
-        raise ConfigError(problems)
+        raise ConfigError(unresolve(problems, env_refs, secrets))
     return config
 
 
@@ -752,6 +882,7 @@ def _steps(
     steps: list[StepConfig] = []
     names: set[str] = set()
     for s in f.sections(key):
+        s.templates = True
         step = validate_step(s)
         if step is None:
             continue

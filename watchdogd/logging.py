@@ -7,8 +7,9 @@ adds the same keys, masks secrets and renders either JSON lines
 
 Secrets live in a ``Secrets`` holder owned by the daemon instance; the masking processor
 reads it on every event, so ``secrets.replace(new_config.secrets)`` on reload takes
-effect at once without reconfiguring anything. Calling ``setup_logging`` again (reload
-with a new level or format) replaces the previous handler rather than adding one.
+effect at once without reconfiguring anything (and keeps masking the old ones). Calling
+``setup_logging`` again (reload with a new level or format) replaces the previous handler
+rather than adding one.
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ FORMATS = ("auto", "json", "console")
 
 
 class Secrets:
-    """The strings to mask wherever text leaves the daemon; replaced as a whole on reload."""
+    """The strings to mask wherever text leaves the daemon; they only grow on reload."""
 
     def __init__(self, values: Iterable[str] = ()) -> None:
         self._values: frozenset[str] = frozenset(v for v in values if v)
 
     def replace(self, values: Iterable[str]) -> None:
+        """Take a reloaded config's secrets, and keep masking the previous ones: a rotated
+        password is still a password (the old one may still work, or echo in a reply)."""
         # Rebinding one attribute is atomic, so a concurrent log call sees old or new, whole.
-        self._values = frozenset(v for v in values if v)
+        self._values = self._values | {v for v in values if v}
 
     def add(self, *values: str) -> None:
         self._values = self._values | {v for v in values if v}

@@ -145,6 +145,7 @@ def build(step: StepConfig, config: Config) -> Action:
     errors: list[str] = []
     data = dict(step.params)
     section = Section(data, step.name, errors, set(config.secrets))
+    section.templates = True
     action = registry()[step.action](section)
     if errors:  # cannot happen for a validated config; fail loudly if it does
         raise ActionError("; ".join(errors))
