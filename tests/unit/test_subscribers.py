@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from watchdogd import config
+from watchdogd.control import Peer
 from watchdogd.daemon import Daemon
 from watchdogd.daemon.subscribers import metrics_subscriber
 from watchdogd.events import Event
@@ -47,11 +48,16 @@ def test_the_metrics_count_steps_and_failover_outcomes_but_not_fences() -> None:
 
 
 class Recorder:
+    """Stands in for the notifier or the logger: records the event names it is given."""
+
     def __init__(self) -> None:
         self.sent: list[str] = []
 
     def notify(self, event: str, **facts: Any) -> None:
         self.sent.append(event)
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **facts: self.sent.append(event)
 
 
 def daemon(tmp_path: Path, webhooks: list[dict[str, Any]]) -> Daemon:
@@ -85,3 +91,23 @@ def test_webhooks_get_notifications_and_fence_news_only_when_configured(tmp_path
             d.emit(name)
         d.emit("journal_write_failed", error="disk full", record="pause")
         assert d.notifier.sent == expected  # type: ignore[attr-defined]
+
+
+async def test_a_raising_subscriber_never_stops_a_command(tmp_path: Path) -> None:
+    d = daemon(tmp_path, [])
+    heard: list[str] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("subscriber bug")
+
+    d.bus.subscribe(broken)
+    d.bus.subscribe(lambda e: heard.append(e.name))
+    d.state = d.journal.load()
+    d.policy.journal = d.state
+    try:
+        reply = await d.handle_command("pause", {"reason": "x"}, Peer(1, 0, 0, "root"))
+    finally:
+        d.journal.close()
+    assert reply == {"paused": True, "reason": "x"} and d.state.paused
+    assert "paused" in heard
+    assert "event_subscriber_failed" in d.log.sent  # type: ignore[attr-defined]
