@@ -107,7 +107,7 @@ async def test_long_interval_warns_at_start_and_pings_from_a_timer(
     d = Daemon(make_config(tmp_path, interval="3s", timeout="500ms"), log=log)
     # WatchdogSec=1s: per-cycle pings (every 3s) alone would get a healthy daemon killed.
     d.systemd = SystemdNotifier(log, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
-    d._last_cycle_wall = d.wall()  # a probe cycle just completed
+    d.last_cycle_wall = d.wall()  # a probe cycle just completed
     d._start_watchdog()
     try:
         (warning,) = log.named("watchdog_interval")
@@ -115,7 +115,7 @@ async def test_long_interval_warns_at_start_and_pings_from_a_timer(
         await asyncio.sleep(1.2)
         assert drain(sock).count("WATCHDOG=1") >= 2  # every 0.5s, between the cycles
         # A stalled probe loop: the pings stop, so systemd restarts the daemon.
-        d._last_cycle_wall = d.wall() - d._stall_limit() - 1
+        d.last_cycle_wall = d.wall() - d._stall_limit() - 1
         drain(sock)
         await asyncio.sleep(1.2)
         assert drain(sock) == []
@@ -197,7 +197,7 @@ async def test_a_restart_mid_fence_closes_the_fence_and_resumes_nothing(tmp_path
     d.policy.journal = d.state
     assert d.state.unfinished is None  # a fence is never an unfinished failover
     assert d.state.unfinished_fence is not None
-    d._close_unfinished_fence()
+    d.sequences.close_unfinished_fence()
     (event,) = log.named("fence_unfinished")
     assert event["fence_id"] == "fence-1" and event["failover_id"] == "F1"
     assert event["old_primary"] == "main" and "fences again" in event["note"]
@@ -212,7 +212,7 @@ async def test_a_restart_mid_fence_closes_the_fence_and_resumes_nothing(tmp_path
     # Nothing to close twice.
     d2 = Daemon(cfg, log=Log())
     d2.state = d2.journal.load()
-    d2._close_unfinished_fence()
+    d2.sequences.close_unfinished_fence()
     assert d2.journal.path.read_text() == "\n".join(lines) + "\n"
     d2.journal.close()
 
@@ -249,13 +249,13 @@ async def test_primary_down_is_not_announced_twice_for_a_resumed_failover(tmp_pa
     d = Daemon(cfg, log=log)
     d.state = d.journal.load()
     d.policy.journal = d.state
-    d._recall_outage()  # as start() does
-    d._report_verdict(None, verdict(SUSPECT))
-    d._report_verdict(verdict(SUSPECT), verdict(DOWN))
+    d.cycle.recall_outage()  # as start() does
+    d.cycle.report_verdict(None, verdict(SUSPECT))
+    d.cycle.report_verdict(verdict(SUSPECT), verdict(DOWN))
     assert log.named("primary_down") == [] and len(log.named("primary_still_down")) == 1
     # The primary comes back: a later outage is news again.
-    d._report_verdict(verdict(DOWN), verdict(HEALTHY, recovered=True))
-    d._report_verdict(verdict(HEALTHY), verdict(DOWN))
+    d.cycle.report_verdict(verdict(DOWN), verdict(HEALTHY, recovered=True))
+    d.cycle.report_verdict(verdict(HEALTHY), verdict(DOWN))
     assert len(log.named("primary_down")) == 1
     d.journal.close()
 
@@ -270,8 +270,8 @@ async def test_a_journal_that_refuses_records_is_a_visible_failed_state(
     d = Daemon(make_config(tmp_path), log=log)
     d.state = d.journal.load()
     d.policy.journal = d.state
-    d._last_cycle_wall = d.wall()
-    assert d._healthz()[0]
+    d.last_cycle_wall = d.wall()
+    assert d.views.healthz()[0]
     real_append = d.journal.append
 
     def full_disk(rec: dict[str, Any]) -> None:
@@ -287,18 +287,20 @@ async def test_a_journal_that_refuses_records_is_a_visible_failed_state(
     assert not d.state.paused  # nothing acted on what was not journaled
     # A failover (here: a manual one) is refused before it starts, not "started" and lost.
     with pytest.raises(JournalError):
-        d._start_failover("failover", "manual", "test", forced=True)
-    assert d.runner is None and d.runner_task is None and d.state.failovers == []
+        d.sequences.start_failover("failover", "manual", "test", forced=True)
+    assert (
+        d.sequences.runner is None and d.sequences.runner_task is None and d.state.failovers == []
+    )
     (event,) = log.named("journal_write_failed")  # once, not once per refused record
     assert "No space left on device" in event["error"] and event["record"] == "pause"
     assert [lvl for lvl, e, _ in log.entries if e == "journal_write_failed"] == ["error"]
-    ok, why = d._healthz()
+    ok, why = d.views.healthz()
     assert not ok and why.startswith("journal cannot be written: ")
     assert d.status()["journal_error"] is not None
 
     monkeypatch.setattr(d.journal, "append", real_append)
     await d.handle_command("pause", {"reason": "window"}, peer)
-    assert d.state.paused and d._healthz()[0] and d.status()["journal_error"] is None
+    assert d.state.paused and d.views.healthz()[0] and d.status()["journal_error"] is None
     assert len(log.named("journal_writable_again")) == 1
     d.journal.close()
 
@@ -323,7 +325,7 @@ async def test_a_probe_raising_anything_is_its_own_failed_observation(
     tmp_path: Path, exc: BaseException
 ) -> None:
     d = Daemon(make_config(tmp_path), log=Log())
-    obs = await d._bounded(Exploding(exc))
+    obs = await d.cycle.bounded(Exploding(exc))
     assert not obs.ok and obs.sees_primary is None  # a witness abstains
     assert obs.target == "w1" and obs.probe == "witness"
     assert obs.detail.startswith(f"probe error: {type(exc).__name__}")

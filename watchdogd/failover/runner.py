@@ -11,7 +11,7 @@ The same runner executes failovers (and switchovers) and fences (the
 journaled under its own record types and events (``fence_started``,
 ``fence_step_completed``, ``fence_failed`` …): it is never a failover in the
 history, the metrics or the cooldown, and it is never resumed after a restart
-(see ``Daemon._close_unfinished_fence``).
+(see ``watchdogd.daemon.sequences``).
 
 A plan resumed after a crash skips the steps the journal shows as done. A step
 that was started but never finished is run again only when it is idempotent
