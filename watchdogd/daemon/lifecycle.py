@@ -35,7 +35,7 @@ from watchdogd.engines import Engine
 from watchdogd.events import Bus, log_subscriber
 from watchdogd.failover.journal import Journal, JournalError, JournalState, apply
 from watchdogd.logging import Secrets, setup_logging
-from watchdogd.metrics import Metrics, make_app, start_http
+from watchdogd.metrics import Metrics, make_app, raise_fd_limit, start_http
 from watchdogd.notify import Notifier
 from watchdogd.policy import Policy
 from watchdogd.systemd import SystemdNotifier, watchdog_advice
@@ -92,6 +92,9 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
+        # Before anything opens a descriptor: systemd's soft limit of 1024 is what a
+        # flood of HTTP connections would otherwise exhaust (journal, probes, socket).
+        raise_fd_limit()
         self.journal.lock()
         self.state = self.journal.load()
         # Found out now, not when the first failover cannot record its first step.
@@ -109,10 +112,11 @@ class Daemon:
                 self.metrics,
                 self.views.healthz,
                 extra_routes=[web.get("/primary", self.views.witness)],
+                secrets=self.secrets,
             )
             self._http = await start_http(app, cfg.metrics.host, cfg.metrics.port)
         self._control = ControlServer(
-            cfg.control, self.handle_command, self.log, secrets=cfg.secrets
+            cfg.control, self.handle_command, self.log, secrets=self.secrets
         )
         await self._control.start()
         await self.notifier.start()
