@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib
 import re
+import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,3 +323,37 @@ def test_the_key_scan_sees_the_parser() -> None:
         "cloud66",  # a provider section, from the actions registry
     }
     assert expected <= set(keys), f"the scan missed {sorted(expected - set(keys))}"
+
+
+# --------------------------------------------------------------------------- README links
+
+
+def slug(heading: str) -> str:
+    """The anchor Python-Markdown's toc (as MkDocs uses it) gives a heading."""
+    text = unicodedata.normalize("NFKD", re.sub(r"`|\*", "", heading))
+    text = re.sub(r"[^\w\s-]", "", text.encode("ascii", "ignore").decode()).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def anchors(markdown: str) -> set[str]:
+    text = re.sub(r"```.*?```", "", markdown, flags=re.S)  # no headings in code
+    return {slug(m) for m in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.M)}
+
+
+def test_the_readme_links_lead_somewhere() -> None:
+    """``mkdocs build --strict`` checks the links inside docs/; the README is not part of
+    the site, so its relative links (and their anchors) are checked here."""
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    broken: list[str] = []
+    for link in links:
+        if re.match(r"[a-z]+:", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = ROOT / path if path else ROOT / "README.md"
+        if not target.exists():
+            broken.append(f"{link}: no such file")
+        elif anchor and anchor not in anchors(target.read_text()):
+            broken.append(f"{link}: no heading with anchor #{anchor}")
+    assert links, "the README links to nothing"
+    assert not broken, "README links:\n  " + "\n  ".join(broken)
