@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from watchdogd import __version__
 from watchdogd import config as configmod
-from watchdogd.failover.journal import Journal, JournalLocked, plan_repair, write_repair
+from watchdogd.state.journal import Journal, JournalLocked, plan_repair, write_repair
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -107,8 +107,8 @@ def run(path: str) -> int:
         return EXIT_CONFIG
     from watchdogd.control import ControlSocketError
     from watchdogd.daemon import Daemon
-    from watchdogd.failover.journal import JournalError
     from watchdogd.metrics import MetricsServerError
+    from watchdogd.state.journal import JournalError
 
     try:
         asyncio.run(Daemon(cfg).run())

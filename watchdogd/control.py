@@ -57,12 +57,13 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 # Not watchdogd.logging: watchdogctl imports this module and must not need structlog.
-from watchdogd.config import mask, mask_value
+from watchdogd.core.errors import WatchdogdError
+from watchdogd.core.secrets import mask, mask_value
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
-    from watchdogd.config import ControlConfig
+    from watchdogd.core.model import ControlConfig
 
 MAX_LINE = 64 * 1024
 IDLE_TIMEOUT = 10.0
@@ -111,17 +112,17 @@ class Peer:
     groups: frozenset[int] | None = None
 
 
-class CommandError(Exception):
+class CommandError(WatchdogdError):
     """A request is refused; the message (one sentence) is sent to the client as is.
 
     The daemon's handler raises it to refuse a command ("already paused")."""
 
 
-class ControlSocketError(Exception):
+class ControlSocketError(WatchdogdError):
     """The control socket cannot be set up safely; the message is one line."""
 
 
-class ControlUnavailable(Exception):
+class ControlUnavailable(WatchdogdError):
     """``request()`` could not get a reply from the daemon."""
 
     def __init__(self, path: str, reason: str, errno: int | None = None) -> None:

@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from watchdogd.config import parse_duration
 from watchdogd.control import (
     COMMANDS,
     CommandError,
@@ -30,6 +29,7 @@ from watchdogd.control import (
     request,
     validate_args,
 )
+from watchdogd.core.units import parse_duration
 
 DEFAULT_SOCKET = "/run/watchdogd/control.sock"
 SOCKET_ENV = "WATCHDOGD_SOCKET"

@@ -45,7 +45,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from watchdogd import __version__
-from watchdogd.logging import Secrets, as_secrets
+from watchdogd.core.errors import WatchdogdError
+from watchdogd.core.secrets import Secrets, as_secrets
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -65,7 +66,7 @@ MAX_HTTP_CONNECTIONS = 64
 KEEPALIVE_TIMEOUT = 5.0
 
 
-class MetricsServerError(Exception):
+class MetricsServerError(WatchdogdError):
     """The metrics endpoint could not be started; the message is one clear line."""
 
 

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from watchdogd.config import WebhookConfig
-from watchdogd.logging import Secrets, as_secrets
+from watchdogd.core.model import WebhookConfig
+from watchdogd.core.secrets import Secrets, as_secrets
 
 EVENTS = frozenset(
     {

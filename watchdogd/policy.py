@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from watchdogd.config import Config, FailoverConfig, ProbeConfig, StepConfig
+from watchdogd.core.model import Config, FailoverConfig, ProbeConfig, StepConfig
 from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT, Verdict
-from watchdogd.failover.journal import FailoverRecord, JournalState
 from watchdogd.probes import Observation
+from watchdogd.state.journal import FailoverRecord, JournalState
 
 WATCHING, SUSPECTED, FAILING_OVER, FAILED_OVER = (
     "watching",

@@ -13,7 +13,8 @@ import pytest
 from tests.integration.engine_checks import check_bounded_when_sigstopped, eventually
 from tests.support import free_port
 from tests.support import mysql as support
-from watchdogd.config import DatabaseConfig, Section
+from watchdogd.core.model import DatabaseConfig
+from watchdogd.core.section import Section
 from watchdogd.engines import EngineError
 from watchdogd.engines import mysql as engine_mod
 from watchdogd.engines.mysql import MySQLEngine, binlog_pos

@@ -13,7 +13,8 @@ import pytest_asyncio
 
 from tests.support import free_port
 from tests.support.pg import SECRET, eventually
-from watchdogd.config import DatabaseConfig, Section
+from watchdogd.core.model import DatabaseConfig
+from watchdogd.core.section import Section
 from watchdogd.engines import EngineError
 from watchdogd.engines import postgres as pg
 from watchdogd.engines._common import Secret

@@ -15,7 +15,8 @@ from tests.integration import engine_checks
 from tests.integration.engine_checks import check_bounded_when_sigstopped
 from tests.support import free_port
 from tests.support import redis as support
-from watchdogd.config import DatabaseConfig, Section
+from watchdogd.core.model import DatabaseConfig
+from watchdogd.core.section import Section
 from watchdogd.engines import DbStatus, EngineError
 from watchdogd.engines import redis as engine_mod
 from watchdogd.engines.redis import FENCE_MIN_REPLICAS, RedisEngine

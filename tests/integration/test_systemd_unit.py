@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import need, which
-from watchdogd.config import parse_duration
+from watchdogd.core.units import parse_duration
 from watchdogd.systemd import SystemdNotifier
 
 pytestmark = pytest.mark.integration

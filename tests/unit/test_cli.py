@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from watchdogd import cli
-from watchdogd.failover import journal
+from watchdogd.state import journal
 
 
 def config(tmp: Path, metrics_port: int) -> Path:

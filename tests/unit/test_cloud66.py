@@ -17,7 +17,9 @@ from watchdogd import config
 from watchdogd.actions import ActionError, StepContext, validate_step
 from watchdogd.actions import describe as describe_step
 from watchdogd.actions.cloud66 import API_BASE, Cloud66Action, Cloud66Settings, parse
-from watchdogd.config import Config, ConfigError, DatabaseConfig, NodeConfig, Section, StepConfig
+from watchdogd.config import ConfigError
+from watchdogd.core.model import Config, DatabaseConfig, NodeConfig, StepConfig
+from watchdogd.core.section import Section
 
 TOKEN = "c66-secret-token-4f1e9a"
 STACK = "5999b763474b0eafa5fafb64bff0ba80"

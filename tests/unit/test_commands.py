@@ -18,12 +18,12 @@ import yaml
 
 from tests.support import need, which
 from watchdogd import config
-from watchdogd.config import ControlConfig
 from watchdogd.control import CommandError, ControlServer, Peer
+from watchdogd.core.model import ControlConfig
 from watchdogd.daemon import Daemon
 from watchdogd.detector import DOWN, SUSPECT, Verdict
-from watchdogd.failover import journal
 from watchdogd.policy import FAILED, FAILED_OVER, PAUSED, WATCHING
+from watchdogd.state import journal
 
 ROOT = Peer(pid=42, uid=0, gid=0, user="root")
 SECRET = "s3cret-pw"

@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from watchdogd import config
-from watchdogd.config import ConfigError, parse_duration, parse_size
+from watchdogd.config import ConfigError
+from watchdogd.core.secrets import mask
+from watchdogd.core.units import parse_duration, parse_size
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "example.yml"
 
@@ -270,7 +272,7 @@ def test_mask_covers_percent_encoded_and_json_escaped_forms() -> None:
         f"raw {secret} url http://x/?t=p%40ss%20w%2Frd%22%5C "
         'form p%40ss+w%2Frd%22%5C json {"t": "p@ss w/rd\\"\\\\"}'
     )
-    masked = config.mask(text, {secret})
+    masked = mask(text, {secret})
     assert masked == 'raw *** url http://x/?t=*** form *** json {"t": "***"}', masked
 
 

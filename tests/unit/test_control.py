@@ -26,7 +26,6 @@ import structlog
 from structlog.testing import LogCapture
 
 from tests.support import need, which
-from watchdogd.config import ControlConfig
 from watchdogd.control import (
     COMMANDS,
     CommandError,
@@ -39,6 +38,7 @@ from watchdogd.control import (
     request,
     validate_args,
 )
+from watchdogd.core.model import ControlConfig
 
 KNOWN = "status, history, pause, resume, failover, switchover, abort, ack, reload"
 
@@ -893,7 +893,7 @@ async def test_a_connection_lives_only_so_long(rig: Rig) -> None:
 
 
 async def test_every_reply_is_masked_with_the_current_secrets(rig: Rig) -> None:
-    from watchdogd.logging import Secrets
+    from watchdogd.core.secrets import Secrets
 
     secrets = Secrets(["tok-old-7f3a"])
     await rig.start(secrets=secrets)

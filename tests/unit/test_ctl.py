@@ -26,8 +26,8 @@ import structlog
 from structlog.testing import LogCapture
 
 from tests.support import need, which
-from watchdogd.config import ControlConfig
 from watchdogd.control import CommandError, ControlServer, Peer
+from watchdogd.core.model import ControlConfig
 from watchdogd.ctl import format_bytes, main, needs_confirmation, render, render_status
 
 REPO = Path(__file__).resolve().parents[2]

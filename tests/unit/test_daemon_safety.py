@@ -17,8 +17,8 @@ from watchdogd import config
 from watchdogd.control import CommandError, Peer
 from watchdogd.daemon import Daemon
 from watchdogd.detector import DOWN, HEALTHY, SUSPECT, Verdict
-from watchdogd.failover import journal
-from watchdogd.failover.journal import JournalError, JournalWriteError
+from watchdogd.state import journal
+from watchdogd.state.journal import JournalError, JournalWriteError
 from watchdogd.systemd import SystemdNotifier, watchdog_advice
 
 

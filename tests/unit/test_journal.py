@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from watchdogd.failover import journal
-from watchdogd.failover.journal import (
+from watchdogd.state import journal
+from watchdogd.state.journal import (
     Journal,
     JournalDamaged,
     JournalError,

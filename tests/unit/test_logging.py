@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from watchdogd.logging import Secrets, reset_logging, setup_logging
+from watchdogd.core.secrets import Secrets
+from watchdogd.logging import reset_logging, setup_logging
 
 
 class TTY(io.StringIO):

@@ -357,7 +357,7 @@ def test_dashboard_queries_only_existing_metrics() -> None:
 async def test_every_response_body_is_masked_with_the_current_secrets() -> None:
     from aiohttp import web
 
-    from watchdogd.logging import Secrets
+    from watchdogd.core.secrets import Secrets
 
     secrets = Secrets(["old-tok-1a2b"])
     echo = "Authorization: Bearer new/tok+3c4d (t=new%2Ftok%2B3c4d) old-tok-1a2b"

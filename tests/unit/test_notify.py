@@ -18,8 +18,8 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from tests.support import free_port
-from watchdogd.config import WebhookConfig
-from watchdogd.logging import Secrets
+from watchdogd.core.model import WebhookConfig
+from watchdogd.core.secrets import Secrets
 from watchdogd.notify import EVENTS, Notifier, origin, unknown_events
 
 TOKEN = "tok-6f1d2a9c"

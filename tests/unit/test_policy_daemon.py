@@ -10,16 +10,16 @@ import pytest
 
 from tests.unit.builders import PRIMARY_UP, obs, standby_status
 from watchdogd import config, policy
-from watchdogd.config import ProbeConfig, StepConfig
+from watchdogd.core.model import ProbeConfig, StepConfig
 from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT, Verdict
 from watchdogd.engines import DbStatus
-from watchdogd.failover.journal import FailoverRecord, JournalState, apply
 from watchdogd.policy import (
     UNEXPLAINED,
     Decision,
     Plan,
     StandbyFacts,
 )
+from watchdogd.state.journal import FailoverRecord, JournalState, apply
 
 NAMES = ("main", "failover")
 

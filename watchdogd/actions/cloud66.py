@@ -38,14 +38,16 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from watchdogd.actions import ActionError
-from watchdogd.config import format_duration, mask, template_fields
+from watchdogd.actions import ActionError, template_fields, templated
+from watchdogd.core.secrets import mask
+from watchdogd.core.units import format_duration
 
 if TYPE_CHECKING:
     import aiohttp
 
     from watchdogd.actions import StepContext
-    from watchdogd.config import Config, Section
+    from watchdogd.core.model import Config
+    from watchdogd.core.section import Section
 
 SECTION = "cloud66"
 API_BASE = "https://app.cloud66.com/api/3"
@@ -359,7 +361,7 @@ def _group_state(group: Any, path: str) -> tuple[int, bool]:
 def _uid(s: Section, key: str) -> Any:
     value = s.str(key)
     if isinstance(value, str):
-        s.templated(key, value)
+        templated(s, key, value)
         try:
             has_fields = bool(template_fields(value))
         except ValueError:

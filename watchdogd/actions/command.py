@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from watchdogd.actions import Action, ActionError, StepContext
-from watchdogd.config import Section, template_fields
+from watchdogd.actions import Action, ActionError, StepContext, template_fields, templated
+from watchdogd.core.section import Section
 
 if TYPE_CHECKING:
-    from watchdogd.config import Config
+    from watchdogd.core.model import Config
 
 # Passed through from the daemon's environment: what programs need to run at all.
 INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "HOME")
@@ -149,7 +149,7 @@ def parse(s: Section) -> Action:
     if argv is not None and not argv:
         s.error("must name a program", "argv")
     if argv:
-        s.templated("argv", argv)
+        templated(s, "argv", argv)
         for i in code_arguments(argv):
             try:
                 fields = template_fields(argv[i])
@@ -162,7 +162,7 @@ def parse(s: Section) -> Action:
                     f"argv[{i}]",
                 )
     env = s.str_map("env")
-    s.templated("env", env)
+    templated(s, "env", env)
     cwd = s.str("cwd", None)
     return CommandAction(argv=argv or [], env=env, cwd=cwd)
 

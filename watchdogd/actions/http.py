@@ -16,8 +16,8 @@ from typing import Any
 
 import aiohttp
 
-from watchdogd.actions import Action, ActionError, StepContext
-from watchdogd.config import Section, render_template
+from watchdogd.actions import Action, ActionError, StepContext, render_template, templated
+from watchdogd.core.section import Section
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 _IDEMPOTENT = frozenset({"GET", "PUT", "DELETE", "HEAD"})
@@ -92,21 +92,21 @@ def parse(s: Section) -> Action:
     method = s.choice("method", _METHODS, "POST")
     url = s.str("url")
     if isinstance(url, str):
-        s.templated("url", url)
+        templated(s, "url", url)
     headers = s.str_map("headers")
-    s.templated("headers", headers)
+    templated(s, "headers", headers)
     json_body = s.raw("json")
     body = s.str("body", None, allow_empty=True)
     if json_body is not None and body is not None:
         s.error("give either json or body, not both")
     if json_body is not None:
-        s.templated("json", json_body)
+        templated(s, "json", json_body)
         try:
             json.dumps(json_body)
         except (TypeError, ValueError):
             s.error("must be JSON-serialisable", "json")
     if body is not None:
-        s.templated("body", body)
+        templated(s, "body", body)
     statuses = s.raw("expect_status", [])
     if isinstance(statuses, int):
         statuses = [statuses]

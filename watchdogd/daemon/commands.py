@@ -12,8 +12,8 @@ from watchdogd import policy
 from watchdogd.control import CommandError, Peer
 from watchdogd.daemon.cycle import Latest
 from watchdogd.detector import HEALTHY, Verdict
-from watchdogd.failover import journal as records
-from watchdogd.failover.journal import JournalError
+from watchdogd.state import journal as records
+from watchdogd.state.journal import JournalError
 
 if TYPE_CHECKING:
     from watchdogd.daemon.lifecycle import Daemon

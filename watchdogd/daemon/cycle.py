@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from watchdogd import policy
-from watchdogd.config import Config, NodeConfig
+from watchdogd.core.model import Config, NodeConfig
 from watchdogd.detector import HEALTHY, Cycle, Detector, Verdict
-from watchdogd.failover.journal import JournalError
 from watchdogd.policy import BLOCKED, Decision, StandbyFacts
 from watchdogd.probes import Observation
 from watchdogd.probes.app import AppProbe
 from watchdogd.probes.database import DatabaseProbe
 from watchdogd.probes.witness import WitnessProbe
+from watchdogd.state.journal import JournalError
 
 if TYPE_CHECKING:
     from watchdogd.daemon.lifecycle import Daemon

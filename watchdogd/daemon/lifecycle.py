@@ -23,8 +23,9 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchdogd import __version__, engines, policy
-from watchdogd.config import Config, NodeConfig
 from watchdogd.control import ControlServer, Peer
+from watchdogd.core.model import Config, NodeConfig
+from watchdogd.core.secrets import Secrets
 from watchdogd.daemon import reload as reloading
 from watchdogd.daemon.commands import Commands
 from watchdogd.daemon.cycle import Latest, ProbeCycle, make_detector
@@ -33,11 +34,11 @@ from watchdogd.daemon.subscribers import metrics_subscriber, notify_subscriber
 from watchdogd.daemon.views import Views
 from watchdogd.engines import Engine
 from watchdogd.events import Bus, log_subscriber
-from watchdogd.failover.journal import Journal, JournalError, JournalState, apply
-from watchdogd.logging import Secrets, setup_logging
+from watchdogd.logging import setup_logging
 from watchdogd.metrics import Metrics, make_app, raise_fd_limit, start_http
 from watchdogd.notify import Notifier
 from watchdogd.policy import Policy
+from watchdogd.state.journal import Journal, JournalError, JournalState, apply
 from watchdogd.systemd import SystemdNotifier, watchdog_advice
 
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from watchdogd import config as configmod
 from watchdogd import engines, policy
-from watchdogd.config import Config
 from watchdogd.control import CommandError
+from watchdogd.core.model import Config
 from watchdogd.daemon.cycle import make_detector
 from watchdogd.logging import setup_logging
 from watchdogd.notify import Notifier

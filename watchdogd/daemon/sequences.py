@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from watchdogd import actions, policy
 from watchdogd.actions import Action, StepContext
-from watchdogd.config import StepConfig, mask_value
-from watchdogd.failover import journal as records
-from watchdogd.failover.journal import FailoverRecord, JournalError
+from watchdogd.core.model import StepConfig
+from watchdogd.core.secrets import mask_value
 from watchdogd.failover.runner import Runner
 from watchdogd.policy import FAILING_OVER, Plan, build_plan
+from watchdogd.state import journal as records
+from watchdogd.state.journal import FailoverRecord, JournalError
 
 if TYPE_CHECKING:
     from watchdogd.daemon.lifecycle import Daemon

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from watchdogd import __version__, policy
-from watchdogd.failover.journal import FailoverRecord
 from watchdogd.probes import Observation
+from watchdogd.state.journal import FailoverRecord
 
 if TYPE_CHECKING:
     from watchdogd.daemon.lifecycle import Daemon

@@ -22,11 +22,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from watchdogd.core.errors import WatchdogdError
+
 if TYPE_CHECKING:
-    from watchdogd.config import DatabaseConfig, Section
+    from watchdogd.core.model import DatabaseConfig
+    from watchdogd.core.section import Section
 
 
-class EngineError(Exception):
+class EngineError(WatchdogdError):
     """A database operation failed; the message is one clear line."""
 
 

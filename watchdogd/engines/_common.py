@@ -11,11 +11,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
-from watchdogd.config import mask
+from watchdogd.core.secrets import mask
 from watchdogd.engines import EngineError
 
 if TYPE_CHECKING:
-    from watchdogd.config import Section
+    from watchdogd.core.section import Section
 
 T = TypeVar("T")
 C = TypeVar("C")

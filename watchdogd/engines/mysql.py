@@ -96,7 +96,8 @@ from watchdogd.engines._common import (
 )
 
 if TYPE_CHECKING:
-    from watchdogd.config import DatabaseConfig, Section
+    from watchdogd.core.model import DatabaseConfig
+    from watchdogd.core.section import Section
 
 T = TypeVar("T")
 

@@ -35,7 +35,8 @@ from watchdogd.engines import DbStatus, EngineError
 from watchdogd.engines._common import ConnectionTemplate, confirm_within, validate_password
 
 if TYPE_CHECKING:
-    from watchdogd.config import DatabaseConfig, Section
+    from watchdogd.core.model import DatabaseConfig
+    from watchdogd.core.section import Section
 
 # Errors meaning "this connection is dead", as opposed to "the server said no":
 # a reused connection failing this way is retried once on a fresh one (the

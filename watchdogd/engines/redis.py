@@ -82,7 +82,8 @@ from watchdogd.engines._common import (
 )
 
 if TYPE_CHECKING:
-    from watchdogd.config import DatabaseConfig, Section
+    from watchdogd.core.model import DatabaseConfig
+    from watchdogd.core.section import Section
 
 DEFAULT_PORT = 6379
 EXAMPLE = "redis://:password@host:6379/0"

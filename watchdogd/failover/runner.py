@@ -31,11 +31,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from watchdogd.actions import Action, ActionError, StepContext
-from watchdogd.config import StepConfig
+from watchdogd.core.model import StepConfig
 from watchdogd.engines import EngineError
-from watchdogd.failover import journal
-from watchdogd.failover.journal import FailoverRecord
 from watchdogd.policy import Plan
+from watchdogd.state import journal
+from watchdogd.state.journal import FailoverRecord
 
 Record = Callable[[dict[str, Any]], None]
 Emit = Callable[..., None]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from watchdogd.config import AppConfig
+from watchdogd.core.model import AppConfig
 from watchdogd.probes import BodyTooLarge, Observation, read_capped
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from watchdogd.config import WitnessConfig
+from watchdogd.core.model import WitnessConfig
 from watchdogd.probes import BodyTooLarge, Observation, read_capped
 
 

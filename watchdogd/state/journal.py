@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from watchdogd.core.errors import WatchdogdError
+
 JOURNAL_NAME = "journal.jsonl"
 # The checksum is the line's last key, so it covers every byte before it.
 _CRC = re.compile(r',"crc":"([0-9a-f]{8})"\}$')
@@ -525,7 +527,7 @@ def guess_type(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-class JournalError(Exception):
+class JournalError(WatchdogdError):
     """The journal cannot be used; the message is one line for an operator."""
 
 
