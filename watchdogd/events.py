@@ -31,9 +31,8 @@ class Notify(StrEnum):
     NO = "no"
     # A notification: sent to webhooks, and a name their ``events:`` filter accepts.
     YES = "yes"
-    # Sent to webhooks when any is configured, but not (yet) a filterable name: fence news a
-    # receiver used to get as ``step_failed`` (fence=True), and a journal that refuses
-    # records. Losing that news is worse than an odd event name.
+    # Sent to webhooks when any is configured (a filterable name too): fence news a receiver
+    # used to get as ``step_failed`` (fence=True), and a journal that refuses records.
     UNLISTED = "unlisted"
 
 
@@ -111,7 +110,7 @@ SPECS: Mapping[str, Spec] = MappingProxyType(
 )
 
 # What a webhook's ``events:`` filter may name (notify.EVENTS is this set).
-NOTIFICATIONS = frozenset(name for name, spec in SPECS.items() if spec.notify is Notify.YES)
+NOTIFICATIONS = frozenset(name for name, spec in SPECS.items() if spec.notify is not Notify.NO)
 # An unregistered name is still logged, at info, and never notified.
 _UNKNOWN = _I
 

@@ -14,6 +14,8 @@ Conventions chosen here (documented because alerts depend on them):
   finished (when the standby last became the primary); 0 until then.
 - ``watchdogd_config_last_reload_timestamp_seconds`` is the time of the last *successful*
   load or reload (like Prometheus' own ``..._last_reload_success_timestamp_seconds``).
+- ``watchdogd_journal_writable`` starts at 1 (a daemon whose journal fails its write-test
+  at start does not start) and follows every journal write after that.
 
 The HTTP port is reachable by whoever can reach the host (witnesses make it so), so it
 cannot be allowed to take the daemon's file descriptors (and with them probes, the
@@ -222,6 +224,12 @@ class Metrics:
             c,
             registry=r,
         )
+        self.journal_writable = Gauge(
+            "watchdogd_journal_writable",
+            "1 while the last journal write succeeded, 0 after a failed one.",
+            c,
+            registry=r,
+        )
         self.reload_timestamp = Gauge(
             "watchdogd_config_last_reload_timestamp_seconds",
             "When the config was last loaded or reloaded successfully.",
@@ -247,6 +255,7 @@ class Metrics:
             self.cycle_timestamp,
         ):
             gauge.labels(cluster=cluster).set(0)
+        self.journal_writable.labels(cluster=cluster).set(1)
 
     # ----------------------------------------------------------------------- sense
 
@@ -330,6 +339,9 @@ class Metrics:
         self.reload_success.labels(cluster=self.cluster).set(_flag(ok))
         if ok:
             self.reload_timestamp.labels(cluster=self.cluster).set(timestamp)
+
+    def set_journal_writable(self, writable: bool) -> None:
+        self.journal_writable.labels(cluster=self.cluster).set(_flag(writable))
 
     # ----------------------------------------------------------------------- exposition
 

@@ -28,23 +28,10 @@ import aiohttp
 
 from watchdogd.core.model import WebhookConfig
 from watchdogd.core.secrets import Secrets, as_secrets
+from watchdogd.events import NOTIFICATIONS
 
-EVENTS = frozenset(
-    {
-        "primary_down",
-        "primary_recovered",
-        "failover_started",
-        "step_failed",
-        "failover_completed",
-        "failover_failed",
-        "failover_blocked",
-        "failover_aborted",
-        "paused",
-        "resumed",
-        "split_brain",
-        "partition_suspected",
-    }
-)
+# The names an ``events:`` filter may use; watchdogd.events owns them.
+EVENTS = NOTIFICATIONS
 
 # Receivers that answer these may accept the same request later; other 4xx will not.
 _RETRYABLE_4XX = frozenset({408, 425, 429})

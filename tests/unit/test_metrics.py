@@ -191,6 +191,15 @@ def test_flags_and_gauges() -> None:
     assert value(m, "watchdogd_primary_down_seconds") == 0
 
 
+def test_journal_writable_follows_the_last_write() -> None:
+    m = Metrics("c1")
+    assert value(m, "watchdogd_journal_writable") == 1
+    m.set_journal_writable(False)
+    assert value(m, "watchdogd_journal_writable") == 0
+    m.set_journal_writable(True)
+    assert value(m, "watchdogd_journal_writable") == 1
+
+
 def test_config_reload_keeps_last_success_time() -> None:
     m = Metrics("c1")
     m.config_reloaded(True, 10.0)
