@@ -57,8 +57,8 @@ def format_duration(seconds: float) -> str:
 
 def format_bytes(n: float) -> str:
     """``16_000_000`` → ``16.0 MB``: decimal units, as ``max_lag: 16MB`` is written."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
+    return f"{n:.1f} TB"  # pragma: no cover
