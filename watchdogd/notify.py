@@ -10,6 +10,9 @@ dropped (with a warning): the newest state of the cluster matters most.
 Bodies are ``{"event", "cluster", "ts", ...facts}``; facts are masked with the daemon's
 secrets. Header values (tokens) are sent as configured but never logged, and logs name a
 webhook by its origin (``https://hooks.example.com``) because URL paths often hold tokens.
+
+Its own log events are ``notify.<what>`` (``notify.retrying``, ``notify.gave_up``), in the
+style of ``control.<what>``; bare names (``failover_started``) are the daemon's events.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ class Notifier:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         for problem in unknown_events(webhooks):
-            log.warning("webhook filter names an unknown event", problem=problem)
+            log.warning("notify.unknown_filter_event", problem=problem)
 
     # ----------------------------------------------------------------------- API
 
@@ -127,7 +130,7 @@ class Notifier:
             self._notify(event, facts)
         except Exception as exc:  # a notification must never take a caller down
             self.log.warning(
-                "notification dropped",
+                "notify.dropped",
                 notify_event=event,
                 error=self.secrets.mask(f"{type(exc).__name__}: {exc}"),
             )
@@ -154,9 +157,7 @@ class Notifier:
         await asyncio.gather(*tasks, *joins, return_exceptions=True)
         for d, count in zip(self._deliveries, left, strict=True):
             if count:
-                self.log.warning(
-                    "webhook messages not delivered before shutdown", webhook=d.name, count=count
-                )
+                self.log.warning("notify.undelivered_at_shutdown", webhook=d.name, count=count)
             d.task = None
         if self._session is not None:
             await self._session.close()
@@ -172,11 +173,11 @@ class Notifier:
         targets = [d for d in self._deliveries if d.wants(event)]
         if event not in EVENTS:
             # Still sent: losing a notification is worse than an odd event name.
-            self.log.warning("unknown notification event", notify_event=event)
+            self.log.warning("notify.unknown_event", notify_event=event)
         if not targets:
             return
         if self._closed:
-            self.log.warning("notification after shutdown dropped", notify_event=event)
+            self.log.warning("notify.dropped_after_shutdown", notify_event=event)
             return
         now = self.clock()
         ts = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
@@ -191,7 +192,7 @@ class Notifier:
                 dropped, _ = d.queue.get_nowait()
                 d.queue.task_done()
                 self.log.warning(
-                    "webhook queue full, dropped the oldest message",
+                    "notify.queue_full_dropped_oldest",
                     webhook=d.name,
                     dropped_event=dropped,
                     queue_size=d.queue.maxsize,
@@ -208,7 +209,7 @@ class Notifier:
                 raise
             except Exception as exc:  # keep the worker alive whatever happens
                 self.log.warning(
-                    "webhook delivery crashed",
+                    "notify.delivery_crashed",
                     webhook=d.name,
                     notify_event=event,
                     error=self.secrets.mask(f"{type(exc).__name__}: {exc}"),
@@ -233,7 +234,7 @@ class Notifier:
                     status = resp.status
                     if 200 <= status < 300:
                         self.log.debug(
-                            "webhook delivered",
+                            "notify.delivered",
                             webhook=d.name,
                             notify_event=event,
                             attempt=attempt,
@@ -243,7 +244,7 @@ class Notifier:
                 error = f"HTTP {status}"
                 if 400 <= status < 500 and status not in _RETRYABLE_4XX:
                     self.log.warning(
-                        "webhook rejected the message, not retrying",
+                        "notify.rejected",
                         webhook=d.name,
                         notify_event=event,
                         error=error,
@@ -255,7 +256,7 @@ class Notifier:
                 error = self._describe(d, exc)
             if attempt == self.max_attempts:
                 self.log.warning(
-                    "webhook delivery failed, giving up",
+                    "notify.gave_up",
                     webhook=d.name,
                     notify_event=event,
                     attempts=attempt,
@@ -264,7 +265,7 @@ class Notifier:
                 return
             delay = self._backoff(attempt, retry_after)
             self.log.warning(
-                "webhook delivery failed, will retry",
+                "notify.retrying",
                 webhook=d.name,
                 notify_event=event,
                 attempt=attempt,
