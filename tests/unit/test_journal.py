@@ -449,3 +449,62 @@ def test_repair_refuses_to_forget_a_failover_whose_start_is_damaged(tmp_path: Pa
         repair = plan_repair(data, close_unfinished=close, at=10)
         assert [d.line for d in repair.dropped] == [1]
         assert any("failover(s) F1" in r and "restore that line" in r for r in repair.refusals)
+
+
+# The lines as watchdogd has always written them: journals on disk must keep loading, and
+# a record must keep its bytes (the checksum covers them).
+GOLDEN = [
+    b'{"type":"failover_started","id":"F1","trigger":"automatic","kind":"failover",'
+    b'"reason":"primary down","from":"a","to":"b","steps":["stop_replication","promote"],'
+    b'"forced":false,"at":1.5,"pending":true,"crc":"8de7a8c0"}\n',
+    b'{"type":"fence_started","id":"X1","trigger":"automatic","kind":"fence",'
+    b'"reason":"old primary writable","from":"a","to":"b","steps":["fence"],"forced":false,'
+    b'"at":3,"failover_id":"F1","crc":"cadc6464"}\n',
+    b'{"type":"step_started","id":"F1","step":"promote","action":"promote","attempt":1,'
+    b'"at":4,"crc":"fd684053"}\n',
+    b'{"type":"step_finished","id":"F1","step":"promote","action":"promote","outcome":"ok",'
+    b'"error":null,"detail":"promoted","seconds":0.1235,"at":5,"crc":"bb986474"}\n',
+    b'{"type":"failover_finished","id":"F1","outcome":"completed","error":null,"at":6,'
+    b'"crc":"c8ab9355"}\n',
+    b'{"type":"pause","reason":"upgrade","by":"ops","at":7,"crc":"2c0c6b0f"}\n',
+    b'{"type":"resume","by":"ops","at":8,"crc":"cf35134c"}\n',
+    b'{"type":"ack","id":"F1","primary":"b","standby":"a","at":9,"by":"ops","crc":"b9732ed8"}\n',
+]
+
+
+def test_records_keep_their_bytes_and_round_trip() -> None:
+    records = [
+        journal.sequence_started(
+            "failover", id="F1", trigger="automatic", kind="failover", reason="primary down",
+            from_node="a", to_node="b", steps=["stop_replication", "promote"], at=1.5,
+            pending=True,
+        ),
+        journal.sequence_started(
+            "fence", id="X1", trigger="automatic", kind="fence", reason="old primary writable",
+            from_node="a", to_node="b", steps=["fence"], at=3, failover_id="F1",
+        ),
+        journal.step_started(
+            "failover", id="F1", step="promote", action="promote", attempt=1, at=4
+        ),
+        journal.step_finished(
+            "failover", id="F1", step="promote", action="promote", outcome="ok", at=5,
+            detail="promoted", seconds=0.123456,
+        ),
+        journal.sequence_finished("failover", id="F1", outcome="completed", error=None, at=6),
+        journal.pause(reason="upgrade", by="ops", at=7),
+        journal.resume(by="ops", at=8),
+        journal.ack(id="F1", primary="b", standby="a", at=9, by="ops"),
+    ]  # fmt: skip
+    assert [journal.encode_line(r) for r in records] == GOLDEN
+    for line in GOLDEN:
+        rec = journal.decode_line(line.decode().rstrip("\n"))
+        decoded = journal.decode(rec)
+        assert decoded is not None
+        assert journal.encode(decoded) == rec
+    state = journal.replay([line.decode().rstrip("\n") for line in GOLDEN])
+    assert not state.damaged and not state.problems
+    fo = state.failovers[0]
+    assert (fo.outcome, fo.acked_at, fo.steps[0].outcome) == ("completed", 9, "ok")
+    assert state.fences[0].failover_id == "F1"
+    assert (state.primary, state.paused) == ("b", False)
+    assert state.last_automatic_at is None  # pending: cancellable, no cooldown yet

@@ -13,10 +13,11 @@ the same way under their own record types (``fence_started``, ``fence_step_start
 into ``failovers``: a fence is not a failover (no history entry, no cooldown, never a
 promotion) and is never resumed after a restart.
 
-This module is the one place that encodes records (the functions below the state
-classes) and decodes them (``apply``). ``replay()`` folds the records into a
-``JournalState``; it is pure, so the same function serves the daemon at start-up,
-``history`` and the tests.
+Records are frozen dataclasses (``SequenceStarted``, ``StepFinished``, ``Pause``, ...);
+this module is the one place that encodes them (``encode``, used by the builder functions
+callers write with) and decodes them (``decode``). ``apply`` decodes one record and
+``fold``s it into a ``JournalState``; ``replay()`` does that for every line. It is pure, so
+the same function serves the daemon at start-up, ``history`` and the tests.
 
 Each line carries a CRC-32 of its own bytes (``"crc"``, the last key), so a line
 damaged on disk is told apart from a record that merely looks odd; journals written
@@ -43,7 +44,8 @@ import re
 import shutil
 import time
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +244,171 @@ class JournalState:
         return last if last is not None and last.unfinished else None
 
 
-# ---------------------------------------------------------------------------- encoding
+# ---------------------------------------------------------------------------- records
+#
+# One frozen dataclass per kind of record, and the one place that knows their on-disk
+# form: ``encode`` (record -> the dict written, keys in the order they are written) and
+# ``decode`` (dict read -> record, Damaged when a field replay needs is missing or of the
+# wrong type). Fields replay does not need are read leniently (None when odd), as they
+# always were: an odd ``by`` never made a journal unusable. The builder functions below
+# (``sequence_started``, ``pause``, ...) are what callers write with.
+
+
+@dataclass(frozen=True)
+class SequenceStarted:
+    """``failover_started`` / ``fence_started``: a step sequence begins."""
+
+    sequence: str  # a key of SEQUENCES: failover | fence
+    id: str
+    trigger: str
+    kind: str
+    reason: str
+    from_node: str
+    to_node: str
+    steps: tuple[str, ...]
+    at: float
+    forced: bool = False
+    failover_id: str | None = None  # fence: the failover whose old primary is fenced
+    pending: bool = False  # written before the first step may run (cancellable)
+
+
+@dataclass(frozen=True)
+class StepStarted:
+    sequence: str
+    id: str
+    step: str
+    action: str | None
+    attempt: int | None
+    at: float
+
+
+@dataclass(frozen=True)
+class StepFinished:
+    sequence: str
+    id: str
+    step: str
+    action: str | None
+    outcome: str
+    at: float
+    error: str | None = None
+    detail: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SequenceFinished:
+    sequence: str
+    id: str
+    outcome: str
+    error: str | None
+    at: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pause:
+    reason: str | None
+    by: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class Resume:
+    by: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class Ack:
+    id: str
+    primary: str
+    standby: str
+    at: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+Record = SequenceStarted | StepStarted | StepFinished | SequenceFinished | Pause | Resume | Ack
+
+# Record type -> (sequence, what): "step_finished" -> ("failover", "step_finished").
+_SEQUENCE_TYPES = {
+    name: (sequence, what)
+    for sequence, types in SEQUENCES.items()
+    for what, name in (
+        ("started", types.started),
+        ("step_started", types.step_started),
+        ("step_finished", types.step_finished),
+        ("finished", types.finished),
+    )
+}
+_FINISHED_KEYS = frozenset({"type", "id", "outcome", "error", "at"})
+_ACK_KEYS = frozenset({"type", "id", "primary", "standby", "at"})
+
+
+def encode(record: Record) -> dict[str, Any]:
+    """A record as it is written (one line of JSON; ``encode_line`` adds the checksum)."""
+    if isinstance(record, SequenceStarted):
+        rec: dict[str, Any] = {
+            "type": SEQUENCES[record.sequence].started,
+            "id": record.id,
+            "trigger": record.trigger,
+            "kind": record.kind,
+            "reason": record.reason,
+            "from": record.from_node,
+            "to": record.to_node,
+            "steps": list(record.steps),
+            "forced": record.forced,
+            "at": record.at,
+        }
+        if record.failover_id is not None:
+            rec["failover_id"] = record.failover_id
+        if record.pending:
+            rec["pending"] = True
+        return rec
+    if isinstance(record, StepStarted):
+        return {
+            "type": SEQUENCES[record.sequence].step_started,
+            "id": record.id,
+            "step": record.step,
+            "action": record.action,
+            "attempt": record.attempt,
+            "at": record.at,
+        }
+    if isinstance(record, StepFinished):
+        return {
+            "type": SEQUENCES[record.sequence].step_finished,
+            "id": record.id,
+            "step": record.step,
+            "action": record.action,
+            "outcome": record.outcome,
+            "error": record.error,
+            "detail": record.detail,
+            "seconds": round(record.seconds, 4),
+            "at": record.at,
+        }
+    if isinstance(record, SequenceFinished):
+        return {
+            "type": SEQUENCES[record.sequence].finished,
+            "id": record.id,
+            "outcome": record.outcome,
+            "error": record.error,
+            "at": record.at,
+            **record.extra,
+        }
+    if isinstance(record, Pause):
+        return {"type": "pause", "reason": record.reason, "by": record.by, "at": record.at}
+    if isinstance(record, Resume):
+        return {"type": "resume", "by": record.by, "at": record.at}
+    return {
+        "type": "ack",
+        "id": record.id,
+        "primary": record.primary,
+        "standby": record.standby,
+        "at": record.at,
+        **record.extra,
+    }
+
+
+# ---------------------------------------------------------------------------- writing
 
 
 def sequence_started(
@@ -260,36 +426,28 @@ def sequence_started(
     failover_id: str | None = None,
     pending: bool = False,
 ) -> dict[str, Any]:
-    rec: dict[str, Any] = {
-        "type": SEQUENCES[sequence].started,
-        "id": id,
-        "trigger": trigger,
-        "kind": kind,
-        "reason": reason,
-        "from": from_node,
-        "to": to_node,
-        "steps": steps,
-        "forced": forced,
-        "at": at,
-    }
-    if failover_id is not None:
-        rec["failover_id"] = failover_id
-    if pending:
-        rec["pending"] = True
-    return rec
+    return encode(
+        SequenceStarted(
+            sequence,
+            id=id,
+            trigger=trigger,
+            kind=kind,
+            reason=reason,
+            from_node=from_node,
+            to_node=to_node,
+            steps=tuple(steps),
+            at=at,
+            forced=forced,
+            failover_id=failover_id,
+            pending=pending,
+        )
+    )
 
 
 def step_started(
     sequence: str, *, id: str, step: str, action: str, attempt: int, at: float
 ) -> dict[str, Any]:
-    return {
-        "type": SEQUENCES[sequence].step_started,
-        "id": id,
-        "step": step,
-        "action": action,
-        "attempt": attempt,
-        "at": at,
-    }
+    return encode(StepStarted(sequence, id=id, step=step, action=action, attempt=attempt, at=at))
 
 
 def step_finished(
@@ -304,52 +462,51 @@ def step_finished(
     detail: str | None = None,
     seconds: float = 0.0,
 ) -> dict[str, Any]:
-    return {
-        "type": SEQUENCES[sequence].step_finished,
-        "id": id,
-        "step": step,
-        "action": action,
-        "outcome": outcome,
-        "error": error,
-        "detail": detail,
-        "seconds": round(seconds, 4),
-        "at": at,
-    }
+    return encode(
+        StepFinished(
+            sequence,
+            id=id,
+            step=step,
+            action=action,
+            outcome=outcome,
+            at=at,
+            error=error,
+            detail=detail,
+            seconds=seconds,
+        )
+    )
 
 
 def sequence_finished(
     sequence: str, *, id: str, outcome: str, error: str | None, at: float, **extra: Any
 ) -> dict[str, Any]:
-    return {
-        "type": SEQUENCES[sequence].finished,
-        "id": id,
-        "outcome": outcome,
-        "error": error,
-        "at": at,
-        **extra,
-    }
+    return encode(
+        SequenceFinished(sequence, id=id, outcome=outcome, error=error, at=at, extra=extra)
+    )
 
 
 def pause(*, reason: str, by: str, at: float) -> dict[str, Any]:
-    return {"type": "pause", "reason": reason, "by": by, "at": at}
+    return encode(Pause(reason=reason, by=by, at=at))
 
 
 def resume(*, by: str, at: float) -> dict[str, Any]:
-    return {"type": "resume", "by": by, "at": at}
+    return encode(Resume(by=by, at=at))
 
 
 def ack(*, id: str, primary: str, standby: str, at: float, **extra: Any) -> dict[str, Any]:
-    return {"type": "ack", "id": id, "primary": primary, "standby": standby, "at": at, **extra}
+    return encode(Ack(id=id, primary=primary, standby=standby, at=at, extra=extra))
 
 
-# ---------------------------------------------------------------------------- decoding
+# ---------------------------------------------------------------------------- reading
 
 
 class Damaged(ValueError):
     """A line or a record that cannot be trusted (raised inside replay, never out of it)."""
 
 
-def _field(rec: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+def _field(
+    rec: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...
+) -> Any:
     if key not in rec:
         if default is ...:
             raise Damaged(f"{rec.get('type')}: missing {key!r}")
@@ -365,107 +522,195 @@ def _field(rec: dict[str, Any], key: str, kind: type | tuple[type, ...], default
     return value
 
 
-def _at(rec: dict[str, Any]) -> float:
+def _lenient(rec: Mapping[str, Any], key: str, kind: type) -> Any:
+    """A field replay does not need: its value when of the right type, else None."""
+    value = rec.get(key)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def _at(rec: Mapping[str, Any]) -> float:
     at = float(_field(rec, "at", (int, float), 0.0))
     if not math.isfinite(at):
         raise Damaged(f"{rec.get('type')}: 'at' is not a finite time")
     return at
 
 
-def _names(rec: dict[str, Any]) -> list[str]:
+def _names(rec: Mapping[str, Any]) -> tuple[str, ...]:
     steps = _field(rec, "steps", list, [])
     if not all(isinstance(x, str) for x in steps):
         raise Damaged(f"{rec.get('type')}: 'steps' must be a list of names")
-    return list(steps)
+    return tuple(steps)
 
 
-def apply(state: JournalState, rec: dict[str, Any]) -> None:
-    """Fold one record into the state (unknown record types are ignored: forward
-    compatible). A known record with a missing field or a field of the wrong type
-    raises Damaged before it changes anything."""
+def _type(rec: Mapping[str, Any]) -> str:
     kind = rec.get("type")
     if not isinstance(kind, str):
         raise Damaged("no record type")
+    return kind
+
+
+def decode(rec: Mapping[str, Any]) -> Record | None:
+    """The record a dict read from the journal holds; None for a type this version does
+    not know (forward compatible). Damaged when a field replay needs is missing or of the
+    wrong type; fields are checked in a fixed order, so the first problem is named."""
+    kind = _type(rec)
     at = _at(rec)
     if kind == "pause":
-        state.paused, state.pause_reason = True, _field(rec, "reason", str, None)
-    elif kind == "resume":
-        state.paused, state.pause_reason = False, None
-    elif kind == "failover_started":
-        fo = FailoverRecord(
+        return Pause(reason=_field(rec, "reason", str, None), by=_lenient(rec, "by", str), at=at)
+    if kind == "resume":
+        return Resume(by=_lenient(rec, "by", str), at=at)
+    if kind == "ack":
+        return Ack(
+            id=_field(rec, "id", str),
+            primary=_field(rec, "primary", str),
+            standby=_field(rec, "standby", str),
+            at=at,
+            extra={k: v for k, v in rec.items() if k not in _ACK_KEYS},
+        )
+    if kind not in _SEQUENCE_TYPES:
+        return None
+    sequence, what = _SEQUENCE_TYPES[kind]
+    if what == "started" and sequence == "failover":
+        started = SequenceStarted(
+            sequence,
             id=_field(rec, "id", str),
             trigger=_field(rec, "trigger", str),
             reason=_field(rec, "reason", str, ""),
             from_node=_field(rec, "from", str),
             to_node=_field(rec, "to", str),
-            started_at=at,
-            plan=_names(rec),
+            at=at,
+            steps=_names(rec),
             kind=_field(rec, "kind", str, "failover"),
             forced=_field(rec, "forced", bool, False),
         )
-        pending = _field(rec, "pending", bool, False)
-        state.failovers.append(fo)
-        # A pending failover cancelled before any step ran does not start the cooldown.
-        if fo.trigger == "automatic" and not pending:
-            state.last_automatic_at = at
-    elif kind == "fence_started":
-        state.fences.append(
-            FenceRecord(
-                id=_field(rec, "id", str),
-                failover_id=_field(rec, "failover_id", str, None),
-                reason=_field(rec, "reason", str, ""),
-                from_node=_field(rec, "from", str),
-                to_node=_field(rec, "to", str),
-                started_at=at,
-                plan=_names(rec),
+        return replace(started, pending=_field(rec, "pending", bool, False))
+    if what == "started":
+        return SequenceStarted(
+            sequence,
+            id=_field(rec, "id", str),
+            failover_id=_field(rec, "failover_id", str, None),
+            reason=_field(rec, "reason", str, ""),
+            from_node=_field(rec, "from", str),
+            to_node=_field(rec, "to", str),
+            at=at,
+            steps=_names(rec),
+            trigger=_lenient(rec, "trigger", str) or "",
+            kind=_lenient(rec, "kind", str) or sequence,
+        )
+    if what == "finished":
+        return SequenceFinished(
+            sequence,
+            id=_field(rec, "id", str),
+            outcome=_field(rec, "outcome", str),
+            error=_field(rec, "error", str, None),
+            at=at,
+            extra={k: v for k, v in rec.items() if k not in _FINISHED_KEYS},
+        )
+    if what == "step_started":
+        return StepStarted(
+            sequence,
+            id=_field(rec, "id", str),
+            step=_field(rec, "step", str),
+            action=_field(rec, "action", str, None),
+            attempt=_field(rec, "attempt", int, None),
+            at=at,
+        )
+    seconds = rec.get("seconds")
+    return StepFinished(
+        sequence,
+        id=_field(rec, "id", str),
+        step=_field(rec, "step", str),
+        action=_field(rec, "action", str, None),
+        outcome=_field(rec, "outcome", str),
+        error=_field(rec, "error", str, None),
+        detail=_field(rec, "detail", str, None),
+        at=at,
+        seconds=float(seconds) if isinstance(seconds, int | float) else 0.0,
+    )
+
+
+def apply(state: JournalState, rec: Mapping[str, Any]) -> None:
+    """Fold one record into the state (unknown record types are ignored: forward
+    compatible). A known record with a missing field or a field of the wrong type
+    raises Damaged before it changes anything. A record for a sequence the journal
+    never started is noted in ``problems`` and ignored, whatever its other fields."""
+    kind = _type(rec)
+    _at(rec)
+    if kind == "ack" or _SEQUENCE_TYPES.get(kind, ("", "started"))[1] != "started":
+        # Its sequence first: one the journal never started makes the record moot.
+        fid = _field(rec, "id", str)
+        sequence = "failover" if kind == "ack" else _SEQUENCE_TYPES[kind][0]
+        if _sequence(state, sequence, fid) is None:
+            state.problems.append(f"record for unknown {sequence} {fid!r} ignored")
+            return
+    record = decode(rec)
+    if record is not None:
+        fold(state, record)
+
+
+def _sequence(state: JournalState, sequence: str, id: str) -> FailoverRecord | FenceRecord | None:
+    if sequence == "fence":
+        return next((f for f in reversed(state.fences) if f.id == id), None)
+    return next((f for f in reversed(state.failovers) if f.id == id), None)
+
+
+def fold(state: JournalState, record: Record) -> None:
+    """Fold one decoded record into the state."""
+    if isinstance(record, Pause):
+        state.paused, state.pause_reason = True, record.reason
+    elif isinstance(record, Resume):
+        state.paused, state.pause_reason = False, None
+    elif isinstance(record, SequenceStarted) and record.sequence == "failover":
+        state.failovers.append(
+            FailoverRecord(
+                id=record.id,
+                trigger=record.trigger,
+                reason=record.reason,
+                from_node=record.from_node,
+                to_node=record.to_node,
+                started_at=record.at,
+                plan=list(record.steps),
+                kind=record.kind,
+                forced=record.forced,
             )
         )
-    elif kind in ("fence_step_started", "fence_step_finished", "fence_finished"):
-        fid = _field(rec, "id", str)
-        fence = next((f for f in reversed(state.fences) if f.id == fid), None)
-        if fence is None:
-            state.problems.append(f"record for unknown fence {fid!r} ignored")
-            return
-        if kind == "fence_finished":
-            outcome, error = _field(rec, "outcome", str), _field(rec, "error", str, None)
-            fence.finished_at, fence.outcome, fence.error = at, outcome, error
-        else:
-            _apply_step(fence, kind.removeprefix("fence_"), rec, at)
-    elif kind in ("step_started", "step_finished", "failover_finished", "ack"):
-        fid = _field(rec, "id", str)
-        found = next((f for f in reversed(state.failovers) if f.id == fid), None)
-        if found is None:
-            state.problems.append(f"record for unknown failover {fid!r} ignored")
-            return
-        fo = found
-        if kind in ("step_started", "step_finished"):
-            _apply_step(fo, kind, rec, at)
-        elif kind == "failover_finished":
-            outcome, error = _field(rec, "outcome", str), _field(rec, "error", str, None)
-            fo.finished_at, fo.outcome, fo.error = at, outcome, error
-        else:  # ack
-            primary, standby = _field(rec, "primary", str), _field(rec, "standby", str)
-            fo.acked_at = at
-            state.primary, state.standby = primary, standby
-
-
-def _apply_step(seq: _Steps, kind: str, rec: dict[str, Any], at: float) -> None:
-    name = _field(rec, "step", str)
-    action = _field(rec, "action", str, None)
-    if kind == "step_started":
-        attempt = _field(rec, "attempt", int, None)
-        step = seq.step(name)
-        step.action = action or step.action
-        step.started_at = at if step.started_at is None else step.started_at
-        step.attempts = attempt if attempt is not None else step.attempts + 1
-        step.outcome, step.finished_at = None, None
+        # A pending failover cancelled before any step ran does not start the cooldown.
+        if record.trigger == "automatic" and not record.pending:
+            state.last_automatic_at = record.at
+    elif isinstance(record, SequenceStarted):
+        state.fences.append(
+            FenceRecord(
+                id=record.id,
+                failover_id=record.failover_id,
+                reason=record.reason,
+                from_node=record.from_node,
+                to_node=record.to_node,
+                started_at=record.at,
+                plan=list(record.steps),
+            )
+        )
+    elif isinstance(record, Ack):
+        fo = _sequence(state, "failover", record.id)
+        if isinstance(fo, FailoverRecord):
+            fo.acked_at = record.at
+            state.primary, state.standby = record.primary, record.standby
     else:
-        outcome = _field(rec, "outcome", str)
-        error, detail = _field(rec, "error", str, None), _field(rec, "detail", str, None)
-        step = seq.step(name)
-        step.action = action or step.action
-        step.finished_at, step.outcome = at, outcome
-        step.error, step.detail = error, detail
+        seq = _sequence(state, record.sequence, record.id)
+        if seq is None:
+            return
+        if isinstance(record, SequenceFinished):
+            seq.finished_at, seq.outcome, seq.error = record.at, record.outcome, record.error
+        elif isinstance(record, StepStarted):
+            step = seq.step(record.step)
+            step.action = record.action or step.action
+            step.started_at = record.at if step.started_at is None else step.started_at
+            step.attempts = record.attempt if record.attempt is not None else step.attempts + 1
+            step.outcome, step.finished_at = None, None
+        else:
+            step = seq.step(record.step)
+            step.action = record.action or step.action
+            step.finished_at, step.outcome = record.at, record.outcome
+            step.error, step.detail = record.error, record.detail
 
 
 def decode_line(line: str, *, checksummed: bool = False) -> dict[str, Any]:
