@@ -297,11 +297,14 @@ async def test_a_journal_that_refuses_records_is_a_visible_failed_state(
     ok, why = d.views.healthz()
     assert not ok and why.startswith("journal cannot be written: ")
     assert d.status()["journal_error"] is not None
+    writable = {"cluster": d.config.cluster}
+    assert d.metrics.registry.get_sample_value("watchdogd_journal_writable", writable) == 0
 
     monkeypatch.setattr(d.journal, "append", real_append)
     await d.handle_command("pause", {"reason": "window"}, peer)
     assert d.state.paused and d.views.healthz()[0] and d.status()["journal_error"] is None
     assert len(log.named("journal_writable_again")) == 1
+    assert d.metrics.registry.get_sample_value("watchdogd_journal_writable", writable) == 1
     d.journal.close()
 
 

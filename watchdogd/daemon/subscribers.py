@@ -18,7 +18,8 @@ _RUN_ENDS = frozenset({"failover_completed", "failover_failed", "failover_aborte
 
 def metrics_subscriber(metrics: Metrics, wall: Callable[[], float]) -> Subscriber:
     """Step durations and outcomes; failover (and switchover) outcomes, including a
-    blocked automatic failover. A fence's events are its own and count as neither."""
+    blocked automatic failover; whether the journal can be written. A fence's events
+    are its own and count as neither."""
 
     def observe(event: Event) -> None:
         facts = event.facts
@@ -34,6 +35,8 @@ def metrics_subscriber(metrics: Metrics, wall: Callable[[], float]) -> Subscribe
             )
         elif event.name == "failover_blocked":
             metrics.failover_finished("automatic", "blocked", wall())
+        elif event.name in ("journal_write_failed", "journal_writable_again"):
+            metrics.set_journal_writable(event.name == "journal_writable_again")
 
     return observe
 
