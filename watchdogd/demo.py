@@ -43,7 +43,7 @@ from aiohttp import web
 
 from watchdogd import config as configmod
 from watchdogd.control import CommandError, Peer
-from watchdogd.core.units import format_duration, parse_duration
+from watchdogd.core.units import format_bytes, format_duration, parse_duration
 from watchdogd.daemon import Daemon
 from watchdogd.demoapp import DemoApp
 from watchdogd.lab import LabError, PgPair, PgServer, find_pg_bin, free_port, lab_root
@@ -794,13 +794,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    if n < 1000:
-        return f"{n} B"
-    if n < 1_000_000:
-        return f"{n / 1000:.1f} kB"
-    return f"{n / 1_000_000:.1f} MB"
+    return "?" if n is None else format_bytes(n)
 
 
 def _fmt_obs(obs: Any) -> str:

@@ -29,11 +29,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from watchdogd.core.events import NOTIFICATIONS
 from watchdogd.core.model import WebhookConfig
 from watchdogd.core.secrets import Secrets, as_secrets
-from watchdogd.events import NOTIFICATIONS
 
-# The names an ``events:`` filter may use; watchdogd.events owns them.
+# The names an ``events:`` filter may use; watchdogd.core.events owns them.
 EVENTS = NOTIFICATIONS
 
 # Receivers that answer these may accept the same request later; other 4xx will not.

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from watchdogd.core.model import Config, FailoverConfig, ProbeConfig, StepConfig
+from watchdogd.core.units import format_bytes
 from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT, Verdict
 from watchdogd.probes import Observation
 from watchdogd.state.journal import FailoverRecord, JournalState
@@ -66,15 +67,6 @@ class Plan:
     to_node: str
     steps: tuple[StepConfig, ...]
     forced: bool = False
-
-
-def format_bytes(n: float) -> str:
-    """Decimal units, as ``max_lag: 16MB`` is written in the config."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
 
 
 class Policy:

@@ -26,7 +26,7 @@ DOCS = ROOT / "docs"
 PACKAGE = Path(watchdogd.__file__).resolve().parent
 
 # Where the event registry may live (it is moving towards watchdogd/core/).
-EVENT_MODULES = ("watchdogd.events", "watchdogd.core.events")
+EVENT_MODULES = ("watchdogd.core.events",)
 
 
 # --------------------------------------------------------------------------- markdown

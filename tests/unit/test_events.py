@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from watchdogd import events, notify
-from watchdogd.events import Bus, Event, Level, Notify
+from watchdogd import notify
+from watchdogd.core import events
+from watchdogd.core.events import Bus, Event, Level, Notify
 
-SOURCE = Path(events.__file__).parent
+SOURCE = Path(notify.__file__).parent  # the watchdogd package
 
 
 class Log:

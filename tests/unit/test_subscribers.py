@@ -7,9 +7,9 @@ from typing import Any
 
 from watchdogd import config
 from watchdogd.control import Peer
+from watchdogd.core.events import Event
 from watchdogd.daemon import Daemon
 from watchdogd.daemon.subscribers import metrics_subscriber
-from watchdogd.events import Event
 from watchdogd.metrics import Metrics
 
 

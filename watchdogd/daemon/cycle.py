@@ -16,7 +16,7 @@ from watchdogd import policy
 from watchdogd.core.model import Config, NodeConfig
 from watchdogd.detector import HEALTHY, Cycle, Detector, Verdict
 from watchdogd.policy import BLOCKED, Decision, StandbyFacts
-from watchdogd.probes import Observation
+from watchdogd.probes import Observation, Probe
 from watchdogd.probes.app import AppProbe
 from watchdogd.probes.database import DatabaseProbe
 from watchdogd.probes.witness import WitnessProbe
@@ -75,7 +75,7 @@ class ProbeCycle:
         d, cfg = self.d, self.d.config
         at = d.clock()
         primary, standby = d.roles()
-        probes: list[Any] = [
+        probes: list[Probe] = [
             DatabaseProbe(primary.name, d.engines[primary.name], cfg.probe.timeout, d.clock),
             DatabaseProbe(standby.name, d.engines[standby.name], cfg.probe.timeout, d.clock),
         ]

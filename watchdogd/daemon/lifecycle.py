@@ -24,6 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchdogd import __version__, engines, policy
 from watchdogd.control import ControlServer, Peer
+from watchdogd.core.events import Bus, log_subscriber
 from watchdogd.core.model import Config, NodeConfig
 from watchdogd.core.secrets import Secrets
 from watchdogd.daemon import reload as reloading
@@ -33,7 +34,6 @@ from watchdogd.daemon.sequences import Sequences
 from watchdogd.daemon.subscribers import metrics_subscriber, notify_subscriber
 from watchdogd.daemon.views import Views
 from watchdogd.engines import Engine
-from watchdogd.events import Bus, log_subscriber
 from watchdogd.logging import setup_logging
 from watchdogd.metrics import Metrics, make_app, raise_fd_limit, start_http
 from watchdogd.notify import Notifier
@@ -243,11 +243,8 @@ class Daemon:
     async def advise(self) -> None:
         """Log the engines' warnings about settings that weaken our decisions."""
         for node in self.config.nodes:
-            advise = getattr(self.engines[node.name], "advise", None)
-            if advise is None:
-                continue
             try:
-                lines = await advise(
+                lines = await self.engines[node.name].advise(
                     self.config.failover.outage_threshold, self.config.probe.timeout * 4
                 )
             except Exception as exc:  # advice is best effort; the probes report outages
@@ -307,7 +304,7 @@ class Daemon:
         apply(self.state, rec)
 
     def emit(self, event: str, /, **facts: Any) -> None:
-        """Tell every subscriber (log, metrics, webhooks): see ``watchdogd.events``."""
+        """Tell every subscriber (log, metrics, webhooks): see ``watchdogd.core.events``."""
         self.bus.emit(event, **facts)
 
     # ------------------------------------------------------------------ the public face

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from watchdogd.events import Event, Notify, Subscriber
+from watchdogd.core.events import Event, Notify, Subscriber
 from watchdogd.metrics import Metrics
 
 if TYPE_CHECKING:
