@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from watchdogd.config import format_duration, parse_duration
+from watchdogd.core.units import format_duration, parse_duration
 from watchdogd.demo import FIVE_STEPS, NO_POSTGRES, NODE_A, NODE_B, DemoError, Lab, LabSettings
 from watchdogd.lab import find_pg_bin, make_template
 

@@ -49,7 +49,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from watchdogd.config import format_duration, parse_duration
+from watchdogd.core.units import format_duration, parse_duration
 from watchdogd.demo import NO_POSTGRES
 from watchdogd.demoapp import DemoApp
 from watchdogd.lab import PgPair, find_pg_bin, free_port, lab_root

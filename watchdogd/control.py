@@ -14,16 +14,25 @@ Validation happens here, before the daemon's handler is called: the handler gets
 a known command name and an args dict holding every declared argument (defaults
 filled in, optional ones without a default as ``None``).
 
-Authorisation (SO_PEERCRED, groups resolved with pwd/grp on every request):
+Authorisation, from the kernel's view of the peer at connect time (SO_PEERCRED for
+uid/gid, SO_PEERGROUPS for its supplementary groups: no user-database lookup, so
+nothing blocks the event loop per connection; names in the config are resolved once,
+at start):
 
 - full access: root, the daemon's own uid, ``allow_users``, members (primary or
   supplementary) of ``allow_groups``;
 - read-only commands (status, history): members of ``read_groups``; when
   ``read_groups`` is empty, anyone who can connect. The socket's mode (0660 by
   default; config forbids bits for others) already limits who can connect to
-  the socket's owner and group, so an empty ``read_groups`` means "the socket's
-  group may look";
-- everyone else gets ``permission denied``, and a warning is logged.
+  the socket's owner and group (``control.group``, else the daemon's own), so an
+  empty ``read_groups`` means "the socket's group may look";
+- everyone else gets ``permission denied``, a warning is logged, and the
+  connection is closed.
+
+Nobody without full access can lock operators out: such peers share at most
+``max_connections - reserved`` slots, each uid at most ``per_uid`` of them, and
+every connection is closed after ``max_lifetime`` seconds (between requests).
+Every reply is masked with the daemon's current secrets, here, in one place.
 """
 
 from __future__ import annotations
@@ -40,20 +49,34 @@ import socket
 import stat
 import struct
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+# Not watchdogd.logging: watchdogctl imports this module and must not need structlog.
+from watchdogd.core.errors import WatchdogdError
+from watchdogd.core.secrets import mask, mask_value
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
-    from watchdogd.config import ControlConfig
+    from watchdogd.core.model import ControlConfig
 
 MAX_LINE = 64 * 1024
 IDLE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
+# Slots only full-access peers (root, the daemon's user, allow_users/allow_groups) may
+# take, and what one uid without full access may hold: an operator can always get in.
+RESERVED_FOR_FULL = 16
+MAX_PER_UID = 8
+# A connection is closed after this long (checked between requests): a client sending a
+# line every few seconds cannot keep its slot forever.
+MAX_LIFETIME = 300.0
+# linux/socket.h; Python's socket module does not name it.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 # Generous, so a burst of clients queues instead of being refused by the kernel.
 BACKLOG = 1024
 # Replies (a long history) may be far larger than requests.
@@ -63,30 +86,43 @@ MAX_SOCKET_PATH = 107
 MAX_TEXT = 1000
 
 Access = Literal["full", "read", "none"]
+
+
+class SecretsHolder(Protocol):
+    """The daemon's ``watchdogd.logging.Secrets``: the secrets of the config loaded now."""
+
+    @property
+    def values(self) -> frozenset[str]: ...
+
+
 Handler = Callable[[str, dict[str, Any], "Peer"], Awaitable[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
 class Peer:
-    """Who is on the other end of a connection (from SO_PEERCRED)."""
+    """Who is on the other end of a connection (from SO_PEERCRED).
+
+    ``groups`` are its supplementary groups as the kernel saw them at connect time;
+    None when unknown (then group checks fall back to the user database)."""
 
     pid: int
     uid: int
     gid: int
     user: str | None
+    groups: frozenset[int] | None = None
 
 
-class CommandError(Exception):
+class CommandError(WatchdogdError):
     """A request is refused; the message (one sentence) is sent to the client as is.
 
     The daemon's handler raises it to refuse a command ("already paused")."""
 
 
-class ControlSocketError(Exception):
+class ControlSocketError(WatchdogdError):
     """The control socket cannot be set up safely; the message is one line."""
 
 
-class ControlUnavailable(Exception):
+class ControlUnavailable(WatchdogdError):
     """``request()`` could not get a reply from the daemon."""
 
     def __init__(self, path: str, reason: str, errno: int | None = None) -> None:
@@ -288,6 +324,9 @@ class ControlServer:
     The handler returns the result object or raises CommandError to refuse. It is
     cancelled if the server stops mid-request, so long work belongs in the
     daemon's own tasks, not inline in the handler.
+
+    ``secrets`` is best the daemon's ``Secrets`` holder: replies are then masked with
+    the secrets of the config loaded now, not those of the config at start.
     """
 
     def __init__(
@@ -299,7 +338,10 @@ class ControlServer:
         max_line: int = MAX_LINE,
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
-        secrets: frozenset[str] = frozenset(),
+        reserved: int = RESERVED_FOR_FULL,
+        per_uid: int = MAX_PER_UID,
+        max_lifetime: float = MAX_LIFETIME,
+        secrets: SecretsHolder | Iterable[str] = (),
     ) -> None:
         self.config = config
         self.handler = handler
@@ -307,13 +349,31 @@ class ControlServer:
         self.max_line = max_line
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
-        self.secrets = secrets
+        self.reserved = min(reserved, max_connections)
+        self.per_uid = per_uid
+        self.max_lifetime = max_lifetime
+        self._secrets: SecretsHolder = (
+            _Fixed(frozenset(secrets))
+            if isinstance(secrets, set | frozenset | list | tuple)
+            else secrets  # type: ignore[assignment]
+        )
         self.path = config.socket
         self._server: asyncio.AbstractServer | None = None
         self._identity: tuple[int, int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Connections of peers without full access, per uid (the reserve is theirs not).
+        self._limited: Counter[int] = Counter()
         self._stopping = False
         self._own_uid = os.geteuid()
+        # Config names resolved once, at start (a lookup may block: NSS, LDAP).
+        self._allow_uids: frozenset[int] = frozenset()
+        self._allow_gids: frozenset[int] = frozenset()
+        self._read_gids: frozenset[int] = frozenset()
+        self._names: dict[int, str | None] = {}
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        return self._secrets.values
 
     @property
     def connections(self) -> int:
@@ -330,10 +390,12 @@ class ControlServer:
             raise ControlSocketError(
                 f"control socket path {self.path} is too long (at most {MAX_SOCKET_PATH} bytes)"
             )
-        _prepare_directory(path.parent)
+        gid = self._socket_group()
+        self._resolve_names()
+        _prepare_directory(path.parent, gid)
         if _clear_stale(path):
             self.log.info("control.stale_socket_replaced", socket=self.path)
-        sock = _bind(path, self.config.mode)
+        sock = _bind(path, self.config.mode, gid, self.config.group)
         try:
             st = os.stat(path)
             self._identity = (st.st_dev, st.st_ino)
@@ -346,7 +408,40 @@ class ControlServer:
             raise
         for problem in self._unknown_names():
             self.log.warning("control.config_name_unknown", problem=problem)
-        self.log.info("control.listening", socket=self.path, mode=f"{self.config.mode:04o}")
+        self.log.info(
+            "control.listening",
+            socket=self.path,
+            mode=f"{self.config.mode:04o}",
+            group=self.config.group,
+        )
+
+    def _socket_group(self) -> int | None:
+        """The gid ``control.group`` names; None to keep the daemon's own group."""
+        name = self.config.group
+        if name is None:
+            return None
+        try:
+            gid = grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise ControlSocketError(f"control.group: no such group {name!r}") from None
+        if gid == os.getegid():
+            # Operators would have to join the group that can read the config and the
+            # *_file secrets: the very thing control.group exists to avoid.
+            raise ControlSocketError(
+                f"control.group: {name!r} is the daemon's own group; name a group for "
+                "operators (e.g. watchdogctl) or leave control.group unset"
+            )
+        return gid
+
+    def _resolve_names(self) -> None:
+        cfg = self.config
+        uids = set()
+        for user in cfg.allow_users:
+            with contextlib.suppress(KeyError):
+                uids.add(pwd.getpwnam(user).pw_uid)
+        self._allow_uids = frozenset(uids)
+        self._allow_gids = _gids(cfg.allow_groups)
+        self._read_gids = _gids(cfg.read_groups)
 
     async def stop(self) -> None:
         """Stop listening, drop open connections, remove the socket file."""
@@ -395,13 +490,21 @@ class ControlServer:
         cfg = self.config
         if peer.uid in (0, self._own_uid):
             return "full"
-        if peer.user is not None and peer.user in cfg.allow_users:
+        if peer.uid in self._allow_uids or (peer.user is not None and peer.user in cfg.allow_users):
             return "full"
-        if _member_of_any(peer, cfg.allow_groups):
+        if self._member_of_any(peer, cfg.allow_groups, self._allow_gids):
             return "full"
-        if not cfg.read_groups or _member_of_any(peer, cfg.read_groups):
+        if not cfg.read_groups or self._member_of_any(peer, cfg.read_groups, self._read_gids):
             return "read"
         return "none"
+
+    def _member_of_any(self, peer: Peer, names: tuple[str, ...], gids: frozenset[int]) -> bool:
+        if not names:
+            return False
+        if peer.groups is not None:
+            # The kernel's view at connect time: what the peer's process really holds.
+            return bool(({peer.gid} | peer.groups) & gids)
+        return _member_in_user_database(peer, names)
 
     # -- connections
 
@@ -410,26 +513,32 @@ class ControlServer:
         if task is None or self._stopping:  # accepted just before stop(): not served
             writer.close()
             return
-        if len(self._tasks) >= self.max_connections:
-            self.log.warning("control.busy", connections=len(self._tasks))
-            with contextlib.suppress(OSError):
-                writer.write(
-                    _encode(
-                        _error(
-                            f"busy: too many control connections (limit {self.max_connections}); "
-                            "try again shortly"
-                        )
-                    )
-                )
+        peer = _peer(writer)
+        if peer is None:
+            self.log.error("control.no_peer_credentials")
             writer.close()
             return
+        level = self.access(peer)
+        refusal = self._admit(peer, level)
+        if refusal is not None:
+            self.log.warning(
+                "control.busy",
+                connections=len(self._tasks),
+                uid=peer.uid,
+                pid=peer.pid,
+                access=level,
+            )
+            with contextlib.suppress(OSError):
+                writer.write(_encode(_error(refusal)))
+            writer.close()
+            return
+        limited = level != "full"
         self._tasks.add(task)
+        if limited:
+            self._limited[peer.uid] += 1
         try:
-            peer = _peer(writer)
-            if peer is None:
-                self.log.error("control.no_peer_credentials")
-                return
-            await self._serve(reader, writer, peer)
+            peer = await self._named(peer)
+            await self._serve(reader, writer, peer, level)
         except _Gone:
             pass
         except asyncio.CancelledError:
@@ -441,15 +550,61 @@ class ControlServer:
             self.log.error("control.connection_failed", error=self._mask(_one_line(exc)))
         finally:
             self._tasks.discard(task)
+            if limited:
+                self._limited[peer.uid] -= 1
+                if self._limited[peer.uid] <= 0:
+                    del self._limited[peer.uid]
             writer.close()
 
+    def _admit(self, peer: Peer, level: Access) -> str | None:
+        """None to serve this connection, else the one-line reason it is not served."""
+        if len(self._tasks) >= self.max_connections:
+            return (
+                f"busy: too many control connections (limit {self.max_connections}); "
+                "try again shortly"
+            )
+        if level == "full":
+            return None
+        if sum(self._limited.values()) >= self.max_connections - self.reserved:
+            return (
+                "busy: the remaining control connections are reserved for operators "
+                "with full access; try again shortly"
+            )
+        if self._limited[peer.uid] >= self.per_uid:
+            return (
+                f"busy: too many control connections from uid {peer.uid} "
+                f"(limit {self.per_uid}); close some and try again"
+            )
+        return None
+
+    async def _named(self, peer: Peer) -> Peer:
+        """``peer`` with its user name, looked up off the event loop (NSS may block)."""
+        if peer.uid not in self._names:
+            try:
+                async with asyncio.timeout(2):
+                    self._names[peer.uid] = await asyncio.to_thread(_user_name, peer.uid)
+            except TimeoutError:
+                return peer  # unnamed this time; asked again next connection
+            if len(self._names) > 4096:  # bounded: uids are few, but not trusted to be
+                self._names.pop(next(iter(self._names)))
+        return Peer(peer.pid, peer.uid, peer.gid, self._names[peer.uid], peer.groups)
+
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: Peer,
+        level: Access = "full",
     ) -> None:
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + self.max_lifetime
         while True:
             last = False
+            left = ends - loop.time()
             try:
-                async with asyncio.timeout(self.idle_timeout):
+                if left <= 0:
+                    raise _TooOld
+                async with asyncio.timeout(min(self.idle_timeout, left)):
                     line = await reader.readuntil(b"\n")
             except asyncio.IncompleteReadError as exc:
                 # The client half-closed: answer a final unterminated line, if any.
@@ -465,18 +620,24 @@ class ControlServer:
                     ),
                 )
                 return
-            except TimeoutError:
-                await self._send(
-                    writer,
-                    _error(
+            except (TimeoutError, _TooOld):
+                if loop.time() >= ends:
+                    message = (
+                        f"connection open longer than {self.max_lifetime:g}s; "
+                        "closing it (connect again)"
+                    )
+                else:
+                    message = (
                         f"no complete request within {self.idle_timeout:g}s; closing the connection"
-                    ),
-                )
+                    )
+                await self._send(writer, _error(message))
                 return
             except OSError:
                 return
-            await self._send(writer, await self.respond(line, peer))
-            if last:
+            reply, denied = await self._reply(line, peer, level)
+            await self._send(writer, reply)
+            if last or denied:
+                # A refused peer gets nothing more here: it must not keep a slot.
                 return
 
     async def _send(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
@@ -489,11 +650,28 @@ class ControlServer:
             raise _Gone from None
 
     async def respond(self, line: bytes, peer: Peer) -> dict[str, Any]:
-        """The reply to one request line from ``peer``."""
+        """The reply to one request line from ``peer``, masked with the current secrets."""
+        reply, _ = await self._reply(line, peer, None)
+        return reply
+
+    async def _reply(
+        self, line: bytes, peer: Peer, level: Access | None
+    ) -> tuple[dict[str, Any], bool]:
+        """The masked reply, and whether it was a permission refusal."""
+        reply = await self._respond(line, peer, level)
+        if reply is _DENIED:
+            return {"ok": False, "error": "permission denied"}, True
+        # One place for every reply: a probe detail or handler error echoing a token (an
+        # app health endpoint returning its Authorization header) never reaches a peer.
+        masked: dict[str, Any] = mask_value(reply, self._secrets.values)
+        return masked, False
+
+    async def _respond(self, line: bytes, peer: Peer, level: Access | None) -> dict[str, Any]:
         try:
             name, raw_args = parse_request(line)
             command = lookup(name)
-            level = self.access(peer)
+            if level is None:
+                level = self.access(peer)
             if level == "none" or (level == "read" and command.mutating):
                 self.log.warning(
                     "control.denied",
@@ -502,7 +680,7 @@ class ControlServer:
                     user=peer.user,
                     pid=peer.pid,
                 )
-                return _error("permission denied")
+                return _DENIED
             args = validate_args(command, raw_args)
         except CommandError as exc:
             return _error(self._mask(_sentence(exc)))
@@ -538,21 +716,29 @@ class ControlServer:
         return {"ok": True, "result": result}
 
     def _mask(self, text: str) -> str:
-        for secret in sorted(self.secrets, key=len, reverse=True):
-            if len(secret) >= 3:
-                text = text.replace(secret, "***")
-        return text
+        return mask(text, self._secrets.values)
 
     def _mask_value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self._mask(value)
-        if isinstance(value, dict):
-            return {k: self._mask_value(v) for k, v in value.items()}
-        return value
+        return mask_value(value, self._secrets.values)
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    """Secrets given as a plain collection: they never change."""
+
+    values: frozenset[str]
 
 
 class _Gone(Exception):
     """The client went away or stopped reading."""
+
+
+class _TooOld(Exception):
+    """The connection has been open longer than ``max_lifetime``."""
+
+
+# Marks a permission refusal inside the server (compared by identity, never sent).
+_DENIED: dict[str, Any] = {"ok": False, "error": "permission denied"}
 
 
 def _error(message: str) -> dict[str, Any]:
@@ -620,16 +806,53 @@ def _peer(writer: asyncio.StreamWriter) -> Peer | None:
     except OSError:
         return None
     pid, uid, gid = struct.unpack("=iII", raw)
+    return Peer(pid=pid, uid=uid, gid=gid, user=None, groups=_peer_groups(sock, pid))
+
+
+def _peer_groups(sock: socket.socket, pid: int) -> frozenset[int] | None:
+    """The peer's supplementary groups as the kernel holds them (no user database)."""
+    size = 64 * 4
+    for _ in range(4):  # ERANGE: more groups than the buffer holds; NGROUPS_MAX is 65536
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno_codes.ERANGE:
+                size *= 16
+                continue
+            break  # a kernel without SO_PEERGROUPS (before 4.13)
+        return frozenset(struct.unpack(f"={len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    return _proc_groups(pid)
+
+
+def _proc_groups(pid: int) -> frozenset[int] | None:
+    """The ``Groups:`` line of /proc/<pid>/status (procfs: read from memory, no waiting)."""
     try:
-        user: str | None = pwd.getpwuid(uid).pw_name
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for raw in f:
+                if raw.startswith(b"Groups:"):
+                    return frozenset(int(g) for g in raw.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        user = None
-    return Peer(pid=pid, uid=uid, gid=gid, user=user)
+        return None
 
 
-def _member_of_any(peer: Peer, groups: tuple[str, ...]) -> bool:
-    if not groups:
-        return False
+def _gids(names: Iterable[str]) -> frozenset[int]:
+    gids = set()
+    for name in names:
+        with contextlib.suppress(KeyError):
+            gids.add(grp.getgrnam(name).gr_gid)
+    return frozenset(gids)
+
+
+def _member_in_user_database(peer: Peer, groups: tuple[str, ...]) -> bool:
+    """Membership from the user database: only for a Peer built without kernel groups."""
     try:
         primary = {peer.gid, pwd.getpwuid(peer.uid).pw_gid}
     except KeyError:
@@ -644,7 +867,7 @@ def _member_of_any(peer: Peer, groups: tuple[str, ...]) -> bool:
     return False
 
 
-def _prepare_directory(directory: Path) -> None:
+def _prepare_directory(directory: Path, gid: int | None = None) -> None:
     if not directory.exists():
         try:
             directory.mkdir(mode=0o750, parents=True)
@@ -661,14 +884,36 @@ def _prepare_directory(directory: Path) -> None:
         raise ControlSocketError(
             f"cannot use control socket directory {directory}: {exc.strerror}"
         ) from None
+    mode = stat.S_IMODE(st.st_mode)
     if not stat.S_ISDIR(st.st_mode):
         raise ControlSocketError(f"control socket directory {directory} is not a directory")
+    # Whoever may write there could put their own socket in place and impersonate the
+    # daemon to watchdogctl, or remove ours.
     if st.st_mode & stat.S_IWOTH:
-        # Anyone could put their own socket there and impersonate the daemon.
         raise ControlSocketError(
             f"control socket directory {directory} is world-writable "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); use a private one like /run/watchdogd"
+            f"(mode {mode:04o}); use a private one like /run/watchdogd"
         )
+    if st.st_mode & stat.S_IWGRP:
+        raise ControlSocketError(
+            f"control socket directory {directory} is group-writable "
+            f"(mode {mode:04o}); use a private one like /run/watchdogd (mode 0750)"
+        )
+    if st.st_uid not in (0, os.geteuid()):
+        raise ControlSocketError(
+            f"control socket directory {directory} belongs to uid {st.st_uid}, not to "
+            "the daemon's user or root; use one of the daemon's own like /run/watchdogd"
+        )
+    if gid is not None and st.st_uid == os.geteuid() and st.st_gid != gid:
+        # Our own directory (/run/watchdogd, 0750): control.group must be able to reach
+        # the socket inside it, without joining the daemon's group.
+        try:
+            os.chown(directory, -1, gid)
+        except OSError as exc:
+            raise ControlSocketError(
+                f"cannot give control socket directory {directory} to control.group: "
+                f"{exc.strerror} (the daemon's user must be a member of that group)"
+            ) from None
 
 
 def _clear_stale(path: Path) -> bool:
@@ -703,11 +948,12 @@ def _clear_stale(path: Path) -> bool:
     )
 
 
-def _bind(path: Path, mode: int) -> socket.socket:
+def _bind(path: Path, mode: int, gid: int | None = None, group: str | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # The umask gives the socket its mode at bind(): there is no window in which
     # a looser mode exists. Nothing awaits in between, so no other task sees it.
-    old = os.umask(0o777 & ~mode)
+    # With a group to give it to, it starts owner-only and gets its mode once chowned.
+    old = os.umask(0o777 & ~(mode if gid is None else mode & 0o700))
     try:
         sock.bind(str(path))
     except OSError as exc:
@@ -720,6 +966,18 @@ def _bind(path: Path, mode: int) -> socket.socket:
         raise ControlSocketError(f"cannot create control socket {path}: {exc.strerror}") from None
     finally:
         os.umask(old)
+    if gid is not None:
+        try:
+            os.chown(path, -1, gid)
+            os.chmod(path, mode)
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise ControlSocketError(
+                f"cannot give control socket {path} to control.group {group}: {exc.strerror} "
+                "(the daemon's user must be a member of that group: SupplementaryGroups=)"
+            ) from None
     return sock
 
 

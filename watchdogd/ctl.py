@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from watchdogd.config import parse_duration
 from watchdogd.control import (
     COMMANDS,
     CommandError,
@@ -30,6 +29,8 @@ from watchdogd.control import (
     request,
     validate_args,
 )
+from watchdogd.core import units
+from watchdogd.core.units import parse_duration
 
 DEFAULT_SOCKET = "/run/watchdogd/control.sock"
 SOCKET_ENV = "WATCHDOGD_SOCKET"
@@ -461,17 +462,10 @@ def _number(value: Any) -> float | None:
 
 
 def format_bytes(n: Any) -> str:
-    """``1572864`` → ``1.5 MiB``."""
+    """``1572864`` → ``1.6 MB``, as blocked reasons and the docs write sizes; ``?`` for
+    anything but a number."""
     value = _number(n)
-    if value is None:
-        return "?"
-    if abs(value) < 1024:
-        return f"{int(value)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if abs(value) < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
+    return "?" if value is None else units.format_bytes(value)
 
 
 def _duration(seconds: Any) -> str:

@@ -43,12 +43,13 @@ from aiohttp import web
 
 from watchdogd import config as configmod
 from watchdogd.control import CommandError, Peer
+from watchdogd.core.units import format_bytes, format_duration, parse_duration
 from watchdogd.daemon import Daemon
 from watchdogd.demoapp import DemoApp
-from watchdogd.failover.journal import FailoverRecord
 from watchdogd.lab import LabError, PgPair, PgServer, find_pg_bin, free_port, lab_root
 from watchdogd.logging import reset_logging, setup_logging
 from watchdogd.probes import Observation
+from watchdogd.state.journal import FailoverRecord
 
 NO_POSTGRES = (
     "PostgreSQL server binaries not found: apt-get install postgresql (or put initdb on PATH)"
@@ -472,7 +473,7 @@ class Lab:
         assert self.pair is not None and self.proxy is not None
         s = self.settings
         a, b = self.apps[NODE_A], self.apps[NODE_B]
-        fmt = configmod.format_duration
+        fmt = format_duration
         self.metrics_port = free_port()
         steps: list[dict[str, Any]] = [
             {
@@ -793,13 +794,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    if n < 1000:
-        return f"{n} B"
-    if n < 1_000_000:
-        return f"{n / 1000:.1f} kB"
-    return f"{n / 1_000_000:.1f} MB"
+    return "?" if n is None else format_bytes(n)
 
 
 def _fmt_obs(obs: Any) -> str:
@@ -1293,7 +1288,7 @@ def main(scenario: str = "interactive", *, threshold: str = "3s", keep: bool = F
     """``watchdogd demo``: 0 done, 1 the story failed, 2 bad input or no PostgreSQL,
     128+N stopped by signal N."""
     try:
-        seconds = configmod.parse_duration(threshold)
+        seconds = parse_duration(threshold)
     except ValueError as exc:
         print(f"watchdogd demo: --threshold: {exc}", file=sys.stderr)
         return 2

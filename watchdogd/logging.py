@@ -1,27 +1,28 @@
-"""Logging: the structlog setup of a daemon instance and secret masking.
+"""Logging: the structlog setup of a daemon instance, masking every event.
 
 One output for everything: structlog events and stdlib records (aiohttp, asyncio,
 apscheduler, asyncpg) both end in a single stdlib handler whose ``ProcessorFormatter``
 adds the same keys, masks secrets and renders either JSON lines
 (``{"ts": ISO-8601 UTC, "level", "event", "cluster", ...facts}``) or the console format.
 
-Secrets live in a ``Secrets`` holder owned by the daemon instance; the masking processor
-reads it on every event, so ``secrets.replace(new_config.secrets)`` on reload takes
-effect at once without reconfiguring anything. Calling ``setup_logging`` again (reload
-with a new level or format) replaces the previous handler rather than adding one.
+Secrets live in a ``core.secrets.Secrets`` holder owned by the daemon instance; the
+masking processor reads it on every event, so ``secrets.replace(new_config.secrets)`` on
+reload takes effect at once without reconfiguring anything (and keeps masking the old
+ones). Calling ``setup_logging`` again (reload with a new level or format) replaces the
+previous handler rather than adding one.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, TextIO
+from collections.abc import Iterable
+from typing import TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from watchdogd.config import mask
+from watchdogd.core.secrets import Secrets, as_secrets, mask_deep
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -30,66 +31,6 @@ LEVELS = {
     "error": logging.ERROR,
 }
 FORMATS = ("auto", "json", "console")
-
-
-class Secrets:
-    """The strings to mask wherever text leaves the daemon; replaced as a whole on reload."""
-
-    def __init__(self, values: Iterable[str] = ()) -> None:
-        self._values: frozenset[str] = frozenset(v for v in values if v)
-
-    def replace(self, values: Iterable[str]) -> None:
-        # Rebinding one attribute is atomic, so a concurrent log call sees old or new, whole.
-        self._values = frozenset(v for v in values if v)
-
-    def add(self, *values: str) -> None:
-        self._values = self._values | {v for v in values if v}
-
-    @property
-    def values(self) -> frozenset[str]:
-        return self._values
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __contains__(self, value: object) -> bool:
-        return value in self._values
-
-    def mask(self, text: str) -> str:
-        return mask(text, self._values)
-
-    def mask_value(self, value: Any) -> Any:
-        """Mask every string inside ``value`` (dict keys and values, lists, tuples, sets).
-
-        Other objects are kept unless their repr (what the renderers print) would show a
-        secret; then the masked repr replaces them.
-        """
-        return _mask_value(value, self._values)
-
-
-def _mask_value(value: Any, secrets: frozenset[str]) -> Any:
-    if not secrets or value is None or isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, str):
-        return mask(value, secrets)
-    if isinstance(value, Mapping):
-        return {_mask_value(k, secrets): _mask_value(v, secrets) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_mask_value(v, secrets) for v in value]
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-        return mask(value, secrets)
-    text = repr(value)
-    masked = mask(text, secrets)
-    return value if masked == text else masked
-
-
-def as_secrets(secrets: Secrets | Iterable[str]) -> Secrets:
-    """The holder itself when given one (so later ``replace`` calls are seen), else a new one."""
-    return secrets if isinstance(secrets, Secrets) else Secrets(secrets)
 
 
 class _MaskSecrets:
@@ -110,8 +51,8 @@ class _MaskSecrets:
         if not secrets or (self.foreign_only and event_dict.get("_from_structlog")):
             return event_dict
         return {
-            (k if k in self._META else _mask_value(k, secrets)): (
-                v if k in self._META else _mask_value(v, secrets)
+            (k if k in self._META else mask_deep(k, secrets)): (
+                v if k in self._META else mask_deep(v, secrets)
             )
             for k, v in event_dict.items()
         }

@@ -14,13 +14,24 @@ Conventions chosen here (documented because alerts depend on them):
   finished (when the standby last became the primary); 0 until then.
 - ``watchdogd_config_last_reload_timestamp_seconds`` is the time of the last *successful*
   load or reload (like Prometheus' own ``..._last_reload_success_timestamp_seconds``).
+- ``watchdogd_journal_writable`` starts at 1 (a daemon whose journal fails its write-test
+  at start does not start) and follows every journal write after that.
+
+The HTTP port is reachable by whoever can reach the host (witnesses make it so), so it
+cannot be allowed to take the daemon's file descriptors (and with them probes, the
+control socket and the journal): at most ``MAX_HTTP_CONNECTIONS`` at once (a new one
+sheds the oldest idle one), idle ones closed after ``KEEPALIVE_TIMEOUT``, and
+``raise_fd_limit`` lifts the soft descriptor limit to the hard one. Every response body
+is masked with the daemon's current secrets by one middleware.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import resource
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -36,6 +47,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from watchdogd import __version__
+from watchdogd.core.errors import WatchdogdError
+from watchdogd.core.secrets import Secrets, as_secrets
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -48,7 +61,14 @@ PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-class MetricsServerError(Exception):
+# A scrape, a few witnesses and health checks need a handful; the cap is what an
+# unauthenticated peer can hold of the daemon's descriptors.
+MAX_HTTP_CONNECTIONS = 64
+# aiohttp's default is about an hour; a scraper reconnecting every 15s costs nothing.
+KEEPALIVE_TIMEOUT = 5.0
+
+
+class MetricsServerError(WatchdogdError):
     """The metrics endpoint could not be started; the message is one clear line."""
 
 
@@ -204,6 +224,12 @@ class Metrics:
             c,
             registry=r,
         )
+        self.journal_writable = Gauge(
+            "watchdogd_journal_writable",
+            "1 while the last journal write succeeded, 0 after a failed one.",
+            c,
+            registry=r,
+        )
         self.reload_timestamp = Gauge(
             "watchdogd_config_last_reload_timestamp_seconds",
             "When the config was last loaded or reloaded successfully.",
@@ -229,6 +255,7 @@ class Metrics:
             self.cycle_timestamp,
         ):
             gauge.labels(cluster=cluster).set(0)
+        self.journal_writable.labels(cluster=cluster).set(1)
 
     # ----------------------------------------------------------------------- sense
 
@@ -313,6 +340,9 @@ class Metrics:
         if ok:
             self.reload_timestamp.labels(cluster=self.cluster).set(timestamp)
 
+    def set_journal_writable(self, writable: bool) -> None:
+        self.journal_writable.labels(cluster=self.cluster).set(_flag(writable))
+
     # ----------------------------------------------------------------------- exposition
 
     def exposition(self) -> bytes:
@@ -324,11 +354,14 @@ def make_app(
     metrics: Metrics,
     healthz: Callable[[], tuple[bool, str]],
     extra_routes: Iterable[web.AbstractRouteDef | tuple[str, str, Handler]] | None = None,
+    *,
+    secrets: Secrets | Iterable[str] = (),
 ) -> web.Application:
     """GET /metrics (Prometheus exposition) and GET /healthz (200 ``ok ...`` or 503).
 
     ``extra_routes`` are aiohttp route definitions (``web.get(path, handler)``) or
-    ``(method, path, handler)`` tuples.
+    ``(method, path, handler)`` tuples. Every response body is masked with ``secrets``
+    (best the daemon's holder, so a reload's new secrets are masked at once).
     """
     metrics_handler = _metrics_handler(metrics)
 
@@ -342,7 +375,7 @@ def make_app(
             return web.Response(text=f"ok {detail}".rstrip() + "\n")
         return web.Response(status=503, text=f"unhealthy {detail}".rstrip() + "\n")
 
-    app = web.Application()
+    app = web.Application(middlewares=[_masking(as_secrets(secrets))])
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz_handler)
     for route in extra_routes or ():
@@ -352,6 +385,62 @@ def make_app(
         else:
             app.router.add_routes([route])
     return app
+
+
+def _masking(secrets: Secrets) -> Any:
+    """A middleware masking every response body: one place, whatever a route returns
+    (``/primary`` echoing a probe's detail that echoed a token, say)."""
+
+    @web.middleware
+    async def mask_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if secrets.values and isinstance(response, web.Response):
+            body = response.body
+            if isinstance(body, bytes | bytearray) and body:
+                # surrogateescape: bytes that are not UTF-8 come back out unchanged.
+                text = bytes(body).decode("utf-8", "surrogateescape")
+                masked = secrets.mask(text)
+                if masked != text:
+                    response.body = masked.encode("utf-8", "surrogateescape")
+        return response
+
+    return mask_body
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return (before, after).
+
+    systemd starts services with a soft limit of 1024 (the hard one is far higher):
+    enough to be exhausted by connections, not enough to matter for memory."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return soft, soft
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target
+
+
+def _cap_connections(server: web.Server, limit: int) -> None:
+    """Keep at most ``limit`` connections: a new one sheds the oldest idle one, or is
+    closed itself when every other is busy with a request."""
+    accept = server.connection_made
+
+    def connection_made(handler: Any, transport: Any) -> None:
+        accept(handler, transport)
+        # A closed connection stays listed until its task ends: count the open ones.
+        live = [h for h in server.connections if h.transport is not None]
+        if len(live) <= limit:
+            return
+        # Not public in aiohttp: unknown means busy, so nothing mid-request is shed.
+        idle = [
+            h for h in live if h is not handler and not getattr(h, "_request_in_progress", True)
+        ]
+        (idle[0] if idle else handler).force_close()
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
 
 
 def _metrics_handler(
@@ -372,14 +461,26 @@ def _metrics_handler(
     return make_aiohttp_handler(metrics.registry)
 
 
-async def start_http(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve ``app`` on host:port (port 0: any free port, see ``bound_port``).
+async def start_http(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    max_connections: int = MAX_HTTP_CONNECTIONS,
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+) -> web.AppRunner:
+    """Serve ``app`` on host:port (port 0: any free port, see ``bound_port``), with at
+    most ``max_connections`` connections, idle ones closed after ``keepalive_timeout``.
 
     Raises MetricsServerError with one line (e.g. the port is taken).
     """
+    # Also done by the daemon at start; here too so nothing serves the port without it.
+    raise_fd_limit()
     # Scrapes every few seconds would flood the log with access lines.
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=keepalive_timeout)
     await runner.setup()
+    assert runner.server is not None
+    _cap_connections(runner.server, max_connections)
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()

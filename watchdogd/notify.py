@@ -10,6 +10,9 @@ dropped (with a warning): the newest state of the cluster matters most.
 Bodies are ``{"event", "cluster", "ts", ...facts}``; facts are masked with the daemon's
 secrets. Header values (tokens) are sent as configured but never logged, and logs name a
 webhook by its origin (``https://hooks.example.com``) because URL paths often hold tokens.
+
+Its own log events are ``notify.<what>`` (``notify.retrying``, ``notify.gave_up``), in the
+style of ``control.<what>``; bare names (``failover_started``) are the daemon's events.
 """
 
 from __future__ import annotations
@@ -26,25 +29,12 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from watchdogd.config import WebhookConfig
-from watchdogd.logging import Secrets, as_secrets
+from watchdogd.core.events import NOTIFICATIONS
+from watchdogd.core.model import WebhookConfig
+from watchdogd.core.secrets import Secrets, as_secrets
 
-EVENTS = frozenset(
-    {
-        "primary_down",
-        "primary_recovered",
-        "failover_started",
-        "step_failed",
-        "failover_completed",
-        "failover_failed",
-        "failover_blocked",
-        "failover_aborted",
-        "paused",
-        "resumed",
-        "split_brain",
-        "partition_suspected",
-    }
-)
+# The names an ``events:`` filter may use; watchdogd.core.events owns them.
+EVENTS = NOTIFICATIONS
 
 # Receivers that answer these may accept the same request later; other 4xx will not.
 _RETRYABLE_4XX = frozenset({408, 425, 429})
@@ -130,7 +120,7 @@ class Notifier:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         for problem in unknown_events(webhooks):
-            log.warning("webhook filter names an unknown event", problem=problem)
+            log.warning("notify.unknown_filter_event", problem=problem)
 
     # ----------------------------------------------------------------------- API
 
@@ -140,7 +130,7 @@ class Notifier:
             self._notify(event, facts)
         except Exception as exc:  # a notification must never take a caller down
             self.log.warning(
-                "notification dropped",
+                "notify.dropped",
                 notify_event=event,
                 error=self.secrets.mask(f"{type(exc).__name__}: {exc}"),
             )
@@ -167,9 +157,7 @@ class Notifier:
         await asyncio.gather(*tasks, *joins, return_exceptions=True)
         for d, count in zip(self._deliveries, left, strict=True):
             if count:
-                self.log.warning(
-                    "webhook messages not delivered before shutdown", webhook=d.name, count=count
-                )
+                self.log.warning("notify.undelivered_at_shutdown", webhook=d.name, count=count)
             d.task = None
         if self._session is not None:
             await self._session.close()
@@ -185,11 +173,11 @@ class Notifier:
         targets = [d for d in self._deliveries if d.wants(event)]
         if event not in EVENTS:
             # Still sent: losing a notification is worse than an odd event name.
-            self.log.warning("unknown notification event", notify_event=event)
+            self.log.warning("notify.unknown_event", notify_event=event)
         if not targets:
             return
         if self._closed:
-            self.log.warning("notification after shutdown dropped", notify_event=event)
+            self.log.warning("notify.dropped_after_shutdown", notify_event=event)
             return
         now = self.clock()
         ts = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
@@ -204,7 +192,7 @@ class Notifier:
                 dropped, _ = d.queue.get_nowait()
                 d.queue.task_done()
                 self.log.warning(
-                    "webhook queue full, dropped the oldest message",
+                    "notify.queue_full_dropped_oldest",
                     webhook=d.name,
                     dropped_event=dropped,
                     queue_size=d.queue.maxsize,
@@ -221,7 +209,7 @@ class Notifier:
                 raise
             except Exception as exc:  # keep the worker alive whatever happens
                 self.log.warning(
-                    "webhook delivery crashed",
+                    "notify.delivery_crashed",
                     webhook=d.name,
                     notify_event=event,
                     error=self.secrets.mask(f"{type(exc).__name__}: {exc}"),
@@ -246,7 +234,7 @@ class Notifier:
                     status = resp.status
                     if 200 <= status < 300:
                         self.log.debug(
-                            "webhook delivered",
+                            "notify.delivered",
                             webhook=d.name,
                             notify_event=event,
                             attempt=attempt,
@@ -256,7 +244,7 @@ class Notifier:
                 error = f"HTTP {status}"
                 if 400 <= status < 500 and status not in _RETRYABLE_4XX:
                     self.log.warning(
-                        "webhook rejected the message, not retrying",
+                        "notify.rejected",
                         webhook=d.name,
                         notify_event=event,
                         error=error,
@@ -268,7 +256,7 @@ class Notifier:
                 error = self._describe(d, exc)
             if attempt == self.max_attempts:
                 self.log.warning(
-                    "webhook delivery failed, giving up",
+                    "notify.gave_up",
                     webhook=d.name,
                     notify_event=event,
                     attempts=attempt,
@@ -277,7 +265,7 @@ class Notifier:
                 return
             delay = self._backoff(attempt, retry_after)
             self.log.warning(
-                "webhook delivery failed, will retry",
+                "notify.retrying",
                 webhook=d.name,
                 notify_event=event,
                 attempt=attempt,

@@ -15,11 +15,14 @@ the lag guard.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from watchdogd.config import FailoverConfig, StepConfig
+from watchdogd.core.model import Config, FailoverConfig, ProbeConfig, StepConfig
+from watchdogd.core.units import format_bytes
 from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT, Verdict
-from watchdogd.failover.journal import JournalState
+from watchdogd.probes import Observation
+from watchdogd.state.journal import FailoverRecord, JournalState
 
 WATCHING, SUSPECTED, FAILING_OVER, FAILED_OVER = (
     "watching",
@@ -64,15 +67,6 @@ class Plan:
     to_node: str
     steps: tuple[StepConfig, ...]
     forced: bool = False
-
-
-def format_bytes(n: float) -> str:
-    """Decimal units, as ``max_lag: 16MB`` is written in the config."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
 
 
 class Policy:
@@ -260,3 +254,211 @@ def build_plan(
         steps=tuple(steps),
         forced=forced,
     )
+
+
+# ---------------------------------------------------------------------- roles
+
+
+def journal_roles_stale(journal: JournalState, names: Iterable[str]) -> bool:
+    """The journal names roles for nodes the config no longer has (renamed): ignore them."""
+    return journal.primary is not None and {journal.primary, journal.standby} != set(names)
+
+
+def base_roles(
+    journal: JournalState, configured: tuple[str, str], names: Iterable[str]
+) -> tuple[str, str]:
+    """Roles as acknowledged, (primary, standby): the config's, swapped by every acked
+    failover (as the journal records), unless the journal names unknown nodes."""
+    p, s = journal.primary, journal.standby
+    if p is not None and s is not None and {p, s} <= set(names):
+        return p, s
+    return configured
+
+
+def current_roles(journal: JournalState, base: tuple[str, str]) -> tuple[str, str]:
+    """Roles now: after a failover that promoted the standby, it is the primary even
+    before the operator acks."""
+    primary, standby = base
+    fo = journal.awaiting_ack or journal.unfinished
+    if fo is not None and (fo.outcome == "completed" or fo.promoted) and fo.to_node == standby:
+        return standby, primary
+    return primary, standby
+
+
+# ---------------------------------------------------------------------- observations
+
+
+@dataclass(frozen=True)
+class LagView:
+    """What one cycle's database observations say about replication and writers."""
+
+    last_primary_pos: int | None  # the lag guard's reference, kept while the primary is gone
+    lag_bytes: int | None  # replay lag: what status and metrics show
+    lag_seconds: float | None
+    streaming: bool | None  # None: the standby is unreachable or is a primary itself
+    writable: int  # how many of the two nodes accept writes
+
+
+def observe_lag(pdb: Observation, sdb: Observation, last_primary_pos: int | None) -> LagView:
+    if pdb.ok and pdb.db is not None and pdb.db.current_pos is not None:
+        last_primary_pos = pdb.db.current_pos
+    st = sdb.db if sdb.ok else None
+    lag_bytes = None
+    if (
+        st is not None
+        and not st.is_primary
+        and last_primary_pos is not None
+        and st.replay_pos is not None
+    ):
+        lag_bytes = max(0, last_primary_pos - st.replay_pos)
+    return LagView(
+        last_primary_pos=last_primary_pos,
+        lag_bytes=lag_bytes,
+        lag_seconds=st.lag_seconds if st is not None else None,
+        streaming=None if st is None or st.is_primary else bool(st.streaming),
+        writable=sum(1 for o in (pdb, sdb) if o.ok and o.db is not None and o.db.writable),
+    )
+
+
+def standby_facts(sdb: Observation | None, last_primary_pos: int | None) -> StandbyFacts:
+    """The lag guard's view of the standby. Its bytes are measured to what the standby
+    has *received* (promotion replays what it received), not what it replayed."""
+    if sdb is None or not sdb.ok or sdb.db is None:
+        return StandbyFacts(
+            False, False, None, None, sdb.detail if sdb is not None else "not probed yet"
+        )
+    st = sdb.db
+    guard = None
+    if last_primary_pos is not None and st.receive_pos is not None:
+        guard = max(0, last_primary_pos - st.receive_pos)
+    return StandbyFacts(True, not st.is_primary, guard, st.lag_seconds, st.detail)
+
+
+def verdict_news(
+    previous: Verdict | None, verdict: Verdict, down_reported: str | None, primary: str
+) -> tuple[list[str], str | None]:
+    """The events a new verdict is news for, in order, and the primary whose outage has
+    been announced afterwards. An outage announced before a restart (``down_reported``
+    names the primary) is ``primary_still_down``, not a second ``primary_down``."""
+    before = previous.status if previous is not None else HEALTHY
+    news: list[str] = []
+    if verdict.status == STALE:
+        news.append("stall_detected")
+    if verdict.status == DOWN and before != DOWN:
+        news.append("primary_still_down" if down_reported == primary else "primary_down")
+    if verdict.status == HEALTHY or verdict.recovered:
+        down_reported = None  # a later outage is a new episode
+    if verdict.recovered:
+        news.append("primary_recovered")
+    if verdict.partition and not (previous is not None and previous.partition):
+        news.append("partition_suspected")
+    return news, down_reported
+
+
+def state_changed(last: Decision | None, decision: Decision) -> bool:
+    """A decision is news (logged, told to systemd) when its state changed; a new reason
+    under the same state is not."""
+    return last is None or last.state != decision.state
+
+
+def recalled_outage(journal: JournalState) -> str | None:
+    """After a restart with a failover unfinished (or unacked and not promoted), its
+    primary_down went out before the restart: the primary whose outage is not news."""
+    episode = journal.unfinished or journal.awaiting_ack
+    if episode is not None and not episode.promoted:
+        return episode.from_node
+    return None
+
+
+# ---------------------------------------------------------------------- split brain
+
+UNEXPLAINED = "unexplained"
+
+
+@dataclass(frozen=True)
+class SplitBrain:
+    split: bool
+    # The episode: the id of the failover that explains it, UNEXPLAINED, or None (no split).
+    key: str | None = None
+    news: bool = False  # a new episode: report it (the alert keeps firing for an old one)
+    # Ours: the failover whose old primary came back writable; fence it. None: fence neither.
+    failover: FailoverRecord | None = None
+
+
+def judge_split_brain(
+    writable: int, last: FailoverRecord | None, handled: str | None
+) -> SplitBrain:
+    """Two writable primaries: whose failover explains it, and whether it is news.
+
+    Ours is the last failover, not acked, that promoted the standby: its old primary came
+    back writable and is fenced (once per episode). Anything else is unexplained and
+    nothing is fenced: an operator must decide."""
+    if writable <= 1:
+        return SplitBrain(False)  # a later episode is handled afresh
+    ours = (
+        last is not None
+        and last.acked_at is None
+        and (last.outcome == "completed" or last.promoted)
+    )
+    key = last.id if ours and last is not None else UNEXPLAINED
+    return SplitBrain(True, key, key != handled, last if ours else None)
+
+
+# ---------------------------------------------------------------------- sequences
+
+
+def can_resume(plan: Plan, fo: FailoverRecord) -> bool:
+    """An unfinished failover resumes only under the steps and roles it started with:
+    if the config changed under it, do not guess."""
+    return [s.name for s in plan.steps] == fo.plan and plan.from_node == fo.from_node
+
+
+def kept_primary_pos(acked_primary: str, fo: FailoverRecord, last_pos: int | None) -> int | None:
+    """After an ack the pair is watched afresh, except that the lag guard keeps the last
+    position of a primary that stays the primary (an aborted outage: it may still be dead
+    and never report one again)."""
+    return last_pos if acked_primary == fo.from_node else None
+
+
+def abort_target(running: bool, pending: bool) -> str:
+    """What ``abort`` stops: ``running`` (the runner, before its next step), ``pending``
+    (an automatic failover about to start: journaled as aborted before it began), or
+    ``nothing`` (refused)."""
+    if running:
+        return "running"
+    return "pending" if pending else "nothing"
+
+
+# ---------------------------------------------------------------------- liveness
+
+
+def stall_limit(probe: ProbeConfig) -> float:
+    """How long without a completed probe cycle before the loop counts as stalled."""
+    return max(3 * probe.interval, probe.timeout + 5.0)
+
+
+def probe_loop_alive(last_cycle: float | None, now: float, limit: float) -> bool:
+    return last_cycle is not None and now - last_cycle <= limit
+
+
+def health(
+    journal_error: str | None, last_cycle: float | None, now: float, limit: float, state: str
+) -> tuple[bool, str]:
+    """/healthz: (healthy, why)."""
+    if journal_error is not None:
+        return False, f"journal cannot be written: {journal_error}"
+    if last_cycle is None:
+        return False, "no probe cycle completed yet"
+    age = now - last_cycle
+    if age > limit:
+        return False, f"probe loop stalled: last cycle {age:.1f}s ago"
+    return True, f"{state}; last cycle {age:.1f}s ago"
+
+
+# Config sections a reload cannot apply: the sockets and the journal are held open.
+RESTART_ONLY = ("control", "metrics", "state_dir")
+
+
+def restart_needed_for(old: Config, new: Config) -> list[str]:
+    """The sections a reload changed but cannot apply: they need a restart."""
+    return [k for k in RESTART_ONLY if getattr(new, k) != getattr(old, k)]

@@ -8,6 +8,8 @@ event loop: the socket is non-blocking, and the first failure is logged once.
 
 After a reload the daemon must call ``ready()`` again: ``reloading()`` tells systemd the
 service is reloading until the next ``READY=1``.
+
+``watchdog_advice()`` checks ``probe.interval`` against the unit's ``WatchdogSec`` at start.
 """
 
 from __future__ import annotations
@@ -34,6 +36,47 @@ class _StdlibLog:
     def warning(self, event: str, /, **kw: Any) -> Any:
         facts = " ".join(f"{k}={v}" for k, v in kw.items())
         self._log.warning("%s %s", event, facts)
+
+
+# Pings must come well inside half of WatchdogSec: a loaded host delays timers, and a
+# ping that is late once gets the daemon killed.
+_COMFORT = 0.8
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.3g}s"
+
+
+def watchdog_advice(
+    watchdog_sec: float, interval: float, timeout: float, stall_limit: float
+) -> str | None:
+    """One line for the log when probe cycles alone would not ping systemd's watchdog
+    comfortably often, else None.
+
+    A cycle pings when it completes, so two pings can be up to ``interval + timeout``
+    apart. If that is not comfortably below ``WatchdogSec / 2``, systemd would kill a
+    healthy daemon. The daemon then still pings from its own timer while cycles complete,
+    but the operator should know that a stuck probe loop is restarted late, and how to
+    fix the mismatch."""
+    half = watchdog_sec / 2
+    gap = interval + timeout
+    if gap <= half * _COMFORT:
+        return None
+    max_interval = half * _COMFORT - timeout
+    fix_interval = (
+        f"lower probe.interval to {_secs(max_interval)} or less, or "
+        if max_interval >= 0.05
+        else ""
+    )
+    return (
+        f"probe.interval {_secs(interval)} + probe.timeout {_secs(timeout)} (the longest gap "
+        f"between two probe cycles) is not comfortably below half of the unit's "
+        f"WatchdogSec={_secs(watchdog_sec)}: per-cycle pings alone would let systemd kill a "
+        f"healthy watchdogd. watchdogd pings from a timer every {_secs(half)} while probe "
+        f"cycles complete, so it is not killed, but a stuck probe loop is restarted only "
+        f"after about {_secs(stall_limit + watchdog_sec)}. Fix: {fix_interval}raise "
+        f"WatchdogSec to {_secs(gap * 2 / _COMFORT)} or more (systemctl edit watchdogd)"
+    )
 
 
 def _one_line(text: str) -> str:

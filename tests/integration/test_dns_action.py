@@ -17,7 +17,9 @@ from tests.support import free_port
 from tests.support.bind import Bind, bind_server
 from watchdogd.actions import ActionError, StepContext
 from watchdogd.actions.dns import DnsAction, parse
-from watchdogd.config import Config, DatabaseConfig, NodeConfig, Section, mask_value
+from watchdogd.core.model import Config, DatabaseConfig, NodeConfig
+from watchdogd.core.secrets import mask_value
+from watchdogd.core.section import Section
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,8 @@ from tests.support import free_port
 from tests.support.haproxy import Haproxy, Server, admin, haproxy, http_app
 from watchdogd.actions import ActionError, StepContext
 from watchdogd.actions.haproxy import HaproxyAction, parse
-from watchdogd.config import AppConfig, Config, DatabaseConfig, NodeConfig, Section
+from watchdogd.core.model import AppConfig, Config, DatabaseConfig, NodeConfig
+from watchdogd.core.section import Section
 
 pytestmark = pytest.mark.integration
 

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pymysql  # type: ignore[import-untyped]  # no stubs in the test extras
 import pytest
 
+from tests.integration.engine_checks import check_bounded_when_sigstopped, eventually
 from tests.support import free_port
 from tests.support import mysql as support
-from watchdogd.config import DatabaseConfig, Section
-from watchdogd.engines import DbStatus, EngineError
+from watchdogd.core.model import DatabaseConfig
+from watchdogd.core.section import Section
+from watchdogd.engines import EngineError
 from watchdogd.engines import mysql as engine_mod
 from watchdogd.engines.mysql import MySQLEngine, binlog_pos
 
@@ -48,21 +47,6 @@ async def engines(pair: support.MariaDBPair) -> AsyncIterator[Engines]:
     yield primary, replica
     await primary.close()
     await replica.close()
-
-
-async def eventually(
-    check: Callable[[], Awaitable[DbStatus]],
-    ok: Callable[[DbStatus], bool],
-    timeout: float = 5.0,
-) -> DbStatus:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await check()
-        if ok(status):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s; last: {status}")
-        await asyncio.sleep(0.05)
 
 
 def app_write(pair: support.MariaDBPair, server: support.MariaDB, value: str) -> None:
@@ -278,23 +262,15 @@ async def test_bounded_when_server_is_sigstopped(
     pair: support.MariaDBPair, engines: Engines
 ) -> None:
     primary, _ = engines
-    await primary.status(2)  # the probing connection is open
-    fresh = make_engine(pair.dsn(pair.primary))
-    os.kill(pair.primary.pid, signal.SIGSTOP)
-    try:
-        for name, call in (
-            ("status", lambda: primary.status(0.5)),  # hangs on a query
-            ("status", lambda: fresh.status(0.5)),  # hangs in the handshake
-            ("fence", lambda: fresh.fence(0.5)),
-        ):
-            t0 = time.monotonic()
-            with pytest.raises(EngineError, match=rf": {name} timed out after 0\.5s$"):
-                await call()
-            assert time.monotonic() - t0 < 1.0
-    finally:
-        os.kill(pair.primary.pid, signal.SIGCONT)
-    assert (await primary.status(2)).is_primary  # reconnects once the server is back
-    await fresh.close()
+    await check_bounded_when_sigstopped(
+        pair.primary.pid,
+        primary,
+        make_engine(pair.dsn(pair.primary)),
+        "fence",
+        limit=0.5,
+        within=1.0,
+        timeout=2,
+    )
 
 
 # --------------------------------------------------------------------------- config

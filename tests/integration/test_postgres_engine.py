@@ -13,7 +13,8 @@ import pytest_asyncio
 
 from tests.support import free_port
 from tests.support.pg import SECRET, eventually
-from watchdogd.config import DatabaseConfig, Section
+from watchdogd.core.model import DatabaseConfig
+from watchdogd.core.section import Section
 from watchdogd.engines import EngineError
 from watchdogd.engines import postgres as pg
 from watchdogd.engines._common import Secret
@@ -74,6 +75,13 @@ async def test_lag_in_bytes_while_replay_is_paused(
     pg_pair: PgPair, engines: tuple[pg.PostgresEngine, pg.PostgresEngine]
 ) -> None:
     primary, standby = engines
+    # Lag in seconds is measured from the last replayed transaction's commit time
+    # (pg_last_xact_replay_timestamp()), which stays NULL until the standby has
+    # replayed one since it started: replay one first, so there is a lag to see.
+    pg_pair.primary.execute("CREATE TABLE replayed (x int)")
+    pg_pair.wait_replayed()
+    # The server's clock, on this host: that commit was stamped before this.
+    replayed_at = time.time()
     pg_pair.pause_replay()
     pg_pair.primary.execute("CREATE TABLE t AS SELECT generate_series(1, 5000) AS x")
 
@@ -84,9 +92,11 @@ async def test_lag_in_bytes_while_replay_is_paused(
         return s.receive_pos == p.current_pos and s.receive_pos > s.replay_pos
 
     await eventually(received_not_replayed)
+    stalled = time.time() - replayed_at
     s = await standby.status(2.0)
     assert s.replay_paused is True and s.streaming is True
-    assert s.lag_seconds is None or s.lag_seconds > 0
+    # At least as old as the stall (the last replayed commit is older still).
+    assert s.lag_seconds is not None and s.lag_seconds >= stalled > 0
     assert "replay paused" in s.detail
 
     pg_pair.resume_replay()
@@ -419,8 +429,8 @@ async def test_advise_warns_about_a_slow_wal_receiver_timeout(pg_pair: PgPair) -
         pg_pair.standby.execute("ALTER SYSTEM SET wal_receiver_timeout = 0")
         pg_pair.standby.execute("SELECT pg_reload_conf()")
         await eventually(lambda: _link_timeout_is(standby, 0.0))
-        (advice,) = await standby.advise(30.0, 2.0)
-        assert "confirmed never" in advice and "wal_receiver_timeout = '30s'" in advice
+        (never,) = await standby.advise(30.0, 2.0)
+        assert "confirmed never" in never and "wal_receiver_timeout = '30s'" in never
     finally:
         await standby.close()
         await primary.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import need, which
-from watchdogd.config import parse_duration
+from watchdogd.core.units import parse_duration
 from watchdogd.systemd import SystemdNotifier
 
 pytestmark = pytest.mark.integration
@@ -159,3 +159,43 @@ def test_sysusers_snippet_creates_the_service_user(tmp_path: Path) -> None:
     assert proc.returncode == 0, output
     assert "Creating user 'watchdogd'" in output
     assert SYSUSERS.name not in output  # no parse complaints about our file
+
+
+TMPFILES = SYSTEMD / "watchdogd.tmpfiles"
+
+
+def test_secrets_come_as_credentials_and_operators_get_their_own_group() -> None:
+    # Issue 15: read-only operators must not need group watchdogd (it can read the
+    # config), and secrets reach the daemon only, through systemd credentials.
+    s = settings(UNIT.read_text())
+    assert one(s, "Service.LoadCredential") == "secret:/etc/watchdogd/credentials"
+    assert one(s, "Service.SupplementaryGroups") == "watchdogctl"
+    assert one(s, "Service.Group") == "watchdogd"
+
+
+def test_sysusers_snippet_creates_the_operators_group(tmp_path: Path) -> None:
+    sysusers = need("systemd-sysusers", which("systemd-sysusers"))
+    proc = subprocess.run(
+        [sysusers, "--dry-run", f"--root={tmp_path}", str(SYSUSERS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "Creating group 'watchdogctl'" in output
+    assert SYSUSERS.name not in output
+
+
+def test_tmpfiles_snippet_makes_a_root_only_credentials_directory(tmp_path: Path) -> None:
+    tmpfiles = need("systemd-tmpfiles", which("systemd-tmpfiles"))
+    proc = subprocess.run(
+        [tmpfiles, "--create", f"--root={tmp_path}", str(TMPFILES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert TMPFILES.name not in proc.stdout + proc.stderr
+    creds = tmp_path / "etc" / "watchdogd" / "credentials"
+    assert creds.is_dir() and (creds.stat().st_mode & 0o777) == 0o700

@@ -17,7 +17,9 @@ from watchdogd import config
 from watchdogd.actions import ActionError, StepContext, validate_step
 from watchdogd.actions import describe as describe_step
 from watchdogd.actions.cloud66 import API_BASE, Cloud66Action, Cloud66Settings, parse
-from watchdogd.config import Config, ConfigError, DatabaseConfig, NodeConfig, Section, StepConfig
+from watchdogd.config import ConfigError
+from watchdogd.core.model import Config, DatabaseConfig, NodeConfig, StepConfig
+from watchdogd.core.section import Section
 
 TOKEN = "c66-secret-token-4f1e9a"
 STACK = "5999b763474b0eafa5fafb64bff0ba80"
@@ -282,6 +284,25 @@ async def test_401_names_the_call_and_masks_an_echoed_token(api: aioresponses) -
         f"cloud66 PUT /stacks/{STACK}/settings/maintenance-mode.json: HTTP 401: "
         "The access token *** is invalid"
     )
+
+
+async def test_a_redirect_is_not_followed_with_the_token(api: aioresponses) -> None:
+    # Issue 15: the bearer token must never travel to wherever a redirect points.
+    elsewhere = "http://collector.example.net/steal?x=1"
+    api.put(
+        f"{API_BASE}/stacks/{STACK}/settings/maintenance-mode.json",
+        status=302,
+        headers={"Location": elsewhere},
+    )
+    api.put(elsewhere, payload=_action_reply(True, True))
+    action = _action(operation="maintenance", stack=STACK, enabled=True)
+    with pytest.raises(ActionError) as err:
+        await action.run(_ctx(), 5)
+    assert str(err.value) == (
+        f"cloud66 PUT /stacks/{STACK}/settings/maintenance-mode.json: HTTP 302 redirect to "
+        "http://collector.example.net, not followed (the token goes to the API only)"
+    )
+    assert not _calls(api, "PUT", elsewhere)
 
 
 async def test_500_without_json_is_one_line(api: aioresponses) -> None:

@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from watchdogd import config
-from watchdogd.config import ConfigError, parse_duration, parse_size
+from watchdogd.config import ConfigError
+from watchdogd.core.secrets import mask
+from watchdogd.core.units import parse_duration, parse_size
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "example.yml"
 
@@ -184,3 +186,139 @@ def test_version() -> None:
         [sys.executable, "-m", "watchdogd.cli", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.startswith("watchdogd ")
+
+
+# --------------------------------------------------------------------------- issue 15
+
+
+def test_problems_show_the_env_reference_not_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODE_T", "hunter2-mode")
+    monkeypatch.setenv("TOKEN_T", "tok-9f8e7d")
+    data = base()
+    data["failover"]["mode"] = "${MODE_T}"
+    data["primary"]["app"]["health_url"] = "ftp://u:${TOKEN_T}@example.com/health"
+    found = problems(data)
+    text = "\n".join(found)
+    assert "hunter2-mode" not in text and "tok-9f8e7d" not in text, found
+    assert "failover.mode: expected one of automatic, manual, got '${MODE_T}'" in found
+    assert (
+        "primary.app.health_url: expected an http(s) URL, got 'ftp://u:${TOKEN_T}@example.com/health'"
+        in found
+    )
+
+
+def test_check_config_prints_references_not_secrets(tmp_path: Path) -> None:
+    data = base()
+    data["failover"]["mode"] = "${MODE_T}"
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump(data))
+    env = {"PATH": "/usr/bin:/bin", "MODE_T": "hunter2-mode"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "watchdogd.cli", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2
+    assert "hunter2-mode" not in bad.stderr + bad.stdout
+    assert "got '${MODE_T}'" in bad.stderr
+
+
+def test_secrets_too_short_to_mask_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SHORT_T", "ab")
+    data = base()
+    data["primary"]["database"]["dsn"] = "postgresql://postgres:${SHORT_T}@127.0.0.1:5432/x"
+    found = problems(data)
+    assert any(
+        p.startswith("primary.database.dsn: environment variable SHORT_T is shorter than 3")
+        for p in found
+    ), found
+    assert not any("'ab'" in p or ":ab@" in p for p in found)
+    (tmp_path / "pw").write_text("x\n")
+    data = base()
+    data["primary"]["database"]["password_file"] = str(tmp_path / "pw")
+    found = problems(data)
+    assert any(
+        p.startswith("primary.database.password_file: a secret shorter than 3 characters")
+        for p in found
+    ), found
+
+
+def test_file_secret_from_systemd_credentials(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "pg-password").write_text("pg-s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    data = base()
+    data["primary"]["database"]["password_file"] = "${CREDENTIALS_DIRECTORY}/pg-password"
+    cfg = config.parse(data)
+    assert cfg.primary.database.options["password"] == "pg-s3cret"
+    # The directory is a path, not a secret: messages naming it stay readable.
+    assert str(creds) not in cfg.secrets and "pg-s3cret" in cfg.secrets
+    data["standby"]["database"]["password_file"] = "${CREDENTIALS_DIRECTORY}/missing"
+    assert (
+        f"standby.database.password_file: cannot read {creds}/missing: No such file or directory"
+        in problems(data)
+    )
+
+
+def test_mask_covers_percent_encoded_and_json_escaped_forms() -> None:
+    secret = 'p@ss w/rd"\\'
+    text = (
+        f"raw {secret} url http://x/?t=p%40ss%20w%2Frd%22%5C "
+        'form p%40ss+w%2Frd%22%5C json {"t": "p@ss w/rd\\"\\\\"}'
+    )
+    masked = mask(text, {secret})
+    assert masked == 'raw *** url http://x/?t=*** form *** json {"t": "***"}', masked
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 10):
+        refs = ", ".join([f"*a{i - 1}"] * 9)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    path = tmp_path / "bomb.yml"
+    path.write_text("\n".join(lines) + "\ncluster: orders\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert info.value.problems == [
+        f"{path}: config expands to more than 100000 values "
+        "(YAML aliases repeating aliases?); write it out plainly"
+    ]
+
+
+def test_oversized_config_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.yml"
+    path.write_text("# " + "x" * (2 * 1024 * 1024) + "\ncluster: orders\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert info.value.problems == [f"{path}: config is larger than 1024 KiB"]
+
+
+def test_control_group() -> None:
+    data = base()
+    data["control"]["group"] = "watchdogctl"
+    assert config.parse(data).control.group == "watchdogctl"
+    assert config.parse(base()).control.group is None
+    data["control"]["group"] = "bad group;"
+    assert "control.group: expected a group name, got 'bad group;'" in problems(data)
+
+
+def test_a_step_secret_with_braces_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # It would be parsed as a placeholder: changed when rendered, then no longer masked.
+    monkeypatch.setenv("BRACE_T", "p{w}d-s3cret")
+    data = base()
+    data["failover"]["steps"][0]["headers"] = {"Authorization": "Bearer ${BRACE_T}"}
+    found = problems(data)
+    assert found == [
+        "failover.steps[0].headers.Authorization: environment variable BRACE_T contains a "
+        "brace, which a step would read as a {placeholder}; use a value without braces"
+    ]
+    # Elsewhere a brace is just a character.
+    data = base()
+    data["primary"]["database"]["dsn"] = "postgresql://postgres:${BRACE_T}@127.0.0.1:5432/x"
+    assert "p{w}d-s3cret" in config.parse(data).primary.database.dsn

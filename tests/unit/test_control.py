@@ -26,7 +26,6 @@ import structlog
 from structlog.testing import LogCapture
 
 from tests.support import need, which
-from watchdogd.config import ControlConfig
 from watchdogd.control import (
     COMMANDS,
     CommandError,
@@ -39,6 +38,7 @@ from watchdogd.control import (
     request,
     validate_args,
 )
+from watchdogd.core.model import ControlConfig
 
 KNOWN = "status, history, pause, resume, failover, switchover, abort, ack, reload"
 
@@ -634,9 +634,13 @@ s.connect(sys.argv[1])
 f = s.makefile("rwb")
 out = []
 for request in sys.argv[2:]:
-    f.write(request.encode() + b"\n")
-    f.flush()
-    out.append(json.loads(f.readline()))
+    try:
+        f.write(request.encode() + b"\n")
+        f.flush()
+        reply = f.readline()
+    except OSError:  # closed by the server (after a refusal): null
+        reply = b""
+    out.append(json.loads(reply) if reply else None)
 print(json.dumps(out))
 """
 
@@ -697,7 +701,8 @@ async def test_read_groups_grant_status_to_members_only(rig: Rig, open_dir: Path
 
 async def test_outside_read_groups_even_status_is_denied(rig: Rig, open_dir: Path) -> None:
     await rig.start(open_config(rig.path, read_groups=("root",)))
-    status, history = await as_user("nobody", rig.path, STATUS, HISTORY)
+    (status,) = await as_user("nobody", rig.path, STATUS)
+    (history,) = await as_user("nobody", rig.path, HISTORY)
     assert status == DENIED and history == DENIED
     assert rig.daemon.calls == []
 
@@ -752,3 +757,225 @@ def _supplementary_member() -> tuple[str, str]:
                 if pwd.getpwnam(user).pw_gid != group.gr_gid:
                     return user, group.gr_name
     pytest.skip("no user with a supplementary group on this machine")
+
+
+# --------------------------------------------------------------------------- issue 15
+
+
+HOLD = r"""
+import json, socket, sys, time
+conns = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    conns.append(s)
+time.sleep(0.5)
+out = []
+for s in conns:
+    s.settimeout(0.2)
+    try:
+        data = s.recv(65536)
+        out.append(json.loads(data) if data else "closed")
+    except TimeoutError:
+        out.append(None)  # served: waiting for a request
+print(json.dumps(out), flush=True)
+sys.stdin.readline()  # hold every connection until the test is done
+"""
+
+
+async def hold_as(user: str, path: str, n: int) -> tuple[Any, list[Any]]:
+    """``n`` connections from a process running as ``user``; what each got unasked."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as another user")
+    runuser = need("runuser", which("runuser"))
+    python = need("system python3", which("python3", "/usr/bin"))
+    proc = await asyncio.create_subprocess_exec(
+        runuser, "-u", user, "--", python, "-c", HOLD, path, str(n),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(proc.stdout.readline(), 20)
+    return proc, json.loads(first)
+
+
+async def release(proc: Any) -> None:
+    proc.stdin.close()
+    await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_a_refused_peer_is_disconnected(rig: Rig, open_dir: Path) -> None:
+    server = await rig.start(open_config(rig.path, read_groups=("root",)))
+    status, history = await as_user("nobody", rig.path, STATUS, HISTORY)
+    assert status == DENIED
+    assert history is None  # the connection was closed after the refusal
+    assert rig.daemon.calls == []
+    await eventually(lambda: server.connections == 0)
+
+
+async def test_one_uid_cannot_take_every_slot(rig: Rig, open_dir: Path) -> None:
+    server = await rig.start(open_config(rig.path))  # nobody may read
+    proc, got = await hold_as("nobody", rig.path, 20)
+    try:
+        served = [g for g in got if g is None]
+        busy = [g for g in got if isinstance(g, dict)]
+        assert len(served) == 8 and len(busy) == 12, got
+        uid = pwd.getpwnam("nobody").pw_uid
+        assert all(
+            b == {"ok": False, "error": f"busy: too many control connections from uid {uid} "
+                  "(limit 8); close some and try again"}
+            for b in busy
+        )  # fmt: skip
+        assert server.connections == 8
+        assert (await request(rig.path, "status"))["ok"] is True  # the operator gets in
+    finally:
+        await release(proc)
+    await eventually(lambda: server.connections == 0)
+
+
+async def test_slots_are_kept_for_full_access_peers(rig: Rig, open_dir: Path) -> None:
+    server = await rig.start(open_config(rig.path), max_connections=12, reserved=4, per_uid=100)
+    proc, got = await hold_as("nobody", rig.path, 12)
+    try:
+        assert got.count(None) == 8, got
+        assert {g["error"] for g in got if g is not None} == {
+            "busy: the remaining control connections are reserved for operators with full "
+            "access; try again shortly"
+        }
+        # Root still has its four reserved slots.
+        conns = [await asyncio.open_unix_connection(rig.path) for _ in range(4)]
+        try:
+            for _, writer in conns:
+                writer.write(line("status"))
+            answers = [json.loads(await asyncio.wait_for(r.readline(), 5)) for r, _ in conns]
+            assert all(a["ok"] is True for a in answers), answers
+            assert server.connections == 12
+        finally:
+            for _, writer in conns:
+                writer.close()
+    finally:
+        await release(proc)
+
+
+async def test_a_connection_lives_only_so_long(rig: Rig) -> None:
+    await rig.start(max_lifetime=0.6)
+    reader, writer = await asyncio.open_unix_connection(rig.path)
+    replies: list[dict[str, Any]] = []
+    try:
+        for _ in range(40):  # a request every 0.1s keeps it busy, never idle
+            try:
+                writer.write(line("status"))
+                await writer.drain()
+            except OSError:  # closed by the server; its last words are still buffered
+                break
+            raw = await asyncio.wait_for(reader.readline(), 5)
+            if not raw:
+                break
+            replies.append(json.loads(raw))
+            if not replies[-1]["ok"]:
+                break
+            try:  # pause 0.1s, listening: the server may speak first and hang up
+                raw = await asyncio.wait_for(reader.readline(), 0.1)
+            except TimeoutError:
+                continue
+            if raw:
+                replies.append(json.loads(raw))
+            break
+        with contextlib.suppress(OSError):
+            rest = await asyncio.wait_for(reader.read(), 5)
+            replies.extend(json.loads(x) for x in rest.splitlines())
+    finally:
+        writer.close()
+    assert replies[-1] == {
+        "ok": False,
+        "error": "connection open longer than 0.6s; closing it (connect again)",
+    }
+    assert all(r["ok"] for r in replies[:-1]) and 3 <= len(replies) <= 8, replies
+
+
+async def test_every_reply_is_masked_with_the_current_secrets(rig: Rig) -> None:
+    from watchdogd.core.secrets import Secrets
+
+    secrets = Secrets(["tok-old-7f3a"])
+    await rig.start(secrets=secrets)
+    echo = "Bearer tok/new+9b2c; url t=tok%2Fnew%2B9b2c; old tok-old-7f3a"
+
+    async def handler(command: str, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        if command == "history":
+            raise CommandError(f"refused: {echo}")
+        return {"nodes": [{"detail": echo, echo: (echo,)}]}
+
+    rig.servers[-1].handler = handler
+    secrets.replace(["tok/new+9b2c"])  # a reload: new secrets, old ones still masked
+    status, history = await exchange(rig.path, line("status"), line("history"))
+    assert "tok" not in json.dumps(status) + json.dumps(history)
+    masked = "Bearer ***; url t=***; old ***"
+    assert status["result"] == {"nodes": [{"detail": masked, masked: [masked]}]}
+    assert history == {"ok": False, "error": f"refused: {masked}"}
+
+
+def test_peer_groups_come_from_the_kernel() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        from watchdogd.control import _peer_groups
+
+        assert _peer_groups(a, os.getpid()) == frozenset(os.getgroups())
+
+
+async def test_access_uses_the_peers_kernel_groups(rig: Rig) -> None:
+    user, group = _supplementary_member()
+    import grp
+
+    gid = grp.getgrnam(group).gr_gid
+    server = await rig.start(ControlConfig(socket=rig.path, allow_groups=(group,),
+                                           read_groups=("no-such-group-xyz",)))  # fmt: skip
+    pw = pwd.getpwnam(user)
+    # The user database says member; the process's own groups (what it holds) decide.
+    assert server.access(Peer(1, pw.pw_uid, pw.pw_gid, user, frozenset())) == "none"
+    assert server.access(Peer(1, 54321, 54321, None, frozenset({gid}))) == "full"
+
+
+async def test_control_group_owns_the_socket(rig: Rig) -> None:
+    os.chmod(rig.dir, 0o750)
+    group = _group_of("nobody")
+    import grp
+
+    gid = grp.getgrnam(group).gr_gid
+    await rig.start(ControlConfig(socket=rig.path, mode=0o660, group=group))
+    st = os.stat(rig.path)
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o660)
+    # The directory (ours, 0750) lets the control group through, and nobody else.
+    dst = os.stat(rig.dir)
+    assert (dst.st_gid, stat.S_IMODE(dst.st_mode)) == (gid, 0o750)
+    # An operator only in the control group can use watchdogctl (read-only here).
+    status, failover = await as_user("nobody", rig.path, STATUS, FAILOVER)
+    assert status["ok"] is True and failover == DENIED
+
+
+@pytest.mark.parametrize(
+    ("group", "expected"),
+    [
+        ("no-such-group-xyz", "control.group: no such group 'no-such-group-xyz'"),
+        ("root", "control.group: 'root' is the daemon's own group; name a group for operators"),
+    ],
+)
+async def test_bad_control_group_is_one_line(rig: Rig, group: str, expected: str) -> None:
+    if group == "root" and os.getegid() != 0:
+        pytest.skip("the daemon's own group is root only when running as root")
+    with pytest.raises(ControlSocketError) as info:
+        await rig.start(ControlConfig(socket=rig.path, group=group))
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+    assert not exists(rig.path)
+
+
+async def test_group_writable_or_foreign_directory_is_refused(rig: Rig) -> None:
+    os.chmod(rig.dir, 0o770)
+    with pytest.raises(ControlSocketError, match=r"is group-writable \(mode 0770\)"):
+        await rig.start()
+    os.chmod(rig.dir, 0o755)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory away")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    os.chown(rig.dir, nobody, -1)
+    with pytest.raises(ControlSocketError, match=f"belongs to uid {nobody}, not to the daemon"):
+        await rig.start()
+    assert not exists(rig.path)

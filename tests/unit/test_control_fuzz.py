@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import LogCapture
 
-from watchdogd.config import ControlConfig
 from watchdogd.control import COMMANDS, ControlServer, Peer, request
+from watchdogd.core.model import ControlConfig
 
 MAX_LINE = 64 * 1024
 MUTATING = sorted(n for n, c in COMMANDS.items() if c.mutating)

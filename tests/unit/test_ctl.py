@@ -26,8 +26,8 @@ import structlog
 from structlog.testing import LogCapture
 
 from tests.support import need, which
-from watchdogd.config import ControlConfig
 from watchdogd.control import CommandError, ControlServer, Peer
+from watchdogd.core.model import ControlConfig
 from watchdogd.ctl import format_bytes, main, needs_confirmation, render, render_status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,7 +168,7 @@ async def test_status_prints_a_compact_table(rig: Rig, capsys: pytest.CaptureFix
         "mode automatic, armed",
         "roles primary main, standby failover",
         "outage 12.5s",
-        "lag 1.5 MiB, 2.0s behind, streaming",
+        "lag 1.6 MB, 2.0s behind, streaming",
         f"last failover 20261128T022300Z-ab12: automatic, completed, main -> failover, {WHEN} "
         "(took 4.2s)",
         "reason: primary down for 30s",
@@ -226,8 +226,8 @@ def test_odd_status_values_are_shown_plainly() -> None:
 
 @pytest.mark.parametrize(
     ("n", "text"),
-    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (1572864, "1.5 MiB"),
-     (3 * 2**30, "3.0 GiB"), (5 * 2**40, "5.0 TiB"), (2**60, "1048576.0 TiB"), (None, "?"),
+    [(0, "0 B"), (999, "999 B"), (1536, "1.5 kB"), (1572864, "1.6 MB"),
+     (3 * 10**9, "3.0 GB"), (5 * 10**12, "5.0 TB"), (10**18, "1000000.0 TB"), (None, "?"),
      ("x", "?")],
 )  # fmt: skip
 def test_format_bytes(n: Any, text: str) -> None:

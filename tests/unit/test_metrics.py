@@ -191,6 +191,15 @@ def test_flags_and_gauges() -> None:
     assert value(m, "watchdogd_primary_down_seconds") == 0
 
 
+def test_journal_writable_follows_the_last_write() -> None:
+    m = Metrics("c1")
+    assert value(m, "watchdogd_journal_writable") == 1
+    m.set_journal_writable(False)
+    assert value(m, "watchdogd_journal_writable") == 0
+    m.set_journal_writable(True)
+    assert value(m, "watchdogd_journal_writable") == 1
+
+
 def test_config_reload_keeps_last_success_time() -> None:
     m = Metrics("c1")
     m.config_reloaded(True, 10.0)
@@ -349,3 +358,85 @@ def test_dashboard_queries_only_existing_metrics() -> None:
         for target in panel["targets"]:
             # Every query is scoped to the selected cluster.
             assert 'cluster=~"$cluster"' in target["expr"], (panel["title"], target["expr"])
+
+
+# --------------------------------------------------------------------------- issue 15
+
+
+async def test_every_response_body_is_masked_with_the_current_secrets() -> None:
+    from aiohttp import web
+
+    from watchdogd.core.secrets import Secrets
+
+    secrets = Secrets(["old-tok-1a2b"])
+    echo = "Authorization: Bearer new/tok+3c4d (t=new%2Ftok%2B3c4d) old-tok-1a2b"
+
+    async def primary(request: web.Request) -> web.Response:
+        return web.json_response({"detail": echo})
+
+    app = make_app(
+        Metrics("c1"), lambda: (False, echo), [web.get("/primary", primary)], secrets=secrets
+    )
+    runner = await start_http(app, "127.0.0.1", 0)
+    secrets.replace(["new/tok+3c4d"])  # a reload: the middleware sees the new secrets
+    try:
+        base = f"http://127.0.0.1:{bound_port(runner)}"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/primary") as r:
+                body = await r.text()
+            async with s.get(base + "/healthz") as r:
+                health = await r.text()
+        assert "tok" not in body + health, body + health
+        assert json.loads(body) == {"detail": "Authorization: Bearer *** (t=***) ***"}
+        assert health == "unhealthy Authorization: Bearer *** (t=***) ***\n"
+    finally:
+        await stop_http(runner)
+
+
+async def test_idle_connections_are_capped_and_shed() -> None:
+    import asyncio
+
+    runner = await start_http(
+        make_app(Metrics("c1"), lambda: (True, "")),
+        "127.0.0.1",
+        0,
+        max_connections=5,
+        keepalive_timeout=1.0,
+    )
+    port = bound_port(runner)
+    held = []
+    try:
+        for _ in range(30):
+            held.append(await asyncio.open_connection("127.0.0.1", port))
+        await asyncio.sleep(0.2)
+        assert runner.server is not None and len(runner.server.connections) <= 5
+        # A scrape still gets in: it sheds the oldest idle connection.
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 200 and "watchdogd_build_info" in await r.text()
+        # Idle connections are closed after the keep-alive timeout, not after an hour.
+        ends = await asyncio.gather(
+            *(asyncio.wait_for(reader.read(), 5) for reader, _ in held), return_exceptions=True
+        )
+        assert all(e == b"" or isinstance(e, ConnectionError) for e in ends), ends
+        assert len(runner.server.connections) == 0
+    finally:
+        for _, writer in held:
+            writer.close()
+        await stop_http(runner)
+
+
+def test_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
+    import sys
+
+    script = (
+        "import resource\n"
+        "from watchdogd.metrics import raise_fd_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "before, after = raise_fd_limit()\n"
+        "print(before, after, hard, resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    before, after, hard, now = map(int, out.stdout.split())
+    assert before == 256 and after == now and now == (hard if hard != -1 else 1 << 20)

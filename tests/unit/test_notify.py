@@ -18,8 +18,8 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from tests.support import free_port
-from watchdogd.config import WebhookConfig
-from watchdogd.logging import Secrets
+from watchdogd.core.model import WebhookConfig
+from watchdogd.core.secrets import Secrets
 from watchdogd.notify import EVENTS, Notifier, origin, unknown_events
 
 TOKEN = "tok-6f1d2a9c"
@@ -157,10 +157,10 @@ async def test_receiver_failing_twice_then_accepting_gets_it(
     events = [b["event"] for b in receiver.bodies()]
     assert events == ["failover_failed"] * 3 + ["paused"]
     assert receiver.bodies()[0] == receiver.bodies()[2]
-    retries = [e for e in logs if e["event"] == "webhook delivery failed, will retry"]
+    retries = [e for e in logs if e["event"] == "notify.retrying"]
     assert [(e["attempt"], e["error"]) for e in retries] == [(1, "HTTP 503"), (2, "HTTP 500")]
     assert all(e["log_level"] == "warning" for e in retries)
-    assert not [e for e in logs if "giving up" in e["event"]]
+    assert not [e for e in logs if e["event"] == "notify.gave_up"]
 
 
 async def test_slow_receiver_hits_per_request_timeout_then_retry_succeeds(
@@ -175,7 +175,7 @@ async def test_slow_receiver_hits_per_request_timeout_then_retry_succeeds(
         await until(lambda: n.pending() == 0)
     finally:
         await n.close()
-    [retry] = [e for e in logs if e["event"] == "webhook delivery failed, will retry"]
+    [retry] = [e for e in logs if e["event"] == "notify.retrying"]
     assert retry["error"] == "no answer within 0.1s"
 
 
@@ -193,7 +193,7 @@ async def test_rejected_message_is_not_retried(
         await n.close()
     assert [b["event"] for b in receiver.bodies()] == ["split_brain", "primary_recovered"]
     [warning] = [e for e in logs if e["log_level"] == "warning"]
-    assert warning["event"] == "webhook rejected the message, not retrying"
+    assert warning["event"] == "notify.rejected"
     assert warning["error"] == "HTTP 400"
 
 
@@ -212,19 +212,19 @@ async def test_dead_receiver_never_blocks_and_only_warns(
         elapsed = time.perf_counter() - started
         assert elapsed < 0.05, f"100 notify() calls took {elapsed * 1000:.1f} ms"
         # The worker really tries (and fails) in the background meanwhile.
-        await until(lambda: any("giving up" in e["event"] for e in logs))
+        await until(lambda: any(e["event"] == "notify.gave_up" for e in logs))
     finally:
         started = time.perf_counter()
         await n.close(timeout=0.2)
         assert time.perf_counter() - started < 1.0
     assert logs, "a dead receiver must be reported"
     assert {e["log_level"] for e in logs} == {"warning"}
-    given_up = [e for e in logs if e["event"] == "webhook delivery failed, giving up"]
+    given_up = [e for e in logs if e["event"] == "notify.gave_up"]
     assert given_up[0]["notify_event"] == "primary_down"
     assert given_up[0]["attempts"] == 3
     assert given_up[0]["webhook"] == url.split("/hooks")[0]
     assert "Connect" in given_up[0]["error"]
-    [left] = [e for e in logs if e["event"] == "webhook messages not delivered before shutdown"]
+    [left] = [e for e in logs if e["event"] == "notify.undelivered_at_shutdown"]
     assert 0 < left["count"] < 100
     # Neither the token in the URL path nor the header value ever reaches the log.
     assert TOKEN not in json.dumps(logs, default=str)
@@ -237,7 +237,7 @@ async def test_full_queue_drops_oldest(
     for i in range(5):  # before start(): queued, nothing delivered yet
         n.notify("primary_down", seq=i)
     assert n.pending() == 3
-    dropped = [e for e in logs if e["event"] == "webhook queue full, dropped the oldest message"]
+    dropped = [e for e in logs if e["event"] == "notify.queue_full_dropped_oldest"]
     assert len(dropped) == 2 and all(e["log_level"] == "warning" for e in dropped)
     await n.start()
     try:
@@ -253,7 +253,7 @@ async def test_secrets_in_facts_are_masked(receiver: Receiver) -> None:
     await n.start()
     try:
         n.notify("step_failed", error="psql: password pa55word rejected", env={"PW": "pa55word"})
-        secrets.replace(["rotated-1"])  # a reload swaps the secrets; later messages follow
+        secrets.replace(["rotated-1"])  # a reload adds the new secrets, keeps masking old ones
         n.notify("step_failed", error="token rotated-1 and pa55word")
         await until(lambda: len(receiver.requests) == 2)
     finally:
@@ -261,7 +261,7 @@ async def test_secrets_in_facts_are_masked(receiver: Receiver) -> None:
     first, second = receiver.bodies()
     assert first["error"] == "psql: password *** rejected"
     assert first["env"] == {"PW": "***"}
-    assert second["error"] == "token *** and pa55word"
+    assert second["error"] == "token *** and ***"
 
 
 async def test_notify_never_raises(
@@ -281,9 +281,9 @@ async def test_notify_never_raises(
     assert [b["event"] for b in receiver.bodies()] == ["paused", "made_up_event"]
     assert receiver.bodies()[0]["when"].startswith("<object object")
     warnings = [e["event"] for e in logs if e["log_level"] == "warning"]
-    assert warnings == ["notification dropped", "unknown notification event"]
+    assert warnings == ["notify.dropped", "notify.unknown_event"]
     n.notify("paused")  # after close: logged, not raised
-    assert logs[-1]["event"] == "notification after shutdown dropped"
+    assert logs[-1]["event"] == "notify.dropped_after_shutdown"
 
 
 def test_unknown_event_filters_are_reported() -> None:

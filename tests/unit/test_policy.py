@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from watchdogd.config import FailoverConfig, StepConfig
+from watchdogd.core.model import FailoverConfig, StepConfig
 from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT, Verdict
-from watchdogd.failover.journal import JournalState, apply
 from watchdogd.policy import (
     BLOCKED,
     FAILED,
@@ -19,6 +18,7 @@ from watchdogd.policy import (
     StandbyFacts,
     build_plan,
 )
+from watchdogd.state.journal import JournalState, apply
 
 GOOD = StandbyFacts(reachable=True, is_standby=True, lag_bytes=0, lag_seconds=0.0)
 DOWN_DB = Verdict(DOWN, "primary database down", outage_seconds=6, trigger="database")

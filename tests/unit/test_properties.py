@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.builders import cycle
-from watchdogd.config import FailoverConfig, StepConfig
+from watchdogd.core.model import FailoverConfig, StepConfig
 from watchdogd.detector import Detector
-from watchdogd.failover.journal import JournalState, apply
 from watchdogd.policy import Policy, StandbyFacts
+from watchdogd.state.journal import JournalState, apply
 
 THRESHOLD, INTERVAL, N = 5.0, 1.0, 3
 GOOD = StandbyFacts(True, True, 0, 0.0)

@@ -10,27 +10,89 @@ An action module ``watchdogd/actions/<family>.py`` defines::
 A parser reads the action's own keys from the step's Section (errors carry the
 step's path) and returns an Action. Adding an action kind is adding a module;
 nothing else changes.
+
+This package also owns the step schema: the keys every step has
+(``read_step_common``), the default steps, and the ``{placeholders}`` a step's strings
+may use (checked by ``templated``, filled by ``StepContext.render``).
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from watchdogd.config import StepConfig, mask_value, read_step_common, render_template
+from watchdogd.core.errors import WatchdogdError
+from watchdogd.core.model import Config, NodeConfig, StepConfig
+from watchdogd.core.secrets import mask_value
+from watchdogd.core.section import Section, walk_strings
+from watchdogd.engines import Engine
 
-if TYPE_CHECKING:
-    from watchdogd.config import Config, NodeConfig, Section
-    from watchdogd.engines import Engine
+DEFAULT_STEPS = (
+    {"name": "stop_replication", "action": "stop_replication"},
+    {"name": "promote", "action": "promote"},
+)
+
+# Placeholders a step's strings may use; rendered at failover time.
+PLACEHOLDERS = frozenset(
+    {"cluster", "primary.name", "standby.name", "reason", "failover_id", "trigger"}
+)
 
 
-class ActionError(Exception):
+class ActionError(WatchdogdError):
     """A step failed; the message is one clear line (secrets are masked by the caller)."""
+
+
+def template_fields(text: str) -> set[str]:
+    """Names of ``{placeholder}`` fields in a step string (``{{`` escapes)."""
+    names: set[str] = set()
+    for _, name, _, _ in string.Formatter().parse(text):
+        if name is not None:
+            names.add(name)
+    return names
+
+
+def render_template(text: str, values: Mapping[str, str]) -> str:
+    """Fill ``{placeholder}`` fields; dotted names are plain keys, not attributes."""
+    out: list[str] = []
+    for literal, name, _, _ in string.Formatter().parse(text):
+        out.append(literal)
+        if name is not None:
+            out.append(values.get(name, "{" + name + "}"))
+    return "".join(out)
+
+
+def templated(s: Section, key: str, value: object) -> None:
+    """Check that every ``{placeholder}`` in ``value`` (recursively) is known."""
+    for path, text in walk_strings(value, s.sub(key)):
+        try:
+            unknown = template_fields(text) - PLACEHOLDERS
+        except ValueError as exc:
+            s.errors.append(f"{path}: bad placeholder syntax ({exc}); write {{{{ for a brace")
+            continue
+        if unknown:
+            s.errors.append(
+                f"{path}: unknown placeholder {{{sorted(unknown)[0]}}}; "
+                f"known: {', '.join('{' + p + '}' for p in sorted(PLACEHOLDERS))}"
+            )
+
+
+def read_step_common(s: Section) -> dict[str, Any]:
+    """The keys every step has; the action's own keys are read by its module."""
+    return {
+        "name": s.str("name"),
+        "action": s.str("action"),
+        "timeout": s.duration("timeout", 30.0, minimum=0.01),
+        "retries": s.int("retries", 0, minimum=0, maximum=100),
+        "retry_delay": s.duration("retry_delay", 1.0),
+        "required": s.bool("required", True),
+        "idempotent": s.bool("idempotent", None),
+    }
 
 
 @dataclass
@@ -140,11 +202,10 @@ def validate_step(s: Section) -> StepConfig | None:
 
 def build(step: StepConfig, config: Config) -> Action:
     """The Action for a validated step (config has already checked it)."""
-    from watchdogd.config import Section
-
     errors: list[str] = []
     data = dict(step.params)
     section = Section(data, step.name, errors, set(config.secrets))
+    section.templates = True
     action = registry()[step.action](section)
     if errors:  # cannot happen for a validated config; fail loudly if it does
         raise ActionError("; ".join(errors))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from watchdogd.actions import Action, ActionError, StepContext
-from watchdogd.config import Section
+from watchdogd.core.section import Section
 from watchdogd.engines import Engine, EngineError
 
 

@@ -34,23 +34,28 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from watchdogd.actions import ActionError
-from watchdogd.config import format_duration, mask, template_fields
+from watchdogd.actions import ActionError, template_fields, templated
+from watchdogd.core.secrets import mask
+from watchdogd.core.units import format_duration
 
 if TYPE_CHECKING:
     import aiohttp
 
     from watchdogd.actions import StepContext
-    from watchdogd.config import Config, Section
+    from watchdogd.core.model import Config
+    from watchdogd.core.section import Section
 
 SECTION = "cloud66"
 API_BASE = "https://app.cloud66.com/api/3"
 OPERATIONS = ("maintenance", "promote_replica", "switch_failover_group")
 DB_TYPES = ("mysql", "postgresql", "redis", "mongodb")
 DEFAULT_POLL_INTERVAL = 3.0
+# API replies are small JSON envelopes; a larger one is cut (and then fails to parse).
+REPLY_LIMIT = 1024 * 1024
 
 # Which step keys belong to which operation (``poll_interval`` goes with all).
 _KEYS = {
@@ -95,17 +100,24 @@ class _Api:
         what = f"cloud66 {method} {path}"
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         try:
+            # Not following redirects: the bearer token must reach the API and nothing else.
             async with self.session.request(
-                method, API_BASE + path, json=body, headers=headers
+                method, API_BASE + path, json=body, headers=headers, allow_redirects=False
             ) as resp:
                 status = resp.status
-                text = await resp.text()
+                text = (await resp.content.read(REPLY_LIMIT)).decode("utf-8", "replace")
         except aiohttp.ClientError as exc:
             raise _ApiError(self.mask(f"{what}: {_exc_text(exc)}"), transient=True) from None
         try:
             data = json.loads(text) if text.strip() else None
         except ValueError:
             data = None
+        if 300 <= status < 400:
+            raise _ApiError(
+                f"{what}: HTTP {status} redirect to {_origin(resp.headers.get('Location'))}, "
+                "not followed (the token goes to the API only)",
+                transient=False,
+            )
         if status >= 400:
             message = _error_message(data)
             raise _ApiError(
@@ -121,6 +133,14 @@ class _Api:
 
     def mask(self, text: str) -> str:
         return mask(text, self.secrets)
+
+
+def _origin(location: str | None) -> str:
+    """Where a redirect points, without path or query (they may carry anything)."""
+    if not location:
+        return "nowhere"
+    parts = urllib.parse.urlsplit(location)
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else "a path on the API"
 
 
 def _error_message(data: Any) -> str:
@@ -341,7 +361,7 @@ def _group_state(group: Any, path: str) -> tuple[int, bool]:
 def _uid(s: Section, key: str) -> Any:
     value = s.str(key)
     if isinstance(value, str):
-        s.templated(key, value)
+        templated(s, key, value)
         try:
             has_fields = bool(template_fields(value))
         except ValueError:

@@ -34,8 +34,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from watchdogd.actions import ActionError
-from watchdogd.config import format_duration, parse_duration, template_fields
+from watchdogd.actions import ActionError, template_fields, templated
+from watchdogd.core.units import format_duration, parse_duration
 
 if TYPE_CHECKING:
     import dns.message
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     import dns.tsig
 
     from watchdogd.actions import StepContext
-    from watchdogd.config import Section
+    from watchdogd.core.section import Section
 
 TYPES = ("A", "AAAA", "CNAME")
 ALGORITHMS = (
@@ -303,7 +303,7 @@ def _split_server(text: str) -> tuple[str, int]:
 
 
 def _has_fields(s: Section, key: str, value: str) -> bool:
-    s.templated(key, value)
+    templated(s, key, value)
     try:
         return bool(template_fields(value))
     except ValueError:

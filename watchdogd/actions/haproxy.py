@@ -27,12 +27,12 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from watchdogd.actions import ActionError
-from watchdogd.config import format_duration, template_fields
+from watchdogd.actions import ActionError, template_fields, templated
+from watchdogd.core.units import format_duration
 
 if TYPE_CHECKING:
     from watchdogd.actions import StepContext
-    from watchdogd.config import Section
+    from watchdogd.core.section import Section
 
 STATES = ("ready", "maint", "drain")
 
@@ -303,7 +303,7 @@ def _name(s: Section, key: str, value: Any, what: str, path: str | None = None) 
     try:
         has_fields = bool(template_fields(value))
     except ValueError:
-        has_fields = True  # s.templated reports the bad syntax
+        has_fields = True  # templated() reports the bad syntax
     if not has_fields and not _NAME.match(value):
         s.errors.append(
             f"{where}: {value!r} is not a valid HAProxy {what} name "
@@ -325,7 +325,7 @@ def _names(s: Section, key: str, what: str) -> list[str] | None:
     else:
         s.error(f"expected a {what} name or a non-empty list of them, got {raw!r}", key)
         return None
-    s.templated(key, raw)
+    templated(s, key, raw)
     return [n for path, v in items if (n := _name(s, key, v, what, path)) is not None]
 
 
@@ -338,17 +338,17 @@ def parse(s: Section) -> HaproxyAction:
             s.error(f"expected an absolute Unix socket path or host:port, got {socket!r}", "socket")
     backend = s.str("backend")
     if isinstance(backend, str):
-        s.templated("backend", backend)
+        templated(s, "backend", backend)
         backend = _name(s, "backend", backend, "backend")
 
     activate = s.str("activate", None)
     if isinstance(activate, str):
-        s.templated("activate", activate)
+        templated(s, "activate", activate)
         activate = _name(s, "activate", activate, "server")
     deactivate = _names(s, "deactivate", "server")
     server = s.str("server", None)
     if isinstance(server, str):
-        s.templated("server", server)
+        templated(s, "server", server)
         server = _name(s, "server", server, "server")
     servers = _names(s, "servers", "server")
     state = s.choice("state", STATES, None)

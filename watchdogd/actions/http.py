@@ -1,19 +1,28 @@
-"""The ``http`` step: one HTTP request (maintenance switches, webhooks of a platform)."""
+"""The ``http`` step: one HTTP request (maintenance switches, webhooks of a platform).
+
+Placeholders in the URL are percent-encoded: an operator's ``{reason}`` holding ``#`` or
+``&`` stays one value instead of rewriting the query. Redirects are not followed: the
+step's headers often carry a token, and a redirect could carry it to another origin (or
+from https to http); a 3xx is reported like any other unexpected status.
+"""
 
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from watchdogd.actions import Action, ActionError, StepContext
-from watchdogd.config import Section
+from watchdogd.actions import Action, ActionError, StepContext, render_template, templated
+from watchdogd.core.section import Section
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 _IDEMPOTENT = frozenset({"GET", "PUT", "DELETE", "HEAD"})
+# Only the first line of an error body is shown: read no more than this of it.
+BODY_LIMIT = 64 * 1024
 
 
 @dataclass
@@ -29,7 +38,10 @@ class HttpAction:
     def _rendered(self, ctx: StepContext) -> dict[str, Any]:
         return {
             "method": self.method,
-            "url": ctx.render(self.url),
+            "url": render_template(
+                self.url,
+                {k: urllib.parse.quote(v, safe="") for k, v in ctx.placeholders.items()},
+            ),
             "headers": ctx.render(self.headers),
             "json": ctx.render(self.json_body),
             "body": ctx.render(self.body),
@@ -45,8 +57,11 @@ class HttpAction:
         where = f"{self.method} {r['url']}"
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-                async with s.request(self.method, r["url"], **kwargs) as resp:
-                    text = (await resp.text(errors="replace"))[:200]
+                async with s.request(
+                    self.method, r["url"], allow_redirects=False, **kwargs
+                ) as resp:
+                    raw = await resp.content.read(BODY_LIMIT)
+                    text = _decode(raw, resp.charset)[:200]
                     ok = (
                         resp.status in self.expect_status
                         if self.expect_status
@@ -66,25 +81,32 @@ class HttpAction:
         return {k: v for k, v in r.items() if v not in (None, {})}
 
 
+def _decode(raw: bytes, charset: str | None) -> str:
+    try:
+        return raw.decode(charset or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        return raw.decode("utf-8", "replace")
+
+
 def parse(s: Section) -> Action:
     method = s.choice("method", _METHODS, "POST")
     url = s.str("url")
     if isinstance(url, str):
-        s.templated("url", url)
+        templated(s, "url", url)
     headers = s.str_map("headers")
-    s.templated("headers", headers)
+    templated(s, "headers", headers)
     json_body = s.raw("json")
     body = s.str("body", None, allow_empty=True)
     if json_body is not None and body is not None:
         s.error("give either json or body, not both")
     if json_body is not None:
-        s.templated("json", json_body)
+        templated(s, "json", json_body)
         try:
             json.dumps(json_body)
         except (TypeError, ValueError):
             s.error("must be JSON-serialisable", "json")
     if body is not None:
-        s.templated("body", body)
+        templated(s, "body", body)
     statuses = s.raw("expect_status", [])
     if isinstance(statuses, int):
         statuses = [statuses]

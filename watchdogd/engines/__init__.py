@@ -22,11 +22,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from watchdogd.core.errors import WatchdogdError
+
 if TYPE_CHECKING:
-    from watchdogd.config import DatabaseConfig, Section
+    from watchdogd.core.model import DatabaseConfig
+    from watchdogd.core.section import Section
 
 
-class EngineError(Exception):
+class EngineError(WatchdogdError):
     """A database operation failed; the message is one clear line."""
 
 
@@ -85,23 +88,16 @@ class Engine(Protocol):
         Idempotent. Returns what was done."""
         ...
 
+    async def advise(self, outage_threshold: float, timeout: float) -> list[str]:
+        """Settings of this server that would weaken the daemon's decisions (e.g. a
+        standby that confirms a hung primary only after the outage threshold). One
+        line each, naming the exact setting and the value that fixes it; the daemon
+        logs them at start and after a reload."""
+        ...
+
     async def close(self) -> None:
         """Release connections; never raises."""
         ...
-
-
-class Advisor(Protocol):
-    """Optional engine method: settings of this server that would weaken the daemon's
-    decisions (e.g. a standby that notices a hung primary only after the outage
-    threshold). One line each, naming the exact setting and the value that fixes it;
-    the daemon logs them at start and after a reload."""
-
-    async def advise(self, outage_threshold: float, timeout: float) -> list[str]: ...
-
-
-class EngineModule(Protocol):
-    def validate(self, section: Section) -> Mapping[str, Any]: ...
-    def create(self, db: DatabaseConfig, secrets: set[str]) -> Engine: ...
 
 
 def available() -> list[str]:

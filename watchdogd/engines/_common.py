@@ -1,20 +1,24 @@
 """What every engine module shares: a password type that never shows, the
-``host:port`` label of a server, and the one way a database call is bounded and
-its failure turned into a single EngineError line."""
+``host:port`` label of a server, the one way a database call is bounded and its
+failure turned into a single EngineError line, and the connection template
+(``ConnectionTemplate``) every engine class builds on."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
+from watchdogd.core.secrets import mask
 from watchdogd.engines import EngineError
 
 if TYPE_CHECKING:
-    from watchdogd.config import Section
+    from watchdogd.core.section import Section
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 class Secret(str):
@@ -116,3 +120,130 @@ def keepalive_for(link_timeout: int) -> int:
     """A keepalive period that keeps a healthy idle link from reaching ``link_timeout``:
     about a third of it (two keepalives may be lost), at least one second."""
     return max(1, link_timeout // 3)
+
+
+class ConnectionTemplate(ABC, Generic[C]):
+    """How an engine talks to its server, written once; ``C`` is the driver's connection.
+
+    Probing (``_probe``) reuses one lazily (re)opened connection, so idle probing
+    costs one round trip. When a *reused* connection fails in a way ``_is_stale``
+    calls dead (the server restarted, or fence() ended our session), the call is
+    retried once on a fresh one; a fresh connection is never retried, and a refusal
+    is never retried. Any failure drops the connection.
+
+    Failover operations (``_admin``) run on a connection of their own, so a long
+    promote never blocks a probe and vice versa, and one at a time per server: two
+    concurrent promote() calls must not both see a standby and both promote, nor
+    interleave their statements.
+
+    Every call is bounded by ``limit`` (connect included) and fails as one
+    EngineError line naming the engine and server, secrets masked.
+
+    An engine supplies ``_open``, ``_discard`` (close without waiting on a hung
+    server), ``_is_stale`` and ``_reason``; ``_reusable``, ``_prepare`` and
+    ``_release`` are optional hooks."""
+
+    def __init__(
+        self, name: str, where: str, secrets: Iterable[str], *passwords: str | None
+    ) -> None:
+        self.name = name
+        self.where = where
+        self._secrets = set(secrets)
+        self._secrets.update(p for p in passwords if p)
+        self._conn: C | None = None  # the shared probing connection
+        self._probe_lock = asyncio.Lock()
+        self._admin_lock = asyncio.Lock()
+
+    # -- what an engine supplies
+
+    @abstractmethod
+    async def _open(self, deadline: float, limit: float) -> C:
+        """A new connection, ready for use, within ``deadline`` (loop time)."""
+
+    @abstractmethod
+    async def _discard(self, conn: C) -> None:
+        """Close ``conn`` at once, without a goodbye that could hang; never raises."""
+
+    @abstractmethod
+    def _is_stale(self, exc: BaseException) -> bool:
+        """``exc`` means the connection is dead, as opposed to the server saying no."""
+
+    @abstractmethod
+    def _reason(self, exc: BaseException) -> str:
+        """``exc`` as a short reason for the EngineError line."""
+
+    def _reusable(self, conn: C) -> bool:
+        """Whether the shared connection is worth trying (False: reopen at once)."""
+        return True
+
+    async def _prepare(self, conn: C, deadline: float, limit: float, *, fresh: bool) -> None:
+        """Before each probe on the shared connection (``fresh``: just opened).
+        A stale error raised here on a reused connection is retried like the probe's."""
+
+    async def _release(self, conn: C, deadline: float) -> None:
+        """After a failover operation succeeded: close its connection."""
+        await self._discard(conn)
+
+    # -- the template
+
+    def _line(self, message: str) -> str:
+        return mask(f"{self.name} {self.where}: {message}", self._secrets)
+
+    _remaining = staticmethod(remaining)
+
+    async def _bounded(self, op: str, limit: float, body: Callable[[float], Awaitable[T]]) -> T:
+        return await bounded(op, limit, body, self._line, self._reason)
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._discard(conn)
+
+    async def _probe(self, op: str, limit: float, query: Callable[[C, float], Awaitable[T]]) -> T:
+        """``query(conn, deadline)`` on the shared probing connection."""
+
+        async def body(deadline: float) -> T:
+            async with self._probe_lock:
+                try:
+                    return await self._on_shared(deadline, limit, query)
+                except BaseException:
+                    await self._drop()
+                    raise
+
+        return await self._bounded(op, limit, body)
+
+    async def _on_shared(
+        self, deadline: float, limit: float, query: Callable[[C, float], Awaitable[T]]
+    ) -> T:
+        conn = self._conn
+        if conn is not None and self._reusable(conn):
+            try:
+                await self._prepare(conn, deadline, limit, fresh=False)
+                return await query(conn, deadline)
+            except Exception as exc:
+                if not self._is_stale(exc):
+                    raise
+        await self._drop()
+        conn = self._conn = await self._open(deadline, limit)
+        await self._prepare(conn, deadline, limit, fresh=True)
+        return await query(conn, deadline)
+
+    async def _admin(self, op: str, limit: float, action: Callable[[C, float], Awaitable[T]]) -> T:
+        """``action(conn, deadline)`` on a connection of its own, one at a time."""
+
+        async def body(deadline: float) -> T:
+            async with self._admin_lock:
+                conn = await self._open(deadline, limit)
+                try:
+                    result = await action(conn, deadline)
+                except BaseException:
+                    await self._discard(conn)
+                    raise
+                await self._release(conn, deadline)
+                return result
+
+        return await self._bounded(op, limit, body)
+
+    async def close(self) -> None:
+        """Release the probing connection; never raises."""
+        await self._drop()

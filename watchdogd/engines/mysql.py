@@ -85,20 +85,19 @@ from urllib.parse import unquote
 
 import aiomysql
 
-from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
 from watchdogd.engines._common import (
-    bounded,
+    ConnectionTemplate,
     confirm_within,
     host_port,
     keepalive_for,
-    remaining,
     split_dsn,
     validate_password,
 )
 
 if TYPE_CHECKING:
-    from watchdogd.config import DatabaseConfig, Section
+    from watchdogd.core.model import DatabaseConfig
+    from watchdogd.core.section import Section
 
 T = TypeVar("T")
 
@@ -409,7 +408,7 @@ class _Conn:
         self.raw.close()
 
 
-class MySQLEngine:
+class MySQLEngine(ConnectionTemplate[_Conn]):
     """One MySQL or MariaDB server."""
 
     def __init__(
@@ -419,18 +418,9 @@ class MySQLEngine:
         password: str | None = None,
         secrets: set[str] | frozenset[str] = frozenset(),
     ) -> None:
-        self.name = "mysql"
-        self.dsn = dsn
-        self.where = dsn.where
         self._password = password if password is not None else dsn.password
-        self._secrets = set(secrets)
-        if self._password:
-            self._secrets.add(self._password)
-        self._conn: _Conn | None = None
-        self._probe_lock = asyncio.Lock()
-        # One failover operation at a time per server: two concurrent promote()
-        # calls must not interleave their STOP/RESET/SET statements.
-        self._admin_lock = asyncio.Lock()
+        super().__init__("mysql", dsn.where, secrets, self._password)
+        self.dsn = dsn
         # last_receive_age bookkeeping: the receive state last seen and when it changed.
         self._receive_state: tuple[Any, ...] | None = None
         self._receive_changed: float | None = None
@@ -438,14 +428,12 @@ class MySQLEngine:
     def __repr__(self) -> str:
         return f"MySQLEngine({self.dsn.user}@{self.where})"
 
-    # -- plumbing
+    # -- plumbing (the rest is ConnectionTemplate's)
 
-    def _line(self, message: str) -> str:
-        return mask(f"mysql {self.where}: {message}", self._secrets)
+    _reason = staticmethod(_reason)
+    _is_stale = staticmethod(_is_stale)
 
-    _remaining = staticmethod(remaining)
-
-    async def _connect(self, deadline: float) -> _Conn:
+    async def _open(self, deadline: float, limit: float) -> _Conn:
         raw = aiomysql.Connection(
             host=self.dsn.host,
             port=self.dsn.port,
@@ -477,55 +465,22 @@ class MySQLEngine:
             has_sro = bool(await cur.fetchall())
         return Flavour.detect(str(version), str(comment), has_sro)
 
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    async def _bounded(self, op: str, limit: float, body: Callable[[float], Awaitable[T]]) -> T:
-        return await bounded(op, limit, body, self._line, _reason)
-
-    async def _probe(
-        self, op: str, limit: float, query: Callable[[_Conn, float], Awaitable[T]]
-    ) -> T:
-        """``query(conn, deadline)`` on the shared probing connection."""
-
-        async def body(deadline: float) -> T:
-            async with self._probe_lock:
-                try:
-                    if self._conn is not None:
-                        try:
-                            return await query(self._conn, deadline)
-                        except Exception as exc:
-                            if not _is_stale(exc):
-                                raise
-                            self._drop()
-                    self._conn = await self._connect(deadline)
-                    return await query(self._conn, deadline)
-                except BaseException:
-                    self._drop()
-                    raise
-
-        return await self._bounded(op, limit, body)
+    async def _discard(self, conn: _Conn) -> None:
+        conn.close()
 
     async def _admin(
-        self, op: str, limit: float, action: Callable[[_Conn, float], Awaitable[str]]
-    ) -> str:
-        """``action(conn, deadline)`` on a connection of its own, closed afterwards."""
+        self, op: str, limit: float, action: Callable[[_Conn, float], Awaitable[T]]
+    ) -> T:
+        """Statements of a failover operation that wait for a lock give up in time."""
 
-        async def body(deadline: float) -> str:
-            async with self._admin_lock:
-                conn = await self._connect(deadline)
-                try:
-                    await conn.execute(
-                        "SET SESSION lock_wait_timeout = %s",
-                        (max(1, math.floor(self._remaining(deadline))),),
-                    )
-                    return await action(conn, deadline)
-                finally:
-                    conn.close()
+        async def bounded_action(conn: _Conn, deadline: float) -> T:
+            await conn.execute(
+                "SET SESSION lock_wait_timeout = %s",
+                (max(1, math.floor(self._remaining(deadline))),),
+            )
+            return await action(conn, deadline)
 
-        return await self._bounded(op, limit, body)
+        return await super()._admin(op, limit, bounded_action)
 
     async def _channel(self, conn: _Conn) -> Channel | None:
         rows = await conn.rows(conn.flavour.replica_status_sql)
@@ -849,6 +804,3 @@ class MySQLEngine:
                 if _code(exc) != 1094:  # ER_NO_SUCH_THREAD: it ended meanwhile
                     raise
         return killed
-
-    async def close(self) -> None:
-        self._drop()

@@ -25,20 +25,18 @@ import asyncio
 import contextlib
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import asyncpg
 
-from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
-from watchdogd.engines._common import bounded, confirm_within, remaining, validate_password
+from watchdogd.engines._common import ConnectionTemplate, confirm_within, validate_password
 
 if TYPE_CHECKING:
-    from watchdogd.config import DatabaseConfig, Section
-
-T = TypeVar("T")
+    from watchdogd.core.model import DatabaseConfig
+    from watchdogd.core.section import Section
 
 # Errors meaning "this connection is dead", as opposed to "the server said no":
 # a reused connection failing this way is retried once on a fresh one (the
@@ -180,7 +178,7 @@ def _reason(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- engine
 
 
-class PostgresEngine:
+class PostgresEngine(ConnectionTemplate[Any]):
     """One PostgreSQL server, reached through an asyncpg URL DSN."""
 
     def __init__(
@@ -190,30 +188,20 @@ class PostgresEngine:
         password: str | None = None,
         secrets: set[str] | frozenset[str] = frozenset(),
     ) -> None:
-        self.name = "postgres"
+        super().__init__("postgres", _where(dsn), secrets, password, _inline_password(dsn))
         self._dsn = dsn
         self._password = password
-        self._secrets = set(secrets)
-        for secret in (password, _inline_password(dsn)):
-            if secret:
-                self._secrets.add(secret)
-        self.where = _where(dsn)
-        self._conn: Any = None  # asyncpg.Connection, for probing
-        self._conn_ms = 0  # its statement_timeout
-        self._probe_lock = asyncio.Lock()
-        # One failover operation at a time per server: two concurrent promote()
-        # calls must not both see "in recovery" and both promote.
-        self._admin_lock = asyncio.Lock()
+        self._conn_ms = 0  # the probing connection's statement_timeout
 
     def __repr__(self) -> str:
         return f"PostgresEngine({mask_dsn(self._dsn)!r})"
 
-    # -- plumbing
+    # -- plumbing (the rest is ConnectionTemplate's)
 
-    def _line(self, message: str) -> str:
-        return mask(f"postgres {self.where}: {message}", self._secrets)
+    _reason = staticmethod(_reason)
 
-    _remaining = staticmethod(remaining)
+    def _is_stale(self, exc: BaseException) -> bool:
+        return isinstance(exc, _STALE)
 
     async def _connect(self, deadline: float, statement_ms: int) -> Any:
         return await asyncpg.connect(
@@ -226,75 +214,37 @@ class PostgresEngine:
             },
         )
 
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.terminate()
+    async def _open(self, deadline: float, limit: float) -> Any:
+        return await self._connect(deadline, _ms(limit))
 
-    async def _bounded(self, op: str, limit: float, body: Callable[[float], Awaitable[T]]) -> T:
-        return await bounded(op, limit, body, self._line, _reason)
+    def _reusable(self, conn: Any) -> bool:
+        return not conn.is_closed()
 
-    async def _probe(self, op: str, limit: float, query: Callable[[Any, float], Awaitable[T]]) -> T:
-        """``query(conn, remaining)`` on the shared probing connection."""
-
-        async def body(deadline: float) -> T:
-            async with self._probe_lock:
-                try:
-                    return await self._on_shared(deadline, limit, query)
-                except BaseException:
-                    self._drop()
-                    raise
-
-        return await self._bounded(op, limit, body)
-
-    async def _on_shared(
-        self, deadline: float, limit: float, query: Callable[[Any, float], Awaitable[T]]
-    ) -> T:
+    async def _prepare(self, conn: Any, deadline: float, limit: float, *, fresh: bool) -> None:
+        # statement_timeout is kept per connection: set it again only when the limit changed.
         ms = _ms(limit)
-        if self._conn is not None and not self._conn.is_closed():
-            try:
-                if self._conn_ms != ms:
-                    await self._conn.execute(
-                        f"SET statement_timeout = {ms}", timeout=self._remaining(deadline)
-                    )
-                    self._conn_ms = ms
-                return await query(self._conn, self._remaining(deadline))
-            except _STALE:
-                self._drop()
-        self._conn = await self._connect(deadline, ms)
+        if not fresh and self._conn_ms != ms:
+            await conn.execute(f"SET statement_timeout = {ms}", timeout=self._remaining(deadline))
         self._conn_ms = ms
-        return await query(self._conn, self._remaining(deadline))
 
-    async def _admin(
-        self, op: str, limit: float, action: Callable[[Any, float], Awaitable[str]]
-    ) -> str:
-        """``action(conn, deadline)`` on a connection of its own, closed afterwards."""
+    async def _discard(self, conn: Any) -> None:
+        conn.terminate()
 
-        async def body(deadline: float) -> str:
-            async with self._admin_lock:
-                conn = await self._connect(deadline, _ms(limit))
-                try:
-                    result = await action(conn, deadline)
-                except BaseException:
-                    conn.terminate()
-                    raise
-                # The work is done: a slow goodbye must not turn it into a timeout.
-                remaining = self._remaining(deadline)
-                try:
-                    if remaining > 0.1:
-                        with contextlib.suppress(Exception):
-                            await conn.close(timeout=min(remaining - 0.05, 1.0))
-                finally:
-                    conn.terminate()  # no-op once closed
-                return result
-
-        return await self._bounded(op, limit, body)
+    async def _release(self, conn: Any, deadline: float) -> None:
+        # The work is done: a slow goodbye must not turn it into a timeout.
+        remaining = self._remaining(deadline)
+        try:
+            if remaining > 0.1:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=min(remaining - 0.05, 1.0))
+        finally:
+            conn.terminate()  # no-op once closed
 
     # -- Engine
 
     async def status(self, timeout: float) -> DbStatus:
-        async def query(conn: Any, remaining: float) -> Any:
-            return await conn.fetchrow(STATUS_SQL, timeout=remaining)
+        async def query(conn: Any, deadline: float) -> Any:
+            return await conn.fetchrow(STATUS_SQL, timeout=self._remaining(deadline))
 
         return self._to_status(await self._probe("status", timeout, query))
 
@@ -341,8 +291,12 @@ class PostgresEngine:
     async def setting(self, name: str, timeout: float) -> str:
         """``current_setting(name)`` as the server reports it, e.g. ``'2s'``."""
 
-        async def query(conn: Any, remaining: float) -> str:
-            return str(await conn.fetchval("SELECT current_setting($1)", name, timeout=remaining))
+        async def query(conn: Any, deadline: float) -> str:
+            return str(
+                await conn.fetchval(
+                    "SELECT current_setting($1)", name, timeout=self._remaining(deadline)
+                )
+            )
 
         return await self._probe(f"reading setting {name}", timeout, query)
 
@@ -526,6 +480,7 @@ class PostgresEngine:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
+        # A graceful goodbye where the server answers in time, terminate() otherwise.
         conn, self._conn = self._conn, None
         if conn is None:
             return

@@ -61,9 +61,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
@@ -71,10 +71,9 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from watchdogd.config import mask
 from watchdogd.engines import DbStatus, EngineError
 from watchdogd.engines._common import (
-    bounded,
+    ConnectionTemplate,
     confirm_within,
     host_port,
     keepalive_for,
@@ -83,9 +82,8 @@ from watchdogd.engines._common import (
 )
 
 if TYPE_CHECKING:
-    from watchdogd.config import DatabaseConfig, Section
-
-T = TypeVar("T")
+    from watchdogd.core.model import DatabaseConfig
+    from watchdogd.core.section import Section
 
 DEFAULT_PORT = 6379
 EXAMPLE = "redis://:password@host:6379/0"
@@ -228,7 +226,7 @@ def _writes_refused(info: Mapping[str, Any], mr: MinReplicas | None) -> bool:
 # --------------------------------------------------------------------------- engine
 
 
-class RedisEngine:
+class RedisEngine(ConnectionTemplate[aioredis.Redis]):
     """One Redis server."""
 
     def __init__(
@@ -238,27 +236,19 @@ class RedisEngine:
         password: str | None = None,
         secrets: set[str] | frozenset[str] = frozenset(),
     ) -> None:
-        self.name = "redis"
-        self.dsn = dsn
-        self.where = dsn.where
         self._password = password if password is not None else dsn.password
-        self._secrets = set(secrets)
-        if self._password:
-            self._secrets.add(self._password)
-        self._client: aioredis.Redis | None = None
-        self._probe_lock = asyncio.Lock()
-        # One failover operation at a time per server.
-        self._admin_lock = asyncio.Lock()
+        super().__init__("redis", dsn.where, secrets, self._password)
+        self.dsn = dsn
 
     def __repr__(self) -> str:
         return f"RedisEngine({self.where}/{self.dsn.db})"
 
-    # -- plumbing
+    # -- plumbing (the rest is ConnectionTemplate's)
 
-    def _line(self, message: str) -> str:
-        return mask(f"redis {self.where}: {message}", self._secrets)
+    _is_stale = staticmethod(_is_stale)
 
-    def _new_client(self, limit: float) -> aioredis.Redis:
+    async def _open(self, deadline: float, limit: float) -> aioredis.Redis:
+        # Connects on its first command, within the caller's bound.
         return aioredis.Redis(
             host=self.dsn.host,
             port=self.dsn.port,
@@ -276,8 +266,7 @@ class RedisEngine:
             protocol=2,
         )
 
-    @staticmethod
-    async def _discard(client: aioredis.Redis) -> None:
+    async def _discard(self, client: aioredis.Redis) -> None:
         # Never waits for a hung server: close the socket without a goodbye.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
@@ -285,60 +274,11 @@ class RedisEngine:
                     await client.connection.disconnect(nowait=True)
                 await client.aclose()
 
-    async def _bounded(self, op: str, limit: float, body: Callable[[], Awaitable[T]]) -> T:
-        async def timed(_: float) -> T:
-            return await body()
-
-        return await bounded(op, limit, timed, self._line, self._reason)
-
     def _reason(self, exc: BaseException) -> str:
         reason = _reason(exc)
         if isinstance(exc, rexc.AuthenticationError) and not self._password:
             reason += " (no password configured: give one in the dsn or database.password)"
         return reason
-
-    async def _probe(
-        self, op: str, limit: float, query: Callable[[aioredis.Redis], Awaitable[T]]
-    ) -> T:
-        """``query(client)`` on the shared probing connection."""
-
-        async def body() -> T:
-            async with self._probe_lock:
-                try:
-                    if self._client is not None:
-                        try:
-                            return await query(self._client)
-                        except Exception as exc:
-                            if not _is_stale(exc):
-                                raise
-                            await self._drop()
-                    self._client = self._new_client(limit)
-                    return await query(self._client)
-                except BaseException:
-                    await self._drop()
-                    raise
-
-        return await self._bounded(op, limit, body)
-
-    async def _drop(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await self._discard(client)
-
-    async def _admin(
-        self, op: str, limit: float, action: Callable[[aioredis.Redis], Awaitable[str]]
-    ) -> str:
-        """``action(client)`` on a connection of its own, closed afterwards."""
-
-        async def body() -> str:
-            async with self._admin_lock:
-                client = self._new_client(limit)
-                try:
-                    return await action(client)
-                finally:
-                    await self._discard(client)
-
-        return await self._bounded(op, limit, body)
 
     async def _info(self, client: aioredis.Redis) -> dict[str, Any]:
         info: dict[str, Any] = await client.info("replication")
@@ -349,7 +289,7 @@ class RedisEngine:
     # -- Engine: status
 
     async def status(self, timeout: float) -> DbStatus:
-        async def query(client: aioredis.Redis) -> DbStatus:
+        async def query(client: aioredis.Redis, _: float) -> DbStatus:
             info = await self._info(client)
             if info["role"] == "master":
                 return self._primary_status(info, await _min_replicas(client))
@@ -436,7 +376,7 @@ class RedisEngine:
     # -- Engine: failover operations
 
     async def stop_replication(self, timeout: float) -> str:
-        async def action(client: aioredis.Redis) -> str:
+        async def action(client: aioredis.Redis, _: float) -> str:
             info = await self._info(client)
             if info["role"] == "master":
                 return "not a replica: nothing to stop"
@@ -451,7 +391,7 @@ class RedisEngine:
         return await self._admin("stop_replication", timeout, action)
 
     async def promote(self, timeout: float) -> str:
-        async def action(client: aioredis.Redis) -> str:
+        async def action(client: aioredis.Redis, _: float) -> str:
             done: list[str] = []
             info = await self._info(client)
             if info["role"] == "slave":
@@ -479,7 +419,7 @@ class RedisEngine:
         return await self._admin("promote", timeout, action)
 
     async def fence(self, timeout: float) -> str:
-        async def action(client: aioredis.Redis) -> str:
+        async def action(client: aioredis.Redis, _: float) -> str:
             mr = await _min_replicas(client)
             if mr is None:
                 raise EngineError(
@@ -517,6 +457,3 @@ class RedisEngine:
         except rexc.ResponseError as exc:
             return f"; not persisted: {_reason(exc)}"
         return "; persisted with CONFIG REWRITE"
-
-    async def close(self) -> None:
-        await self._drop()

@@ -1,36 +1,57 @@
 """The runner: executes a Plan step by step, journaling intent and outcome.
 
-For each step: journal ``step_started`` (fsync'd) → run the action bounded by
-the step's timeout → journal ``step_finished``; retry up to ``retries`` times
-after ``retry_delay``; a failed ``required`` step ends the sequence as
-``failed`` and later steps never run. An operator's abort is honoured before
-the next step (or retry), never in the middle of one.
+For each step: journal the step's start (fsync'd) → run the action bounded by
+the step's timeout → journal its end; retry up to ``retries`` times after
+``retry_delay``; a failed ``required`` step ends the sequence as ``failed`` and
+later steps never run. An operator's abort is honoured before the next step (or
+during a retry delay), never in the middle of a step.
+
+The same runner executes failovers (and switchovers) and fences (the
+``fence_steps`` run against an old primary that came back writable). A fence is
+journaled under its own record types and events (``fence_started``,
+``fence_step_completed``, ``fence_failed`` …): it is never a failover in the
+history, the metrics or the cooldown, and it is never resumed after a restart
+(see ``watchdogd.daemon.sequences``).
 
 A plan resumed after a crash skips the steps the journal shows as done. A step
 that was started but never finished is run again only when it is idempotent
 (per step ``idempotent:``, else the action's own default); otherwise it is
 marked ``interrupted`` and, if required, the failover fails for a human to
-check — guessing would risk doing it twice.
+check — guessing would risk doing it twice. A step whose attempt had failed and
+whose retry delay was cut short by a shutdown (``pending_retry``) is simply
+retried: the runner would have retried it anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from watchdogd.actions import Action, ActionError, StepContext
-from watchdogd.config import StepConfig
+from watchdogd.core.model import StepConfig
 from watchdogd.engines import EngineError
-from watchdogd.failover.journal import FailoverRecord
 from watchdogd.policy import Plan
+from watchdogd.state import journal
+from watchdogd.state.journal import FailoverRecord
 
 Record = Callable[[dict[str, Any]], None]
 Emit = Callable[..., None]
 
 COMPLETED, FAILED, ABORTED = "completed", "failed", "aborted"
-INTERRUPTED = "interrupted"  # stopped for a daemon shutdown; the next start resumes it
+INTERRUPTED = "interrupted"  # stopped for a daemon shutdown; the next start resumes a failover
+PENDING_RETRY = "pending_retry"
+
+# Step outcomes a resumed sequence does not run again: done, or given their chance already
+# (an optional step that failed; a non-idempotent step a restart interrupted).
+_SETTLED = frozenset({"ok", "skipped", "failed", "interrupted"})
+
+
+class _Stop(enum.Enum):
+    ABORTED = "aborted"
+    INTERRUPTED = "interrupted"
 
 
 class Runner:
@@ -44,6 +65,7 @@ class Runner:
         *,
         resume: FailoverRecord | None = None,
         wall: Callable[[], float] = time.time,
+        failover_id: str | None = None,
     ) -> None:
         self.plan = plan
         self.ctx = ctx
@@ -52,41 +74,76 @@ class Runner:
         self.emit = emit
         self.resume = resume
         self.wall = wall
+        # A fence names the failover whose old primary it fences.
+        self.sequence = "fence" if plan.kind == "fence" else "failover"
+        self.failover_id = failover_id
         self.current_step: str | None = None
         self.current_step_started: float | None = None
         self._abort = asyncio.Event()
         self._abort_by: str = "operator"
         self._interrupt = False
+        # Set by abort() and interrupt(): ends a retry delay at once.
+        self._wake = asyncio.Event()
+        self._begun = False
+
+    @property
+    def is_fence(self) -> bool:
+        return self.sequence == "fence"
 
     def abort(self, by: str = "operator") -> None:
         self._abort_by = by
         self._abort.set()
+        self._wake.set()
 
     def interrupt(self) -> None:
-        """Stop after the current step without finishing the failover in the journal,
-        so the next start resumes it (daemon shutdown)."""
+        """Stop after the current step (or at once, during a retry delay) without finishing
+        a failover in the journal, so the next start resumes it (daemon shutdown)."""
         self._interrupt = True
+        self._wake.set()
 
-    async def run(self) -> str:
+    # ------------------------------------------------------------------ naming
+
+    def _event(self, name: str) -> str:
+        """A failover's event name, or the fence's twin of it (``step_failed`` →
+        ``fence_step_failed``, ``failover_started`` → ``fence_started``)."""
+        if not self.is_fence:
+            return name
+        return "fence_" + name.removeprefix("failover_")
+
+    def _ids(self) -> dict[str, Any]:
+        if self.is_fence:
+            return {"fence_id": self.plan.id, "failover_id": self.failover_id}
+        return {"failover_id": self.plan.id}
+
+    # ------------------------------------------------------------------ the sequence
+
+    def begin(self) -> None:
+        """Journal the start (or announce the resume). Synchronous and called by whoever
+        launches the run, so a journal that cannot be written refuses the run to its
+        caller instead of failing later in a background task."""
+        if self._begun:
+            return
+        self._begun = True
         plan = self.plan
         if self.resume is None:
             self.record(
-                {
-                    "type": "failover_started",
-                    "id": plan.id,
-                    "trigger": plan.trigger,
-                    "kind": plan.kind,
-                    "reason": plan.reason,
-                    "from": plan.from_node,
-                    "to": plan.to_node,
-                    "steps": [s.name for s in plan.steps],
-                    "forced": plan.forced,
-                    "at": self.wall(),
-                }
+                journal.sequence_started(
+                    self.sequence,
+                    id=plan.id,
+                    trigger=plan.trigger,
+                    kind=plan.kind,
+                    reason=plan.reason,
+                    from_node=plan.from_node,
+                    to_node=plan.to_node,
+                    steps=[s.name for s in plan.steps],
+                    forced=plan.forced,
+                    failover_id=self.failover_id,
+                    at=self.wall(),
+                )
             )
             self.emit(
-                "failover_started",
-                failover_id=plan.id,
+                self._event("failover_started"),
+                **self._ids(),
                 trigger=plan.trigger,
                 kind=plan.kind,
                 reason=plan.reason,
@@ -100,17 +157,23 @@ class Runner:
                 "failover_resumed", failover_id=plan.id, trigger=plan.trigger, steps_done=done
             )
 
-        for step in plan.steps:
+    async def run(self) -> str:
+        self.begin()
+        for step in self.plan.steps:
             if self._interrupt:
-                self.emit("failover_interrupted", failover_id=plan.id, next_step=step.name)
-                return INTERRUPTED
+                return self._interrupted(f"the daemon stopped before step {step.name}", step)
             if self._abort.is_set():
                 return self._finish(ABORTED, f"aborted by {self._abort_by} before step {step.name}")
             prior = self.resume.step(step.name) if self.resume is not None else None
-            if prior is not None and prior.outcome in ("ok", "skipped"):
+            if prior is not None and prior.outcome in _SETTLED:
                 continue
             action = self.actions[step.name]
-            if prior is not None and prior.started_at is not None and prior.outcome is None:
+            attempts, budget = 0, step.retries + 1
+            if prior is not None and prior.outcome == PENDING_RETRY:
+                # Its last attempt failed and ended; the rest of its retries are owed.
+                attempts = prior.attempts
+                budget = max(1, step.retries + 1 - prior.attempts)
+            elif prior is not None and prior.started_at is not None and prior.outcome is None:
                 idempotent = step.idempotent if step.idempotent is not None else action.idempotent
                 if not idempotent:
                     error = (
@@ -121,33 +184,43 @@ class Runner:
                     if step.required:
                         return self._finish(FAILED, f"step {step.name}: {error}")
                     continue
-            outcome = await self._run_step(step, action, prior.attempts if prior else 0)
-            if outcome == ABORTED:
+                attempts = prior.attempts
+            outcome = await self._run_step(step, action, attempts, budget)
+            if outcome is _Stop.ABORTED:
                 return self._finish(
                     ABORTED, f"aborted by {self._abort_by} during retries of {step.name}"
+                )
+            if outcome is _Stop.INTERRUPTED:
+                return self._interrupted(
+                    f"the daemon stopped during the retry delay of step {step.name}", step
                 )
             if outcome is not None and step.required:
                 return self._finish(FAILED, f"step {step.name} failed: {outcome}")
         return self._finish(COMPLETED, None)
 
-    async def _run_step(self, step: StepConfig, action: Action, attempts: int) -> str | None:
-        """Run one step with its retries; returns None on success, else the error."""
+    async def _run_step(
+        self, step: StepConfig, action: Action, attempts: int, budget: int
+    ) -> str | _Stop | None:
+        """Run one step with its retries; returns None on success, a _Stop when an abort
+        or shutdown cut a retry delay short, else the error."""
         error = ""
-        for attempt in range(attempts + 1, attempts + step.retries + 2):
+        seconds = 0.0
+        last = attempts + budget
+        for attempt in range(attempts + 1, last + 1):
             self.current_step, self.current_step_started = step.name, self.wall()
             self.record(
-                {
-                    "type": "step_started",
-                    "id": self.plan.id,
-                    "step": step.name,
-                    "action": step.action,
-                    "attempt": attempt,
-                    "at": self.wall(),
-                }
+                journal.step_started(
+                    self.sequence,
+                    id=self.plan.id,
+                    step=step.name,
+                    action=step.action,
+                    attempt=attempt,
+                    at=self.wall(),
+                )
             )
             self.emit(
-                "step_started",
-                failover_id=self.plan.id,
+                self._event("step_started"),
+                **self._ids(),
                 step=step.name,
                 action=step.action,
                 attempt=attempt,
@@ -171,27 +244,41 @@ class Runner:
             finally:
                 self.current_step = None
             seconds = time.monotonic() - t0
-            last = attempt > attempts + step.retries
-            if last:
+            if attempt >= last:
                 break
             self.emit(
-                "step_retry",
-                failover_id=self.plan.id,
+                self._event("step_retry"),
+                **self._ids(),
                 step=step.name,
                 attempt=attempt,
                 error=error,
                 seconds=round(seconds, 3),
                 retry_in=step.retry_delay,
             )
-            try:
-                async with asyncio.timeout(step.retry_delay):
-                    await self._abort.wait()
+            stop = await self._retry_delay(step.retry_delay)
+            if stop is _Stop.ABORTED:
                 self._step_finished(step, "failed", seconds, error=error)
-                return ABORTED
-            except TimeoutError:
-                pass
+                return stop
+            if stop is _Stop.INTERRUPTED:
+                # A fence is never resumed, so its step is over; a failover's is owed
+                # its remaining retries at the next start.
+                outcome = "interrupted" if self.is_fence else PENDING_RETRY
+                note = (
+                    f"attempt {attempt} failed ({error}); the daemon stopped during the retry delay"
+                )
+                self._step_finished(step, outcome, seconds, error=note)
+                return stop
         self._step_finished(step, "failed", seconds, error=error)
         return error
+
+    async def _retry_delay(self, delay: float) -> _Stop | None:
+        """Wait ``delay`` seconds, or less when an abort or a shutdown comes first."""
+        try:
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+        except TimeoutError:
+            return None
+        return _Stop.ABORTED if self._abort.is_set() else _Stop.INTERRUPTED
 
     def _step_finished(
         self,
@@ -203,22 +290,27 @@ class Runner:
         detail: str | None = None,
     ) -> None:
         self.record(
-            {
-                "type": "step_finished",
-                "id": self.plan.id,
-                "step": step.name,
-                "action": step.action,
-                "outcome": outcome,
-                "error": error,
-                "detail": detail,
-                "seconds": round(seconds, 4),
-                "at": self.wall(),
-            }
+            journal.step_finished(
+                self.sequence,
+                id=self.plan.id,
+                step=step.name,
+                action=step.action,
+                outcome=outcome,
+                error=error,
+                detail=detail,
+                seconds=seconds,
+                at=self.wall(),
+            )
         )
-        event = "step_completed" if outcome == "ok" else "step_failed"
+        if outcome == "ok":
+            event = "step_completed"
+        elif outcome == PENDING_RETRY:
+            event = "step_interrupted"
+        else:
+            event = "step_failed"
         self.emit(
-            event,
-            failover_id=self.plan.id,
+            self._event(event),
+            **self._ids(),
             step=step.name,
             action=step.action,
             outcome=outcome,
@@ -228,19 +320,23 @@ class Runner:
             required=step.required,
         )
 
+    def _interrupted(self, why: str, step: StepConfig) -> str:
+        if self.is_fence:
+            # Nothing resumes a fence: close it, and let the split-brain check fence
+            # again after the restart if both nodes still accept writes.
+            return self._finish(INTERRUPTED, why)
+        self.emit("failover_interrupted", failover_id=self.plan.id, next_step=step.name, note=why)
+        return INTERRUPTED
+
     def _finish(self, outcome: str, error: str | None) -> str:
         self.record(
-            {
-                "type": "failover_finished",
-                "id": self.plan.id,
-                "outcome": outcome,
-                "error": error,
-                "at": self.wall(),
-            }
+            journal.sequence_finished(
+                self.sequence, id=self.plan.id, outcome=outcome, error=error, at=self.wall()
+            )
         )
         self.emit(
-            f"failover_{outcome}",
-            failover_id=self.plan.id,
+            self._event(f"failover_{outcome}"),
+            **self._ids(),
             trigger=self.plan.trigger,
             outcome=outcome,
             error=error,

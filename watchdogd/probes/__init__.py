@@ -8,10 +8,33 @@ timeouts, so a hung peer costs one failed observation, never a stuck loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from watchdogd.engines import DbStatus
+
+
+# Probes read at most this much of a reply: a health answer or a witness's vote is a few
+# bytes, and a peer must not make the watcher buffer (or parse) megabytes every cycle.
+MAX_BODY = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_capped(content: Any, limit: int = MAX_BODY) -> bytes:
+    """Read an aiohttp body up to ``limit`` bytes; BodyTooLarge beyond."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk: bytes = await content.read(limit + 1 - size)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"reply larger than {limit // 1024} KiB")
 
 
 @dataclass(frozen=True)

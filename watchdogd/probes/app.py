@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
 import aiohttp
 
-from watchdogd.config import AppConfig
-from watchdogd.probes import Observation
+from watchdogd.core.model import AppConfig
+from watchdogd.probes import BodyTooLarge, Observation, read_capped
 
 
 class AppProbe:
@@ -38,7 +39,9 @@ class AppProbe:
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 allow_redirects=False,
             ) as resp:
-                await resp.read()
+                # Read (capped) so the connection can be reused; the status decides.
+                with contextlib.suppress(BodyTooLarge):
+                    await read_capped(resp.content)
                 ok = (
                     resp.status in self.app.expect_status
                     if self.app.expect_status

@@ -1,0 +1,204 @@
+"""The operator commands the control socket hands over (already validated and
+permission-checked there): status, history, pause, resume, failover, switchover, abort,
+ack, reload. Each journals its change before acting on it, so a journal that refuses the
+record refuses the command and nothing is done.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from watchdogd import policy
+from watchdogd.control import CommandError, Peer
+from watchdogd.daemon.cycle import Latest
+from watchdogd.detector import HEALTHY, Verdict
+from watchdogd.state import journal as records
+from watchdogd.state.journal import JournalError
+
+if TYPE_CHECKING:
+    from watchdogd.daemon.lifecycle import Daemon
+
+
+def who(peer: Peer) -> str:
+    return f"{peer.user or 'uid ' + str(peer.uid)} (pid {peer.pid})"
+
+
+class Commands:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    async def handle(self, command: str, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        handler = getattr(self, f"_cmd_{command}", None)
+        if handler is None:
+            raise CommandError(f"unknown command {command!r}")
+        try:
+            result: dict[str, Any] = await handler(args, peer)
+        except JournalError as exc:
+            # Nothing was done: every change is journaled before it is acted on.
+            raise CommandError(f"{command} refused: {exc}") from None
+        return result
+
+    def _verdict(self) -> Verdict:
+        return self.d.latest.verdict or Verdict(HEALTHY, "not probed yet")
+
+    async def _cmd_status(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        return self.d.views.status()
+
+    async def _cmd_history(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        n = int(args.get("n", 10))
+        return {"failovers": [f.as_dict() for f in reversed(self.d.state.failovers[-n:])]}
+
+    async def _cmd_pause(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        d = self.d
+        # Masked at intake: the reason is journaled and shown back in status/history.
+        reason = d.config.mask(args.get("reason") or f"paused by {who(peer)}")
+        d.record(records.pause(reason=reason, by=who(peer), at=d.wall()))
+        d.emit("paused", reason=reason, by=who(peer))
+        d.cycle.refresh_state()
+        return {"paused": True, "reason": reason}
+
+    async def _cmd_resume(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        d = self.d
+        if not d.state.paused:
+            raise CommandError("automatic failover is not paused")
+        d.record(records.resume(by=who(peer), at=d.wall()))
+        d.emit("resumed", by=who(peer))
+        d.cycle.refresh_state()
+        return {"paused": False}
+
+    async def _cmd_failover(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        d = self.d
+        force, dry_run = bool(args.get("force")), bool(args.get("dry_run"))
+        refusal = d.policy.refuse_manual_failover(self._verdict(), d.cycle.standby_facts(), force)
+        if refusal is not None:
+            raise CommandError(f"failover refused: {refusal}")
+        reason = args.get("reason") or f"manual failover by {who(peer)}" + (
+            " (forced)" if force else ""
+        )
+        # Masked at intake: the reason is journaled and shown back in status/history.
+        reason = d.config.mask(reason)
+        return self._start_or_describe("failover", "manual", reason, force, dry_run)
+
+    async def _cmd_switchover(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        d = self.d
+        pdb = d.latest.primary_db
+        refusal = d.policy.refuse_switchover(bool(pdb and pdb.ok), d.cycle.standby_facts())
+        if refusal is not None:
+            raise CommandError(f"switchover refused: {refusal}")
+        timeout = args.get("timeout")
+        return self._start_or_describe(
+            "switchover",
+            "switchover",
+            f"switchover by {who(peer)}",
+            False,
+            bool(args.get("dry_run")),
+            float(timeout) if timeout is not None else None,
+        )
+
+    def _start_or_describe(
+        self,
+        kind: str,
+        trigger: str,
+        reason: str,
+        forced: bool,
+        dry_run: bool,
+        catchup_timeout: float | None = None,
+    ) -> dict[str, Any]:
+        d, seq = self.d, self.d.sequences
+        if dry_run:
+            plan = seq.plan(kind, trigger, reason, forced=forced, catchup_timeout=catchup_timeout)
+            return {"dry_run": True, "plan": seq.describe(plan)}
+        if (fo := d.state.awaiting_ack) is not None:
+            # A failed failover being retried by hand: the new one supersedes it.
+            primary, standby = d.base_roles()
+            d.record(
+                records.ack(
+                    id=fo.id,
+                    primary=primary.name,
+                    standby=standby.name,
+                    at=d.wall(),
+                    note="superseded by a manual retry",
+                )
+            )
+        plan = seq.start_failover(
+            kind, trigger, reason, forced=forced, catchup_timeout=catchup_timeout
+        )
+        return {"started": plan.id, "plan": seq.describe(plan)}
+
+    async def _cmd_abort(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        d, by = self.d, who(peer)
+        runner, verdict = d.sequences.runner, self._verdict()
+        target = policy.abort_target(runner is not None, d.policy.pending_outage(verdict))
+        if target == "nothing":
+            raise CommandError("nothing to abort: no failover is running or pending")
+        if runner is not None:
+            runner.abort(by=f"operator ({by})")
+            d.emit(
+                "abort_requested",
+                failover_id=runner.plan.id,
+                by=by,
+                current_step=runner.current_step,
+            )
+            return {"aborting": runner.plan.id, "note": "the sequence stops before its next step"}
+        # Pending: journal an automatic failover that was aborted before it started, so
+        # none starts until an operator acks.
+        primary, standby = d.base_roles()
+        fid = d.sequences.new_id()
+        d.record(
+            records.sequence_started(
+                "failover",
+                id=fid,
+                trigger="automatic",
+                kind="failover",
+                reason=verdict.reason,
+                from_node=primary.name,
+                to_node=standby.name,
+                steps=[],
+                at=d.wall(),
+                pending=True,
+            )
+        )
+        d.record(
+            records.sequence_finished(
+                "failover",
+                id=fid,
+                outcome="aborted",
+                error=f"aborted by operator ({by}) before it started",
+                at=d.wall(),
+            )
+        )
+        d.emit(
+            "failover_aborted",
+            failover_id=fid,
+            trigger="automatic",
+            by=by,
+            error="aborted by operator before it started",
+        )
+        d.cycle.refresh_state()
+        return {"aborted": fid, "note": "no automatic failover until an operator acks"}
+
+    async def _cmd_ack(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        d = self.d
+        try:
+            primary, standby = d.policy.ack_roles()
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        fo = d.state.awaiting_ack
+        assert fo is not None
+        d.record(records.ack(id=fo.id, primary=primary, standby=standby, at=d.wall(), by=who(peer)))
+        d.emit("acked", failover_id=fo.id, by=who(peer), primary=primary, standby=standby)
+        # The pair is watched in its new roles from a clean slate.
+        d.detector.reset()
+        d.latest = Latest(
+            last_primary_pos=policy.kept_primary_pos(primary, fo, d.latest.last_primary_pos)
+        )
+        d.cycle.forget_episode()
+        d.cycle.refresh_state()
+        return {
+            "acked": fo.id,
+            "roles": {"primary": primary, "standby": standby},
+            "armed": d.policy.armed(d.wall()),
+        }
+
+    async def _cmd_reload(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        return await self.d.reload(by=who(peer))

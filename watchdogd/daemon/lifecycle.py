@@ -1,0 +1,321 @@
+"""The daemon's root: build everything from the config, start, serve until a signal,
+stop. What runs in between lives beside it: the probe cycle (``cycle``), failovers and
+fences (``sequences``), operator commands (``commands``), reload (``reload``) and what
+operators and witnesses read (``views``). Every decision they need is in ``policy``.
+
+Durable facts live in the journal (``record`` writes it before anything is acted on);
+news goes out as events (``emit``) to subscribers: the log, the metrics, the webhooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from watchdogd import __version__, engines, policy
+from watchdogd.control import ControlServer, Peer
+from watchdogd.core.events import Bus, log_subscriber
+from watchdogd.core.model import Config, NodeConfig
+from watchdogd.core.secrets import Secrets
+from watchdogd.daemon import reload as reloading
+from watchdogd.daemon.commands import Commands
+from watchdogd.daemon.cycle import Latest, ProbeCycle, make_detector
+from watchdogd.daemon.sequences import Sequences
+from watchdogd.daemon.subscribers import metrics_subscriber, notify_subscriber
+from watchdogd.daemon.views import Views
+from watchdogd.engines import Engine
+from watchdogd.logging import setup_logging
+from watchdogd.metrics import Metrics, make_app, raise_fd_limit, start_http
+from watchdogd.notify import Notifier
+from watchdogd.policy import Policy
+from watchdogd.state.journal import Journal, JournalError, JournalState, apply
+from watchdogd.systemd import SystemdNotifier, watchdog_advice
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        log: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.wall = wall
+        self.secrets = Secrets(config.secrets)
+        if log is None:
+            log = setup_logging(
+                config.log.format, config.log.level, cluster=config.cluster, secrets=self.secrets
+            )
+        self.log: Any = log
+        self.metrics = Metrics(config.cluster)
+        self.journal = Journal(config.state_dir)
+        self.state: JournalState = JournalState()
+        self.policy = Policy(config.failover, self.state)
+        self.detector = make_detector(config)
+        self.latest = Latest()
+        self.engines: dict[str, Engine] = {}
+        self.notifier = Notifier(config.webhooks, config.cluster, self.log, self.secrets)
+        self.systemd = SystemdNotifier()
+        # Why the journal last refused a record (None: it takes records): a failed state
+        # shown by /healthz and status until a record is written again.
+        self.journal_error: str | None = None
+        self.last_cycle_wall: float | None = None
+        self.bus = Bus(self.log)
+        self.bus.subscribe(log_subscriber(self.log))
+        self.bus.subscribe(metrics_subscriber(self.metrics, self.wall))
+        self.bus.subscribe(notify_subscriber(self))
+        self.cycle = ProbeCycle(self)
+        self.sequences = Sequences(self)
+        self.commands = Commands(self)
+        self.views = Views(self)
+        self.scheduler: AsyncIOScheduler | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self._http: Any = None
+        self._control: ControlServer | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.background: set[asyncio.Task[Any]] = set()  # e.g. SIGHUP reloads
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        # Before anything opens a descriptor: systemd's soft limit of 1024 is what a
+        # flood of HTTP connections would otherwise exhaust (journal, probes, socket).
+        raise_fd_limit()
+        self.journal.lock()
+        self.state = self.journal.load()
+        # Found out now, not when the first failover cannot record its first step.
+        self.journal.open()
+        self.policy.journal = self.state
+        for problem in self.state.problems:
+            self.emit("journal_problem", problem=problem, path=str(self.journal.path))
+        self.check_roles()
+        for node in cfg.nodes:
+            self.engines[node.name] = engines.create(node.database, set(cfg.secrets))
+        self.session = aiohttp.ClientSession()
+        self.export_config(cfg)
+        if cfg.metrics.enabled:
+            app = make_app(
+                self.metrics,
+                self.views.healthz,
+                extra_routes=[web.get("/primary", self.views.witness)],
+                secrets=self.secrets,
+            )
+            self._http = await start_http(app, cfg.metrics.host, cfg.metrics.port)
+        self._control = ControlServer(
+            cfg.control, self.handle_command, self.log, secrets=self.secrets
+        )
+        await self._control.start()
+        await self.notifier.start()
+        primary, standby = self.roles()
+        self.emit(
+            "started",
+            version=__version__,
+            config=cfg.source,
+            primary=primary.name,
+            standby=standby.name,
+            mode=cfg.failover.mode,
+            outage_threshold=cfg.failover.outage_threshold,
+            interval=cfg.probe.interval,
+            state_dir=cfg.state_dir,
+        )
+        await self.advise()
+        self.sequences.close_unfinished_fence()
+        self.cycle.recall_outage()
+        if (fo := self.state.unfinished) is not None:
+            self.emit(
+                "failover_unfinished",
+                failover_id=fo.id,
+                trigger=fo.trigger,
+                steps=[s.as_dict() for s in fo.steps],
+                note="resuming from the first unfinished step",
+            )
+            self.sequences.resume(fo)
+        # Two INFO lines per cycle from the scheduler are noise, not news.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        self.scheduler = AsyncIOScheduler()
+        self.scheduler.add_job(
+            self.cycle.job,
+            "interval",
+            seconds=cfg.probe.interval,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=max(1, int(cfg.probe.interval)),
+            next_run_time=datetime.now(UTC),
+            id="probe",
+        )
+        self.scheduler.start()
+        self._start_watchdog()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop. SIGHUP reloads the config."""
+        loop = asyncio.get_running_loop()
+        try:
+            await self.start()
+        except BaseException:
+            # Leave nothing behind (socket file, lock, servers) for the next start, and
+            # say nothing: the caller prints the one line that explains the failure.
+            with contextlib.suppress(Exception):
+                await self.stop(quiet=True)
+            raise
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: reloading.spawn(self))
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self, *, quiet: bool = False) -> None:
+        if not quiet:
+            self.emit("stopping", state=self.policy.state)
+        self.systemd.stopping()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+            self.scheduler = None
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+            self._watchdog_task = None
+        # Let a running step finish and be journaled (a retry delay ends at once); the
+        # next start resumes a failover, and fences again if still needed.
+        await self.sequences.interrupt()
+        if self._control is not None:
+            await self._control.stop()
+        if self._http is not None:
+            await self._http.cleanup()
+        await self.notifier.close(2.0)
+        if self.session is not None:
+            await self.session.close()
+        for engine in self.engines.values():
+            await engine.close()
+        self.journal.close()
+        if not quiet:
+            self.emit("stopped")
+
+    # ------------------------------------------------------------------ systemd watchdog
+
+    def _start_watchdog(self) -> None:
+        """Ping systemd's watchdog from a timer as well as after each probe cycle.
+
+        Per-cycle pings alone make ``probe.interval`` (plus the cycle's own time) race
+        ``WatchdogSec``: a long interval gets a healthy daemon killed — possibly in the
+        middle of a failover step. The timer pings every ``WatchdogSec / 2`` but only
+        while probe cycles keep completing (the same staleness rule as /healthz), so a
+        stuck probe loop still stops the pings and systemd still restarts it."""
+        period = self.systemd.watchdog_interval()
+        if period is None:
+            return
+        advice = watchdog_advice(
+            period * 2, self.config.probe.interval, self.config.probe.timeout, self._stall_limit()
+        )
+        if advice is not None:
+            self.emit("watchdog_interval", advice=advice)
+        self._watchdog_task = asyncio.create_task(self._watchdog_loop(period), name="watchdog")
+
+    async def _watchdog_loop(self, period: float) -> None:
+        while True:
+            if policy.probe_loop_alive(self.last_cycle_wall, self.wall(), self._stall_limit()):
+                self.systemd.watchdog()
+            await asyncio.sleep(period)
+
+    def _stall_limit(self) -> float:
+        return policy.stall_limit(self.config.probe)
+
+    # ------------------------------------------------------------------ config
+
+    async def advise(self) -> None:
+        """Log the engines' warnings about settings that weaken our decisions."""
+        for node in self.config.nodes:
+            try:
+                lines = await self.engines[node.name].advise(
+                    self.config.failover.outage_threshold, self.config.probe.timeout * 4
+                )
+            except Exception as exc:  # advice is best effort; the probes report outages
+                self.emit("advice_unavailable", node=node.name, error=str(exc))
+                continue
+            for line in lines:
+                self.emit("engine_advice", node=node.name, advice=line)
+
+    def export_config(self, cfg: Config) -> None:
+        self.metrics.set_outage_threshold(cfg.failover.outage_threshold)
+        self.metrics.set_lag_limits(cfg.failover.max_lag, cfg.failover.max_lag_seconds)
+        self.metrics.config_reloaded(True, self.wall())
+
+    def check_roles(self) -> None:
+        s = self.state
+        if policy.journal_roles_stale(s, (n.name for n in self.config.nodes)):
+            self.emit(
+                "journal_roles_ignored",
+                journal_primary=s.primary,
+                journal_standby=s.standby,
+                note="node names changed in the config; using configured roles",
+            )
+            s.primary = s.standby = None
+
+    # ------------------------------------------------------------------ roles
+
+    def base_roles(self) -> tuple[NodeConfig, NodeConfig]:
+        """Roles as acknowledged: the config's, swapped by every acked failover."""
+        cfg = self.config
+        configured = (cfg.primary.name, cfg.standby.name)
+        primary, standby = policy.base_roles(self.state, configured, (n.name for n in cfg.nodes))
+        return cfg.node(primary), cfg.node(standby)
+
+    def roles(self) -> tuple[NodeConfig, NodeConfig]:
+        """Current roles: after a failover that promoted the standby, it is the primary
+        even before the operator acks."""
+        base, other = self.base_roles()
+        primary, standby = policy.current_roles(self.state, (base.name, other.name))
+        return self.config.node(primary), self.config.node(standby)
+
+    # ------------------------------------------------------------------ journal and events
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """Journal a record durably, then fold it into the live state. A journal that
+        refuses it raises JournalError (so the caller does not act) and puts the daemon
+        in a visible failed state: one event, /healthz 503, ``journal_error`` in status."""
+        try:
+            self.journal.append(rec)
+        except JournalError as exc:
+            if self.journal_error is None:
+                self.emit("journal_write_failed", error=str(exc), record=rec.get("type"))
+            self.journal_error = str(exc)
+            raise
+        if self.journal_error is not None:
+            self.emit("journal_writable_again", after=self.journal_error)
+            self.journal_error = None
+        apply(self.state, rec)
+
+    def emit(self, event: str, /, **facts: Any) -> None:
+        """Tell every subscriber (log, metrics, webhooks): see ``watchdogd.core.events``."""
+        self.bus.emit(event, **facts)
+
+    # ------------------------------------------------------------------ the public face
+
+    async def handle_command(
+        self, command: str, args: dict[str, Any], peer: Peer
+    ) -> dict[str, Any]:
+        return await self.commands.handle(command, args, peer)
+
+    def status(self) -> dict[str, Any]:
+        return self.views.status()
+
+    async def reload(self, by: str) -> dict[str, Any]:
+        return await reloading.reload(self, by)
