@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 # pytest-xdist workers for `make test`. The chaos matrix is bound by sleeps (60 s replica
 # timeouts on stock settings), not CPU: 6 workers fit 2 cores. --maxschedchunk 1 hands
 # out one test at a time, so the long cells (collected first) spread over the workers.
+# `python -m pytest` puts the checkout on sys.path for -p tests.support.report (the
+# matrix's measured times at the end of the run).
 JOBS ?= 6
 
 .PHONY: demo test lint typecheck docs unit bench clean
@@ -35,7 +37,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 test: lint typecheck docs
-	$(BIN)/pytest -ra -n $(JOBS) --maxschedchunk 1 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p tests.support.report -ra -n $(JOBS) --maxschedchunk 1 $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

@@ -1,7 +1,8 @@
 """Fixtures for the chaos suite: a PostgreSQL pair, the app stand-ins, watchdogd as a
 real process, and fault proxies; all killed or closed after each test, even on failure.
 For the matrix (test_matrix.py): a cluster of any engine on a server profile, and the
-fault→failover times each cell measured, printed at the end of the run."""
+fault→failover times each cell measured, printed at the end of the run
+(tests/support/report.py)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from tests.support.daemon import DaemonProcess
 from tests.support.pg import SECRET, pg_pair, pg_template, require_pg_bin
 from tests.support.proxy import FaultProxy
 from tests.support.redis import binary as redis_binary
+from tests.support.report import pytest_terminal_summary
 
-__all__ = ["daemon_factory", "demo_apps", "fault_proxy", "pg_pair"]
+__all__ = ["daemon_factory", "demo_apps", "fault_proxy", "pg_pair", "pytest_terminal_summary"]
 
 
 @pytest_asyncio.fixture
@@ -120,22 +122,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Matrix cells first, longest first (everything else keeps its order): with
     xdist the long sleep-bound cells then overlap instead of forming a tail."""
     items.sort(key=lambda item: -_cost(item))
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The fault→failover times the matrix cells recorded (record_property), one line
-    per cell, so a CI log shows them per engine and profile."""
-    rows = []
-    for reports in terminalreporter.stats.values():
-        for report in reports:
-            if getattr(report, "when", None) != "call":
-                continue
-            for key, value in getattr(report, "user_properties", ()):
-                if key.startswith("seconds_"):
-                    rows.append(
-                        (report.nodeid.split("::")[-1], key.removeprefix("seconds_"), value)
-                    )
-    if rows:
-        terminalreporter.section("chaos matrix: measured seconds from fault to event")
-        for test, what, value in sorted(rows):
-            terminalreporter.write_line(f"{test:<58} {what:<24} {value:7.1f}")
