@@ -284,6 +284,17 @@ async def test_status_right_after_a_failover_shows_each_node_its_own_health(
     assert new_primary["database"] is None or new_primary["database"]["ok"], new_primary
     assert port not in json.dumps(new_primary), new_primary
     assert old_primary["database"] is None or not old_primary["database"]["ok"], old_primary
+    # Either was allowed in the window before the next cycle; once a cycle has run
+    # under the new roles, each node must show its own observation, not "nothing".
+    deadline = time.monotonic() + 5
+    while True:
+        new_primary, old_primary = (await d.status())["nodes"]
+        if new_primary["database"] is not None and old_primary["database"] is not None:
+            break
+        assert time.monotonic() < deadline, (new_primary, old_primary)
+        await asyncio.sleep(0.1)
+    assert new_primary["database"]["ok"] and port not in json.dumps(new_primary), new_primary
+    assert not old_primary["database"]["ok"], old_primary
 
 
 # --------------------------------------------------------------------------- switchover
