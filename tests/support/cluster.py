@@ -45,7 +45,7 @@ import redis.asyncio as aioredis
 from tests.support import free_port
 from tests.support import mysql as mysql_support
 from tests.support import redis as redis_support
-from watchdogd.lab import PgPair
+from watchdogd.lab import LabError, PgPair
 
 POSTGRES, MARIADB, REDIS = "postgres", "mariadb", "redis"
 ENGINES = (POSTGRES, MARIADB, REDIS)
@@ -169,11 +169,22 @@ class Cluster(abc.ABC):
         return await asyncio.to_thread(self._link_up)
 
     @abc.abstractmethod
-    def _refuses_writes(self, node: Node) -> bool: ...
+    def _refuses_writes(self, node: Node) -> bool:
+        """True: refused as read-only; False: accepted; raises on any other failure."""
 
-    async def refuses_writes(self, node: Node) -> bool:
-        """An application's write to ``node`` is refused (fenced / read-only)."""
-        return await asyncio.to_thread(self._refuses_writes, node)
+    async def refuses_writes(self, node: Node, within: float = 10.0) -> bool:
+        """An application's write to ``node`` is refused as read-only (fenced): True;
+        accepted: False. Any other failure (a connection refused, killed, or turned
+        away while a burst of connections the fault proxy held is let through) is
+        retried for ``within`` seconds, never taken for an answer."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return await asyncio.to_thread(self._refuses_writes, node)
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no answer to a write on {node.name}: {exc}") from exc
+            await asyncio.sleep(0.2)
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -254,8 +265,10 @@ class PgCluster(Cluster):
     def _refuses_writes(self, node: Node) -> bool:
         try:
             self._pair.execute(node, f"INSERT INTO {PG_TABLE} VALUES ('fence-check')")  # type: ignore[arg-type]
-        except Exception as exc:
-            return "read-only transaction" in str(exc)
+        except LabError as exc:
+            if "read-only transaction" in str(exc):
+                return True
+            raise
         return False
 
     def close(self) -> None:
@@ -353,7 +366,9 @@ class MariaCluster(Cluster):
             finally:
                 conn.close()
         except pymysql.err.MySQLError as exc:
-            return exc.args[0] == 1290  # ER_OPTION_PREVENTS_STATEMENT: --read-only
+            if exc.args and exc.args[0] == 1290:  # ER_OPTION_PREVENTS_STATEMENT: --read-only
+                return True
+            raise
         return False
 
     def close(self) -> None:
@@ -441,7 +456,9 @@ class RedisCluster(Cluster):
         try:
             self._server(node).call("SET", REDIS_PREFIX + "fence-check", "1")
         except redis.ResponseError as exc:  # NOREPLICAS (the fence) or READONLY
-            return str(exc).startswith(("NOREPLICAS", "READONLY", "Not enough good replicas"))
+            if str(exc).startswith(("NOREPLICAS", "READONLY", "Not enough good replicas")):
+                return True
+            raise
         return False
 
     def close(self) -> None:
