@@ -241,7 +241,8 @@ def _check(command: str, key: str, spec: Arg, value: Any) -> Any:
                 f"{where} must be a whole number from {spec.minimum:g} "
                 f"to {spec.maximum:g}, got {_show(value)}"
             )
-    elif not number or not math.isfinite(value):
+    elif not number or (isinstance(value, float) and not math.isfinite(value)):
+        # An int is finite however long; math.isfinite() would overflow converting it.
         raise CommandError(
             f"{where} must be a number of seconds from {spec.minimum:g} "
             f"to {spec.maximum:g}, got {_show(value)}"
@@ -684,6 +685,10 @@ class ControlServer:
             args = validate_args(command, raw_args)
         except CommandError as exc:
             return _error(self._mask(_sentence(exc)))
+        except Exception as exc:  # a check we did not foresee: still one line, a reply
+            message = self._mask(_one_line(exc))
+            self.log.error("control.request_check_failed", error=message, uid=peer.uid)
+            return _error(f"bad request: {message}")
         who = {"uid": peer.uid, "user": peer.user, "pid": peer.pid}
         if command.mutating:
             self.log.info(

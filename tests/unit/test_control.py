@@ -26,6 +26,7 @@ import structlog
 from structlog.testing import LogCapture
 
 from tests.support import need, which
+from watchdogd import control
 from watchdogd.control import (
     COMMANDS,
     CommandError,
@@ -204,6 +205,9 @@ def line(command: str, args: Any = None) -> bytes:
          "switchover: argument 'timeout' must be from 0.1 to 86400 seconds, got -5"),
         ("switchover", {"timeout": float("inf")},
          "switchover: argument 'timeout' must be a number of seconds from 0.1 to 86400, got inf"),
+        # Too big for a float: math.isfinite() overflowed and the peer got no reply.
+        ("switchover", {"timeout": 10**400},
+         "switchover: argument 'timeout' must be from 0.1 to 86400 seconds, got "),
         ("switchover", {"timeout": True},
          "switchover: argument 'timeout' must be a number of seconds from 0.1 to 86400, got true"),
         ("switchover", {"dry_run": "no"}, "switchover: argument 'dry_run' must be true or false"),
@@ -979,3 +983,31 @@ async def test_group_writable_or_foreign_directory_is_refused(rig: Rig) -> None:
     with pytest.raises(ControlSocketError, match=f"belongs to uid {nobody}, not to the daemon"):
         await rig.start()
     assert not exists(rig.path)
+
+
+async def test_an_unforeseen_failure_checking_a_request_still_gets_a_one_line_reply(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A huge integer once made a check raise OverflowError: the peer got no reply at
+    all. Whatever a check raises, the peer gets one line and the connection lives on."""
+    await rig.start()
+    (reply,) = await exchange(rig.path, line("switchover", {"timeout": 10**400}))
+    assert reply["ok"] is False and "must be from 0.1 to 86400 seconds" in reply["error"]
+
+    real = control.validate_args
+
+    def broken(command: Any, args: Any) -> Any:
+        if command.name == "switchover":
+            raise OverflowError("int too large to convert to float")
+        return real(command, args)
+
+    monkeypatch.setattr(control, "validate_args", broken)
+    bad, status = await exchange(rig.path, line("switchover", {"timeout": 5}), line("status"))
+    assert bad == {
+        "ok": False,
+        "error": "bad request: OverflowError: int too large to convert to float",
+    }
+    assert status["ok"] is True
+    assert [e["error"] for e in events(rig.cap, "control.request_check_failed")] == [
+        "OverflowError: int too large to convert to float"
+    ]
