@@ -366,6 +366,8 @@ class LabSettings:
     # Where the journal goes; default: inside the lab dir (tmpfs when available).
     state_dir: Path | None = None
     synchronous: bool = True
+    # PostgreSQL replication-link settings (watchdogd.lab profiles): tuned | stock.
+    profile: str = "tuned"
 
 
 @dataclass
@@ -429,7 +431,10 @@ class Lab:
         try:
             # Blocking (about a second); nothing else runs in the loop yet.
             self.pair = PgPair.create(
-                self.dir / "pg", bin_dir=bin_dir, template=self.settings.template
+                self.dir / "pg",
+                bin_dir=bin_dir,
+                template=self.settings.template,
+                profile=self.settings.profile,
             )
             if self.settings.synchronous:
                 self._make_synchronous(self.pair)
