@@ -1,7 +1,7 @@
 """The demo lab: ``watchdogd demo``, a complete local failover to watch and to poke.
 
 Owns building the lab on loopback with no config to write — a PostgreSQL
-primary + streaming standby (``watchdogd.lab``), one ``DemoApp`` stack per
+primary + streaming standby (``watchdogd.demo.lab``), one ``DemoApp`` stack per
 database, the *failover address* (a small reverse proxy whose route the last
 failover step flips through its admin endpoint) and a load generator writing
 orders through it — running watchdogd in-process over it with the five-step
@@ -45,8 +45,8 @@ from watchdogd import config as configmod
 from watchdogd.control import CommandError, Peer
 from watchdogd.core.units import format_bytes, format_duration, parse_duration
 from watchdogd.daemon import Daemon
-from watchdogd.demoapp import DemoApp
-from watchdogd.lab import LabError, PgPair, PgServer, find_pg_bin, free_port, lab_root
+from watchdogd.demo.app import DemoApp
+from watchdogd.demo.lab import LabError, PgPair, PgServer, find_pg_bin, free_port, lab_root
 from watchdogd.logging import reset_logging, setup_logging
 from watchdogd.probes import Observation
 from watchdogd.state.journal import FailoverRecord
