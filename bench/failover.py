@@ -1,6 +1,6 @@
 """Failover benchmark: N real kills (or hangs) of the primary on the demo lab, timed phase by phase.
 
-Each trial builds a fresh lab (watchdogd.demo.Lab: a PostgreSQL primary + synchronous
+Each trial builds a fresh lab (watchdogd.demo.run.Lab: a PostgreSQL primary + synchronous
 standby copied from one initdb template, two app stacks, the failover address, 20
 writes/s through it, watchdogd in-process with the five-step sequence), waits until it
 is watching, SIGKILLs (``--fault kill``) or SIGSTOPs (``--fault hang``) the primary
@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from watchdogd.core.units import format_duration, parse_duration
-from watchdogd.demo import FIVE_STEPS, NO_POSTGRES, NODE_A, NODE_B, DemoError, Lab, LabSettings
-from watchdogd.lab import find_pg_bin, make_template
+from watchdogd.demo.lab import find_pg_bin, make_template
+from watchdogd.demo.run import FIVE_STEPS, NO_POSTGRES, NODE_A, NODE_B, DemoError, Lab, LabSettings
 
 PHASES = (
     ("detect", "fault -> first failing probe"),

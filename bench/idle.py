@@ -50,9 +50,9 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from watchdogd.core.units import format_duration, parse_duration
-from watchdogd.demo import NO_POSTGRES
-from watchdogd.demoapp import DemoApp
-from watchdogd.lab import PgPair, find_pg_bin, free_port, lab_root
+from watchdogd.demo.app import DemoApp
+from watchdogd.demo.lab import PgPair, find_pg_bin, free_port, lab_root
+from watchdogd.demo.run import NO_POSTGRES
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WITNESSES = 96

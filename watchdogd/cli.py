@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return journal_check(args.config)
             return journal_repair(args.config, close_unfinished=args.close_unfinished)
         if args.command == "demo":
-            from watchdogd import demo
+            from watchdogd.demo import run as demo
 
             code: int = demo.main(args.scenario, threshold=args.threshold, keep=args.keep)
             return code

@@ -27,7 +27,7 @@ import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemon import DaemonProcess
-from watchdogd.lab import PgPair, PgServer
+from watchdogd.demo.lab import PgPair, PgServer
 
 _HISTORY = re.compile(r"[0-9A-F]{8}\.history")
 TABLE = "chaos_rows"

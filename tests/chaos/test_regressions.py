@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.chaos import events, promotions, sample, started_failovers, wait_for
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.pg import leave_standby_behind
-from watchdogd.lab import PgPair
+from watchdogd.demo.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
 

@@ -33,7 +33,7 @@ from tests.support.apps import DemoApps
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.pg import leave_standby_behind
 from tests.support.proxy import BLACKHOLE, PASS, REFUSE, FaultProxy
-from watchdogd.lab import PgPair
+from watchdogd.demo.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
 ProxyFactory = Callable[[int], Awaitable[FaultProxy]]

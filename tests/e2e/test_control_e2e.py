@@ -36,7 +36,7 @@ from tests.support import free_port, need, which
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.pg import eventually, leave_standby_behind
 from watchdogd.control import COMMANDS, CommandError, lookup, parse_request, validate_args
-from watchdogd.lab import PgPair
+from watchdogd.demo.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
 REPO = Path(__file__).resolve().parents[2]

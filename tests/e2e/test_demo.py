@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.pg import require_pg_bin
-from watchdogd import cli, demo
-from watchdogd.lab import pid_alive
+from watchdogd import cli
+from watchdogd.demo import run as demo
+from watchdogd.demo.lab import pid_alive
 
 DEMO = [sys.executable, "-m", "watchdogd.cli", "demo"]
 FIVE = demo.FIVE_STEPS

@@ -13,7 +13,7 @@ import asyncpg
 from tests.support.apps import DemoApps
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.pg import eventually, leave_standby_behind
-from watchdogd.lab import PgPair
+from watchdogd.demo.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
 FIVE = [

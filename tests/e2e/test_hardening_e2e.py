@@ -14,7 +14,7 @@ import aiohttp
 import pytest_asyncio
 
 from tests.support.daemon import DaemonProcess, lab_config
-from watchdogd.lab import PgPair
+from watchdogd.demo.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
 TOKEN = "tok-5e1f0c9a7b"

@@ -15,7 +15,7 @@ from aiohttp import web
 from tests.support import free_port
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.pg import eventually
-from watchdogd.lab import PgPair
+from watchdogd.demo.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
 

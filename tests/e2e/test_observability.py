@@ -18,7 +18,7 @@ from tests.support import free_port
 from tests.support.apps import DemoApps
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.pg import eventually
-from watchdogd.lab import PgPair
+from watchdogd.demo.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
 

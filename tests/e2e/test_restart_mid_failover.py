@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.pg import eventually
-from watchdogd.lab import PgPair
+from watchdogd.demo.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
 

@@ -29,7 +29,7 @@ from watchdogd import config as configmod
 from watchdogd.actions.cloud66 import API_BASE
 from watchdogd.control import Peer
 from watchdogd.daemon import Daemon
-from watchdogd.lab import PgPair
+from watchdogd.demo.lab import PgPair
 from watchdogd.logging import reset_logging
 
 Factory = Callable[..., DaemonProcess]

@@ -1,4 +1,4 @@
-"""The local PostgreSQL lab (watchdogd.lab) and the application stand-in (watchdogd.demoapp)."""
+"""The local PostgreSQL lab (watchdogd.demo.lab) and the app stand-in (watchdogd.demo.app)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest_asyncio
 
 from tests.support.apps import DemoApps
 from tests.support.pg import eventually, pg_template, require_pg_bin
-from watchdogd.demoapp import DemoApp
-from watchdogd.lab import LabError, PgPair, child_pids, find_pg_bin, pid_alive
+from watchdogd.demo.app import DemoApp
+from watchdogd.demo.lab import LabError, PgPair, child_pids, find_pg_bin, pid_alive
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL engine against a real primary + standby (watchdogd.lab)."""
+"""The PostgreSQL engine against a real primary + standby (watchdogd.demo.lab)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from tests.support import free_port
 from tests.support.pg import SECRET, eventually
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.core.section import Section
+from watchdogd.demo.lab import PASSWORD_ROLE, PgPair
 from watchdogd.engines import EngineError
 from watchdogd.engines import postgres as pg
 from watchdogd.engines._common import Secret
-from watchdogd.lab import PASSWORD_ROLE, PgPair
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Application stand-ins: a DemoApp per database of the pg_pair (watchdogd.demoapp).
+"""Application stand-ins: a DemoApp per database of the pg_pair (watchdogd.demo.app).
 
 Import ``demo_apps`` into a conftest along with ``pg_pair`` to use it.
 """
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import pytest_asyncio
 
-from watchdogd.demoapp import DemoApp
-from watchdogd.lab import PgPair
+from watchdogd.demo.app import DemoApp
+from watchdogd.demo.lab import PgPair
 
 
 @dataclass

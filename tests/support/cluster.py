@@ -1,5 +1,5 @@
 """One primary + standby of any engine, behind one interface, for the chaos matrix
-(issue 10): PostgreSQL (watchdogd.lab), MariaDB (tests/support/mysql.py) and Redis
+(issue 10): PostgreSQL (watchdogd.demo.lab), MariaDB (tests/support/mysql.py) and Redis
 (tests/support/redis.py), each on a server profile, ``stock`` or ``tuned``.
 
 A :class:`Cluster` gives a scenario what it needs and nothing engine-specific:
@@ -45,7 +45,7 @@ import redis.asyncio as aioredis
 from tests.support import free_port
 from tests.support import mysql as mysql_support
 from tests.support import redis as redis_support
-from watchdogd.lab import LabError, PgPair
+from watchdogd.demo.lab import LabError, PgPair
 
 POSTGRES, MARIADB, REDIS = "postgres", "mariadb", "redis"
 ENGINES = (POSTGRES, MARIADB, REDIS)

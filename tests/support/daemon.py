@@ -19,7 +19,7 @@ import yaml
 
 from tests.support import free_port, need, which
 from watchdogd.control import request
-from watchdogd.lab import PgPair
+from watchdogd.demo.lab import PgPair
 
 
 def lab_config(

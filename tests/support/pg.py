@@ -1,4 +1,4 @@
-"""PostgreSQL fixtures: a real primary + streaming standby per test (watchdogd.lab).
+"""PostgreSQL fixtures: a real primary + streaming standby per test (watchdogd.demo.lab).
 
 Import ``pg_pair`` into a conftest (``from tests.support.pg import pg_pair``) to use
 it from any test directory; it needs no other fixture. The first pair of a
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import need
-from watchdogd.lab import PgPair, find_pg_bin, make_template
+from watchdogd.demo.lab import PgPair, find_pg_bin, make_template
 
 SECRET = "s3cret-lab-password"  # the lab's PASSWORD_ROLE logs in with this
 

@@ -54,7 +54,7 @@ def test_levels_are_as_the_daemon_logged_them() -> None:
             else Level.EXCEPTION
             if name in crash
             else Level.DEBUG
-            if name == "advice_unavailable"
+            if name in ("advice_unavailable", "probe_observed")
             else Level.INFO
         )
         assert spec.level is expected, name

@@ -65,6 +65,9 @@ SPECS: Mapping[str, Spec] = MappingProxyType(
         # the probe cycle
         "cycle_timeout": _E,
         "cycle_error": _CRASH,
+        # Each probe's observation, every cycle (the demo's timeline reads the first failing
+        # one): debug, so a stock log does not grow by a line per probe per interval.
+        "probe_observed": Spec(Level.DEBUG),
         "state_changed": _I,
         "primary_down": Spec(Level.WARNING, Notify.YES),
         "primary_still_down": _I,

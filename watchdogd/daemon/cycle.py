@@ -92,6 +92,15 @@ class ProbeCycle:
         witnesses = tuple(results[2 + len(apps) :])
         for obs in results:
             d.metrics.observe_probe(obs.target, obs.probe, obs.ok, obs.latency)
+            d.emit(
+                "probe_observed",
+                target=obs.target,
+                probe=obs.probe,
+                ok=obs.ok,
+                latency=obs.latency,
+                detail=obs.detail,
+                at=obs.at,
+            )
 
         latest = d.latest
         latest.primary_db, latest.standby_db = pdb, sdb

@@ -1,15 +1,15 @@
 """The demo lab: ``watchdogd demo``, a complete local failover to watch and to poke.
 
 Owns building the lab on loopback with no config to write — a PostgreSQL
-primary + streaming standby (``watchdogd.lab``), one ``DemoApp`` stack per
+primary + streaming standby (``watchdogd.demo.lab``), one ``DemoApp`` stack per
 database, the *failover address* (a small reverse proxy whose route the last
 failover step flips through its admin endpoint) and a load generator writing
 orders through it — running watchdogd in-process over it with the five-step
-sequence, the live terminal view and its keys, the unattended scenarios
-(``kill-primary``, ``hang-primary``) with their timeline and write accounting,
-and tearing every process down and removing the lab directory on every way out
-(``q``, Ctrl-C, SIGTERM, SIGHUP, an error). ``bench/failover.py`` reuses
-:class:`Lab`.
+sequence and hearing it as a subscriber of its event bus, the live terminal view
+and its keys, the unattended scenarios (``kill-primary``, ``hang-primary``) with
+their timeline and write accounting, and tearing every process down and removing
+the lab directory on every way out (``q``, Ctrl-C, SIGTERM, SIGHUP, an error).
+``bench/failover.py`` reuses :class:`Lab`.
 
 The lab runs synchronous replication (the standby must have a commit before the
 client hears "201"): that is what makes "no acknowledged write lost" a promise
@@ -31,7 +31,7 @@ import termios
 import time
 import tty
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -43,12 +43,13 @@ from aiohttp import web
 
 from watchdogd import config as configmod
 from watchdogd.control import CommandError, Peer
+from watchdogd.core.events import Event as BusEvent
+from watchdogd.core.events import Level
 from watchdogd.core.units import format_bytes, format_duration, parse_duration
 from watchdogd.daemon import Daemon
-from watchdogd.demoapp import DemoApp
-from watchdogd.lab import LabError, PgPair, PgServer, find_pg_bin, free_port, lab_root
+from watchdogd.demo.app import DemoApp
+from watchdogd.demo.lab import LabError, PgPair, PgServer, find_pg_bin, free_port, lab_root
 from watchdogd.logging import reset_logging, setup_logging
-from watchdogd.probes import Observation
 from watchdogd.state.journal import FailoverRecord
 
 NO_POSTGRES = (
@@ -99,13 +100,16 @@ class Event:
 
 
 class EventLog:
-    """The in-process daemon's logger: every event is forwarded to the log file and
-    kept (with its monotonic time) for the live view, the timeline and the bench."""
+    """What the demo heard, each with its monotonic time, for the live view, the
+    timeline and the bench: the daemon's events (``on_event`` subscribes to its bus;
+    the daemon's own log subscriber writes them to the log file) and the lab's own
+    (``demo``, forwarded to the log file here)."""
 
     def __init__(self, forward: Any, keep: int = 5000) -> None:
         self.forward = forward
         self.events: deque[Event] = deque(maxlen=keep)
         self.listeners: list[Callable[[Event], None]] = []
+        self._probe_ok: dict[str, bool] = {}  # per node: its last database probe passed
 
     def _add(self, source: str, level: str, name: str, facts: dict[str, Any], t: float) -> None:
         event = Event(t, source, level, name, facts)
@@ -113,24 +117,35 @@ class EventLog:
         for listener in self.listeners:
             listener(event)
 
-    def debug(self, event: str, **facts: Any) -> None:
-        self.forward.debug(event, **facts)
+    def on_event(self, event: BusEvent) -> None:
+        """The daemon's bus subscriber: keeps info and above (an exception as an error);
+        a database probe that starts or stops failing becomes the lab's ``probe_failed``
+        or ``probe_ok``."""
+        if event.name == "probe_observed":
+            self._probe(event.facts)
+            return
+        level = event.level
+        if level is Level.DEBUG:
+            return
+        kept = "error" if level is Level.EXCEPTION else level.value
+        self._add("daemon", kept, event.name, dict(event.facts), time.monotonic())
 
-    def info(self, event: str, **facts: Any) -> None:
-        self.forward.info(event, **facts)
-        self._add("daemon", "info", event, facts, time.monotonic())
-
-    def warning(self, event: str, **facts: Any) -> None:
-        self.forward.warning(event, **facts)
-        self._add("daemon", "warning", event, facts, time.monotonic())
-
-    def error(self, event: str, **facts: Any) -> None:
-        self.forward.error(event, **facts)
-        self._add("daemon", "error", event, facts, time.monotonic())
-
-    def exception(self, event: str, **facts: Any) -> None:
-        self.forward.exception(event, **facts)
-        self._add("daemon", "error", event, facts, time.monotonic())
+    def _probe(self, facts: Mapping[str, Any]) -> None:
+        # Stamped at the instant the probe concluded (``at + latency``, the daemon's
+        # clock), so the timeline shows the first failing probe exactly.
+        if facts.get("probe") != "database":
+            return
+        node, ok = str(facts["target"]), bool(facts["ok"])
+        if self._probe_ok.get(node, True) == ok:
+            return
+        self._probe_ok[node] = ok
+        self.demo(
+            "probe_ok" if ok else "probe_failed",
+            t=float(facts["at"]) + float(facts["latency"]),
+            node=node,
+            probe=facts["probe"],
+            detail=facts["detail"],
+        )
 
     def demo(self, event: str, *, t: float | None = None, **facts: Any) -> None:
         """Something the lab did or saw (a kill, the proxy switching, a key)."""
@@ -409,7 +424,6 @@ class Lab:
         self.hung: set[str] = set()
         self.metrics_port = 0
         self._log_file: TextIO | None = None
-        self._watcher: asyncio.Task[None] | None = None
         self._closed = False
 
     # -- building
@@ -456,9 +470,9 @@ class Lab:
             cfg = configmod.parse(self.config())
         except configmod.ConfigError as exc:  # a bug here, not the user's: say what
             raise DemoError(f"demo config rejected: {'; '.join(exc.problems)}") from None
-        self.daemon = Daemon(cfg, log=self.events)
+        self.daemon = Daemon(cfg, log=self.events.forward)
+        self.daemon.bus.subscribe(self.events.on_event)
         await self.daemon.start()
-        self._watcher = asyncio.create_task(self._watch_probes(), name="demo-probe-watch")
 
     @staticmethod
     def _make_synchronous(pair: PgPair) -> None:
@@ -539,31 +553,6 @@ class Lab:
             "log": {"format": "json", "level": "info"},
             "state_dir": str(s.state_dir or self.dir / "state"),
         }
-
-    async def _watch_probes(self) -> None:
-        """Turn the daemon's per-cycle observations into events at the instant each
-        probe concluded (``at + latency``), so the timeline shows the first failing
-        probe exactly, however late this loop looks."""
-        seen: dict[str, Observation] = {}
-        ok: dict[str, bool] = {}
-        while True:
-            d = self.daemon
-            if d is not None:
-                latest = d.latest
-                for obs in (latest.primary_db, latest.standby_db):
-                    if obs is None or seen.get(obs.target) is obs:
-                        continue
-                    seen[obs.target] = obs
-                    if ok.get(obs.target, True) != obs.ok:
-                        ok[obs.target] = obs.ok
-                        self.events.demo(
-                            "probe_ok" if obs.ok else "probe_failed",
-                            t=obs.at + obs.latency,
-                            node=obs.target,
-                            probe=obs.probe,
-                            detail=obs.detail,
-                        )
-            await asyncio.sleep(0.05)
 
     # -- driving
 
@@ -656,10 +645,6 @@ class Lab:
         if self._closed:
             return
         self._closed = True
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
         if self.load is not None:
             await _bounded(self.load.stop(), 5.0)
         if self.daemon is not None:
@@ -839,7 +824,7 @@ def _event_line(e: Event) -> str | None:
         return name + (f": {error}" if error else "")
     if name in ("split_brain", "fence_step_completed", "paused", "resumed", "acked"):
         return f"{name}: " + ", ".join(f"{k}={v}" for k, v in f.items() if k != "note")
-    if e.level in ("warning", "error") and not name.startswith("control."):
+    if e.level in ("warning", "error"):
         return f"{name}: " + ", ".join(f"{k}={v}" for k, v in f.items())
     return None
 
