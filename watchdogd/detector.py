@@ -34,10 +34,21 @@ how long? The rules, each guarding against a known false failover:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from watchdogd.probes import Observation
 
-HEALTHY, SUSPECT, DOWN, STALE = "healthy", "suspect", "down", "stale"
+
+class Status(StrEnum):
+    """A verdict on the primary: only ``down`` is ever acted on; ``stale`` never."""
+
+    HEALTHY = "healthy"
+    SUSPECT = "suspect"
+    DOWN = "down"
+    STALE = "stale"
+
+
+HEALTHY, SUSPECT, DOWN, STALE = Status.HEALTHY, Status.SUSPECT, Status.DOWN, Status.STALE
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,7 @@ class Cycle:
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str  # healthy | suspect | down | stale
+    status: Status
     reason: str
     outage_seconds: float = 0.0  # longest current continuous failure of an own probe
     trigger: str | None = None  # database | app: which failure makes it down/suspect
@@ -156,7 +167,7 @@ class Detector:
         sees = standby_sees_primary(cycle.standby_db)
 
         def verdict(
-            status: str,
+            status: Status,
             reason: str,
             trigger: str,
             *,

@@ -17,21 +17,30 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from watchdogd.core.model import Config, FailoverConfig, ProbeConfig, StepConfig
 from watchdogd.core.units import format_bytes
 from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT, Verdict
 from watchdogd.probes import Observation
-from watchdogd.state.journal import FailoverRecord, JournalState
+from watchdogd.state.journal import FailoverRecord, JournalState, Outcome
 
-WATCHING, SUSPECTED, FAILING_OVER, FAILED_OVER = (
-    "watching",
-    "suspect",
-    "failing_over",
-    "failed_over",
-)
-PAUSED, BLOCKED, FAILED = "paused", "blocked", "failed"
-STATES = (WATCHING, SUSPECTED, FAILING_OVER, FAILED_OVER, PAUSED, BLOCKED, FAILED)
+
+class State(StrEnum):
+    """The daemon's state, as status, metrics and alerts show it."""
+
+    WATCHING = "watching"
+    SUSPECT = "suspect"
+    FAILING_OVER = "failing_over"
+    FAILED_OVER = "failed_over"
+    PAUSED = "paused"
+    BLOCKED = "blocked"
+    FAILED = "failed"
+
+
+WATCHING, FAILING_OVER, FAILED_OVER = State.WATCHING, State.FAILING_OVER, State.FAILED_OVER
+PAUSED, BLOCKED, FAILED = State.PAUSED, State.BLOCKED, State.FAILED
+STATES = tuple(State)
 
 # Actions that change the standby's database role: a switchover waits and fences before them.
 _DB_ACTIONS = frozenset({"stop_replication", "promote"})
@@ -52,7 +61,7 @@ class StandbyFacts:
 
 @dataclass(frozen=True)
 class Decision:
-    state: str
+    state: State
     reason: str
     start: str | None = None  # "failover" | "switchover": start an automatic sequence now
 
@@ -105,7 +114,7 @@ class Policy:
         if (fo := j.unfinished) is not None:
             return Decision(FAILING_OVER, f"failover {fo.id} in progress ({fo.reason})")
         if (fo := j.awaiting_ack) is not None:
-            if fo.outcome == "completed":
+            if fo.outcome == Outcome.COMPLETED:
                 return Decision(
                     FAILED_OVER,
                     f"failed over from {fo.from_node} to {fo.to_node}; "
@@ -126,7 +135,7 @@ class Policy:
         if verdict.status == DOWN:
             if self.cfg.mode == "manual":
                 return Decision(
-                    SUSPECTED,
+                    State.SUSPECT,
                     f"{verdict.reason}; mode is manual: an operator "
                     "must fail over (watchdogctl failover)",
                 )
@@ -142,7 +151,7 @@ class Policy:
             kind = "switchover" if verdict.trigger == "app" else "failover"
             return Decision(FAILING_OVER, verdict.reason, start=kind)
         if verdict.status == SUSPECT:
-            return Decision(SUSPECTED, verdict.reason)
+            return Decision(State.SUSPECT, verdict.reason)
         return Decision(WATCHING, verdict.reason)
 
     def refuse(self, standby: StandbyFacts) -> str | None:
@@ -175,7 +184,7 @@ class Policy:
         if j.unfinished is not None:
             return f"failover {j.unfinished.id} is already in progress"
         done = j.awaiting_ack
-        if done is not None and done.outcome == "completed":
+        if done is not None and done.outcome == Outcome.COMPLETED:
             return (
                 f"failover {done.id} already completed; rebuild {done.from_node} as the "
                 "standby and ack before failing over again"
@@ -215,7 +224,7 @@ class Policy:
             raise ValueError(
                 "nothing to acknowledge: no completed or failed failover awaits an ack"
             )
-        if fo.outcome == "completed" or fo.promoted:
+        if fo.outcome == Outcome.COMPLETED or fo.promoted:
             return fo.to_node, fo.from_node
         return fo.from_node, fo.to_node
 
@@ -280,7 +289,11 @@ def current_roles(journal: JournalState, base: tuple[str, str]) -> tuple[str, st
     before the operator acks."""
     primary, standby = base
     fo = journal.awaiting_ack or journal.unfinished
-    if fo is not None and (fo.outcome == "completed" or fo.promoted) and fo.to_node == standby:
+    if (
+        fo is not None
+        and (fo.outcome == Outcome.COMPLETED or fo.promoted)
+        and fo.to_node == standby
+    ):
         return standby, primary
     return primary, standby
 
@@ -398,7 +411,7 @@ def judge_split_brain(
     ours = (
         last is not None
         and last.acked_at is None
-        and (last.outcome == "completed" or last.promoted)
+        and (last.outcome == Outcome.COMPLETED or last.promoted)
     )
     key = last.id if ours and last is not None else UNEXPLAINED
     return SplitBrain(True, key, key != handled, last if ours else None)

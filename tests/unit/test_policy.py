@@ -12,10 +12,10 @@ from watchdogd.policy import (
     FAILED_OVER,
     FAILING_OVER,
     PAUSED,
-    SUSPECTED,
     WATCHING,
     Policy,
     StandbyFacts,
+    State,
     build_plan,
 )
 from watchdogd.state.journal import JournalState, apply
@@ -65,7 +65,7 @@ def finished(state: JournalState, outcome: str, id: str = "f1", at: float = 105.
 def test_watching_suspect_and_down_starts_failover() -> None:
     p, _ = make()
     assert p.evaluate(OK, GOOD, 0).state == WATCHING
-    assert p.evaluate(SUS, GOOD, 0).state == SUSPECTED
+    assert p.evaluate(SUS, GOOD, 0).state == State.SUSPECT
     d = p.evaluate(DOWN_DB, GOOD, 0)
     assert d.state == FAILING_OVER and d.start == "failover"
 
@@ -79,13 +79,13 @@ def test_stale_verdict_keeps_state_and_never_acts() -> None:
     p, _ = make()
     p.evaluate(SUS, GOOD, 0)
     d = p.evaluate(Verdict(STALE, "stalled"), GOOD, 1)
-    assert d.state == SUSPECTED and d.start is None
+    assert d.state == State.SUSPECT and d.start is None
 
 
 def test_manual_mode_never_acts() -> None:
     p, _ = make(mode="manual")
     d = p.evaluate(DOWN_DB, GOOD, 0)
-    assert d.start is None and d.state == SUSPECTED and "manual" in d.reason
+    assert d.start is None and d.state == State.SUSPECT and "manual" in d.reason
     assert not p.armed(0)
 
 

@@ -35,13 +35,13 @@ from watchdogd.core.model import StepConfig
 from watchdogd.engines import EngineError
 from watchdogd.policy import Plan
 from watchdogd.state import journal
-from watchdogd.state.journal import FailoverRecord
+from watchdogd.state.journal import FailoverRecord, Outcome
 
 Record = Callable[[dict[str, Any]], None]
 Emit = Callable[..., None]
 
-COMPLETED, FAILED, ABORTED = "completed", "failed", "aborted"
-INTERRUPTED = "interrupted"  # stopped for a daemon shutdown; the next start resumes a failover
+COMPLETED, FAILED, ABORTED = Outcome.COMPLETED, Outcome.FAILED, Outcome.ABORTED
+INTERRUPTED = Outcome.INTERRUPTED
 PENDING_RETRY = "pending_retry"
 
 # Step outcomes a resumed sequence does not run again: done, or given their chance already

@@ -46,6 +46,7 @@ import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,16 @@ _WRITE_TEST_BYTES = 4096
 
 
 # Record types per kind of step sequence: the runner writes and replay reads these names.
+class Outcome(StrEnum):
+    """How a failover (or a fence) ended. ``interrupted``: stopped for a daemon
+    shutdown; the next start resumes a failover (a fence is closed, never resumed)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    INTERRUPTED = "interrupted"
+
+
 @dataclass(frozen=True)
 class SequenceTypes:
     started: str
@@ -126,7 +137,7 @@ class FailoverRecord(_Steps):
     started_at: float
     steps: list[StepRecord] = field(default_factory=list)
     finished_at: float | None = None
-    outcome: str | None = None  # completed | failed | aborted; None while unfinished
+    outcome: str | None = None  # an Outcome; None while unfinished
     error: str | None = None
     acked_at: float | None = None
     # Step names in plan order, so a resumed run knows what is left.
@@ -174,7 +185,7 @@ class FenceRecord(_Steps):
     steps: list[StepRecord] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)
     finished_at: float | None = None
-    outcome: str | None = None  # completed | failed | aborted | interrupted
+    outcome: str | None = None  # an Outcome (a fence may end interrupted)
     error: str | None = None
 
     @property
