@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.support import free_port, need, which
+from tests.support import free_port, need, timing, which
 from watchdogd.control import request
 from watchdogd.lab import PgPair
 
@@ -127,7 +127,7 @@ class DaemonProcess:
             env={**os.environ, **self.env},
         )
         log.close()
-        deadline = time.monotonic() + ready_within
+        deadline = time.monotonic() + timing.within(ready_within)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"watchdogd exited with {self.proc.returncode}:\n{self.logs()}")
@@ -151,6 +151,7 @@ class DaemonProcess:
         return result
 
     async def wait_state(self, *states: str, within: float = 20.0) -> dict[str, Any]:
+        within = timing.within(within)
         deadline = time.monotonic() + within
         status: dict[str, Any] = {}
         while time.monotonic() < deadline:

@@ -43,7 +43,7 @@ from typing import Any
 
 import pymysql  # type: ignore[import-untyped]  # no stubs in the test extras
 
-from tests.support import free_port, need, which
+from tests.support import free_port, need, timing, which
 
 # Kept in step with the grants documented in watchdogd/engines/mysql.py.
 WATCHDOGD_GRANTS = (
@@ -251,7 +251,7 @@ def spawn_mariadb(
 
 
 def wait_ready(server: MariaDB) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + timing.within(START_TIMEOUT)
     while True:
         if server.process.poll() is not None:
             raise RuntimeError(
@@ -265,7 +265,8 @@ def wait_ready(server: MariaDB) -> None:
                 pass
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"{server.name} mariadbd not ready after {START_TIMEOUT:g}s: {server.log_tail()}"
+                f"{server.name} mariadbd not ready after {timing.within(START_TIMEOUT):g}s: "
+                f"{server.log_tail()}"
             )
         time.sleep(0.02)
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from tests.support import free_port, need, which
+from tests.support import free_port, need, timing, which
 
 START_TIMEOUT = 10.0
 STOCK, TUNED, LAB = "stock", "tuned", "lab"
@@ -140,7 +140,7 @@ def start_redis(
     )
     server = RedisServer(name=name, port=port, base=base, password=password, process=process)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + timing.within(START_TIMEOUT)
         while True:
             if process.poll() is not None:
                 raise RuntimeError(
@@ -153,7 +153,8 @@ def start_redis(
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"{name} redis-server not ready after {START_TIMEOUT:g}s: {server.log_tail()}"
+                    f"{name} redis-server not ready after {timing.within(START_TIMEOUT):g}s: "
+                    f"{server.log_tail()}"
                 )
             time.sleep(0.01)
     except BaseException:
