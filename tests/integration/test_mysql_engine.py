@@ -24,15 +24,9 @@ pytestmark = pytest.mark.integration
 Engines = tuple[MySQLEngine, MySQLEngine]
 
 
-@pytest.fixture(scope="module")
-def mariadb_template() -> Iterator[Path]:
-    with support.mariadb_template() as template:
-        yield template
-
-
 @pytest.fixture
-def pair(mariadb_template: Path) -> Iterator[support.MariaDBPair]:
-    with support.mariadb_pair(mariadb_template) as p:
+def pair(mariadb_template_dir: Path) -> Iterator[support.MariaDBPair]:
+    with support.mariadb_pair(mariadb_template_dir) as p:
         yield p
 
 

@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest_asyncio
 import yaml
 
 from tests.support import free_port, need, timing, which
@@ -228,3 +230,20 @@ async def ctl(*argv: str, env: dict[str, str] | None = None) -> Ran:
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return Ran(proc.returncode, out.decode(), err.decode())
+
+
+@pytest_asyncio.fixture
+async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., DaemonProcess]]:
+    """``make(cfg)`` → a DaemonProcess (not started); every one is SIGKILLed at teardown.
+    Daemons made in one test share ``tmp_path``: same config, log, journal and socket,
+    so a second one is the first one restarted."""
+    started: list[DaemonProcess] = []
+
+    def make(cfg: dict[str, Any], **kw: Any) -> DaemonProcess:
+        d = DaemonProcess(cfg, tmp_path, **kw)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.kill()

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import pymysql  # type: ignore[import-untyped]  # no stubs in the test extras
+import pytest
 
 from tests.support import free_port, need, timing, which
 
@@ -134,6 +135,13 @@ def mariadb_template() -> Iterator[Path]:
         yield base / "data"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mariadb_template_dir() -> Iterator[Path]:
+    """``mariadb_template()`` once per test process, for every test that needs one."""
+    with mariadb_template() as template:
+        yield template
 
 
 @dataclass
