@@ -19,7 +19,7 @@ import aiohttp
 import pytest_asyncio
 import yaml
 
-from tests.support import free_port, need, timing, which
+from tests.support import aretry_if_port_taken, free_port, need, timing, which
 from watchdogd.control import request
 from watchdogd.lab import PgPair
 
@@ -121,6 +121,23 @@ class DaemonProcess:
         self.config_path.write_text(yaml.safe_dump(cfg))
 
     async def start(self, ready_within: float = 15.0) -> None:
+        """Start and wait for the first probe cycle. When the metrics port was taken
+        since the config chose it, start again on another (``retry_if_port_taken``)."""
+        first = True
+
+        async def attempt() -> None:
+            nonlocal first
+            if not first:
+                self.cfg["metrics"]["listen"] = f"127.0.0.1:{free_port()}"
+                self.write_config(self.cfg)
+                self.metrics_url = "http://{}/metrics".format(self.cfg["metrics"]["listen"])
+            first = False
+            await self._start_once(ready_within)
+
+        await aretry_if_port_taken(attempt)
+
+    async def _start_once(self, ready_within: float) -> None:
+        start_of_log = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(  # noqa: ASYNC220 - a daemon we poll, never await
             [sys.executable, "-m", "watchdogd.cli", "run", "--config", str(self.config_path)],
@@ -132,7 +149,8 @@ class DaemonProcess:
         deadline = time.monotonic() + timing.within(ready_within)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"watchdogd exited with {self.proc.returncode}:\n{self.logs()}")
+                this_run = self.log_path.read_bytes()[start_of_log:].decode(errors="replace")
+                raise RuntimeError(f"watchdogd exited with {self.proc.returncode}:\n{this_run}")
             try:
                 status = await self.status()
                 if status.get("last_cycle_at"):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REQUIRE
+from tests.support import REQUIRE, closed_port
 from tests.support.fakes import open_dir, sockdir
 
-__all__ = ["open_dir", "sockdir", "tiny_tmpfs"]
+__all__ = ["closed_port", "open_dir", "sockdir", "tiny_tmpfs"]
 
 
 @pytest.fixture
