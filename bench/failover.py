@@ -17,7 +17,7 @@ too, by wrapping ``Journal.append`` (timing only).
                                        [--fault kill|hang] [--profile tuned|stock]
                                        [--json PATH]
 
-``--profile`` picks the PostgreSQL replication-link settings (``watchdogd.lab``):
+``--profile`` picks the PostgreSQL replication-link settings (``watchdogd.demo.lab``):
 ``tuned`` as the docs recommend (wal_receiver_timeout 2s), ``stock`` as shipped
 (60s). A crash is confirmed at the threshold on either; a hang only once the
 standby's own wal_receiver_timeout fires, so ``--fault hang --profile stock``

@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import timing
 from tests.support.daemon import DaemonProcess
 from watchdogd.demo.lab import PgPair, PgServer
 
@@ -109,6 +110,7 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 async def wait_for(
     check: Callable[[], Awaitable[bool] | bool], what: str, within: float, every: float = 0.1
 ) -> None:
+    within = timing.within(within)
     deadline = time.monotonic() + within
     while True:
         result = check()

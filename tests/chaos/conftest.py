@@ -6,14 +6,11 @@ fault→failover times each cell measured, printed at the end of the run
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import pytest_asyncio
 
-from tests.support import mysql as mysql_support
 from tests.support.apps import demo_apps
 from tests.support.cluster import (
     MARIADB,
@@ -25,30 +22,21 @@ from tests.support.cluster import (
     pg_cluster,
     redis_cluster,
 )
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import daemon_factory
+from tests.support.mysql import mariadb_template_dir
 from tests.support.pg import SECRET, pg_pair, pg_template, require_pg_bin
 from tests.support.proxy import FaultProxy
 from tests.support.redis import binary as redis_binary
 from tests.support.report import pytest_terminal_summary
 
-__all__ = ["daemon_factory", "demo_apps", "fault_proxy", "pg_pair", "pytest_terminal_summary"]
-
-
-@pytest_asyncio.fixture
-async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., DaemonProcess]]:
-    """``make(cfg)`` → a DaemonProcess (not started); every one is SIGKILLed at teardown.
-    Daemons made in one test share ``tmp_path``: same config, log, journal and socket,
-    so a second one is the first one restarted."""
-    started: list[DaemonProcess] = []
-
-    def make(cfg: dict[str, Any], **kw: Any) -> DaemonProcess:
-        d = DaemonProcess(cfg, tmp_path, **kw)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        d.kill()
+__all__ = [
+    "daemon_factory",
+    "demo_apps",
+    "fault_proxy",
+    "mariadb_template_dir",
+    "pg_pair",
+    "pytest_terminal_summary",
+]
 
 
 @pytest_asyncio.fixture
@@ -69,12 +57,6 @@ async def fault_proxy() -> AsyncIterator[Callable[[int], Awaitable[FaultProxy]]]
 
 
 # --------------------------------------------------------------------------- the matrix
-
-
-@pytest.fixture(scope="session")
-def mariadb_template_dir() -> Iterator[Path]:
-    with mysql_support.mariadb_template() as template:
-        yield template
 
 
 @pytest_asyncio.fixture

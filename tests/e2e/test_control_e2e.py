@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import free_port, need, which
+from tests.support import need, which
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.pg import eventually, leave_standby_behind
 from watchdogd.control import COMMANDS, CommandError, lookup, parse_request, validate_args
@@ -175,10 +175,10 @@ async def test_lag_refuses_failover_until_forced(
 
 
 async def test_dry_run_renders_the_plan_masks_secrets_and_changes_nothing(
-    pg_pair: PgPair, daemon_factory: Factory, tmp_path: Path
+    pg_pair: PgPair, daemon_factory: Factory, tmp_path: Path, closed_port: int
 ) -> None:
     secret = "tok-9f3b2c71e0"
-    port = free_port()  # nobody listens: a dry run must not call it
+    port = closed_port  # nobody listens: a dry run must not call it
     cfg = lab_config(pg_pair, tmp_path, threshold="1s")
     cfg["failover"]["steps"] = [
         {
@@ -822,7 +822,7 @@ async def test_a_second_daemon_refuses_to_start(
     # Own state_dir and metrics port, same socket: the live socket is not taken over.
     other = copy.deepcopy(cfg)
     other["state_dir"] = str(tmp_path / "state2")
-    other["metrics"]["listen"] = f"127.0.0.1:{free_port()}"
+    other["metrics"]["listen"] = "127.0.0.1:0"  # any free port
     path = tmp_path / "second.yml"
     path.write_text(json.dumps(other))  # JSON is YAML
     second = run_second(path)

@@ -28,15 +28,9 @@ STEPS = ["stop_replication", "promote_standby", "repoint_app"]
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def mariadb_template() -> Iterator[Path]:
-    with mysql_support.mariadb_template() as template:
-        yield template
-
-
 @pytest.fixture
-def maria(mariadb_template: Path) -> Iterator[mysql_support.MariaDBPair]:
-    with mysql_support.mariadb_pair(mariadb_template) as pair:
+def maria(mariadb_template_dir: Path) -> Iterator[mysql_support.MariaDBPair]:
+    with mysql_support.mariadb_pair(mariadb_template_dir) as pair:
         yield pair
 
 

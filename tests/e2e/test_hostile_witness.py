@@ -12,7 +12,7 @@ import aiohttp
 import pytest_asyncio
 from aiohttp import web
 
-from tests.support import free_port
+from tests.support import bound_socket, port_of
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.pg import eventually
 from watchdogd.demo.lab import PgPair
@@ -32,9 +32,9 @@ async def hostile_witness() -> AsyncIterator[tuple[str, list[float]]]:
     app.router.add_get("/primary", answer)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
+    sock = bound_socket()  # the site listens on it: the port is never free meanwhile
+    port = port_of(sock)
+    await web.SockSite(runner, sock).start()
     try:
         yield f"http://127.0.0.1:{port}/primary", asked
     finally:

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import free_port
+from tests.support import bound_socket, port_of
 from tests.support.apps import DemoApps
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.pg import eventually
@@ -164,16 +164,16 @@ async def start_receiver(fail_first: int = 0) -> tuple[web.AppRunner, list[dict[
     app.router.add_post("/hook", hook)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, received, port
+    sock = bound_socket()  # the site listens on it: the port is never free meanwhile
+    await web.SockSite(runner, sock).start()
+    return runner, received, port_of(sock)
 
 
 async def test_webhooks_in_order_and_a_dead_one_costs_nothing(
-    pg_pair: PgPair, daemon_factory: Factory, tmp_path: Path
+    pg_pair: PgPair, daemon_factory: Factory, tmp_path: Path, closed_port: int
 ) -> None:
     runner, received, port = await start_receiver(fail_first=1)
-    dead = free_port()  # nobody listens here
+    dead = closed_port  # nobody listens here
     cfg = lab_config(pg_pair, tmp_path, interval="300ms", timeout="200ms", threshold="1s")
     cfg["notify"] = {
         "webhooks": [

@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 from aioresponses import aioresponses
 
+from tests.support import timing
 from tests.support.apps import DemoApps
 from tests.support.bind import Bind, bind_server
 from tests.support.daemon import DaemonProcess, ctl, lab_config
@@ -302,7 +303,7 @@ def cloud66_config(pair: PgPair, apps: DemoApps, tmp: Path) -> dict[str, Any]:
 
 
 async def wait_for(d: Daemon, *states: str, within: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + within
+    deadline = time.monotonic() + timing.within(within)
     status = d.status()
     while status["state"] not in states or status["last_cycle_at"] is None:
         if time.monotonic() > deadline:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from tests.support import timing
 from watchdogd.engines import DbStatus, Engine, EngineError
 
 
@@ -21,6 +22,7 @@ async def eventually(
     interval: float = 0.05,
 ) -> DbStatus:
     """Poll ``check()`` until ``ok`` holds for its status; fail after ``timeout``."""
+    timeout = timing.within(timeout)
     deadline = time.monotonic() + timeout
     while True:
         status = await check()

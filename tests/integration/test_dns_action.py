@@ -13,7 +13,6 @@ from typing import Any
 import dns.rdatatype
 import pytest
 
-from tests.support import free_port
 from tests.support.bind import Bind, bind_server
 from watchdogd.actions import ActionError, StepContext
 from watchdogd.actions.dns import DnsAction, parse
@@ -187,9 +186,9 @@ async def test_silently_ignored_update_fails_verification(bind: Bind) -> None:
     )
 
 
-async def test_refused_connection_is_one_clear_line() -> None:
+async def test_refused_connection_is_one_clear_line(closed_port: int) -> None:
     # A port nobody listens on: TCP connect is refused at once.
-    server = f"127.0.0.1:{free_port()}"
+    server = f"127.0.0.1:{closed_port}"
     action, errors, _ = _parse(
         {"server": server, "zone": ZONE, "record": "app", "type": "A", "value": "192.0.2.20"}
     )

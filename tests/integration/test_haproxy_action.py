@@ -11,7 +11,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import free_port
 from tests.support.haproxy import Haproxy, Server, admin, haproxy, http_app
 from watchdogd.actions import ActionError, StepContext
 from watchdogd.actions.haproxy import HaproxyAction, parse
@@ -132,11 +131,11 @@ async def test_unknown_server_fails_with_haproxy_message(lb: Haproxy) -> None:
     )
 
 
-async def test_standby_that_never_comes_up_fails_the_step(tmp_path: Path) -> None:
+async def test_standby_that_never_comes_up_fails_the_step(tmp_path: Path, closed_port: int) -> None:
     # The standby's address has nothing listening: HAProxy takes it out of maintenance
     # but its health checks keep it DOWN, so traffic could not move; the step must say so.
     async with http_app("primary") as p1:
-        dead = Server("standby", _closed_port(), f"{CHECK} disabled")
+        dead = Server("standby", closed_port, f"{CHECK} disabled")
         async with haproxy(tmp_path, [Server("primary", p1, CHECK), dead]) as lb:
             action = _action(
                 socket=lb.admin_socket, backend="app", activate="standby", deactivate="primary"
@@ -161,10 +160,6 @@ async def test_unreachable_socket_is_one_clear_line(tmp_path: Path) -> None:
     assert str(err.value) == (
         f"haproxy {missing}: cannot connect to the admin socket: No such file or directory"
     )
-
-
-def _closed_port() -> int:
-    return free_port()  # nothing listens there once free_port() has returned
 
 
 async def test_describe_lists_the_rendered_commands() -> None:

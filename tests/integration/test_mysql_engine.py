@@ -11,7 +11,6 @@ import pymysql  # type: ignore[import-untyped]  # no stubs in the test extras
 import pytest
 
 from tests.integration.engine_checks import check_bounded_when_sigstopped, eventually
-from tests.support import free_port
 from tests.support import mysql as support
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.core.section import Section
@@ -24,15 +23,9 @@ pytestmark = pytest.mark.integration
 Engines = tuple[MySQLEngine, MySQLEngine]
 
 
-@pytest.fixture(scope="module")
-def mariadb_template() -> Iterator[Path]:
-    with support.mariadb_template() as template:
-        yield template
-
-
 @pytest.fixture
-def pair(mariadb_template: Path) -> Iterator[support.MariaDBPair]:
-    with support.mariadb_pair(mariadb_template) as p:
+def pair(mariadb_template_dir: Path) -> Iterator[support.MariaDBPair]:
+    with support.mariadb_pair(mariadb_template_dir) as p:
         yield p
 
 
@@ -231,7 +224,9 @@ async def test_fence_refuses_writes(pair: support.MariaDBPair, engines: Engines)
 # --------------------------------------------------------------------------- errors
 
 
-async def test_bad_password_and_dead_port_are_one_clear_line(pair: support.MariaDBPair) -> None:
+async def test_bad_password_and_dead_port_are_one_clear_line(
+    pair: support.MariaDBPair, closed_port: int
+) -> None:
     wrong = "Wr0ng-" + pair.password
     engine = make_engine(pair.dsn(pair.primary, wrong), {wrong})
     with pytest.raises(EngineError) as err:
@@ -247,7 +242,7 @@ async def test_bad_password_and_dead_port_are_one_clear_line(pair: support.Maria
     assert (await good.status(2)).is_primary
     await good.close()
 
-    dead = make_engine(f"mysql://watchdogd:{wrong}@127.0.0.1:{free_port()}/", {wrong})
+    dead = make_engine(f"mysql://watchdogd:{wrong}@127.0.0.1:{closed_port}/", {wrong})
     t0 = time.monotonic()
     with pytest.raises(EngineError) as err:
         await dead.stop_replication(2)

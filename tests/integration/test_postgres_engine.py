@@ -11,7 +11,6 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.support import free_port
 from tests.support.pg import SECRET, eventually
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.core.section import Section
@@ -330,8 +329,8 @@ async def test_password_is_merged_at_connect_time_and_never_shown(pg_pair: PgPai
         await engine.close()
 
 
-async def test_unreachable_port_is_one_clear_line() -> None:
-    port = free_port()
+async def test_unreachable_port_is_one_clear_line(closed_port: int) -> None:
+    port = closed_port
     engine = pg.PostgresEngine(f"postgresql://u:pw-in-dsn@127.0.0.1:{port}/db")
     started = time.monotonic()
     with pytest.raises(EngineError) as caught:

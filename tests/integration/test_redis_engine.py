@@ -13,7 +13,6 @@ import redis
 
 from tests.integration import engine_checks
 from tests.integration.engine_checks import check_bounded_when_sigstopped
-from tests.support import free_port
 from tests.support import redis as support
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.core.section import Section
@@ -194,7 +193,9 @@ async def test_promote_fails_clearly_when_writes_are_refused(
 # --------------------------------------------------------------------------- errors
 
 
-async def test_bad_password_and_dead_port_are_one_clear_line(pair: support.RedisPair) -> None:
+async def test_bad_password_and_dead_port_are_one_clear_line(
+    pair: support.RedisPair, closed_port: int
+) -> None:
     wrong = "Wr0ng-" + pair.password
     engine = make_engine(pair.dsn(pair.primary, wrong), {wrong})
     with pytest.raises(EngineError) as err:
@@ -215,7 +216,7 @@ async def test_bad_password_and_dead_port_are_one_clear_line(pair: support.Redis
     assert (await good.status(1)).is_primary
     await good.close()
 
-    dead = make_engine(f"redis://:{wrong}@127.0.0.1:{free_port()}/0", {wrong})
+    dead = make_engine(f"redis://:{wrong}@127.0.0.1:{closed_port}/0", {wrong})
     t0 = time.monotonic()
     with pytest.raises(EngineError) as err:
         await dead.fence(2)

@@ -26,7 +26,7 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from tests.support import free_port, need, which
+from tests.support import free_port, need, port_taken, retry_if_port_taken, timing, which
 
 KEY_NAME = "watchdogd-test-key"
 
@@ -52,6 +52,17 @@ class Bind:
 def bind_server(zone: str = "example.test", records: str = "") -> Iterator[Bind]:
     """``records``: extra zone-file lines (relative names), e.g. ``"app IN A 192.0.2.1"``."""
     named = need("named (BIND 9, Debian package bind9)", which("named", "/usr/sbin"))
+    proc, server, workdir = retry_if_port_taken(lambda: _start(named, zone, records))
+    try:
+        yield server
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start(named: str, zone: str, records: str) -> tuple[subprocess.Popen[bytes], Bind, Path]:
+    """named on a fresh port, serving ``zone``; killed (its directory removed) if not."""
     # Not under pytest's tmp_path: its parents are mode 0700, and named (as bind) must
     # reach its directory to write the zone journal.
     workdir = Path(tempfile.mkdtemp(prefix="watchdogd-bind-"))
@@ -99,23 +110,29 @@ zone "{zone}" {{
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         server = Bind(port=port, zone=zone, key_name=KEY_NAME, secret=secret, log=log)
         _wait_ready(proc, server)
-        yield server
-    finally:
+    except BaseException:
         if proc is not None:
             proc.kill()
             proc.wait(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return proc, server, workdir
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], server: Bind) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + timing.within(10)
     query = dns.message.make_query(server.zone + ".", "SOA")
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"named exited with {proc.returncode}: {server.log.read_text()}")
+        log = server.log.read_text(errors="replace")
+        if port_taken(log):  # named keeps running, deaf on that port
+            raise RuntimeError(f"named could not listen on {server.port}: {log}")
         with contextlib.suppress(dns.exception.DNSException, OSError):
             reply = dns.query.udp(query, "127.0.0.1", timeout=0.05, port=server.port)
             if reply.rcode() == dns.rcode.NOERROR and reply.answer:
                 return
         time.sleep(0.02)
-    raise RuntimeError(f"named did not serve {server.zone} within 10s: {server.log.read_text()}")
+    raise RuntimeError(
+        f"named did not serve {server.zone} within {timing.within(10):g}s: {server.log.read_text()}"
+    )

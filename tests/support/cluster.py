@@ -42,7 +42,7 @@ import pymysql  # type: ignore[import-untyped]  # no stubs in the test extras
 import redis
 import redis.asyncio as aioredis
 
-from tests.support import free_port
+from tests.support import free_port, timing
 from tests.support import mysql as mysql_support
 from tests.support import redis as redis_support
 from watchdogd.demo.lab import LabError, PgPair
@@ -177,7 +177,7 @@ class Cluster(abc.ABC):
         accepted: False. Any other failure (a connection refused, killed, or turned
         away while a burst of connections the fault proxy held is let through) is
         retried for ``within`` seconds, never taken for an answer."""
-        deadline = time.monotonic() + within
+        deadline = time.monotonic() + timing.within(within)
         while True:
             try:
                 return await asyncio.to_thread(self._refuses_writes, node)

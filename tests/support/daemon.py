@@ -10,14 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest_asyncio
 import yaml
 
-from tests.support import free_port, need, which
+from tests.support import aretry_if_port_taken, free_port, need, timing, which
 from watchdogd.control import request
 from watchdogd.demo.lab import PgPair
 
@@ -119,6 +121,23 @@ class DaemonProcess:
         self.config_path.write_text(yaml.safe_dump(cfg))
 
     async def start(self, ready_within: float = 15.0) -> None:
+        """Start and wait for the first probe cycle. When the metrics port was taken
+        since the config chose it, start again on another (``retry_if_port_taken``)."""
+        first = True
+
+        async def attempt() -> None:
+            nonlocal first
+            if not first:
+                self.cfg["metrics"]["listen"] = f"127.0.0.1:{free_port()}"
+                self.write_config(self.cfg)
+                self.metrics_url = "http://{}/metrics".format(self.cfg["metrics"]["listen"])
+            first = False
+            await self._start_once(ready_within)
+
+        await aretry_if_port_taken(attempt)
+
+    async def _start_once(self, ready_within: float) -> None:
+        start_of_log = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(  # noqa: ASYNC220 - a daemon we poll, never await
             [sys.executable, "-m", "watchdogd.cli", "run", "--config", str(self.config_path)],
@@ -127,10 +146,11 @@ class DaemonProcess:
             env={**os.environ, **self.env},
         )
         log.close()
-        deadline = time.monotonic() + ready_within
+        deadline = time.monotonic() + timing.within(ready_within)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"watchdogd exited with {self.proc.returncode}:\n{self.logs()}")
+                this_run = self.log_path.read_bytes()[start_of_log:].decode(errors="replace")
+                raise RuntimeError(f"watchdogd exited with {self.proc.returncode}:\n{this_run}")
             try:
                 status = await self.status()
                 if status.get("last_cycle_at"):
@@ -151,6 +171,7 @@ class DaemonProcess:
         return result
 
     async def wait_state(self, *states: str, within: float = 20.0) -> dict[str, Any]:
+        within = timing.within(within)
         deadline = time.monotonic() + within
         status: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -227,3 +248,20 @@ async def ctl(*argv: str, env: dict[str, str] | None = None) -> Ran:
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return Ran(proc.returncode, out.decode(), err.decode())
+
+
+@pytest_asyncio.fixture
+async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., DaemonProcess]]:
+    """``make(cfg)`` → a DaemonProcess (not started); every one is SIGKILLed at teardown.
+    Daemons made in one test share ``tmp_path``: same config, log, journal and socket,
+    so a second one is the first one restarted."""
+    started: list[DaemonProcess] = []
+
+    def make(cfg: dict[str, Any], **kw: Any) -> DaemonProcess:
+        d = DaemonProcess(cfg, tmp_path, **kw)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.kill()

@@ -19,7 +19,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tests.support import free_port, need, which
+from tests.support import (
+    aretry_if_port_taken,
+    bound_socket,
+    free_port,
+    need,
+    port_of,
+    timing,
+    which,
+)
 
 
 @dataclass(frozen=True)
@@ -48,9 +56,9 @@ async def http_app(name: str) -> AsyncIterator[int]:
     app.router.add_get("/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
+    sock = bound_socket()  # the site listens on it: the port is never free meanwhile
+    port = port_of(sock)
+    await web.SockSite(runner, sock).start()
     try:
         yield port
     finally:
@@ -71,6 +79,19 @@ async def admin(socket_path: str, command: str) -> str:
 @contextlib.asynccontextmanager
 async def haproxy(tmp_path: Path, servers: list[Server]) -> AsyncIterator[Haproxy]:
     binary = need("haproxy", which("haproxy", "/usr/sbin"))
+    proc, lb = await aretry_if_port_taken(lambda: _start(binary, tmp_path, servers))
+    try:
+        yield lb
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+async def _start(
+    binary: str, tmp_path: Path, servers: list[Server]
+) -> tuple[asyncio.subprocess.Process, Haproxy]:
+    """haproxy on fresh ports, ready; killed if it does not come up."""
     sock = tmp_path / "admin.sock"
     tcp = f"127.0.0.1:{free_port()}"
     front = free_port()
@@ -99,23 +120,25 @@ backend app
 """
     )
     log = tmp_path / "haproxy.log"
-    with log.open("wb") as out:
+    with log.open("wb") as out:  # truncated: a failed try's log says nothing of this one
         proc = await asyncio.create_subprocess_exec(
             binary, "-db", "-f", str(cfg), stdout=out, stderr=subprocess.STDOUT
         )
     try:
         await _wait_ready(proc, str(sock), log)
-        yield Haproxy(
-            admin_socket=str(sock), admin_tcp=tcp, frontend=f"http://127.0.0.1:{front}", log=log
-        )
-    finally:
+    except BaseException:
         if proc.returncode is None:
             proc.kill()
         await asyncio.wait_for(proc.wait(), 10)
+        raise
+    lb = Haproxy(
+        admin_socket=str(sock), admin_tcp=tcp, frontend=f"http://127.0.0.1:{front}", log=log
+    )
+    return proc, lb
 
 
 async def _wait_ready(proc: asyncio.subprocess.Process, sock: str, log: Path) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + timing.within(10)
     while time.monotonic() < deadline:
         if proc.returncode is not None:
             raise RuntimeError(f"haproxy exited with {proc.returncode}: {_read(log)}")
@@ -123,7 +146,7 @@ async def _wait_ready(proc: asyncio.subprocess.Process, sock: str, log: Path) ->
             if "Name: HAProxy" in await admin(sock, "show info"):
                 return
         await asyncio.sleep(0.02)
-    raise RuntimeError(f"haproxy did not come up within 10s: {_read(log)}")
+    raise RuntimeError(f"haproxy did not come up within {timing.within(10):g}s: {_read(log)}")
 
 
 def _read(log: Path) -> str:

@@ -42,8 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import pymysql  # type: ignore[import-untyped]  # no stubs in the test extras
+import pytest
 
-from tests.support import free_port, need, which
+from tests.support import free_port, need, retry_if_port_taken, timing, which
 
 # Kept in step with the grants documented in watchdogd/engines/mysql.py.
 WATCHDOGD_GRANTS = (
@@ -134,6 +135,13 @@ def mariadb_template() -> Iterator[Path]:
         yield base / "data"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mariadb_template_dir() -> Iterator[Path]:
+    """``mariadb_template()`` once per test process, for every test that needs one."""
+    with mariadb_template() as template:
+        yield template
 
 
 @dataclass
@@ -251,7 +259,7 @@ def spawn_mariadb(
 
 
 def wait_ready(server: MariaDB) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + timing.within(START_TIMEOUT)
     while True:
         if server.process.poll() is not None:
             raise RuntimeError(
@@ -265,7 +273,8 @@ def wait_ready(server: MariaDB) -> None:
                 pass
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"{server.name} mariadbd not ready after {START_TIMEOUT:g}s: {server.log_tail()}"
+                f"{server.name} mariadbd not ready after {timing.within(START_TIMEOUT):g}s: "
+                f"{server.log_tail()}"
             )
         time.sleep(0.02)
 
@@ -337,6 +346,27 @@ def wait_replicating(server: MariaDB, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def _start_both(template: Path, base: Path, profile: str) -> tuple[MariaDB, MariaDB]:
+    """A fresh primary and replica under ``base``, started side by side and ready;
+    both killed if either fails."""
+    servers: list[MariaDB] = []
+    try:
+        for name, server_id, extra in (
+            ("primary", 1, []),
+            ("replica", 2, ["--read-only", *REPLICA_OPTIONS[profile]]),
+        ):
+            shutil.rmtree(base / name, ignore_errors=True)  # what a failed try left
+            (base / name).mkdir()
+            servers.append(spawn_mariadb(name, template, base / name, server_id, extra))
+        for server in servers:
+            wait_ready(server)
+    except BaseException:
+        for server in servers:
+            server.kill()
+        raise
+    return servers[0], servers[1]
+
+
 @contextlib.contextmanager
 def mariadb_pair(template: Path, profile: str = LAB) -> Iterator[MariaDBPair]:
     """A primary and a replicating, read-only replica; both SIGKILLed on exit."""
@@ -346,16 +376,9 @@ def mariadb_pair(template: Path, profile: str = LAB) -> Iterator[MariaDBPair]:
     with contextlib.ExitStack() as stack:
         base = _tempdir("watchdogd-mariadb-")
         stack.callback(shutil.rmtree, base, True)
-        (base / "primary").mkdir()
-        (base / "replica").mkdir()
-        primary = spawn_mariadb("primary", template, base / "primary", 1)
+        primary, replica = retry_if_port_taken(lambda: _start_both(template, base, profile))
         stack.callback(primary.kill)
-        replica = spawn_mariadb(
-            "replica", template, base / "replica", 2, ["--read-only", *REPLICA_OPTIONS[profile]]
-        )
         stack.callback(replica.kill)
-        wait_ready(primary)
-        wait_ready(replica)
         primary.script(
             f"CREATE USER watchdogd@'127.0.0.1' IDENTIFIED BY '{password}'",
             *(f"GRANT {g} TO watchdogd@'127.0.0.1'" for g in WATCHDOGD_GRANTS),

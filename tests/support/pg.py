@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import need
+from tests.support import need, timing
 from watchdogd.demo.lab import PgPair, find_pg_bin, make_template
 
 SECRET = "s3cret-lab-password"  # the lab's PASSWORD_ROLE logs in with this
@@ -56,6 +56,7 @@ async def eventually(
     check: Callable[[], object], within: float = 5.0, interval: float = 0.05
 ) -> None:
     """Wait until ``check()`` (sync or async) is truthy; fail the test after ``within``."""
+    within = timing.within(within)
     deadline = time.monotonic() + within
     last: object = None
     while True:

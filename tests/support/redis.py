@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from tests.support import free_port, need, which
+from tests.support import free_port, need, retry_if_port_taken, timing, which
 
 START_TIMEOUT = 10.0
 STOCK, TUNED, LAB = "stock", "tuned", "lab"
@@ -123,7 +123,15 @@ class RedisServer:
 def start_redis(
     name: str, base: Path, password: str, extra: Sequence[str] = (), profile: str = LAB
 ) -> RedisServer:
+    """Start redis-server in ``base`` (made here) and wait until it answers."""
     base.mkdir()
+    return retry_if_port_taken(lambda: _start_redis(name, base, password, extra, profile))
+
+
+def _start_redis(
+    name: str, base: Path, password: str, extra: Sequence[str], profile: str
+) -> RedisServer:
+    (base / "redis.log").unlink(missing_ok=True)  # a failed try's log says nothing of this one
     port = free_port()
     cmd = [
         binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(base),
@@ -140,7 +148,7 @@ def start_redis(
     )
     server = RedisServer(name=name, port=port, base=base, password=password, process=process)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + timing.within(START_TIMEOUT)
         while True:
             if process.poll() is not None:
                 raise RuntimeError(
@@ -149,11 +157,12 @@ def start_redis(
             try:
                 server.call("PING")
                 return server
-            except redis.ConnectionError:
-                pass
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass  # not up yet (or someone else's port: it exits, then we retry)
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"{name} redis-server not ready after {START_TIMEOUT:g}s: {server.log_tail()}"
+                    f"{name} redis-server not ready after {timing.within(START_TIMEOUT):g}s: "
+                    f"{server.log_tail()}"
                 )
             time.sleep(0.01)
     except BaseException:

@@ -1,4 +1,4 @@
-"""Fixtures shared by unit tests that need a real (small) filesystem."""
+"""Fixtures shared by unit tests: a real (small) filesystem, a control socket directory."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REQUIRE
+from tests.support import REQUIRE, closed_port
+from tests.support.fakes import open_dir, sockdir
+
+__all__ = ["closed_port", "open_dir", "sockdir", "tiny_tmpfs"]
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from watchdogd import cli
 from watchdogd.state import journal
 
 
-def config(tmp: Path, metrics_port: int) -> Path:
+def config(tmp: Path, metrics_port: int = 0) -> Path:
+    """metrics_port 0: the daemon listens on any free port (no test here scrapes it)."""
     db = "postgresql://x@127.0.0.1:{}/x"
     path = tmp / "watchdogd.yml"
     path.write_text(
@@ -99,15 +100,8 @@ def damaged_journal(state_dir: Path) -> list[str]:
     return lines
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_a_damaged_journal_refuses_start_with_one_line(tmp_path: Path) -> None:
-    path = config(tmp_path, free_port())
+    path = config(tmp_path)
     damaged_journal(tmp_path / "state")
     result = run(path)
     assert result.returncode == 1
@@ -122,7 +116,7 @@ def test_a_damaged_journal_refuses_start_with_one_line(tmp_path: Path) -> None:
 def test_an_unwritable_journal_refuses_start_with_one_line(
     tmp_path: Path, tiny_tmpfs: Path
 ) -> None:
-    path = config(tmp_path, free_port())
+    path = config(tmp_path)
     cfg = yaml.safe_load(path.read_text())
     cfg["state_dir"] = str(tiny_tmpfs)
     path.write_text(yaml.safe_dump(cfg))
@@ -138,7 +132,7 @@ def test_an_unwritable_journal_refuses_start_with_one_line(
 def test_journal_check_clean_and_damaged(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = config(tmp_path, free_port())
+    path = config(tmp_path)
     assert cli.main(["journal", "check", "--config", str(path)]) == 0
     assert "ok (0 lines" in capsys.readouterr().out
     damaged_journal(tmp_path / "state")
@@ -152,7 +146,7 @@ def test_journal_check_clean_and_damaged(
 def test_journal_repair_refuses_an_unsafe_drop_then_closes_it_deliberately(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = config(tmp_path, free_port())
+    path = config(tmp_path)
     lines = damaged_journal(tmp_path / "state")
     jpath = tmp_path / "state" / "journal.jsonl"
     before = jpath.read_bytes()
@@ -181,7 +175,7 @@ def test_journal_repair_refuses_an_unsafe_drop_then_closes_it_deliberately(
 def test_journal_repair_refuses_while_the_daemon_holds_the_lock(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = config(tmp_path, free_port())
+    path = config(tmp_path)
     damaged_journal(tmp_path / "state")
     holder = journal.Journal(tmp_path / "state")
     holder.lock()

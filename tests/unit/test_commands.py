@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -385,15 +383,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    # Short (sun_path) and reachable by an unprivileged client.
-    d = Path(tempfile.mkdtemp(prefix="wdcmd-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 async def as_user(user: str, path: str, *requests: str) -> list[dict[str, Any]]:
     if os.geteuid() != 0:
         pytest.skip("needs root to run a client as another user")
@@ -409,8 +398,8 @@ async def as_user(user: str, path: str, *requests: str) -> list[dict[str, Any]]:
     return result
 
 
-async def test_a_reader_gets_status_but_cannot_pause_or_fail_over(rig: Rig, sockdir: Path) -> None:
-    path = str(sockdir / "control.sock")
+async def test_a_reader_gets_status_but_cannot_pause_or_fail_over(rig: Rig, open_dir: Path) -> None:
+    path = str(open_dir / "control.sock")
     # mode 0666 gives "other" rights, which config parsing forbids: built directly.
     server = ControlServer(
         ControlConfig(socket=path, mode=0o666), rig.d.handle_command, Log(), secrets=frozenset()

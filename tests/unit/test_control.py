@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
 import pwd
-import shutil
 import socket
 import stat
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ import structlog
 from structlog.testing import LogCapture
 
 from tests.support import need, which
+from tests.support.fakes import RecordingDaemon
 from watchdogd import control
 from watchdogd.control import (
     COMMANDS,
@@ -45,48 +43,6 @@ KNOWN = "status, history, pause, resume, failover, switchover, abort, ack, reloa
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class FakeDaemon:
-    """Stands in for the daemon: records calls, keeps a little state."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, Any], Peer]] = []
-        self.paused = False
-        self.gate: asyncio.Event | None = None
-        self.delay = 0.0
-        self.in_flight = 0
-        self.peak = 0
-
-    async def __call__(self, command: str, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        self.calls.append((command, args, peer))
-        self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
-        try:
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            if self.gate is not None:
-                await self.gate.wait()
-            if command == "status":
-                return {"cluster": "orders", "state": "paused" if self.paused else "watching"}
-            if command == "pause":
-                if self.paused:
-                    raise CommandError("automatic failover is already paused")
-                self.paused = True
-                return {"paused": True}
-            if command == "reload":
-                raise RuntimeError("config parser exploded\nwith a second line")
-            if command == "ack":
-                odd: dict[Any, Any] = {
-                    "nan": float("nan"), "inf": float("-inf"), "when": dt.date(2026, 1, 1),
-                    "set": {1}, (1, 2): "tuple key", "big": 10**5000,
-                }  # fmt: skip
-                return odd
-            if command == "abort":
-                return ["not", "a", "dict"]  # type: ignore[return-value]
-            return {"command": command, "args": args}
-        finally:
-            self.in_flight -= 1
 
 
 def make_logger(cap: LogCapture) -> Any:
@@ -113,20 +69,11 @@ async def eventually(predicate: Callable[[], bool], seconds: float = 5) -> None:
     raise AssertionError(f"still false after {seconds}s")
 
 
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    # Short (sun_path is 108 bytes) and outside pytest's 0700 tree, so the
-    # unprivileged-client tests can reach it once it is opened up.
-    d = Path(tempfile.mkdtemp(prefix="wdctl-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 class Rig:
     def __init__(self, sockdir: Path) -> None:
         self.dir = sockdir
         self.path = str(sockdir / "control.sock")
-        self.daemon = FakeDaemon()
+        self.daemon = RecordingDaemon()
         self.cap = LogCapture()
         self.servers: list[ControlServer] = []
 
@@ -669,12 +616,6 @@ STATUS = '{"command": "status"}'
 HISTORY = '{"command": "history", "args": {"n": 2}}'
 FAILOVER = '{"command": "failover", "args": {"force": true}}'
 DENIED = {"ok": False, "error": "permission denied"}
-
-
-@pytest.fixture
-def open_dir(sockdir: Path) -> Path:
-    os.chmod(sockdir, 0o755)  # let an unprivileged client reach the socket
-    return sockdir
 
 
 def open_config(path: str, **kw: Any) -> ControlConfig:

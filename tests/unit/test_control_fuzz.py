@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
 import socket
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,33 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import LogCapture
 
-from watchdogd.control import COMMANDS, ControlServer, Peer, request
+from tests.support.fakes import StatefulDaemon
+from watchdogd.control import COMMANDS, ControlServer, request
 from watchdogd.core.model import ControlConfig
 
 MAX_LINE = 64 * 1024
 MUTATING = sorted(n for n, c in COMMANDS.items() if c.mutating)
 STATUS = {"cluster": "orders", "state": "watching", "armed": True}
-
-
-class StatefulDaemon:
-    def __init__(self) -> None:
-        self.state = {"paused": False, "failovers": 0, "reloads": 0}
-        self.calls: list[str] = []
-
-    async def __call__(self, command: str, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        self.calls.append(command)
-        if command == "status":
-            return dict(STATUS)
-        if command == "history":
-            return {"failovers": [], "n": args["n"]}
-        # Any mutating call changes state: the fuzz must never get here.
-        if command == "pause":
-            self.state["paused"] = True
-        elif command == "failover":
-            self.state["failovers"] += 1
-        else:
-            self.state["reloads"] += 1
-        return {}
 
 
 # --------------------------------------------------------------------------- strategies
@@ -200,15 +177,8 @@ def check_reply(raw: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the test
 
 
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="wdfz-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 async def test_hostile_lines_leave_the_server_and_daemon_intact(sockdir: Path) -> None:
-    daemon = StatefulDaemon()
+    daemon = StatefulDaemon(STATUS)
     log = structlog.wrap_logger(
         structlog.PrintLogger(),
         processors=[LogCapture()],

@@ -12,11 +12,9 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,8 @@ import structlog
 from structlog.testing import LogCapture
 
 from tests.support import need, which
-from watchdogd.control import CommandError, ControlServer, Peer
+from tests.support.fakes import ScriptedDaemon
+from watchdogd.control import ControlServer
 from watchdogd.core.model import ControlConfig
 from watchdogd.ctl import format_bytes, main, needs_confirmation, render, render_status
 
@@ -94,42 +93,8 @@ PLAN: dict[str, Any] = {
 }  # fmt: skip
 
 
-class FakeDaemon:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.status: dict[str, Any] = STATUS
-        self.hang = False
-
-    async def __call__(self, command: str, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        self.calls.append((command, args))
-        if self.hang:
-            await asyncio.Event().wait()
-        if command == "status":
-            return self.status
-        if command == "history":
-            return HISTORY
-        if command in ("failover", "switchover") and args.get("dry_run"):
-            return PLAN
-        if command == "resume":
-            raise CommandError("automatic failover is not paused")
-        if command == "pause":
-            return {"message": "automatic failover paused", "paused": True}
-        return {}
-
-    @property
-    def commands(self) -> list[str]:
-        return [c for c, _ in self.calls]
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="wdctl-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 class Rig:
-    def __init__(self, path: str, daemon: FakeDaemon) -> None:
+    def __init__(self, path: str, daemon: ScriptedDaemon) -> None:
         self.path = path
         self.daemon = daemon
 
@@ -140,7 +105,7 @@ class Rig:
 
 @pytest.fixture
 async def rig(sockdir: Path) -> AsyncIterator[Rig]:
-    daemon = FakeDaemon()
+    daemon = ScriptedDaemon(STATUS, HISTORY, PLAN)
     log = structlog.wrap_logger(
         structlog.PrintLogger(),
         processors=[LogCapture()],
@@ -478,7 +443,7 @@ async def test_an_unprivileged_operator_may_look_but_not_fail_over(sockdir: Path
     # The venv's interpreter lives under /root; the system one can run the client.
     python = need("system python3", which("python3", "/usr/bin"))
     os.chmod(sockdir, 0o755)
-    daemon = FakeDaemon()
+    daemon = ScriptedDaemon(STATUS, HISTORY, PLAN)
     log = structlog.wrap_logger(structlog.PrintLogger(), processors=[LogCapture()])
     config = ControlConfig(socket=str(sockdir / "control.sock"), mode=0o666)
     server = ControlServer(config, daemon, log)

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import free_port, need, which
+from tests.support import need, which
 from watchdogd import __version__
 from watchdogd.metrics import (
     OUTCOMES,
@@ -291,8 +291,8 @@ async def test_extra_routes_are_served() -> None:
 
 
 async def test_port_in_use_is_one_clear_line() -> None:
-    port = free_port()
-    first = await start_http(make_app(Metrics("a"), lambda: (True, "")), "127.0.0.1", port)
+    first = await start_http(make_app(Metrics("a"), lambda: (True, "")), "127.0.0.1", 0)
+    port = bound_port(first)
     try:
         with pytest.raises(MetricsServerError) as info:
             await start_http(make_app(Metrics("b"), lambda: (True, "")), "127.0.0.1", port)

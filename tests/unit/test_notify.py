@@ -17,7 +17,6 @@ import structlog
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from tests.support import free_port
 from watchdogd.core.model import WebhookConfig
 from watchdogd.core.secrets import Secrets
 from watchdogd.notify import EVENTS, Notifier, origin, unknown_events
@@ -198,9 +197,9 @@ async def test_rejected_message_is_not_retried(
 
 
 async def test_dead_receiver_never_blocks_and_only_warns(
-    logs: list[MutableMapping[str, Any]],
+    logs: list[MutableMapping[str, Any]], closed_port: int
 ) -> None:
-    url = f"http://127.0.0.1:{free_port()}/hooks/{TOKEN}"
+    url = f"http://127.0.0.1:{closed_port}/hooks/{TOKEN}"
     n = notifier(
         [hook(url, headers={"X-Token": TOKEN})], max_attempts=3, backoff_base=0.01, queue_size=200
     )

@@ -1,0 +1,134 @@
+"""Stand-ins for the daemon behind a real ``ControlServer`` (unit tests of the control
+socket, ``watchdogctl`` and the protocol fuzz), and the short socket directory they
+listen in. Each is a command handler: ``await fake(command, args, peer)``."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from watchdogd.control import CommandError, Peer
+
+
+class RecordingDaemon:
+    """Records calls and keeps a little state; can be slowed (``delay``) or held
+    (``gate``), and answers some commands with values JSON cannot carry as they are."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any], Peer]] = []
+        self.paused = False
+        self.gate: asyncio.Event | None = None
+        self.delay = 0.0
+        self.in_flight = 0
+        self.peak = 0
+
+    async def __call__(self, command: str, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        self.calls.append((command, args, peer))
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.gate is not None:
+                await self.gate.wait()
+            if command == "status":
+                return {"cluster": "orders", "state": "paused" if self.paused else "watching"}
+            if command == "pause":
+                if self.paused:
+                    raise CommandError("automatic failover is already paused")
+                self.paused = True
+                return {"paused": True}
+            if command == "reload":
+                raise RuntimeError("config parser exploded\nwith a second line")
+            if command == "ack":
+                odd: dict[Any, Any] = {
+                    "nan": float("nan"), "inf": float("-inf"), "when": dt.date(2026, 1, 1),
+                    "set": {1}, (1, 2): "tuple key", "big": 10**5000,
+                }  # fmt: skip
+                return odd
+            if command == "abort":
+                return ["not", "a", "dict"]  # type: ignore[return-value]
+            return {"command": command, "args": args}
+        finally:
+            self.in_flight -= 1
+
+
+class ScriptedDaemon:
+    """Answers with the given status, history and (dry-run) plan; ``hang`` never answers."""
+
+    def __init__(
+        self, status: dict[str, Any], history: dict[str, Any], plan: dict[str, Any]
+    ) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.status = status
+        self.history = history
+        self.plan = plan
+        self.hang = False
+
+    async def __call__(self, command: str, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        self.calls.append((command, args))
+        if self.hang:
+            await asyncio.Event().wait()
+        if command == "status":
+            return self.status
+        if command == "history":
+            return self.history
+        if command in ("failover", "switchover") and args.get("dry_run"):
+            return self.plan
+        if command == "resume":
+            raise CommandError("automatic failover is not paused")
+        if command == "pause":
+            return {"message": "automatic failover paused", "paused": True}
+        return {}
+
+    @property
+    def commands(self) -> list[str]:
+        return [c for c, _ in self.calls]
+
+
+class StatefulDaemon:
+    """Counts every state change a mutating command would make (the fuzz must make none)."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.status = status
+        self.state = {"paused": False, "failovers": 0, "reloads": 0}
+        self.calls: list[str] = []
+
+    async def __call__(self, command: str, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        self.calls.append(command)
+        if command == "status":
+            return dict(self.status)
+        if command == "history":
+            return {"failovers": [], "n": args["n"]}
+        # Any mutating call changes state: the fuzz must never get here.
+        if command == "pause":
+            self.state["paused"] = True
+        elif command == "failover":
+            self.state["failovers"] += 1
+        else:
+            self.state["reloads"] += 1
+        return {}
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A directory for a control socket: short (sun_path is 108 bytes) and outside
+    pytest's 0700 tree, so ``open_dir`` can let an unprivileged client reach it."""
+    d = Path(tempfile.mkdtemp(prefix="wdsock-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def open_dir(sockdir: Path) -> Path:
+    """``sockdir``, traversable by any user (an unprivileged client reaches the socket)."""
+    os.chmod(sockdir, 0o755)
+    return sockdir
