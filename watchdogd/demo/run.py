@@ -381,7 +381,7 @@ class LabSettings:
     # Where the journal goes; default: inside the lab dir (tmpfs when available).
     state_dir: Path | None = None
     synchronous: bool = True
-    # PostgreSQL replication-link settings (watchdogd.lab profiles): tuned | stock.
+    # PostgreSQL replication-link settings (watchdogd.demo.lab profiles): tuned | stock.
     profile: str = "tuned"
 
 
