@@ -17,9 +17,10 @@ from aiohttp import web
 from watchdogd import actions, config
 from watchdogd.actions import ActionError, StepContext
 from watchdogd.actions.command import OUTPUT_LIMIT, _tail, code_arguments
+from watchdogd.core.model import Config
 
 
-def make_config(steps: list[dict[str, Any]]) -> config.Config:
+def make_config(steps: list[dict[str, Any]]) -> Config:
     return config.parse(
         {
             "cluster": "orders",
@@ -42,7 +43,7 @@ def problems(steps: list[dict[str, Any]]) -> list[str]:
     return info.value.problems
 
 
-def context(cfg: config.Config, reason: str) -> StepContext:
+def context(cfg: Config, reason: str) -> StepContext:
     return StepContext(
         config=cfg,
         primary=cfg.primary,
@@ -54,7 +55,7 @@ def context(cfg: config.Config, reason: str) -> StepContext:
     )
 
 
-async def run_step(cfg: config.Config, reason: str, index: int = 0) -> str:
+async def run_step(cfg: Config, reason: str, index: int = 0) -> str:
     step = cfg.failover.steps[index]
     return await actions.build(step, cfg).run(context(cfg, reason), 5.0)
 

@@ -19,7 +19,7 @@ from watchdogd import config
 from watchdogd.control import CommandError, ControlServer, Peer
 from watchdogd.core.model import ControlConfig
 from watchdogd.daemon import Daemon
-from watchdogd.detector import DOWN, SUSPECT, Verdict
+from watchdogd.detector import DOWN, SUSPECT, Status, Verdict
 from watchdogd.policy import FAILED, FAILED_OVER, PAUSED, WATCHING
 from watchdogd.state import journal
 
@@ -202,7 +202,7 @@ async def test_resume_needs_a_pause(rig: Rig) -> None:
 async def test_failover_refused_while_the_primary_is_healthy_even_as_a_dry_run(rig: Rig) -> None:
     for args in ({}, {"dry_run": True}):
         with pytest.raises(CommandError, match="failover refused: the primary is healthy"):
-            await rig.cmd("failover", **args)
+            await rig.cmd("failover", ROOT, **args)
     assert rig.types() == [] and rig.d.sequences.runner is None
 
 
@@ -253,7 +253,7 @@ async def test_abort_with_nothing_running_or_pending(rig: Rig) -> None:
 
 
 @pytest.mark.parametrize("status", [SUSPECT, DOWN])
-async def test_abort_of_a_pending_outage_is_journaled_and_disarms(rig: Rig, status: str) -> None:
+async def test_abort_of_a_pending_outage_is_journaled_and_disarms(rig: Rig, status: Status) -> None:
     rig.d.latest.verdict = Verdict(status, "primary database failing for 5s", trigger="database")
     reply = await rig.cmd("abort")
     fid = reply["aborted"]

@@ -15,8 +15,9 @@ import pytest
 
 from watchdogd import config
 from watchdogd.control import CommandError, Peer
+from watchdogd.core.model import Config
 from watchdogd.daemon import Daemon
-from watchdogd.detector import DOWN, HEALTHY, SUSPECT, Verdict
+from watchdogd.detector import DOWN, HEALTHY, SUSPECT, Status, Verdict
 from watchdogd.state import journal
 from watchdogd.state.journal import JournalError, JournalWriteError
 from watchdogd.systemd import SystemdNotifier, watchdog_advice
@@ -38,7 +39,7 @@ class Log:
         return [f for _, e, f in self.entries if e == event]
 
 
-def make_config(tmp_path: Path, interval: str = "1s", timeout: str = "500ms") -> config.Config:
+def make_config(tmp_path: Path, interval: str = "1s", timeout: str = "500ms") -> Config:
     return config.parse(
         {
             "cluster": "orders",
@@ -220,7 +221,7 @@ async def test_a_restart_mid_fence_closes_the_fence_and_resumes_nothing(tmp_path
 # ----------------------------------------------------------------- primary_down
 
 
-def verdict(status: str, recovered: bool = False) -> Verdict:
+def verdict(status: Status, recovered: bool = False) -> Verdict:
     return Verdict(status, f"primary {status}", recovered=recovered)
 
 

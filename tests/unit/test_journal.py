@@ -159,7 +159,7 @@ def test_a_short_write_is_continued_until_every_byte_is_out(
         return real_write(fd, bytes(data[:7]))  # what a nearly full disk may do
 
     j = Journal(tmp_path)
-    monkeypatch.setattr(journal.os, "write", short_write)
+    monkeypatch.setattr(os, "write", short_write)
     j.append({"type": "pause", "reason": "maintenance window", "by": "ops", "at": 1})
     monkeypatch.undo()
     j.append({"type": "resume", "at": 2})
@@ -185,7 +185,7 @@ def test_a_failed_write_is_cut_back_and_raised(
             return real_write(fd, bytes(data[:10]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(journal.os, "write", half_then_enospc)
+    monkeypatch.setattr(os, "write", half_then_enospc)
     with pytest.raises(JournalWriteError, match="No space left on device"):
         j.append({"type": "resume", "at": 2})
     monkeypatch.undo()

@@ -18,6 +18,7 @@ from watchdogd.policy import (
     Decision,
     Plan,
     StandbyFacts,
+    State,
 )
 from watchdogd.state.journal import FailoverRecord, JournalState, apply
 
@@ -200,11 +201,11 @@ def test_a_partition_is_news_when_it_starts() -> None:
 
 
 def test_a_decision_is_news_when_its_state_changes() -> None:
-    a = Decision("watching", "primary healthy")
+    a = Decision(State.WATCHING, "primary healthy")
     assert policy.state_changed(None, a)
     assert not policy.state_changed(a, a)
-    assert not policy.state_changed(a, Decision("watching", "other words"))
-    assert policy.state_changed(a, Decision("suspect", "primary healthy"))
+    assert not policy.state_changed(a, Decision(State.WATCHING, "other words"))
+    assert policy.state_changed(a, Decision(State.SUSPECT, "primary healthy"))
 
 
 def test_a_restart_recalls_the_outage_of_an_unfinished_or_unacked_unpromoted_failover() -> None:

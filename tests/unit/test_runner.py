@@ -14,12 +14,13 @@ import pytest
 
 from watchdogd import actions, config
 from watchdogd.actions import StepContext
+from watchdogd.core.model import Config
 from watchdogd.failover.runner import Runner
 from watchdogd.policy import build_plan
 from watchdogd.state.journal import Journal, apply, replay
 
 
-def make_config(tmp_path: Path, steps: list[dict[str, Any]], **failover: Any) -> config.Config:
+def make_config(tmp_path: Path, steps: list[dict[str, Any]], **failover: Any) -> Config:
     return config.parse(
         {
             "cluster": "orders",
