@@ -461,3 +461,41 @@ async def test_resume_never_reruns_a_settled_optional_step(tmp_path: Path) -> No
     h.record({"type": "step_finished", "id": "F1", "step": "a", "outcome": "interrupted", "at": 2})
     assert await h.runner(resume=h.state.unfinished).run() == "completed"
     assert log.read_text().splitlines() == ["c failover F1"]
+
+
+@pytest.mark.parametrize("outcome", ["failed", "interrupted"])
+async def test_resume_never_goes_past_a_required_step_that_already_failed(
+    tmp_path: Path, outcome: str
+) -> None:
+    """A required step's failure is journaled, then the failover's end: a crash (or a
+    full disk) between the two writes leaves the failover unfinished. The restart must
+    close it as failed, not skip the failed step and run the promotion after it."""
+    log = tmp_path / "log"
+    h = Harness(tmp_path, [log_step("a", log), log_step("c", log)])
+    h.record(
+        {
+            "type": "failover_started",
+            "id": "F1",
+            "trigger": "manual",
+            "from": "main",
+            "to": "failover",
+            "steps": ["a", "c"],
+            "at": 1,
+        }
+    )
+    h.record({"type": "step_started", "id": "F1", "step": "a", "attempt": 1, "at": 1})
+    h.record(
+        {
+            "type": "step_finished",
+            "id": "F1",
+            "step": "a",
+            "outcome": outcome,
+            "error": "fence refused",
+            "at": 2,
+        }
+    )
+    assert await h.runner(resume=h.state.unfinished).run() == "failed"
+    assert not log.exists()  # neither a nor c ran again
+    fo = h.state.last
+    assert fo is not None and fo.outcome == "failed"
+    assert fo.error == f"step a {outcome} before the restart: fence refused"

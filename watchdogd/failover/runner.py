@@ -166,6 +166,14 @@ class Runner:
                 return self._finish(ABORTED, f"aborted by {self._abort_by} before step {step.name}")
             prior = self.resume.step(step.name) if self.resume is not None else None
             if prior is not None and prior.outcome in _SETTLED:
+                if step.required and prior.outcome in ("failed", "interrupted"):
+                    # Its failure ended the sequence; only the closing record was lost
+                    # (a crash or a full disk between the two writes). Never go on past
+                    # it to the promotion the failure had refused.
+                    why = f": {prior.error}" if prior.error else ""
+                    return self._finish(
+                        FAILED, f"step {step.name} {prior.outcome} before the restart{why}"
+                    )
                 continue
             action = self.actions[step.name]
             attempts, budget = 0, step.retries + 1
