@@ -16,7 +16,7 @@ from watchdogd.core.model import DatabaseConfig
 from watchdogd.core.section import Section
 from watchdogd.engines import EngineError
 from watchdogd.engines import mysql as engine_mod
-from watchdogd.engines.mysql import MySQLEngine, binlog_pos
+from watchdogd.engines.mysql import Channel, Flavour, MySQLEngine, binlog_pos
 
 pytestmark = pytest.mark.integration
 
@@ -337,3 +337,32 @@ async def test_advise_names_the_settings_that_confirm_a_hang_in_time(
     assert await replica.advise(5.0, 2.0) == []
     r = await replica.status(2)
     assert r.link_timeout == 5.0 and r.streaming is True
+
+
+async def test_without_a_heartbeat_count_an_idle_links_silence_is_no_evidence() -> None:
+    """MySQL with performance_schema off shows no heartbeat count: on an idle primary
+    nothing the engine can see changes, so a growing 'last heard' would read as a lost
+    link after slave_net_timeout although the IO thread holds it. No count: no age."""
+    engine = make_engine("mysql://watchdogd:pw@127.0.0.1:1/")
+    flavour = Flavour.detect("8.0.36", "MySQL Community Server", True)
+    row = {
+        "Source_Host": "10.0.0.1",
+        "Source_Port": 3306,
+        "Replica_IO_Running": "Yes",
+        "Replica_SQL_Running": "Yes",
+        "Source_Log_File": "binlog.000001",
+        "Read_Source_Log_Pos": 100,
+    }
+    idle = Channel.from_row(row)
+    assert idle.heartbeats is None
+    for _ in range(3):
+        s = engine._standby_status(flavour, idle, True, 60)
+        assert s.streaming is True and s.last_receive_age is None
+    moved = Channel.from_row({**row, "Read_Source_Log_Pos": 200})
+    assert engine._standby_status(flavour, moved, True, 60).last_receive_age is None
+    # With the count (MariaDB's SHOW ALL SLAVES STATUS), a change starts the clock.
+    beat = Channel.from_row({**row, "Slave_received_heartbeats": 5})
+    engine._standby_status(flavour, beat, True, 60)
+    beat = Channel.from_row({**row, "Slave_received_heartbeats": 6})
+    age = engine._standby_status(flavour, beat, True, 60).last_receive_age
+    assert age is not None and 0 <= age < 1

@@ -28,7 +28,9 @@ Definitions (what ``status()`` reports):
 * **streaming**: the IO thread is connected (``Slave_IO_Running = Yes``).
 * **last_receive_age**: how long since this engine saw the replica's receive
   state (received position, heartbeat count) change; ``None`` until it has
-  changed once while watched. It is accurate to one probe interval, and on an
+  changed once while watched, and always ``None`` where the heartbeat count
+  cannot be read (MySQL without a readable performance_schema): an idle
+  primary's silence then proves nothing. It is accurate to one probe interval, and on an
   idle primary it only changes once per ``MASTER_HEARTBEAT_PERIOD`` (default
   half of ``slave_net_timeout``, 30 s): set the period to about the probe
   interval (``CHANGE MASTER TO MASTER_HEARTBEAT_PERIOD = 1``).
@@ -572,6 +574,11 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
             self._receive_changed = now if self._receive_state is not None else None
             self._receive_state = state
         age = now - self._receive_changed if self._receive_changed is not None else None
+        if ch.heartbeats is None:
+            # Without the heartbeat count (MySQL with performance_schema off or hidden)
+            # an idle primary's healthy link never changes what we can see: its silence
+            # is no evidence, and only the IO thread letting go says the link is lost.
+            age = None
         parts = [f"{flavour.label} replica of {ch.source}", f"IO {ch.io}", f"SQL {ch.sql}"]
         if ch.behind is not None:
             parts.append(f"{ch.behind}s behind")
