@@ -489,10 +489,14 @@ class Load:
         self.tag = tag
         self.acked: list[str] = []
         self.failed = 0
+        self._stopping = False
 
     async def _loop(self) -> None:
         n = 0
-        while True:
+        # The flag, not the cancellation alone, ends the loop: on Python 3.11 a cancel that
+        # lands as a driver call finishes can be swallowed (asyncio.wait_for in
+        # reset_writer), which left the writer looping and the test hung at teardown.
+        while not self._stopping:
             key = f"{self.tag}-{n}"
             n += 1
             t0 = time.monotonic()
@@ -516,9 +520,13 @@ class Load:
         try:
             yield self
         finally:
+            self._stopping = True
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=WRITE_TIMEOUT + 5)
+            if not task.done():
+                raise RuntimeError("the load writer did not stop within its write timeout")
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise exc
             await self.cluster.reset_writer()
 
 
