@@ -23,7 +23,7 @@ from tests.unit import test_control as control_tests
 from tests.unit.test_control import as_user, eventually, make_logger, open_config
 from watchdogd.control import ControlServer, request
 from watchdogd.core.events import Bus, Event
-from watchdogd.core.feed import EventFeed, Follower, wanted
+from watchdogd.core.feed import EventFeed, Follower
 from watchdogd.core.model import ControlConfig
 from watchdogd.ctl import main, render_event
 
@@ -41,12 +41,22 @@ def bus_with(feed: EventFeed) -> Bus:
 
 
 def test_what_goes_into_the_feed() -> None:
-    assert wanted(Event("primary_down", {"reason": "x"}))
-    assert wanted(Event("step_started", {"step": "promote"}))
-    assert wanted(Event("an_unregistered_name"))  # logged at info: shown too
-    assert wanted(Event("probe_observed", {"ok": False, "target": "main"}))
-    assert not wanted(Event("probe_observed", {"ok": True, "target": "main"}))
-    assert not wanted(Event("advice_unavailable", {"node": "main"}))  # debug
+    feed = EventFeed()
+
+    def observed(target: str, ok: bool, probe: str = "database") -> bool:
+        return feed.wanted(Event("probe_observed", {"target": target, "probe": probe, "ok": ok}))
+
+    assert feed.wanted(Event("primary_down", {"reason": "x"}))
+    assert feed.wanted(Event("step_started", {"step": "promote"}))
+    assert feed.wanted(Event("an_unregistered_name"))  # logged at info: shown too
+    assert not feed.wanted(Event("advice_unavailable", {"node": "main"}))  # debug
+    # A probe's observation when its result changes: starts failing, or recovers.
+    assert [observed("main", ok) for ok in (True, True, False, False, False, True, True)] == [
+        False, False, True, False, False, True, False,
+    ]  # fmt: skip
+    assert observed("failover", False) is True  # a first failure is news
+    assert observed("failover", False, probe="app") is True  # per probe, not per node
+    assert observed("failover", False) is False
 
 
 def test_the_ring_keeps_the_last_events_in_order() -> None:
@@ -212,7 +222,7 @@ async def test_a_follower_gets_each_new_event_as_it_happens(rig: Rig) -> None:
     # Quiet for three idle timeouts: a follower is not a client that sends nothing.
     await asyncio.sleep(1.0)
     rig.bus.emit("primary_down", reason=f"refused; dsn has {SECRET}")
-    rig.bus.emit("probe_observed", ok=True, target="main")  # healthy: not in the feed
+    rig.bus.emit("probe_observed", ok=True, target="main", probe="app")  # healthy: not news
     rig.bus.emit("failover_started", failover_id="f1")
     down = await next_line(reader)
     assert down["ok"] is True and set(down) == {"ok", "event"}

@@ -6,9 +6,10 @@ deques (never awaits, never waits for a reader), whatever the followers do. A fo
 that falls behind loses its *oldest* queued events and is told how many it missed with
 the next ones it takes; the control server disconnects one that stops reading.
 
-What goes in: every event logged at info or above, and the probes that fail
-(``probe_observed`` with ``ok`` false). A healthy probe's observation is a debug line
-per probe per interval: it would push everything else out of the ring in seconds.
+What goes in: every event logged at info or above, and a probe's observation
+(``probe_observed``, a debug line per probe per interval) when that probe starts failing
+or recovers. Every observation would push everything else out of the ring in seconds,
+and so would a dead node's failures, one per interval, long after the failover.
 """
 
 from __future__ import annotations
@@ -24,13 +25,6 @@ from watchdogd.core.events import Event, Level
 
 RING = 100
 QUEUE = 256
-
-
-def wanted(event: Event) -> bool:
-    """Whether ``event`` goes into the feed (see the module docstring)."""
-    if event.level is not Level.DEBUG:
-        return True
-    return event.name == "probe_observed" and event.facts.get("ok") is False
 
 
 @dataclass(frozen=True)
@@ -111,14 +105,26 @@ class EventFeed:
         self._ring: deque[Item] = deque(maxlen=max(1, ring))
         self._followers: list[Follower] = []
         self.seq = 0
+        # Each probe's last result: (target, probe) -> ok.
+        self._probes: dict[tuple[str, str], bool] = {}
 
     @property
     def followers(self) -> int:
         return len(self._followers)
 
+    def wanted(self, event: Event) -> bool:
+        """Whether ``event`` goes into the feed (see the module docstring)."""
+        if event.name == "probe_observed":
+            key = (str(event.facts.get("target")), str(event.facts.get("probe")))
+            ok = event.facts.get("ok") is True
+            before = self._probes.get(key, True)  # a first failure is news, a first success not
+            self._probes[key] = ok
+            return ok is not before
+        return event.level is not Level.DEBUG
+
     def publish(self, event: Event) -> None:
         """The bus subscriber."""
-        if not wanted(event):
+        if not self.wanted(event):
             return
         self.seq += 1
         item = Item(self.seq, self.wall(), event.name, event.level.value, _plain(event.facts))
