@@ -14,19 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.e2e.test_failover import FIVE
 from tests.support import need, timing, which
 from tests.support.apps import DemoApps
 from tests.support.daemon import DaemonProcess, lab_config
 from watchdogd.demo.lab import PgPair
 
 Factory = Callable[..., DaemonProcess]
-FIVE = [
-    "primary_maintenance_on",
-    "stop_replication",
-    "promote_standby",
-    "standby_maintenance_off",
-    "switch_traffic",
-]
 
 
 async def read_until(
