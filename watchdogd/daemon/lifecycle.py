@@ -116,7 +116,10 @@ class Daemon:
             app = make_app(
                 self.metrics,
                 self.views.healthz,
-                extra_routes=[web.get("/primary", self.views.witness)],
+                extra_routes=[
+                    web.get("/primary", self.views.witness),
+                    web.get("/", self.views.page),
+                ],
                 secrets=self.secrets,
             )
             self._http = await start_http(app, cfg.metrics.host, cfg.metrics.port)
