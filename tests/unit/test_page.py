@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import copy
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
+from tests.unit.test_commands import SECRET as COMMANDS_SECRET
+from tests.unit.test_commands import Rig as CommandsRig
 from watchdogd.daemon.page import render
+from watchdogd.state import journal
 
 NOW = 1796283600.0
 HOSTILE = '<script>alert("x")</script>'
@@ -214,3 +219,46 @@ def test_missing_or_mistyped_values_still_render(status: dict[str, Any]) -> None
     odd: list[Any] = [{"steps": [None, {"started_at": "x"}]}, {"outcome": None}]
     text = Page(render(status, odd, NOW)).text
     assert "watchdogd: cluster ?" in text and "Replication" in text
+
+
+# --------------------------------------------------------------------------- the route
+
+
+async def test_the_route_serves_the_journal_history_masked_and_escaped(tmp_path: Path) -> None:
+    """``Views.page`` of a daemon built in-process, over a journal holding a failover
+    whose step error quotes a secret and markup (as a remote system's answer may)."""
+    rig = CommandsRig(tmp_path)
+    j = rig.d.journal
+    j.append(
+        journal.sequence_started(
+            "failover", id="F1", trigger="automatic", kind="failover", reason="down <b>x</b>",
+            from_node="main", to_node="failover", steps=["promote_standby"], at=NOW - 10,
+        )
+    )  # fmt: skip
+    j.append(
+        journal.step_started(
+            "failover", id="F1", step="promote_standby", action="promote", attempt=1, at=NOW - 9
+        )
+    )
+    error = f"FATAL: password {COMMANDS_SECRET} rejected <script>"
+    j.append(
+        journal.step_finished(
+            "failover", id="F1", step="promote_standby", action="promote", outcome="failed",
+            at=NOW - 8, error=error,
+        )
+    )  # fmt: skip
+    j.append(journal.sequence_finished("failover", id="F1", outcome="failed", error=error, at=1))
+    rig.load()
+    # The journal holds what the step said; the page is what must mask it.
+    assert COMMANDS_SECRET in (rig.d.state.failovers[-1].steps[0].error or "")
+    response = await rig.d.views.page(make_mocked_request("GET", "/"))
+    assert response.content_type == "text/html" and response.charset == "utf-8"
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.text is not None
+    assert COMMANDS_SECRET not in response.text
+    page = Page(response.text)
+    assert not page.named("script") and not page.named("b")
+    assert "F1: failed" in page.text and "Reason down <b>x</b>" in page.text
+    assert "promote_standby promote +1.0 s failed" in page.text
+    assert "error: FATAL: password *** rejected <script>" in page.text
