@@ -117,6 +117,7 @@ async def test_the_status_page_in_chromium_through_a_real_failover(
     assert "Roles primary failover, standby main" in text
     assert "failover primary ok" in text and "main standby FAIL" in text
     assert "Awaiting ack yes" in text
+    assert "Why unknown the standby's database does not answer" in text
     assert f"{fid}: completed" in text and "From → to main → failover" in text
     # The step timeline, in the order the steps ran.
     positions = [text.index(f"{step} ", text.index(fid)) for step in FIVE]

@@ -206,6 +206,18 @@ def test_a_ready_daemon_and_one_without_readiness() -> None:
     assert "Readiness Not reported by this daemon." in Page(render(ready, [], NOW)).text
 
 
+def test_unknown_lag_says_why_when_the_standby_does_not_answer() -> None:
+    dead = copy.deepcopy(STATUS)
+    dead["lag"] = {"bytes": None, "seconds": None, "streaming": None}
+    text = Page(render(dead, [], NOW)).text
+    assert (
+        "Behind by unknown Replay delay unknown Streaming unknown Why unknown the standby's "
+        "database does not answer (see Nodes)"
+    ) in text
+    dead["nodes"][1]["database"] = {"ok": True, "detail": "standby", "latency": 0.001}
+    assert "Why unknown" not in Page(render(dead, [], NOW)).text
+
+
 @pytest.mark.parametrize(
     "status",
     [

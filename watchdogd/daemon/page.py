@@ -199,7 +199,17 @@ def _lag_section(s: Mapping[str, Any]) -> str:
             else ('<span class="ok">yes</span>' if streaming else '<span class="bad">no</span>'),
         ),
     ]
+    if size is None and seconds is None and not _standby_answers(s):
+        rows.append(("Why unknown", "the standby's database does not answer (see Nodes)"))
     return _section("lag", "Replication", _dl(rows))
+
+
+def _standby_answers(s: Mapping[str, Any]) -> bool:
+    for node in s.get("nodes") or ():
+        if isinstance(node, Mapping) and node.get("role") == "standby":
+            db = node.get("database")
+            return isinstance(db, Mapping) and bool(db.get("ok"))
+    return False
 
 
 def _readiness_section(readiness: Any, now: float) -> str:
