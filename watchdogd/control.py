@@ -788,7 +788,8 @@ class ControlServer:
                         ),
                     )
                     return
-                taking = asyncio.ensure_future(follower.take())
+                if taking is None:  # else still waiting from the last turn: the same one
+                    taking = asyncio.ensure_future(follower.take())
                 waiting: set[asyncio.Future[Any]] = {taking, hangup}
                 done, _ = await asyncio.wait(
                     waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED
