@@ -21,7 +21,7 @@ at start):
 
 - full access: root, the daemon's own uid, ``allow_users``, members (primary or
   supplementary) of ``allow_groups``;
-- read-only commands (status, history): members of ``read_groups``; when
+- read-only commands (status, history, events): members of ``read_groups``; when
   ``read_groups`` is empty, anyone who can connect. The socket's mode (0660 by
   default; config forbids bits for others) already limits who can connect to
   the socket's owner and group (``control.group``, else the daemon's own), so an
@@ -50,7 +50,7 @@ import stat
 import struct
 import traceback
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 # Not watchdogd.logging: watchdogctl imports this module and must not need structlog.
 from watchdogd.core.errors import WatchdogdError
+from watchdogd.core.feed import EventFeed, Item
 from watchdogd.core.secrets import mask, mask_value
 
 if TYPE_CHECKING:
@@ -84,6 +85,8 @@ REPLY_LIMIT = 64 * 1024 * 1024
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 MAX_TEXT = 1000
+# How many recent events ``events`` returns unless asked (the feed's ring holds 100).
+EVENTS_SHOWN = 20
 
 Access = Literal["full", "read", "none"]
 
@@ -182,6 +185,17 @@ COMMANDS: Mapping[str, Command] = _table(
     Command("abort", True, "abort the failover in progress"),
     Command("ack", True, "acknowledge a finished or failed failover"),
     Command("reload", True, "reload the configuration"),
+    # Served by the control server itself from its EventFeed, not by the daemon's handler.
+    Command(
+        "events",
+        False,
+        "show the daemon's recent events; follow streams new ones as they happen",
+        {
+            "follow": Arg("bool", False),
+            "n": Arg("int", EVENTS_SHOWN, 0, 1000),
+            "after": Arg("int", None, 0, 2**53),
+        },
+    ),
 )
 
 
@@ -343,8 +357,10 @@ class ControlServer:
         per_uid: int = MAX_PER_UID,
         max_lifetime: float = MAX_LIFETIME,
         secrets: SecretsHolder | Iterable[str] = (),
+        feed: EventFeed | None = None,
     ) -> None:
         self.config = config
+        self.feed = feed
         self.handler = handler
         self.log = log
         self.max_line = max_line
@@ -640,6 +656,9 @@ class ControlServer:
             if last or denied:
                 # A refused peer gets nothing more here: it must not keep a slot.
                 return
+            if _following(reply):
+                await self._stream(reader, writer, reply["result"]["seq"], ends)
+                return
 
     async def _send(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
         try:
@@ -697,7 +716,10 @@ class ControlServer:
         else:
             self.log.debug("control.command", command=command.name, args=args, **who)
         try:
-            result = await self.handler(command.name, args, peer)
+            if command.name == "events":
+                result = self._events(args)
+            else:
+                result = await self.handler(command.name, args, peer)
         except CommandError as exc:
             message = self._mask(_sentence(exc))
             self.log.info("control.refused", command=command.name, error=message, **who)
@@ -723,6 +745,80 @@ class ControlServer:
     def _mask(self, text: str) -> str:
         return mask(text, self._secrets.values)
 
+    # -- live events (``events``, ``events --follow``)
+
+    def _events(self, args: dict[str, Any]) -> dict[str, Any]:
+        feed = self.feed
+        if feed is None:
+            raise CommandError("events: this server has no event feed")
+        items = feed.recent(int(args["n"]), args.get("after"))
+        result: dict[str, Any] = {"events": [i.as_dict() for i in items], "seq": feed.seq}
+        if args.get("follow"):
+            # The stream starts after ``seq``: nothing between this reply and it is lost.
+            result["following"] = True
+        return result
+
+    async def _stream(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        after: int,
+        ends: float,
+    ) -> None:
+        """Send each new event as ``{"ok": true, "event": {...}}`` until the client
+        leaves, sends anything, or the connection's lifetime is up. Not cut by the idle
+        timeout (a quiet daemon is normal); ``_send`` drops a client that stops reading.
+        Its queue drops the oldest events meanwhile and says so: ``{"ok": true,
+        "missed": N}``."""
+        assert self.feed is not None
+        loop = asyncio.get_running_loop()
+        follower = self.feed.follow(after)
+        # Any input, or EOF, ends the stream: the connection carries no more requests.
+        hangup: asyncio.Future[bytes] = asyncio.ensure_future(reader.read(1))
+        taking: asyncio.Future[tuple[list[Item], int]] | None = None
+        try:
+            while True:
+                left = ends - loop.time()
+                if left <= 0:
+                    await self._send(
+                        writer,
+                        _error(
+                            f"connection open longer than {self.max_lifetime:g}s; "
+                            "closing it (connect again with after=<last seq>)"
+                        ),
+                    )
+                    return
+                if taking is None:  # else still waiting from the last turn: the same one
+                    taking = asyncio.ensure_future(follower.take())
+                waiting: set[asyncio.Future[Any]] = {taking, hangup}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                if hangup in done:
+                    if not hangup.exception() and hangup.result():
+                        await self._send(
+                            writer,
+                            _error("events --follow: the stream takes no requests; closing it"),
+                        )
+                    return
+                if taking not in done:
+                    continue
+                items, missed = taking.result()
+                taking = None
+                if missed:
+                    await self._send(writer, {"ok": True, "missed": missed})
+                for item in items:
+                    await self._send(
+                        writer, {"ok": True, "event": self._mask_value(item.as_dict())}
+                    )
+        finally:
+            self.feed.unfollow(follower)
+            for pending in (hangup, taking):
+                if pending is not None:
+                    pending.cancel()
+                    if pending.done() and not pending.cancelled():
+                        pending.exception()  # retrieved: a reset peer is no news
+
     def _mask_value(self, value: Any) -> Any:
         return mask_value(value, self._secrets.values)
 
@@ -744,6 +840,17 @@ class _TooOld(Exception):
 
 # Marks a permission refusal inside the server (compared by identity, never sent).
 _DENIED: dict[str, Any] = {"ok": False, "error": "permission denied"}
+
+
+def _following(reply: Mapping[str, Any]) -> bool:
+    """Whether ``reply`` starts an ``events --follow`` stream."""
+    result = reply.get("result")
+    return (
+        reply.get("ok") is True
+        and isinstance(result, dict)
+        and result.get("following") is True
+        and isinstance(result.get("seq"), int)
+    )
 
 
 def _error(message: str) -> dict[str, Any]:
@@ -1000,34 +1107,60 @@ async def request(
     Raises ControlUnavailable when there is no usable reply: no socket, nobody
     listening, no permission, timeout, or a reply that is not a JSON object.
     """
+    replies = stream(socket_path, command, args, timeout)
+    async with contextlib.aclosing(replies):
+        async for reply in replies:
+            return reply
+    raise AssertionError("unreachable: stream() yields a reply or raises")
+
+
+async def stream(
+    socket_path: str, command: str, args: dict[str, Any] | None = None, timeout: float = 30
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Send one request and yield every line the daemon sends back (one reply; for
+    ``events`` with ``follow``, then one line per event) until it closes the connection.
+
+    ``timeout`` bounds the connect and the first reply only: a quiet stream is normal.
+    Raises ControlUnavailable like ``request()``.
+    """
     message: dict[str, Any] = {"command": command}
     if args:
         message["args"] = args
+    writer: asyncio.StreamWriter | None = None
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(socket_path, limit=REPLY_LIMIT)
+        first = True
+        while True:
             try:
-                writer.write(json.dumps(message).encode() + b"\n")
-                await writer.drain()
-                line = await reader.readline()
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-    except TimeoutError:
-        raise ControlUnavailable(socket_path, f"no reply within {timeout:g}s") from None
-    except ValueError:
-        raise ControlUnavailable(socket_path, "the reply is too large") from None
-    except OSError as exc:
-        raise ControlUnavailable(socket_path, exc.strerror or str(exc), exc.errno) from None
-    if not line:
-        raise ControlUnavailable(socket_path, "the connection closed without a reply")
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        raise ControlUnavailable(
-            socket_path, "the reply is not JSON: is this a watchdogd control socket?"
-        ) from None
-    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
-        raise ControlUnavailable(socket_path, "the reply is not a watchdogd reply")
-    return reply
+                async with asyncio.timeout(timeout if first else None):
+                    if writer is None:
+                        reader, writer = await asyncio.open_unix_connection(
+                            socket_path, limit=REPLY_LIMIT
+                        )
+                        writer.write(json.dumps(message).encode() + b"\n")
+                        await writer.drain()
+                    line = await reader.readline()
+            except TimeoutError:
+                raise ControlUnavailable(socket_path, f"no reply within {timeout:g}s") from None
+            except ValueError:
+                raise ControlUnavailable(socket_path, "the reply is too large") from None
+            except OSError as exc:
+                raise ControlUnavailable(socket_path, exc.strerror or str(exc), exc.errno) from None
+            if not line:
+                if first:
+                    raise ControlUnavailable(socket_path, "the connection closed without a reply")
+                return
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                raise ControlUnavailable(
+                    socket_path, "the reply is not JSON: is this a watchdogd control socket?"
+                ) from None
+            if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+                raise ControlUnavailable(socket_path, "the reply is not a watchdogd reply")
+            first = False
+            yield reply
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

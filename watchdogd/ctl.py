@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -27,6 +28,7 @@ from watchdogd.control import (
     CommandError,
     ControlUnavailable,
     request,
+    stream,
     validate_args,
 )
 from watchdogd.core import units
@@ -130,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="how long the standby may take to catch up",
     )
+    events = commands["events"]
+    events.add_argument(
+        "--follow", "-f", action="store_true", help="keep streaming new events (Ctrl-C ends)"
+    )
+    events.add_argument(
+        "-n", type=int, dest="n", metavar="N", help="how many recent events first (default 20)"
+    )
     return parser
 
 
@@ -141,6 +150,7 @@ def command_args(ns: argparse.Namespace) -> dict[str, Any]:
         "force": "force",
         "dry_run": "dry_run",
         "switch_timeout": "timeout",
+        "follow": "follow",
     }
     args: dict[str, Any] = {}
     for attr, key in names.items():
@@ -227,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"watchdogctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if command == "events":
+        return events_main(socket_path, args, timeout, as_json=getattr(ns, "json", False))
     if args_checked.get("timeout"):
         # The reply may only come once the switchover's catch-up wait is over.
         timeout = max(timeout, float(args_checked["timeout"]) + 10)
@@ -258,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if error == "permission denied":
             print(
                 "  you need to be root or listed in control.allow_users/allow_groups "
-                "(control.read_groups allows only status and history)",
+                "(control.read_groups allows only status, history and events)",
                 file=sys.stderr,
             )
         return EXIT_REFUSED
@@ -268,6 +280,130 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(render(command, result if isinstance(result, dict) else {}))
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------- events
+
+
+def events_main(socket_path: str, args: dict[str, Any], timeout: float, *, as_json: bool) -> int:
+    """``watchdogctl events [--follow] [--json]``: one line per event on stdout.
+    Ctrl-C (or a reader that went away, like ``| head``) ends it with exit 0."""
+    try:
+        return asyncio.run(_events(socket_path, args, timeout, as_json, sys.stdout))
+    except ControlUnavailable as exc:
+        print(_unreachable(exc), file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        # Python would complain again flushing stdout at exit: point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+async def _events(
+    socket_path: str, args: dict[str, Any], timeout: float, as_json: bool, out: IO[str]
+) -> int:
+    def show(line: Mapping[str, Any]) -> None:
+        if "missed" in line:
+            text = (
+                json.dumps({"missed": line["missed"]})
+                if as_json
+                else f"... {_text(line['missed'])} events missed (this client fell behind)"
+            )
+        else:
+            event = line.get("event")
+            event = event if isinstance(event, dict) else {}
+            text = json.dumps(event, default=str) if as_json else render_event(event)
+        out.write(text + "\n")
+        out.flush()
+
+    if not args.get("follow"):
+        reply = await request(socket_path, "events", args, timeout=timeout)
+        if not reply["ok"]:
+            return _refused("events", reply)
+        result = reply.get("result")
+        for event in result.get("events", []) if isinstance(result, dict) else []:
+            show({"event": event})
+        return EXIT_OK
+    last: int | None = None
+    while True:
+        asked = dict(args) if last is None else {**args, "after": last}
+        ended, last = await _follow(socket_path, asked, timeout, show, last)
+        if ended is not None:
+            return ended
+
+
+async def _follow(
+    socket_path: str,
+    args: dict[str, Any],
+    timeout: float,
+    show: Callable[[Mapping[str, Any]], None],
+    last: int | None,
+) -> tuple[int | None, int | None]:
+    """One connection's stream: (exit code, or None to connect again; the last seq)."""
+    streaming = False
+    lines = stream(socket_path, "events", args, timeout=timeout)
+    async with contextlib.aclosing(lines):
+        async for line in lines:
+            if not streaming:
+                if not line["ok"]:
+                    return _refused("events", line), last
+                streaming = True
+                result = line.get("result")
+                result = result if isinstance(result, dict) else {}
+                for event in result.get("events", []):
+                    show({"event": event})
+                if isinstance(result.get("seq"), int):
+                    last = result["seq"]
+                continue
+            if not line["ok"]:
+                # The connection's lifetime is up: connect again, after ``last``.
+                return None, last
+            show(line)
+            event = line.get("event")
+            if isinstance(event, dict) and isinstance(event.get("seq"), int):
+                last = event["seq"]
+    print("watchdogctl: events: the daemon closed the stream", file=sys.stderr)
+    return EXIT_UNREACHABLE, last
+
+
+def _refused(command: str, reply: Mapping[str, Any]) -> int:
+    error = _text(reply.get("error", "refused"))
+    print(f"watchdogctl: {command}: {error}", file=sys.stderr)
+    return EXIT_REFUSED
+
+
+def render_event(event: Mapping[str, Any]) -> str:
+    """``2026-12-03 07:45:12.345Z WARNING primary_down verdict=down reason="..."``"""
+    at = _number(event.get("at"))
+    when = "-"
+    if at is not None:
+        try:
+            when = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+        except (OverflowError, OSError, ValueError):
+            when = _text(at)
+    facts = event.get("facts")
+    pairs = []
+    if isinstance(facts, dict):
+        for key, value in facts.items():
+            if value is None or value == [] or value == {}:
+                continue
+            pairs.append(f"{_text(key)}={_fact(value)}")
+    level = _text(event.get("level", "info")).upper()
+    return " ".join([when, f"{level:<7}", _text(event.get("name", "?")), *pairs]).rstrip()
+
+
+def _fact(value: Any) -> str:
+    if isinstance(value, str):
+        text = value if value and not any(c.isspace() or c in '"=' for c in value) else None
+        text = text if text is not None else json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, float):
+        text = f"{value:.6g}"
+    else:
+        text = json.dumps(value, default=str, ensure_ascii=False)
+    text = _text(text)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 # --------------------------------------------------------------------------- rendering

@@ -39,7 +39,7 @@ from watchdogd.control import (
 )
 from watchdogd.core.model import ControlConfig
 
-KNOWN = "status, history, pause, resume, failover, switchover, abort, ack, reload"
+KNOWN = "status, history, pause, resume, failover, switchover, abort, ack, reload, events"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -197,7 +197,7 @@ def test_valid_arguments_get_defaults_filled(
 
 
 def test_command_table_marks_only_status_and_history_read_only() -> None:
-    assert [n for n, c in COMMANDS.items() if not c.mutating] == ["status", "history"]
+    assert [n for n, c in COMMANDS.items() if not c.mutating] == ["status", "history", "events"]
     assert ", ".join(COMMANDS) == KNOWN
 
 

@@ -23,6 +23,8 @@ from structlog.testing import LogCapture
 
 from tests.support.fakes import StatefulDaemon
 from watchdogd.control import COMMANDS, ControlServer, request
+from watchdogd.core.events import Event
+from watchdogd.core.feed import EventFeed
 from watchdogd.core.model import ControlConfig
 
 MAX_LINE = 64 * 1024
@@ -102,6 +104,8 @@ def read_only_request() -> st.SearchStrategy[bytes]:
     return st.one_of(
         st.just(b'{"command": "status"}'),
         st.integers(1, 1000).map(lambda n: json.dumps({"command": "history", "args": {"n": n}})
+                                 .encode()),
+        st.integers(0, 1000).map(lambda n: json.dumps({"command": "events", "args": {"n": n}})
                                  .encode()),
     )  # fmt: skip
 
@@ -184,7 +188,9 @@ async def test_hostile_lines_leave_the_server_and_daemon_intact(sockdir: Path) -
         processors=[LogCapture()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
     )
-    server = ControlServer(ControlConfig(socket=str(sockdir / "c.sock")), daemon, log)
+    feed = EventFeed()
+    feed.publish(Event("step_failed", {"step": "promote", "error": "\x00\ud800 \u202e NaN"}))
+    server = ControlServer(ControlConfig(socket=str(sockdir / "c.sock")), daemon, log, feed=feed)
     await server.start()
     before = dict(daemon.state)
     sent = {"lines": 0}

@@ -25,6 +25,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from watchdogd import __version__, engines, policy
 from watchdogd.control import ControlServer, Peer
 from watchdogd.core.events import Bus, log_subscriber
+from watchdogd.core.feed import EventFeed
 from watchdogd.core.model import Config, NodeConfig
 from watchdogd.core.secrets import Secrets
 from watchdogd.daemon import reload as reloading
@@ -77,6 +78,9 @@ class Daemon:
         self.bus.subscribe(log_subscriber(self.log))
         self.bus.subscribe(metrics_subscriber(self.metrics, self.wall))
         self.bus.subscribe(notify_subscriber(self))
+        # `watchdogctl events`: the recent ones, and a stream for followers.
+        self.feed = EventFeed(self.wall)
+        self.bus.subscribe(self.feed.publish)
         self.cycle = ProbeCycle(self)
         self.sequences = Sequences(self)
         self.commands = Commands(self)
@@ -112,12 +116,15 @@ class Daemon:
             app = make_app(
                 self.metrics,
                 self.views.healthz,
-                extra_routes=[web.get("/primary", self.views.witness)],
+                extra_routes=[
+                    web.get("/primary", self.views.witness),
+                    web.get("/", self.views.page),
+                ],
                 secrets=self.secrets,
             )
             self._http = await start_http(app, cfg.metrics.host, cfg.metrics.port)
         self._control = ControlServer(
-            cfg.control, self.handle_command, self.log, secrets=self.secrets
+            cfg.control, self.handle_command, self.log, secrets=self.secrets, feed=self.feed
         )
         await self._control.start()
         await self.notifier.start()

@@ -1,5 +1,6 @@
 """What the daemon shows: ``status`` (watchdogctl status and the control socket),
-``/healthz`` (systemd and load balancers) and ``/primary`` (the witness view another
+``/`` (the status page, rendered by ``page``), ``/healthz`` (systemd and load
+balancers) and ``/primary`` (the witness view another
 watcher asks: is the primary up from here?). Read-only.
 """
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from watchdogd import __version__, policy
+from watchdogd.daemon import page
 from watchdogd.probes import Observation
 from watchdogd.state.journal import FailoverRecord
 
@@ -87,6 +89,14 @@ class Views:
         d = self.d
         limit = policy.stall_limit(d.config.probe)
         return policy.health(d.journal_error, d.last_cycle_wall, d.wall(), limit, d.policy.state)
+
+    async def page(self, request: web.Request) -> web.Response:
+        """``GET /``: the read-only status page (``page.render``), secrets masked."""
+        d = self.d
+        failovers = [f.as_dict() for f in reversed(d.state.failovers[-page.FAILOVERS_SHOWN :])]
+        shown = d.secrets.mask_value({"status": self.status(), "failovers": failovers})
+        body = page.render(shown["status"], shown["failovers"], d.wall())
+        return web.Response(text=body, content_type="text/html", headers=page.HEADERS)
 
     async def witness(self, request: web.Request) -> web.Response:
         pdb = self.d.latest.primary_db
