@@ -87,7 +87,7 @@ from urllib.parse import unquote
 
 import aiomysql
 
-from watchdogd.engines import DbStatus, EngineError
+from watchdogd.engines import DbStatus, Divergence, Engine, EngineError
 from watchdogd.engines._common import (
     ConnectionTemplate,
     confirm_within,
@@ -811,3 +811,14 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
                 if _code(exc) != 1094:  # ER_NO_SUCH_THREAD: it ended meanwhile
                     raise
         return killed
+
+    # -- Engine: rejoin (self is the old primary)
+
+    async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
+        raise EngineError(self._line("divergence: not implemented yet"))
+
+    async def rejoin(self, new_primary: Engine, timeout: float) -> str:
+        raise EngineError(self._line("rejoin: not implemented yet"))
+
+    async def replica_of(self, new_primary: Engine, timeout: float) -> str:
+        raise EngineError(self._line("replica_of: not implemented yet"))

@@ -31,7 +31,7 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import asyncpg
 
-from watchdogd.engines import DbStatus, EngineError
+from watchdogd.engines import DbStatus, Divergence, Engine, EngineError
 from watchdogd.engines._common import ConnectionTemplate, confirm_within, validate_password
 
 if TYPE_CHECKING:
@@ -491,6 +491,17 @@ class PostgresEngine(ConnectionTemplate[Any]):
             raise
         except Exception:
             conn.terminate()
+
+    # -- Engine: rejoin (self is the old primary)
+
+    async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
+        raise EngineError(self._line("divergence: not implemented yet"))
+
+    async def rejoin(self, new_primary: Engine, timeout: float) -> str:
+        raise EngineError(self._line("rejoin: not implemented yet"))
+
+    async def replica_of(self, new_primary: Engine, timeout: float) -> str:
+        raise EngineError(self._line("replica_of: not implemented yet"))
 
 
 def _inline_password(dsn: str) -> str | None:

@@ -71,7 +71,7 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from watchdogd.engines import DbStatus, EngineError
+from watchdogd.engines import DbStatus, Divergence, Engine, EngineError
 from watchdogd.engines._common import (
     ConnectionTemplate,
     confirm_within,
@@ -457,3 +457,14 @@ class RedisEngine(ConnectionTemplate[aioredis.Redis]):
         except rexc.ResponseError as exc:
             return f"; not persisted: {_reason(exc)}"
         return "; persisted with CONFIG REWRITE"
+
+    # -- Engine: rejoin (self is the old primary)
+
+    async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
+        raise EngineError(self._line("divergence: not implemented yet"))
+
+    async def rejoin(self, new_primary: Engine, timeout: float) -> str:
+        raise EngineError(self._line("rejoin: not implemented yet"))
+
+    async def replica_of(self, new_primary: Engine, timeout: float) -> str:
+        raise EngineError(self._line("replica_of: not implemented yet"))
