@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 C = TypeVar("C")
+S = TypeVar("S", bound="ConnectionTemplate[Any]")
 
 
 class Secret(str):
@@ -243,6 +244,35 @@ class ConnectionTemplate(ABC, Generic[C]):
                 return result
 
         return await self._bounded(op, limit, body)
+
+    def _peer(self: S, new_primary: object, op: str) -> S:
+        """The rejoin partner as an engine of this same kind, and not this very server."""
+        if not isinstance(new_primary, type(self)):
+            kind = getattr(new_primary, "name", type(new_primary).__name__)
+            raise EngineError(
+                self._line(f"{op}: the new primary is a {kind} server, not {self.name}")
+            )
+        if new_primary is self or new_primary.where == self.where:
+            raise EngineError(self._line(f"{op}: the new primary is this same server"))
+        return new_primary
+
+    async def _until(
+        self,
+        op: str,
+        deadline: float,
+        check: Callable[[], Awaitable[str | None]],
+        poll: float = 0.05,
+    ) -> None:
+        """Call ``check()`` until it returns None (done); it returns why not yet, which
+        becomes the EngineError line when ``deadline`` (loop time) comes first."""
+        loop = asyncio.get_running_loop()
+        while True:
+            why = await check()
+            if why is None:
+                return
+            if loop.time() + poll >= deadline:
+                raise EngineError(self._line(f"{op}: {why}"))
+            await asyncio.sleep(poll)
 
     async def close(self) -> None:
         """Release the probing connection; never raises."""

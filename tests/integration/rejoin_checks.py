@@ -1,0 +1,32 @@
+"""What the rejoin tests of every engine share: waiting until the old primary is a
+verified replica of the new one, as the daemon's verification loop does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from tests.support import timing
+from watchdogd.engines import Engine, EngineError
+
+
+async def wait_replica_of(old: Engine, new: Engine, within: float = 10.0) -> str:
+    """``old.replica_of(new)`` until it succeeds; fail with its last reason after ``within``."""
+    deadline = time.monotonic() + timing.within(within)
+    while True:
+        try:
+            return await old.replica_of(new, 2.0)
+        except EngineError as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not a replica of the new primary: {exc}") from None
+        await asyncio.sleep(0.05)
+
+
+async def eventually_true(check: Callable[[], object], within: float = 10.0) -> None:
+    """Poll ``check()`` (a quick synchronous read) until it is truthy; fail after ``within``."""
+    deadline = time.monotonic() + timing.within(within)
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within:g}s")
+        await asyncio.sleep(0.05)
