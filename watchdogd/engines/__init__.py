@@ -146,7 +146,9 @@ class Engine(Protocol):
         """Make self a replica of new_primary, throwing away what diverged (the
         daemon has already refused unless accepted). Idempotent: already a replica
         of it is verified and returned. Waits until the link is up. Returns what
-        was done; EngineError with one clear line otherwise."""
+        was done; EngineError with one clear line otherwise. An engine that cannot
+        throw diverged writes away refuses with EngineError saying so, accepted or
+        not: MySQL/MariaDB (SQL cannot take a committed transaction back)."""
         ...
 
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:
