@@ -16,6 +16,7 @@ import pytest
 
 from tests.integration.rejoin_checks import eventually_true, wait_replica_of
 from tests.support import pg as support
+from tests.support.cluster import pg_cluster
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.core.section import Section
 from watchdogd.demo.lab import STOCK, TUNED, LabError, PgPair, PgServer
@@ -36,7 +37,6 @@ def pair_for(request: pytest.FixtureRequest, profile: str) -> Iterator[PgPair]:
         pair.wait_replayed()
         yield pair
     finally:
-        support.stop_detached(pair)
         pair.destroy()
 
 
@@ -215,3 +215,68 @@ def test_host_side_options_are_validated() -> None:
         "stop_command": ("systemctl", "stop", "pg"),
         "run_as": "pg",
     }
+
+
+async def test_a_crashed_old_primary_is_rewound_from_its_data_dir(
+    tuned: PgPair, closing: list[PostgresEngine]
+) -> None:
+    """The common case: the old primary died (SIGKILL, no shutdown checkpoint) and is
+    still down when it is rejoined; pg_rewind finishes its crash recovery first."""
+    old, new = make_engine(tuned, tuned.primary), make_engine(tuned, tuned.standby)
+    closing += [old, new]
+    tuned.primary.execute("INSERT INTO notes VALUES ('last-before-crash')")
+    tuned.wait_replayed()
+    tuned.primary.kill()
+    await new.promote(10)
+    with pytest.raises(EngineError, match=r": reading the WAL position: .*refused"):
+        await old.divergence(new, 2)  # unreachable: the daemon reports that, not a guess
+
+    done = await old.rejoin(new, 60)
+    assert "stopped the server" not in done and "pg_rewind:" in done, done
+    await wait_replica_of(old, new)
+    assert "last-before-crash" in notes(tuned.primary)
+    tuned.standby.execute("INSERT INTO notes VALUES ('after')")
+    await eventually_true(lambda: "after" in notes(tuned.primary))
+
+
+async def test_the_chaos_cluster_can_rejoin_and_kill_the_rejoined_server(
+    request: pytest.FixtureRequest,
+) -> None:
+    """What the daemon's loops build on: a matrix cluster's rejoin options, and the
+    lab killing a server that pg_ctl (not the lab) started."""
+    cluster = pg_cluster(
+        TUNED,
+        support.require_pg_bin(),
+        support.pg_template(request.config),
+        support.SECRET,
+        settings={"full_page_writes": "on"},
+    )
+    engines: list[PostgresEngine] = []
+    try:
+        for node in (cluster.primary, cluster.standby):
+            section = {**cluster.database(node), **cluster.rejoin_options(node)}
+            options = {k: v for k, v in section.items() if k not in ("engine", "dsn")}
+            engines.append(
+                engine_mod.create(DatabaseConfig("postgres", section["dsn"], options), set())
+            )
+        old, new = engines
+        await cluster.write("k1")
+        await cluster.wait_caught_up()
+        await cluster.reset_writer()
+        await new.promote(10)
+        await old.rejoin(new, 60)
+        await wait_replica_of(old, new)
+        assert "k1" in await cluster.keys(cluster.primary)
+
+        server = cluster.primary
+        assert isinstance(server, PgServer)
+        pid = server.detached_pid()
+        assert pid is not None and not server.is_running()  # pg_ctl's child, not the lab's
+        server.kill()
+        await eventually_true(lambda: server.detached_pid() is None)
+        with pytest.raises(EngineError):
+            await old.status(2)
+    finally:
+        for engine in engines:
+            await engine.close()
+        cluster.close()
