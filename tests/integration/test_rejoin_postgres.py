@@ -127,6 +127,25 @@ async def test_diverged_transactions_are_named_then_rewound_away(
     await eventually_true(lambda: "after" in notes(tuned.primary))
 
 
+async def test_a_restart_after_the_split_is_no_divergence(
+    tuned: PgPair, closing: list[PostgresEngine]
+) -> None:
+    """A crashed old primary that comes back writes an end-of-recovery checkpoint past
+    the fork: WAL the new primary lacks, but no committed write, so nothing diverged
+    (else every rejoin after a crash would need --accept-divergence)."""
+    old, new = await fail_over(tuned)
+    closing += [old, new]
+    tuned.primary.kill()
+    tuned.primary.start()
+    report = await old.divergence(new, 10)
+    assert report.known and report.lost == 0 and report.items == (), report
+    assert "bytes of WAL without a committed transaction" in report.detail, report
+
+    tuned.primary.execute("INSERT INTO notes VALUES ('after-restart')")
+    report = await old.divergence(new, 10)
+    assert report.diverged is True and len(report.items) == 1, report
+
+
 async def test_stock_settings_refuse_pg_rewind_before_stopping_anything(
     stock: PgPair, closing: list[PostgresEngine]
 ) -> None:

@@ -879,11 +879,21 @@ class PostgresEngine(ConnectionTemplate[Any]):
                 True, 0, "bytes", detail=f"nothing past {where}: the new primary has all of its WAL"
             )
         xids, note = await self._transactions(mine.timeline, fork, mine.position, deadline)
+        if xids == []:
+            # Checkpoints (a restart writes one), standby snapshots and the like: WAL
+            # the new primary lacks, but no write anyone was told had committed.
+            return Divergence(
+                True,
+                0,
+                "bytes",
+                detail=f"nothing past {where} but {lost} bytes of WAL without a committed"
+                " transaction (checkpoints and bookkeeping, read with pg_waldump)",
+            )
         return Divergence(
             True,
             lost,
             "bytes",
-            items=tuple(f"xid {x}" for x in xids[:DIVERGENCE_ITEMS_CAP]),
+            items=tuple(f"xid {x}" for x in (xids or [])[:DIVERGENCE_ITEMS_CAP]),
             detail=f"old primary wrote {lost} bytes of WAL past {where} ({note})",
         )
 
@@ -916,22 +926,25 @@ class PostgresEngine(ConnectionTemplate[Any]):
 
     async def _transactions(
         self, timeline: int, start: int, end: int, deadline: float
-    ) -> tuple[list[int], str]:
-        """The transactions committed in ``start``..``end`` of ``timeline``, read with
-        pg_waldump from the local data_dir; optional, so it says why not instead."""
+    ) -> tuple[list[int] | None, str]:
+        """The transactions committed (or prepared) in ``start``..``end`` of ``timeline``,
+        read with pg_waldump from the local data_dir; None, and why, when they cannot
+        be read (optional: the bytes are the report, this is its detail)."""
         if self._host is None:
-            return [], "transactions: count unknown without database.data_dir"
+            return None, "transactions: count unknown without database.data_dir"
         try:
             tool = self._host.tool("pg_waldump")
             out = await self._host.run(
                 [*self._host.as_user(), tool, "--path", str(self._host.data_dir / "pg_wal"),
                  "--timeline", str(timeline), "--start", format_lsn(start), "--end",
                  format_lsn(end), "--rmgr", "Transaction"],
-                "pg_waldump", min(self._remaining(deadline), 10.0), check=False,
+                "pg_waldump", min(self._remaining(deadline), 10.0),
             )  # fmt: skip
         except HostError as exc:
-            return [], f"transactions: count unknown ({exc})"
-        xids = [int(m.group(1)) for m in re.finditer(r"tx:\s*(\d+),.*desc: COMMIT", out)]
+            return None, f"transactions: count unknown ({exc})"
+        xids = [
+            int(m.group(1)) for m in re.finditer(r"tx:\s*(\d+),.*desc: (?:COMMIT|PREPARE)", out)
+        ]
         capped = (
             f", first {DIVERGENCE_ITEMS_CAP} listed" if len(xids) > DIVERGENCE_ITEMS_CAP else ""
         )
