@@ -257,6 +257,13 @@ async def test_a_crashed_old_primary_is_rewound_from_its_data_dir(
     tuned.standby.execute("INSERT INTO notes VALUES ('after')")
     await eventually_true(lambda: "after" in notes(tuned.primary))
 
+    # Down again once configured as a standby (as if a rejoin was cut off after
+    # writing the configuration): a rejoin only starts it, nothing is rewound.
+    tuned.primary.kill()
+    done = await old.rejoin(new, 60)
+    assert done.startswith("started the configured standby"), done
+    await wait_replica_of(old, new)
+
 
 async def test_the_chaos_cluster_can_rejoin_and_kill_the_rejoined_server(
     request: pytest.FixtureRequest,

@@ -362,7 +362,9 @@ class PgServer:
                 children = child_pids(pid)
                 for victim in (pid, *children):
                     _signal(victim, signal.SIGKILL)
-                _wait(lambda: not any(pid_alive(p) for p in (pid, *children)), 5.0)
+                # Not our children: wait until init has reaped them too, or a restart
+                # finds the zombie postmaster's pid alive and refuses its lock file.
+                _wait(lambda: not any(Path(f"/proc/{p}").exists() for p in (pid, *children)), 5.0)
             return
         if proc.poll() is None:
             # Stop it first so it forks nothing new while we collect its children.

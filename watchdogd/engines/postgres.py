@@ -208,12 +208,12 @@ class HostSide:
         except (OSError, ValueError, IndexError):
             return False
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
             return False
-        except PermissionError:
-            return True
-        return True
+        except OSError:
+            return True  # cannot tell: assume it runs, so it gets stopped properly
+        return stat[stat.rfind(")") + 2 :].split()[0] != "Z"  # a zombie holds nothing
 
     async def run(
         self,
@@ -267,6 +267,21 @@ class HostSide:
         if os.geteuid() == 0:
             st = self.data_dir.stat()
             os.chown(path, st.st_uid, st.st_gid)
+
+    def standby_of(self, host: str, port: int) -> bool:
+        """The data directory is set up as a standby of ``host:port`` (standby.signal,
+        and the last primary_conninfo of postgresql.auto.conf names it)."""
+        if not (self.data_dir / "standby.signal").exists():
+            return False
+        try:
+            lines = (self.data_dir / "postgresql.auto.conf").read_text().splitlines()
+        except OSError:
+            return False
+        conninfo = [ln for ln in lines if ln.strip().startswith("primary_conninfo")]
+        if not conninfo:
+            return False
+        words = dict(re.findall(r"(\w+)=([^\s']+)", conninfo[-1]))
+        return words.get("host") == host and words.get("port", "5432") == str(port)
 
     def write_standby_config(self, conninfo: str) -> None:
         """standby.signal, and primary_conninfo in postgresql.auto.conf (replacing any)."""
@@ -981,6 +996,11 @@ class PostgresEngine(ConnectionTemplate[Any]):
                 return f"was a standby of another server: now streams from {new.where}"
             await self._wait_streaming(new, deadline)
             return f"already a replica of {new.where}: streaming"
+        if mine is None and not host.running() and host.standby_of(*new._host_port()):
+            # An earlier rejoin got as far as the standby configuration: only start it.
+            await host.run(host.start(), "starting the server", self._remaining(deadline))
+            await self._wait_streaming(new, deadline)
+            return f"started the configured standby; streaming from {new.where}"
         control = await host.controldata(self._remaining(deadline))
         if control.get("Database system identifier") != source["system_identifier"]:
             raise EngineError(
