@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.rejoin_checks import eventually_true, wait_replica_of
+from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
 from tests.support import pg as support
 from tests.support.cluster import pg_cluster
 from watchdogd.core.model import DatabaseConfig
@@ -306,3 +306,19 @@ async def test_the_chaos_cluster_can_rejoin_and_kill_the_rejoined_server(
         for engine in engines:
             await engine.close()
         cluster.close()
+
+
+async def test_twice_around_the_pair(tuned: PgPair, closing: list[PostgresEngine]) -> None:
+    """Fail over, rejoin, fail back, rejoin: each node is rewound once, a new timeline
+    each time, losing nothing."""
+    a, b = await fail_over(tuned)
+    closing += [a, b]
+    await twice_around(
+        a,
+        b,
+        lambda key: tuned.standby.execute(f"INSERT INTO notes VALUES ('{key}')"),
+        lambda key: tuned.primary.execute(f"INSERT INTO notes VALUES ('{key}')"),
+        rejoin_timeout=60,
+    )
+    for server in (tuned.primary, tuned.standby):
+        assert {"before", "via-a", "via-b"} <= notes(server), server.name

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.rejoin_checks import eventually_true, wait_replica_of
+from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
 from tests.support import redis as support
 from watchdogd import actions, config
 from watchdogd.actions import ActionError, StepContext
@@ -141,3 +141,16 @@ async def test_the_rejoin_step_rejoins_the_node_failed_away_from(
     backwards = StepContext(cfg, cfg.standby, cfg.primary, ctx.engines, "f1", "", "")
     with pytest.raises(ActionError, match=r"^rejoin of failover to main: redis .*: rejoin: "):
         await step.run(backwards, 5)
+
+
+async def test_twice_around_the_pair(pair: support.RedisPair, failed_over: Engines) -> None:
+    """Fail over, rejoin, fail back, rejoin: each node rejoins once, losing nothing."""
+    a, b = failed_over
+    await twice_around(
+        a,
+        b,
+        lambda key: pair.replica.call("SET", key, "1"),
+        lambda key: pair.primary.call("SET", key, "1"),
+    )
+    for server in (pair.primary, pair.replica):
+        assert server.call("EXISTS", "before", "via-a", "via-b") == 3, server.name
