@@ -322,3 +322,18 @@ async def test_twice_around_the_pair(tuned: PgPair, closing: list[PostgresEngine
     )
     for server in (tuned.primary, tuned.standby):
         assert {"before", "via-a", "via-b"} <= notes(server), server.name
+
+
+async def test_an_unreadable_history_is_an_unknown_divergence(
+    tuned: PgPair, closing: list[PostgresEngine]
+) -> None:
+    tuned.primary.execute("CREATE ROLE plain LOGIN")
+    tuned.wait_replayed()
+    old, _ = await fail_over(tuned)
+    plain = engine_mod.create(
+        DatabaseConfig("postgres", tuned.standby.user_dsn("plain"), {}), set()
+    )
+    closing += [old, plain]
+    report = await old.divergence(plain, 5)
+    assert not report.known and report.lost is None and report.diverged is None, report
+    assert "permission denied" in report.detail and "pg_read_server_files" in report.detail

@@ -863,7 +863,11 @@ class PostgresEngine(ConnectionTemplate[Any]):
     async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
         new = self._peer(new_primary, "divergence")
         deadline = asyncio.get_running_loop().time() + timeout
-        mine = await self._where_now(timeout)
+        try:
+            mine = await self._where_now(timeout)
+        except EngineError as exc:
+            await self.status(self._remaining(deadline))  # raises when unreachable
+            return Divergence(False, None, "bytes", detail=f"cannot read its WAL position: {exc}")
         if new._follows(mine) and mine.streaming:
             return Divergence(
                 True, 0, "bytes", detail=f"already a replica of {new.where}: nothing to throw away"
