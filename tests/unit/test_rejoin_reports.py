@@ -11,7 +11,8 @@ from watchdogd.actions import StepContext
 from watchdogd.actions.builtin import rejoin_method
 from watchdogd.core.model import Config
 from watchdogd.engines import Divergence
-from watchdogd.engines.mysql import _gtid_report, maria_pos, mysql_gtid_count
+from watchdogd.engines.mysql import Flavour, _gtid_report, maria_pos, mysql_gtid_count
+from watchdogd.engines.mysql import parse_dsn as parse_mysql_dsn
 from watchdogd.engines.postgres import parse_history
 from watchdogd.engines.redis import offset_divergence, parse_dsn
 
@@ -103,3 +104,27 @@ def test_the_rejoin_step_describes_who_rejoins_whom_and_how() -> None:
         "stop, pg_rewind against the new primary, standby.signal, start;"
         " a fresh pg_basebackup if pg_rewind cannot"
     )
+
+
+def test_the_change_source_statement_per_flavour() -> None:
+    dsn = parse_mysql_dsn("mysql://w:pw@10.0.2.20:3307/")
+    maria = Flavour.detect("10.11.6-MariaDB", "", super_read_only=False)
+    sql, args = maria.change_source_sql(dsn, "repl", "s3cret", 20)
+    assert sql == (
+        "CHANGE MASTER TO MASTER_HOST = %s, MASTER_PORT = %s, MASTER_USER = %s,"
+        " MASTER_PASSWORD = %s, MASTER_USE_GTID = current_pos, MASTER_HEARTBEAT_PERIOD = %s"
+    )
+    assert args == ("10.0.2.20", 3307, "repl", "s3cret", 20)
+    # Not run here (only MariaDB is): the statements follow MySQL's manual.
+    mysql = Flavour.detect("8.0.36", "MySQL Community Server - GPL", super_read_only=True)
+    sql, args = mysql.change_source_sql(dsn, "repl", None, None)
+    assert sql == (
+        "CHANGE REPLICATION SOURCE TO SOURCE_HOST = %s, SOURCE_PORT = %s, SOURCE_USER = %s,"
+        " SOURCE_PASSWORD = %s, SOURCE_AUTO_POSITION = 1"
+    )
+    assert args == ("10.0.2.20", 3307, "repl", "")
+    old = Flavour.detect("8.0.20", "MySQL", super_read_only=True)
+    assert old.change_source_sql(dsn, "repl", "x", 5)[0].startswith(
+        "CHANGE MASTER TO MASTER_HOST = %s"
+    )
+    assert "MASTER_AUTO_POSITION = 1" in old.change_source_sql(dsn, "repl", "x", 5)[0]

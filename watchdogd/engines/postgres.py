@@ -188,18 +188,20 @@ class HostSide:
                 return str(path)
         raise HostError(f"{name} not found: set database.bin_dir")
 
-    def stop(self) -> list[str]:
+    def stop(self, timeout: float) -> list[str]:
         if self.stop_command:
             return list(self.stop_command)
-        pg_ctl = self.tool("pg_ctl")
-        return [*self.as_user(), pg_ctl, "stop", "-D", str(self.data_dir), "-m", "fast", "-w"]
+        pg_ctl, wait = self.tool("pg_ctl"), str(max(1, int(timeout)))
+        return [*self.as_user(), pg_ctl, "stop", "-D", str(self.data_dir), "-m", "fast", "-w",
+                "-t", wait]  # fmt: skip
 
-    def start(self) -> list[str]:
+    def start(self, timeout: float) -> list[str]:
         if self.start_command:
             return list(self.start_command)
         log = str(self.data_dir / "watchdogd-start.log")
-        pg_ctl = self.tool("pg_ctl")
-        return [*self.as_user(), pg_ctl, "start", "-D", str(self.data_dir), "-w", "-l", log]
+        pg_ctl, wait = self.tool("pg_ctl"), str(max(1, int(timeout)))
+        return [*self.as_user(), pg_ctl, "start", "-D", str(self.data_dir), "-w", "-t", wait,
+                "-l", log]  # fmt: skip
 
     def running(self) -> bool:
         """A live postmaster holds the data directory (its pid file names a live process)."""
@@ -300,6 +302,7 @@ class HostSide:
             f.writelines(f"{ln}\n" for ln in kept)
             f.write(f"primary_conninfo = '{value}'\n")
         if not existed:
+            auto.chmod(0o600)  # it holds a password
             self._owned_like_data_dir(auto)
 
     async def basebackup_from(self, conninfo: str, env: Mapping[str, str], timeout: float) -> None:
@@ -1002,7 +1005,11 @@ class PostgresEngine(ConnectionTemplate[Any]):
             return f"already a replica of {new.where}: streaming"
         if mine is None and not host.running() and host.standby_of(*new._host_port()):
             # An earlier rejoin got as far as the standby configuration: only start it.
-            await host.run(host.start(), "starting the server", self._remaining(deadline))
+            await host.run(
+                host.start(self._remaining(deadline)),
+                "starting the server",
+                self._remaining(deadline),
+            )
             await self._wait_streaming(new, deadline)
             return f"started the configured standby; streaming from {new.where}"
         control = await host.controldata(self._remaining(deadline))
@@ -1015,7 +1022,11 @@ class PostgresEngine(ConnectionTemplate[Any]):
             raise EngineError(self._line(f"rejoin: {why_not} (or set rewind_fallback: basebackup)"))
         done = []
         if host.running():
-            await host.run(host.stop(), "stopping the server", self._remaining(deadline))
+            await host.run(
+                host.stop(self._remaining(deadline)),
+                "stopping the server",
+                self._remaining(deadline),
+            )
             done.append("stopped the server")
         await self._drop()
         env = {"PGPASSWORD": password} if password else {}
@@ -1043,7 +1054,11 @@ class PostgresEngine(ConnectionTemplate[Any]):
             await host.basebackup_from(conninfo, env, self._remaining(deadline))
             done.append("replaced the data directory with a base backup of the new primary")
         await asyncio.to_thread(host.write_standby_config, _conninfo_with(conninfo, password))
-        await host.run(host.start(), "starting the server", self._remaining(deadline))
+        await host.run(
+            host.start(self._remaining(deadline)),
+            "starting the server",
+            self._remaining(deadline),
+        )
         await self._wait_streaming(new, deadline)
         done.append(f"started as a standby streaming from {new.where}")
         return "; ".join(done)
