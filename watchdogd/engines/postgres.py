@@ -1020,6 +1020,15 @@ class PostgresEngine(ConnectionTemplate[Any]):
         why_not = _rewind_refusal(control, source)
         if why_not and not host.basebackup:
             raise EngineError(self._line(f"rejoin: {why_not} (or set rewind_fallback: basebackup)"))
+        # Everything that can fail without touching the server, before it is stopped.
+        rewind = None if why_not else host.tool("pg_rewind")
+        if host.basebackup:
+            host.tool("pg_basebackup")
+        start = host.start(self._remaining(deadline))
+        if rewind is not None:
+            # A just-promoted primary's control file still names the old timeline until
+            # its first checkpoint, and pg_rewind would then find nothing to rewind.
+            await new._checkpoint(self._remaining(deadline))
         done = []
         if host.running():
             await host.run(
@@ -1031,15 +1040,12 @@ class PostgresEngine(ConnectionTemplate[Any]):
         await self._drop()
         env = {"PGPASSWORD": password} if password else {}
         rewound = False
-        if why_not:
+        if rewind is None:
             done.append(f"pg_rewind impossible ({why_not})")
         else:
-            # A just-promoted primary's control file still names the old timeline until
-            # its first checkpoint, and pg_rewind would then find nothing to rewind.
-            await new._checkpoint(self._remaining(deadline))
             try:
                 out = await host.run(
-                    [*host.as_user(), host.tool("pg_rewind"), "--target-pgdata",
+                    [*host.as_user(), rewind, "--target-pgdata",
                      str(host.data_dir), "--source-server", conninfo],
                     "pg_rewind", self._remaining(deadline), env=env,
                 )  # fmt: skip
@@ -1054,11 +1060,7 @@ class PostgresEngine(ConnectionTemplate[Any]):
             await host.basebackup_from(conninfo, env, self._remaining(deadline))
             done.append("replaced the data directory with a base backup of the new primary")
         await asyncio.to_thread(host.write_standby_config, _conninfo_with(conninfo, password))
-        await host.run(
-            host.start(self._remaining(deadline)),
-            "starting the server",
-            self._remaining(deadline),
-        )
+        await host.run(start, "starting the server", self._remaining(deadline))
         await self._wait_streaming(new, deadline)
         done.append(f"started as a standby streaming from {new.where}")
         return "; ".join(done)
