@@ -9,8 +9,11 @@ from typing import Any
 from watchdogd import actions, config
 from watchdogd.actions import StepContext
 from watchdogd.actions.builtin import rejoin_method
-from watchdogd.core.model import Config
-from watchdogd.engines import Divergence
+from watchdogd.core.model import Config, DatabaseConfig
+from watchdogd.engines import Divergence, Engine
+from watchdogd.engines import mysql as mysql_engine
+from watchdogd.engines import postgres as postgres_engine
+from watchdogd.engines import redis as redis_engine
 from watchdogd.engines.mysql import Flavour, _gtid_report, maria_pos, mysql_gtid_count
 from watchdogd.engines.mysql import parse_dsn as parse_mysql_dsn
 from watchdogd.engines.postgres import parse_history
@@ -128,3 +131,15 @@ def test_the_change_source_statement_per_flavour() -> None:
         "CHANGE MASTER TO MASTER_HOST = %s"
     )
     assert "MASTER_AUTO_POSITION = 1" in old.change_source_sql(dsn, "repl", "x", 5)[0]
+
+
+def test_every_engine_has_the_rejoin_operations() -> None:
+    """mypy checks these assignments against the Engine protocol's signatures."""
+    made: list[Engine] = [
+        postgres_engine.create(DatabaseConfig("postgres", "postgresql://u@h:5432/d"), set()),
+        mysql_engine.create(DatabaseConfig("mysql", "mysql://u@h:3306/"), set()),
+        redis_engine.create(DatabaseConfig("redis", "redis://h:6379/0"), set()),
+    ]
+    for engine in made:
+        assert callable(engine.divergence) and callable(engine.rejoin)
+        assert callable(engine.replica_of)
