@@ -2,9 +2,10 @@
 
 ``stop_replication`` and ``promote`` act on the standby (the node failed over to),
 ``fence`` on the old primary (the node failed away from), ``catch_up`` waits until
-the standby has replayed everything the old primary wrote (switchover). All are
-idempotent: the engines check before they act, so a resumed failover never
-promotes twice.
+the standby has replayed everything the old primary wrote (switchover), ``rejoin``
+makes the old primary a replica of the new one (in a rejoin sequence ``primary``
+is the node failed away from, ``standby`` the new primary). All are idempotent:
+the engines check before they act, so a resumed failover never promotes twice.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from watchdogd.actions import Action, ActionError, StepContext
+from watchdogd.core.model import NodeConfig
 from watchdogd.core.section import Section
 from watchdogd.engines import Engine, EngineError
 
@@ -79,6 +81,55 @@ class CatchUp:
         return {"wait_until": f"{ctx.standby.name} replayed all of {ctx.primary.name}'s WAL"}
 
 
+@dataclass
+class Rejoin:
+    """The old primary (``target``, default ``primary``) becomes a replica of the other node."""
+
+    target: str = "primary"
+    idempotent: bool = True
+
+    def _nodes(self, ctx: StepContext) -> tuple[NodeConfig, NodeConfig]:
+        if self.target == "primary":
+            return ctx.primary, ctx.standby
+        return ctx.standby, ctx.primary
+
+    async def run(self, ctx: StepContext, timeout: float) -> str:
+        old, new = self._nodes(ctx)
+        try:
+            return await ctx.engine(old).rejoin(ctx.engine(new), timeout)
+        except EngineError as exc:
+            raise ActionError(f"rejoin of {old.name} to {new.name}: {exc}") from None
+
+    def describe(self, ctx: StepContext) -> dict[str, Any]:
+        old, new = self._nodes(ctx)
+        return {
+            "node": old.name,
+            "replica_of": new.name,
+            "engine": old.database.engine,
+            "method": rejoin_method(old),
+        }
+
+
+def rejoin_method(node: NodeConfig) -> str:
+    """How the engine rejoins ``node`` as a replica, from its configuration."""
+    db = node.database
+    if db.engine == "postgres":
+        if not db.options.get("data_dir"):
+            return f"none: database.data_dir is not set on {node.name} (the step will fail)"
+        method = "stop, pg_rewind against the new primary, standby.signal, start"
+        if db.options.get("rewind_fallback") == "basebackup":
+            method += "; a fresh pg_basebackup if pg_rewind cannot"
+        return method
+    if db.engine == "mysql":
+        return (
+            "CHANGE MASTER TO the new primary with GTID auto-positioning, START REPLICA,"
+            " read_only=ON"
+        )
+    if db.engine == "redis":
+        return "REPLICAOF the new primary, wait for the link and the sync"
+    return f"the {db.engine} engine's rejoin"
+
+
 async def _position(engine: Engine, field: str, deadline: float) -> int:
     status = await engine.status(max(0.05, deadline - time.monotonic()))
     value = getattr(status, field)
@@ -96,6 +147,10 @@ def _engine_call(verb: str, default_target: str) -> Callable[[Section], Action]:
     return parse
 
 
+def _rejoin(s: Section) -> Action:
+    return Rejoin(target=s.choice("target", ("primary", "standby"), "primary"))
+
+
 def _catch_up(s: Section) -> Action:
     return CatchUp(poll=s.duration("poll_interval", 0.1, minimum=0.01))
 
@@ -105,4 +160,5 @@ ACTIONS: dict[str, Callable[[Section], Action]] = {
     "promote": _engine_call("promote", "standby"),
     "fence": _engine_call("fence", "primary"),
     "catch_up": _catch_up,
+    "rejoin": _rejoin,
 }

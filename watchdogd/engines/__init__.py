@@ -63,6 +63,56 @@ class DbStatus:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """What the old primary holds that the new primary never got: the writes a
+    rejoin throws away. ``lost == 0`` is the proof that a failover lost nothing."""
+
+    # False: could not be computed; ``detail`` says why.
+    known: bool
+    # Amount in ``unit``; 0 = nothing diverged; None when not known.
+    lost: int | None
+    # "bytes" (PostgreSQL, Redis) or "transactions" (MySQL/MariaDB GTIDs).
+    unit: str
+    # GTID set difference / transaction ids where readable (capped; ``detail`` says so).
+    items: tuple[str, ...] = ()
+    # One line for humans.
+    detail: str = ""
+
+    @property
+    def diverged(self) -> bool | None:
+        """None when not known, else whether anything was lost."""
+        if not self.known or self.lost is None:
+            return None
+        return self.lost > 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Divergence:
+        """The inverse of ``as_dict`` (journal replay); ``diverged`` is derived."""
+        lost = data.get("lost")
+        return cls(
+            known=bool(data.get("known")),
+            lost=int(lost) if lost is not None else None,
+            unit=str(data.get("unit", "")),
+            items=tuple(str(i) for i in data.get("items") or ()),
+            detail=str(data.get("detail", "")),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "known": self.known,
+            "diverged": self.diverged,
+            "lost": self.lost,
+            "unit": self.unit,
+            "items": list(self.items),
+            "detail": self.detail,
+        }
+
+
+# At most this many transaction ids / GTIDs are listed in Divergence.items.
+DIVERGENCE_ITEMS_CAP = 100
+
+
 class Engine(Protocol):
     """One database server. Every method is bounded by ``timeout`` (seconds) and
     raises EngineError with one clear line on failure; never hangs longer."""
@@ -93,6 +143,31 @@ class Engine(Protocol):
         standby that confirms a hung primary only after the outage threshold). One
         line each, naming the exact setting and the value that fixes it; the daemon
         logs them at start and after a reload."""
+        ...
+
+    # Rejoin: ``self`` is always the OLD primary (the node failed away from) and
+    # ``new_primary`` the engine of the node failed over to.
+
+    async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
+        """What self wrote that new_primary never got. Read-only on both servers.
+        Never raises for 'cannot tell' (``known=False``, ``detail`` says why);
+        raises EngineError only when self is unreachable."""
+        ...
+
+    async def rejoin(self, new_primary: Engine, timeout: float) -> str:
+        """Make self a replica of new_primary, throwing away what diverged (the
+        daemon has already refused unless accepted). Idempotent: already a replica
+        of it is verified and returned. Waits until the link is up. Returns what
+        was done; EngineError with one clear line otherwise. An engine that cannot
+        throw diverged writes away refuses with EngineError saying so, accepted or
+        not: MySQL/MariaDB (SQL cannot take a committed transaction back)."""
+        ...
+
+    async def replica_of(self, new_primary: Engine, timeout: float) -> str:
+        """Verification: a detail when self is a replica connected to new_primary
+        (that very server, not just any primary) and has replayed up to
+        new_primary's position read at the start of the call; EngineError saying
+        why not otherwise. The daemon calls it in a loop until failover.rejoin_timeout."""
         ...
 
     async def close(self) -> None:

@@ -8,17 +8,18 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from urllib.parse import SplitResult, urlsplit
 
 from watchdogd.core.secrets import mask
-from watchdogd.engines import EngineError
+from watchdogd.engines import Engine, EngineError
 
 if TYPE_CHECKING:
     from watchdogd.core.section import Section
 
 T = TypeVar("T")
 C = TypeVar("C")
+S = TypeVar("S", bound="ConnectionTemplate[Any]")
 
 
 class Secret(str):
@@ -243,6 +244,47 @@ class ConnectionTemplate(ABC, Generic[C]):
                 return result
 
         return await self._bounded(op, limit, body)
+
+    def _peer(self: S, new_primary: object, op: str) -> S:
+        """The rejoin partner as an engine of this same kind, and not this very server."""
+        if not isinstance(new_primary, type(self)):
+            kind = getattr(new_primary, "name", type(new_primary).__name__)
+            raise EngineError(
+                self._line(f"{op}: the new primary is a {kind} server, not {self.name}")
+            )
+        if new_primary is self or new_primary.where == self.where:
+            raise EngineError(self._line(f"{op}: the new primary is this same server"))
+        return new_primary
+
+    async def _replica_target(
+        self: S, new_primary: object, timeout: float, what: str = "a primary"
+    ) -> tuple[S, int, float]:
+        """The start of ``replica_of``: the new primary, its current position (read now:
+        the target to replay up to) and the call's deadline (loop time)."""
+        new = self._peer(new_primary, "replica_of")
+        deadline = asyncio.get_running_loop().time() + timeout
+        theirs = await cast(Engine, new).status(timeout)
+        if not theirs.is_primary or theirs.current_pos is None:
+            raise EngineError(self._line(f"replica_of: {new.where} is not {what}"))
+        return new, theirs.current_pos, deadline
+
+    async def _until(
+        self,
+        op: str,
+        deadline: float,
+        check: Callable[[], Awaitable[str | None]],
+        poll: float = 0.05,
+    ) -> None:
+        """Call ``check()`` until it returns None (done); it returns why not yet, which
+        becomes the EngineError line when ``deadline`` (loop time) comes first."""
+        loop = asyncio.get_running_loop()
+        while True:
+            why = await check()
+            if why is None:
+                return
+            if loop.time() + poll >= deadline:
+                raise EngineError(self._line(f"{op}: {why}"))
+            await asyncio.sleep(poll)
 
     async def close(self) -> None:
         """Release the probing connection; never raises."""

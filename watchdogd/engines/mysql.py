@@ -58,6 +58,13 @@ Operations:
   MariaDB has no such thing (keep ``read_only`` in the server's config file
   in step with your failover).
 
+Rejoin (the old primary, after a failover): ``divergence`` is the GTID
+difference (MariaDB: the old primary's binlog GTIDs past the new primary's
+``gtid_slave_pos``; MySQL: ``GTID_SUBTRACT``); ``rejoin`` turns ``read_only`` on
+and replicates from the new primary with GTID positioning (MariaDB
+``current_pos``, MySQL auto-positioning), as ``replication_user`` when given. It
+refuses when transactions diverged: SQL cannot take them back.
+
 On MariaDB, accounts holding ``READ_ONLY ADMIN`` (``ALL PRIVILEGES`` includes
 it) may still write under ``read_only``: applications must not use them. The
 watchdogd account needs, on MariaDB 10.6+: ``REPLICA MONITOR, BINLOG MONITOR,
@@ -87,9 +94,10 @@ from urllib.parse import unquote
 
 import aiomysql
 
-from watchdogd.engines import DbStatus, EngineError
+from watchdogd.engines import DIVERGENCE_ITEMS_CAP, DbStatus, Divergence, Engine, EngineError
 from watchdogd.engines._common import (
     ConnectionTemplate,
+    Secret,
     confirm_within,
     host_port,
     keepalive_for,
@@ -179,7 +187,18 @@ def parse_dsn(dsn: str) -> MySQLDsn:
 
 def validate(section: Section) -> Mapping[str, Any]:
     """Extra keys of a ``database:`` section with ``engine: mysql``."""
-    return validate_password(section, lambda dsn: parse_dsn(dsn).password)
+    options = dict(validate_password(section, lambda dsn: parse_dsn(dsn).password))
+    # The account a rejoined old primary replicates with (REPLICATION SLAVE on the
+    # new primary); without it, the new primary's own dsn login.
+    user = section.str("replication_user", None)
+    password = section.secret("replication_password")
+    if password and not user:
+        section.error("needs replication_user as well", "replication_password")
+    if user:
+        options["replication_user"] = user
+    if password:
+        options["replication_password"] = Secret(password)
+    return options
 
 
 def create(db: DatabaseConfig, secrets: set[str]) -> MySQLEngine:
@@ -188,7 +207,18 @@ def create(db: DatabaseConfig, secrets: set[str]) -> MySQLEngine:
     except ValueError as exc:
         raise EngineError(f"mysql: database.dsn: {exc}") from None
     password = db.options.get("password")
-    return MySQLEngine(dsn, password=str(password) if password else None, secrets=secrets)
+    repl_user, repl_password = (
+        db.options.get("replication_user"),
+        db.options.get("replication_password"),
+    )
+    return MySQLEngine(
+        dsn,
+        password=str(password) if password else None,
+        secrets=secrets,
+        replication=(str(repl_user), str(repl_password) if repl_password else None)
+        if repl_user
+        else None,
+    )
 
 
 # --------------------------------------------------------------------------- server facts
@@ -258,6 +288,30 @@ class Flavour:
             f"CHANGE MASTER{name} TO MASTER_USE_GTID = no, RELAY_LOG_FILE = '{relay}',"
             f" RELAY_LOG_POS = {int(ch.relay_pos or 4)}"
         )
+
+    def change_source_sql(
+        self, dsn: MySQLDsn, user: str, password: str | None, heartbeat: int | None
+    ) -> tuple[str, tuple[Any, ...]]:
+        """Point the default channel at ``dsn`` with GTID positioning: MariaDB from
+        ``current_pos`` (its own binlog's GTIDs, which a never-replica's slave_pos
+        lacks), MySQL with auto-positioning."""
+        new = not self.mariadb and self.version >= (8, 0, 23)
+        word = "SOURCE" if new else "MASTER"
+        head = "CHANGE REPLICATION SOURCE TO" if new else "CHANGE MASTER TO"
+        parts = [
+            f"{word}_HOST = %s",
+            f"{word}_PORT = %s",
+            f"{word}_USER = %s",
+            f"{word}_PASSWORD = %s",
+        ]
+        args: list[Any] = [dsn.host, dsn.port, user, password or ""]
+        parts.append(
+            "MASTER_USE_GTID = current_pos" if self.mariadb else f"{word}_AUTO_POSITION = 1"
+        )
+        if heartbeat:
+            parts.append(f"{word}_HEARTBEAT_PERIOD = %s")
+            args.append(heartbeat)
+        return f"{head} " + ", ".join(parts), tuple(args)
 
     def channel_sql(self, verb: str, channel: str, thread: str = "", tail: str = "") -> str:
         """``STOP REPLICA IO_THREAD`` and friends, for one named or default channel."""
@@ -419,10 +473,14 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         *,
         password: str | None = None,
         secrets: set[str] | frozenset[str] = frozenset(),
+        replication: tuple[str, str | None] | None = None,
     ) -> None:
         self._password = password if password is not None else dsn.password
-        super().__init__("mysql", dsn.where, secrets, self._password)
+        super().__init__(
+            "mysql", dsn.where, secrets, self._password, replication[1] if replication else None
+        )
         self.dsn = dsn
+        self._replication = replication
         # last_receive_age bookkeeping: the receive state last seen and when it changed.
         self._receive_state: tuple[Any, ...] | None = None
         self._receive_changed: float | None = None
@@ -811,3 +869,290 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
                 if _code(exc) != 1094:  # ER_NO_SUCH_THREAD: it ended meanwhile
                     raise
         return killed
+
+    # -- Engine: rejoin (self is the old primary)
+
+    async def _gtid_state(self, conn: _Conn, _: float) -> GtidState:
+        f = conn.flavour
+        channel = await self._channel(conn)
+        if f.mariadb:
+            row = (
+                await conn.rows(
+                    "SELECT @@global.gtid_binlog_pos AS b, @@global.gtid_slave_pos AS s,"
+                    " @@server_id AS id"
+                )
+            )[0]
+            return GtidState(f, channel, str(row["b"] or ""), str(row["s"] or ""), int(row["id"]))
+        row = (await conn.rows("SELECT @@global.gtid_executed AS e, @@server_id AS id"))[0]
+        return GtidState(f, channel, str(row["e"] or "").replace("\n", ""), "", int(row["id"]))
+
+    async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
+        new = self._peer(new_primary, "divergence")
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            mine = await self._probe("divergence", timeout, self._gtid_state)
+        except EngineError as exc:
+            await self.status(self._remaining(deadline))  # raises when unreachable
+            return Divergence(False, None, TRANSACTIONS, detail=f"cannot read its GTIDs: {exc}")
+        if mine.channel is not None and _same_source(mine.channel, new.dsn):
+            return Divergence(
+                True,
+                0,
+                TRANSACTIONS,
+                detail=f"already a replica of {new.where}: nothing to throw away",
+            )
+        try:
+            theirs = await new._probe("divergence", self._remaining(deadline), new._gtid_state)
+        except EngineError as exc:
+            return Divergence(
+                False, None, TRANSACTIONS, detail=f"cannot read the new primary: {exc}"
+            )
+        if mine.flavour.mariadb != theirs.flavour.mariadb:
+            return Divergence(
+                False,
+                None,
+                TRANSACTIONS,
+                detail="one server is MariaDB, the other MySQL: GTIDs differ",
+            )
+        if mine.flavour.mariadb:
+            return await self._maria_divergence(mine, theirs, deadline)
+        return await self._mysql_divergence(mine, theirs, deadline)
+
+    async def _maria_divergence(
+        self, mine: GtidState, theirs: GtidState, deadline: float
+    ) -> Divergence:
+        """MariaDB GTIDs are domain-server-seq, one sequence per domain. The new primary's
+        ``gtid_slave_pos`` is the last transaction it applied from the old one in each
+        domain: the fork. Every GTID of the old primary's binary log past it (a higher
+        seq in its domain) is a transaction the new primary never got."""
+        head, fork = maria_pos(mine.binlog_pos), maria_pos(theirs.slave_pos)
+        if not head:
+            return Divergence(
+                True, 0, TRANSACTIONS, detail="the old primary's binary log holds no GTID"
+            )
+        if not fork:
+            return Divergence(
+                False,
+                None,
+                TRANSACTIONS,
+                detail="the new primary never applied a GTID (gtid_slave_pos is empty): "
+                "what diverged cannot be told",
+            )
+        fork_text = theirs.slave_pos
+        counted = sum(
+            max(seq - fork.get(domain, (0, 0))[1], 0) for domain, (_, seq) in head.items()
+        )
+
+        async def scan(conn: _Conn, _: float) -> tuple[list[str], bool]:
+            return await _maria_gtids_after(conn, fork)
+
+        try:
+            found, complete = await self._probe(
+                "listing the diverged GTIDs", max(self._remaining(deadline) - 0.05, 0.01), scan
+            )
+        except EngineError as exc:
+            found, complete, note = [], False, f" (GTIDs not listed: {exc})"
+        else:
+            note = (
+                "" if complete else " (binary logs before the fork are gone: count from positions)"
+            )
+        lost = len(found) if complete else counted
+        return _gtid_report(lost, found, f"gtid_slave_pos {fork_text} of the new primary", note)
+
+    async def _mysql_divergence(
+        self, mine: GtidState, theirs: GtidState, deadline: float
+    ) -> Divergence:
+        """MySQL GTIDs are sets: the old primary's gtid_executed minus the new primary's."""
+        if not mine.binlog_pos:
+            return Divergence(
+                False,
+                None,
+                TRANSACTIONS,
+                detail="gtid_executed is empty on the old primary (GTIDs off?)",
+            )
+
+        async def subtract(conn: _Conn, _: float) -> str:
+            rows = await conn.rows(
+                "SELECT GTID_SUBTRACT(%s, %s) AS d", (mine.binlog_pos, theirs.binlog_pos)
+            )
+            return str(rows[0]["d"] or "").replace("\n", "")
+
+        diff = await self._probe("divergence", self._remaining(deadline), subtract)
+        items = [part.strip() for part in diff.split(",") if part.strip()]
+        return _gtid_report(mysql_gtid_count(diff), items, "the new primary's gtid_executed", "")
+
+    async def rejoin(self, new_primary: Engine, timeout: float) -> str:
+        new = self._peer(new_primary, "rejoin")
+        deadline = asyncio.get_running_loop().time() + timeout
+        report = await self.divergence(new, timeout / 2)
+        if report.diverged:
+            raise EngineError(
+                self._line(
+                    f"rejoin: {report.detail}; SQL cannot take transactions back: rebuild this "
+                    f"server from a backup of {new.where}, then rejoin"
+                )
+            )
+        user, password = self._replication or new._replication or (new.dsn.user, new._password)
+
+        async def action(conn: _Conn, deadline: float) -> str:
+            f = conn.flavour
+            ch = await self._channel(conn)
+            if ch is not None and _same_source(ch, new.dsn):
+                if ch.io != "Yes" or ch.sql != "Yes":
+                    self._check_sql_error(ch, "rejoin")
+                    await conn.execute(f.channel_sql("START", ch.name))
+                await self._until("rejoin", deadline, lambda: self._not_replicating(conn, new.dsn))
+                return f"already a replica of {new.where}: replicating"
+            done = []
+            if ch is not None:
+                await conn.execute(f.channel_sql("STOP", ch.name))
+                await conn.execute(f.channel_sql("RESET", ch.name, tail="ALL"))
+                done.append(f"left {ch.source}")
+            if await self._read_only(conn) != (True, f.super_read_only):
+                await self._set_read_only(conn)
+                done.append("read_only turned on")
+            net_timeout = await self._net_timeout(conn)
+            heartbeat = keepalive_for(net_timeout) if net_timeout else None
+            sql, args = f.change_source_sql(new.dsn, user, password, heartbeat)
+            await conn.execute(sql, args)
+            await conn.execute(f.channel_sql("START", ""))
+            await self._until("rejoin", deadline, lambda: self._not_replicating(conn, new.dsn))
+            mode = "GTID current_pos" if f.mariadb else "GTID auto-positioning"
+            done.append(f"now a replica of {new.where} as {user} ({mode}), replicating")
+            return "; ".join(done)
+
+        return await self._admin("rejoin", self._remaining(deadline), action)
+
+    async def _not_replicating(self, conn: _Conn, dsn: MySQLDsn) -> str | None:
+        """None when replicating from ``dsn``; why not otherwise. A stopped thread
+        with an error fails at once: it will not fix itself."""
+        ch = await self._channel(conn)
+        if ch is None or not _same_source(ch, dsn):
+            return f"not a replica of {dsn.where}"
+        if ch.io == "No" and ch.io_error:
+            raise EngineError(self._line(f"replication from {dsn.where} failed: {ch.io_error}"))
+        self._check_sql_error(ch, "replication")
+        if ch.io != "Yes" or ch.sql != "Yes":
+            why = f"replication from {dsn.where} not running: IO {ch.io}, SQL {ch.sql}"
+            return why + (f" ({ch.io_error})" if ch.io_error else "")
+        return None
+
+    async def replica_of(self, new_primary: Engine, timeout: float) -> str:
+        new, target, deadline = await self._replica_target(
+            new_primary, timeout, "a primary with a binary log"
+        )
+
+        async def query(conn: _Conn, _: float) -> str:
+            why = await self._not_replicating(conn, new.dsn)
+            if why is not None:
+                raise EngineError(self._line(f"replica_of: {why}"))
+            ch = await self._channel(conn)
+            assert ch is not None
+            applied = ch.replay_pos
+            if applied is None or applied < target:
+                raise EngineError(
+                    self._line(
+                        f"replica_of: applied {format_pos(applied)} of {new.where}'s"
+                        f" {format_pos(target)}"
+                    )
+                )
+            read_only, _ = await self._read_only(conn)
+            note = "" if read_only else "; read_only is OFF on it"
+            return f"replica of {new.where}, applied up to {format_pos(applied)}{note}"
+
+        return await self._probe("replica_of", self._remaining(deadline), query)
+
+
+TRANSACTIONS = "transactions"
+
+
+@dataclass(frozen=True)
+class GtidState:
+    """A server's GTID position: MariaDB ``gtid_binlog_pos`` and ``gtid_slave_pos``,
+    MySQL ``gtid_executed`` (in ``binlog_pos``)."""
+
+    flavour: Flavour
+    channel: Channel | None
+    binlog_pos: str
+    slave_pos: str
+    server_id: int
+
+
+def _same_source(ch: Channel, dsn: MySQLDsn) -> bool:
+    return ch.host == dsn.host and (ch.port or DEFAULT_PORT) == dsn.port
+
+
+def maria_pos(text: str) -> dict[int, tuple[int, int]]:
+    """``'0-1-12,1-3-7'`` as {domain: (server_id, seq_no)}."""
+    out: dict[int, tuple[int, int]] = {}
+    for part in text.replace("\n", "").split(","):
+        m = re.fullmatch(r"\s*(\d+)-(\d+)-(\d+)\s*", part)
+        if m:
+            out[int(m.group(1))] = (int(m.group(2)), int(m.group(3)))
+    return out
+
+
+async def _maria_gtids_after(
+    conn: _Conn, fork: Mapping[int, tuple[int, int]]
+) -> tuple[list[str], bool]:
+    """The GTIDs of this server's binary logs past ``fork``, oldest first; and whether
+    the scan reached back to the fork (the logs from then on are all still there).
+    Newest log first, stopping at a log whose starting GTID list is not past the fork."""
+    files = [str(r["Log_name"]) for r in await conn.rows("SHOW BINARY LOGS")]
+    chunks: list[list[str]] = []
+    for name in reversed(files):
+        gtids: list[str] = []
+        start: dict[int, tuple[int, int]] | None = None
+        for row in await conn.rows("SHOW BINLOG EVENTS IN %s", (name,)):
+            if row["Event_type"] == "Gtid_list" and start is None:
+                start = maria_pos(str(row["Info"]).strip("[]"))
+            elif row["Event_type"] == "Gtid":
+                gtid = str(row["Info"]).split()[-1]
+                parsed = maria_pos(gtid)
+                if any(seq > fork.get(d, (0, 0))[1] for d, (_, seq) in parsed.items()):
+                    gtids.append(gtid)
+        chunks.append(gtids)
+        if start is not None and all(
+            seq <= fork.get(d, (0, 0))[1] for d, (_, seq) in start.items()
+        ):
+            return [g for chunk in reversed(chunks) for g in chunk], True
+    # Reached the oldest log: complete only if it starts from nothing.
+    return [g for chunk in reversed(chunks) for g in chunk], bool(files) and start == {}
+
+
+def mysql_gtid_count(gtid_set: str) -> int:
+    """Transactions in a MySQL GTID set (``uuid:1-5:7,uuid2:3``)."""
+    total = 0
+    for member in gtid_set.split(","):
+        for interval in member.strip().split(":")[1:]:
+            if re.fullmatch(r"\d+-\d+", interval):
+                lo, hi = map(int, interval.split("-"))
+                total += hi - lo + 1
+            elif interval.isdigit():
+                total += 1
+    return total
+
+
+def _gtid_report(lost: int, found: list[str], fork: str, note: str) -> Divergence:
+    items = tuple(found[:DIVERGENCE_ITEMS_CAP])
+    if len(found) > DIVERGENCE_ITEMS_CAP:
+        note += f" (first {DIVERGENCE_ITEMS_CAP} listed)"
+    if not lost:
+        return Divergence(
+            True,
+            0,
+            TRANSACTIONS,
+            detail=f"nothing past {fork}: the new primary has every transaction{note}",
+        )
+    shown = ", ".join(items[:5]) + (", ..." if len(items) > 5 else "")
+    listed = f" ({shown})" if shown else ""
+    return Divergence(
+        True,
+        lost,
+        TRANSACTIONS,
+        items=items,
+        detail=(
+            f"old primary wrote {lost} transaction(s) past {fork} that the new primary"
+            f" never got{listed}{note}"
+        ),
+    )

@@ -71,7 +71,7 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from watchdogd.engines import DbStatus, EngineError
+from watchdogd.engines import DbStatus, Divergence, Engine, EngineError
 from watchdogd.engines._common import (
     ConnectionTemplate,
     confirm_within,
@@ -457,3 +457,133 @@ class RedisEngine(ConnectionTemplate[aioredis.Redis]):
         except rexc.ResponseError as exc:
             return f"; not persisted: {_reason(exc)}"
         return "; persisted with CONFIG REWRITE"
+
+    # -- Engine: rejoin (self is the old primary)
+
+    async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
+        new = self._peer(new_primary, "divergence")
+        deadline = asyncio.get_running_loop().time() + timeout
+
+        async def info(client: aioredis.Redis, _: float) -> dict[str, Any]:
+            return await self._info(client)
+
+        mine = await self._probe("divergence", timeout, info)
+        try:
+            theirs = await new._probe("divergence", self._remaining(deadline), info)
+        except EngineError as exc:
+            return Divergence(False, None, "bytes", detail=f"cannot read the new primary: {exc}")
+        return offset_divergence(mine, theirs, new.dsn)
+
+    async def rejoin(self, new_primary: Engine, timeout: float) -> str:
+        new = self._peer(new_primary, "rejoin")
+
+        async def action(client: aioredis.Redis, deadline: float) -> str:
+            info = await self._info(client)
+            if _follows(info, new.dsn):
+                await self._until("rejoin", deadline, lambda: self._not_synced(client, new.dsn))
+                return f"already a replica of {new.where}: link up"
+            theirs = await new.status(self._remaining(deadline))
+            if not theirs.is_primary:
+                raise EngineError(self._line(f"rejoin: {new.where} is not a primary"))
+            # The old primary authenticates to the new one as the watcher does.
+            if new._password:
+                await client.config_set("masterauth", new._password)
+            if new.dsn.username:
+                await client.config_set("masteruser", new.dsn.username)
+            await client.replicaof(new.dsn.host, str(new.dsn.port))
+            await self._until("rejoin", deadline, lambda: self._not_synced(client, new.dsn))
+            offset = (await self._info(client)).get("slave_repl_offset")
+            return (
+                f"now a replica of {new.where} (was {info['role']} at offset "
+                f"{info.get('master_repl_offset')}): link up, synced to offset {offset}"
+                + await self._persist(client)
+            )
+
+        return await self._admin("rejoin", timeout, action)
+
+    async def _not_synced(self, client: aioredis.Redis, dsn: RedisDsn) -> str | None:
+        info = await self._info(client)
+        if not _follows(info, dsn):
+            return f"not a replica of {dsn.where} ({_role_text(info)})"
+        if info.get("master_link_status") != "up":
+            return f"link to {dsn.where} is down"
+        if _int(info.get("master_sync_in_progress"), 0):
+            return f"still syncing from {dsn.where}"
+        return None
+
+    async def replica_of(self, new_primary: Engine, timeout: float) -> str:
+        new, target, deadline = await self._replica_target(new_primary, timeout)
+
+        async def query(client: aioredis.Redis, _: float) -> str:
+            info = await self._info(client)
+            why = await self._not_synced(client, new.dsn)
+            if why is not None:
+                raise EngineError(self._line(f"replica_of: {why}"))
+            offset = _int(info.get("slave_repl_offset"), 0) or 0
+            if offset < target:
+                raise EngineError(
+                    self._line(
+                        f"replica_of: at offset {offset}, {target - offset} bytes behind"
+                        f" {new.where}"
+                    )
+                )
+            return f"replica of {new.where}, link up, at offset {offset} (target {target})"
+
+        return await self._probe("replica_of", self._remaining(deadline), query)
+
+
+def _follows(info: Mapping[str, Any], dsn: RedisDsn) -> bool:
+    return (
+        info.get("role") == "slave"
+        and str(info.get("master_host")) == dsn.host
+        and _int(info.get("master_port")) == dsn.port
+    )
+
+
+def _role_text(info: Mapping[str, Any]) -> str:
+    if info.get("role") == "slave":
+        return f"replica of {info.get('master_host')}:{info.get('master_port')}"
+    return "a primary"
+
+
+def offset_divergence(
+    mine: Mapping[str, Any], theirs: Mapping[str, Any], new: RedisDsn
+) -> Divergence:
+    """The old primary's replication stream past the point where the new primary's
+    history left it. Redis keeps, on a promoted replica, the replication id it
+    followed (``master_replid2``) and the offset where it stopped following it
+    (``second_repl_offset`` - 1): the fork. Every byte the old primary's stream
+    holds beyond the fork, under that id, the new primary never got."""
+    if _follows(mine, new):
+        return Divergence(
+            True, 0, "bytes", detail=f"already a replica of {new.where}: nothing to throw away"
+        )
+    my_id, my_offset = mine.get("master_replid"), _int(mine.get("master_repl_offset"))
+    if my_offset is None or not my_id:
+        return Divergence(
+            False, None, "bytes", detail="the old primary shows no replication offset"
+        )
+    second = _int(theirs.get("second_repl_offset"), -1) or -1
+    if my_id == theirs.get("master_replid"):
+        fork = _int(theirs.get("master_repl_offset"), 0) or 0
+        where = f"the new primary's offset {fork} (same history)"
+    elif my_id == theirs.get("master_replid2") and second > 0:
+        fork = second - 1
+        where = f"the fork at offset {fork}"
+    else:
+        return Divergence(
+            False,
+            None,
+            "bytes",
+            detail=(
+                f"the old primary's replication id {str(my_id)[:12]} is not in the new "
+                "primary's history (it restarted, or its backlog was freed, and it began "
+                "a new one): what diverged cannot be told"
+            ),
+        )
+    lost = max(my_offset - fork, 0)
+    if lost:
+        detail = f"old primary wrote {lost} bytes of replication stream past {where}"
+    else:
+        detail = f"nothing past {where}: the new primary has everything the old one wrote"
+    return Divergence(True, lost, "bytes", detail=detail)
