@@ -135,6 +135,7 @@ class ProbeCycle:
         d.metrics.set_primary_down(verdict.outage_seconds)
         d.last_cycle_wall = d.wall()
         d.metrics.cycle_completed(d.last_cycle_wall)
+        d.readiness.after_cycle()
         if not self._ready:
             self._ready = True
             d.systemd.ready(f"{d.policy.state}: {decision.reason}")

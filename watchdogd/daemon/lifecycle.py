@@ -30,6 +30,7 @@ from watchdogd.core.secrets import Secrets
 from watchdogd.daemon import reload as reloading
 from watchdogd.daemon.commands import Commands
 from watchdogd.daemon.cycle import Latest, ProbeCycle, make_detector
+from watchdogd.daemon.readiness import EXPENSIVE_INTERVAL, ReadinessRunner
 from watchdogd.daemon.sequences import Sequences
 from watchdogd.daemon.subscribers import metrics_subscriber, notify_subscriber
 from watchdogd.daemon.views import Views
@@ -81,6 +82,7 @@ class Daemon:
         self.sequences = Sequences(self)
         self.commands = Commands(self)
         self.views = Views(self)
+        self.readiness = ReadinessRunner(self)
         self.scheduler: AsyncIOScheduler | None = None
         self.session: aiohttp.ClientSession | None = None
         self._http: Any = None
@@ -157,6 +159,15 @@ class Daemon:
             misfire_grace_time=max(1, int(cfg.probe.interval)),
             next_run_time=datetime.now(UTC),
             id="probe",
+        )
+        self.scheduler.add_job(
+            self.readiness.job,
+            "interval",
+            seconds=EXPENSIVE_INTERVAL,
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+            id="readiness",
         )
         self.scheduler.start()
         self._start_watchdog()
