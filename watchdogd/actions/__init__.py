@@ -171,7 +171,9 @@ async def check_ready(action: Action, ctx: StepContext, timeout: float) -> str:
     if check is None:
         return "this action has no readiness check"
     try:
-        async with asyncio.timeout(timeout):
+        # A little beyond the action's own bound, so that its message (what it was
+        # doing) wins the race; this one only stops a check that ignores its timeout.
+        async with asyncio.timeout(timeout + min(timeout, 1.0)):
             detail: str = await check(ctx, timeout)
     except TimeoutError:
         raise ActionError(f"no answer within {timeout:g}s") from None

@@ -235,10 +235,13 @@ def report(result: Readiness) -> list[str]:
     """What ``check-config --online`` prints: the verdict, then one line per problem."""
     errors = [c for c in result.problems if c.severity == readiness.ERROR]
     warnings = [c for c in result.problems if c.severity != readiness.ERROR]
+    total = len(result.checks)
     if errors:
-        lines = [f"not ready: {len(errors)} of {len(result.checks)} checks failed"]
+        lines = [f"not ready: {len(errors)} of {total} checks failed"]
+    elif warnings:
+        lines = [f"ready: {total - len(warnings)} of {total} checks passed, the others warn"]
     else:
-        lines = [f"ready: {len(result.checks)} checks passed" if not warnings else "ready"]
+        lines = [f"ready: {total} checks passed"]
     lines += [f"  {c.name}: {c.detail}" for c in errors]
     lines += [f"  warning {c.name}: {c.detail}" for c in warnings]
     return lines
