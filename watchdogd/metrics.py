@@ -14,6 +14,9 @@ Conventions chosen here (documented because alerts depend on them):
   finished (when the standby last became the primary); 0 until then.
 - ``watchdogd_config_last_reload_timestamp_seconds`` is the time of the last *successful*
   load or reload (like Prometheus' own ``..._last_reload_success_timestamp_seconds``).
+- ``watchdogd_failover_ready`` starts at 0: unknown is not ready (the readiness checks
+  run with the first probe cycle); ``watchdogd_readiness_check_ok`` has one series per
+  check the config names, and a check a reload removed is removed from it.
 - ``watchdogd_journal_writable`` starts at 1 (a daemon whose journal fails its write-test
   at start does not start) and follows every journal write after that.
 

@@ -19,13 +19,16 @@ from aioresponses import CallbackResult, aioresponses
 
 from tests.support.apps import DemoApps, running_apps
 from tests.support.bind import Bind, bind_server
-from tests.support.haproxy import Haproxy, Server, haproxy
+from tests.support.haproxy import Haproxy, Server, admin, haproxy, http_app
 from tests.support.pg import SECRET, eventually, pg_template, require_pg_bin
 from tests.support.vendor import CompatResponse, VendorAPI
 from watchdogd import cli
 from watchdogd import config as configmod
+from watchdogd.actions import ActionError, check_ready, registry
 from watchdogd.actions.cloud66 import API_BASE
+from watchdogd.core.section import Section
 from watchdogd.daemon import Daemon
+from watchdogd.daemon.readiness import context
 from watchdogd.demo.lab import PgPair
 
 pytestmark = pytest.mark.integration
@@ -354,3 +357,60 @@ async def test_an_invalid_config_exits_2_before_any_check(
     assert cli.main(["check-config", "--online", "--config", str(path)]) == 2
     out = capsys.readouterr()
     assert "standby: is required" in out.err and out.out == ""
+
+
+def _step(keys: dict[str, Any]) -> Any:
+    errors: list[str] = []
+    section = Section(keys, "failover.steps[0]", errors, set())
+    section.templates = True
+    action = registry()[keys["action"]](section)
+    assert errors == []
+    return action
+
+
+async def test_haproxy_and_dns_ready_say_exactly_what_is_missing(tmp_path: Path) -> None:
+    node = {"database": {"engine": "postgres", "dsn": "postgresql://127.0.0.1/x"}}
+    cfg = configmod.parse(
+        {
+            "cluster": "orders",
+            "primary": {"name": "main", **node},
+            "standby": {"name": "failover", **node},
+            "state_dir": str(tmp_path / "state"),
+        }
+    )
+    ctx = context(cfg, cfg.primary, cfg.standby, {})
+    async with http_app("main") as port, haproxy(tmp_path, [Server("main", port)]) as lb:
+        lb_step = {"action": "haproxy", "socket": lb.admin_tcp, "backend": "app"}
+        moving = _step({**lb_step, "activate": "{standby.name}", "deactivate": "{primary.name}"})
+        with pytest.raises(ActionError) as err:
+            await check_ready(moving, ctx, 2)
+        assert str(err.value) == (
+            f"haproxy {lb.admin_tcp}: backend app has no server 'failover' (has: main)"
+        )
+        draining = _step({**lb_step, "server": "main", "state": "drain"})
+        assert (
+            await check_ready(draining, ctx, 2) == f"haproxy {lb.admin_tcp}: backend app has main"
+        )
+        assert (await _get_state(lb)) == "main 2 0"  # nothing was changed by the checks
+
+    with bind_server() as bind:
+        tsig = {"name": bind.key_name, "secret": bind.secret}
+        dns_step = {"action": "dns", "server": bind.server, "type": "A", "value": "127.0.0.2"}
+        served = _step({**dns_step, "zone": bind.zone, "record": "app", "tsig": tsig})
+        assert await check_ready(served, ctx, 2) == (
+            f"{bind.server} serves {bind.zone}. to key {bind.key_name}"
+        )
+        elsewhere = _step({**dns_step, "zone": "other.test", "record": "app", "tsig": tsig})
+        with pytest.raises(ActionError) as err:
+            await check_ready(elsewhere, ctx, 2)
+        assert str(err.value).startswith(
+            f"dns {bind.server}: SOA other.test. signed with key {bind.key_name}: answered "
+        )
+        assert bind.query(f"app.{bind.zone}.", "A").answer == []  # nothing was updated
+
+
+async def _get_state(lb: Haproxy) -> str:
+    lines = (await admin(lb.admin_socket, "show servers state app")).splitlines()
+    columns = next(line for line in lines if line.startswith("# "))[2:].split()
+    row = dict(zip(columns, lines[2].split(), strict=False))
+    return f"{row['srv_name']} {row['srv_op_state']} {row['srv_admin_state']}"

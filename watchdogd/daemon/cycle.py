@@ -244,6 +244,7 @@ class ProbeCycle:
         verdict = d.latest.verdict or Verdict(HEALTHY, "not probed yet")
         self.report_decision(d.policy.evaluate(verdict, self.standby_facts(), d.wall()))
         d.metrics.set_armed(d.policy.armed(d.wall()))
+        d.readiness.after_cycle()
 
     # ------------------------------------------------------------------ split brain
 

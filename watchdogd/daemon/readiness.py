@@ -105,10 +105,16 @@ class ReadinessRunner:
         primary, standby = self.d.roles()
         return self.d.config, primary.name, standby.name
 
+    def _busy(self) -> bool:
+        """A failover or a fence is running: its steps own their targets until it ends
+        (and the roles it changes are checked afterwards)."""
+        s = self.d.sequences
+        return s.running or (s.fence_task is not None and not s.fence_task.done())
+
     async def job(self) -> None:
         """The scheduled run of the expensive checks (never raises)."""
-        if self._lock.locked():
-            return  # a run kicked off by a reload is under way
+        if self._lock.locked() or self._busy():
+            return  # a run kicked off by a reload is under way, or a sequence runs
         async with self._lock:
             key = self._key()
             config, (primary, standby) = self.d.config, self.d.roles()
@@ -134,7 +140,8 @@ class ReadinessRunner:
             self.d.emit("cycle_error", error=f"readiness: {type(exc).__name__}: {exc}")
 
     def _after_cycle(self) -> None:
-        if self._checked_for is not None and self._checked_for != self._key():
+        stale = self._checked_for is not None and self._checked_for != self._key()
+        if stale and not self._busy():
             self._checked_for = None
             self._expensive = None
             task = asyncio.create_task(self.job(), name="readiness")
