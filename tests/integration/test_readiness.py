@@ -36,6 +36,7 @@ pytestmark = pytest.mark.integration
 TOKEN = "c66-readiness-token-77ab"
 GROUP = "fg-ready"
 TRUE = "/bin/true"
+CHEAP = ("standby_database", "replication", "lag", "standby_app", "armed")
 STEPS = [
     "step:primary_maintenance_on",
     "step:stop_replication",
@@ -158,7 +159,7 @@ def config(lab: Lab, port: int | None = None, **broken: Any) -> dict[str, Any]:
             "database": {"engine": "postgres", "dsn": lab.pair.standby.dsn},
             "app": {"health_url": f"{apps.standby.url}/health"},
         },
-        "probe": {"interval": "300ms", "timeout": "250ms"},
+        "probe": {"interval": "500ms", "timeout": "400ms"},
         "failover": {"outage_threshold": "2s", "steps": steps},
         "cloud66": {"token": "${C66_TOKEN}"},
         "metrics": {"enabled": False},
@@ -263,8 +264,9 @@ async def test_every_unreachable_step_target_fails_its_check_everywhere(
     # what still works is said to work: the rest of the runbook, and the pair itself
     for name in set(STEPS) - set(expected):
         assert now[name]["ok"] is True and metric(d, name) == 1.0, now[name]
-    for name in ("standby_database", "replication", "lag", "standby_app", "armed"):
-        assert now[name]["ok"] is True and metric(d, name) == 1.0, now[name]
+    # (a probe may miss its bound on a loaded machine: wait for a cycle that did not)
+    await eventually(lambda: all(checks(d)[name]["ok"] for name in CHEAP), within=5)
+    assert all(metric(d, name) == 1.0 for name in CHEAP)
     assert "c66-some-revoked-token" not in str(d.status())  # a secret, even a wrong one
 
     code, lines = await online(broken, lab.tmp, capsys)
@@ -318,6 +320,12 @@ async def test_replication_stopped_and_standby_app_down_fail_their_checks(
         assert settings["ok"] is True and metric(d, "settings:failover") == 1.0
     code, lines = await online(cfg, lab.tmp, capsys)
     assert code == 0, lines
+    total = len(checks(d))
+    assert lines[1] == (
+        f"ready: {total - 1} of {total} checks passed, the others warn"
+        if profile == "stock"
+        else f"ready: {total} checks passed"
+    )
     assert any("warning settings:failover: wal_receiver_timeout" in x for x in lines) == (
         profile == "stock"
     )
