@@ -3,11 +3,13 @@ watchdogctl shows what is wrong."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.unit.builders import PRIMARY_UP, obs, standby_status
+from tests.unit.test_commands import Rig
 from watchdogd import readiness
 from watchdogd.core.model import (
     AppConfig,
@@ -251,3 +253,31 @@ def test_watchdogctl_status_lists_what_is_wrong_errors_first() -> None:
     shown = render_status({"cluster": "c", "state": "watching", "readiness": ok})
     rows = [line.strip() for line in shown.splitlines()]
     assert "ready    yes" in rows and "warning: settings:failover: slow" in rows
+
+
+async def test_a_pause_disarms_readiness_at_once_and_resume_rearms_it(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    d = rig.d
+    sample = d.metrics.registry.get_sample_value
+    armed = {"cluster": "orders", "check": "armed"}
+    try:
+        await rig.cmd("pause", reason="db upgrade")
+        shown = {c["name"]: c for c in (await rig.cmd("status"))["readiness"]["checks"]}
+        assert shown["armed"] == {
+            "name": "armed",
+            "ok": False,
+            "detail": "automatic failover is not armed: paused by an operator (db upgrade)",
+            "severity": "error",
+        }
+        assert sample("watchdogd_readiness_check_ok", armed) == 0.0
+        await rig.cmd("resume")
+        assert sample("watchdogd_readiness_check_ok", armed) == 1.0
+        # nothing probed yet, nothing checked yet: not ready, and it says why
+        status = await rig.cmd("status")
+        assert status["readiness"]["ready"] is False
+        assert sample("watchdogd_failover_ready", {"cluster": "orders"}) == 0.0
+        assert {c["name"]: c["detail"] for c in status["readiness"]["checks"]}[
+            "step:promote_standby"
+        ] == readiness.NOT_CHECKED
+    finally:
+        d.journal.close()
