@@ -281,3 +281,12 @@ async def test_a_pause_disarms_readiness_at_once_and_resume_rearms_it(tmp_path: 
         ] == readiness.NOT_CHECKED
     finally:
         d.journal.close()
+
+
+def test_watchdogctl_status_keeps_the_list_short() -> None:
+    many = tuple(Check(f"step:s{i}", False, "refused") for i in range(9))
+    shown = render_status({"cluster": "c", "readiness": Readiness(many, 1.0).as_dict()})
+    rows = [line.strip() for line in shown.splitlines()]
+    assert "ready    NO (9 failing)" in rows
+    assert [r for r in rows if r.startswith("step:")] == [f"step:s{i}: refused" for i in range(6)]
+    assert rows[-1] == "... and 3 more (--json shows all)"
