@@ -160,7 +160,7 @@ def config(lab: Lab, port: int | None = None, **broken: Any) -> dict[str, Any]:
             "app": {"health_url": f"{apps.standby.url}/health"},
         },
         "probe": {"interval": "500ms", "timeout": "400ms"},
-        "failover": {"outage_threshold": "2s", "steps": steps},
+        "failover": {"outage_threshold": "2s", "max_lag_seconds": "1s", "steps": steps},
         "cloud66": {"token": "${C66_TOKEN}"},
         "metrics": {"enabled": False},
         "control": {"socket": str(lab.tmp / "run" / "control.sock")},
@@ -297,7 +297,7 @@ async def test_every_unreachable_step_target_fails_its_check_everywhere(
     assert metric(d, "step:dns") is None and "step:dns" not in checks(d)
 
 
-async def test_replication_stopped_and_standby_app_down_fail_their_checks(
+async def test_replication_stopped_lag_and_standby_app_down_fail_their_checks(
     lab: Lab,
     cloud66: aioresponses,
     daemons: list[Daemon],
@@ -345,6 +345,24 @@ async def test_replication_stopped_and_standby_app_down_fail_their_checks(
     await asyncio.to_thread(lab.pair.reattach_standby)
     await eventually(lambda: d.status()["readiness"]["ready"], within=10)
     assert metric(d) == 1.0 and metric(d, "replication") == 1.0
+
+    # Replay paused on the real standby while the primary writes: the lag guard
+    # (max_lag_seconds 1s) would refuse a failover, and readiness says so.
+    # (a commit replayed first: the standby measures its lag from the last one it replayed)
+    await asyncio.to_thread(lab.pair.primary.execute, "CREATE TABLE replayed AS SELECT 1 AS x")
+    await asyncio.to_thread(lab.pair.wait_replayed)
+    await asyncio.to_thread(lab.pair.pause_replay)
+    await asyncio.to_thread(lab.pair.primary.execute, "CREATE TABLE behind AS SELECT 1 AS x")
+    await eventually(lambda: metric(d, "lag") == 0.0, within=10)
+    assert metric(d) == 0.0
+    lag = checks(d)["lag"]
+    assert lag["ok"] is False and "more than max_lag_seconds 1s" in lag["detail"], lag
+    assert checks(d)["replication"]["ok"] is True  # still streaming: only replay waits
+    code, lines = await online(cfg, lab.tmp, capsys)
+    assert code == 1, lines
+    assert "more than max_lag_seconds 1s" in line_of(lines, "lag")
+    await asyncio.to_thread(lab.pair.resume_replay)
+    await eventually(lambda: d.status()["readiness"]["ready"], within=10)
 
     # The standby's application down: its health check is refused.
     await lab.apps.standby.stop()
