@@ -26,6 +26,7 @@ from watchdogd import cli
 from watchdogd import config as configmod
 from watchdogd.actions import ActionError, check_ready, registry
 from watchdogd.actions.cloud66 import API_BASE
+from watchdogd.control import Peer
 from watchdogd.core.section import Section
 from watchdogd.daemon import Daemon
 from watchdogd.daemon.readiness import context
@@ -297,7 +298,7 @@ async def test_every_unreachable_step_target_fails_its_check_everywhere(
     assert metric(d, "step:dns") is None and "step:dns" not in checks(d)
 
 
-async def test_replication_stopped_lag_and_standby_app_down_fail_their_checks(
+async def test_each_pair_check_fails_for_real_on_a_real_pair(
     lab: Lab,
     cloud66: aioresponses,
     daemons: list[Daemon],
@@ -373,6 +374,26 @@ async def test_replication_stopped_lag_and_standby_app_down_fail_their_checks(
     code, lines = await online(cfg, lab.tmp, capsys)
     assert code == 1, lines
     assert "Cannot connect" in line_of(lines, "standby_app")
+
+    # Paused by an operator: the daemon is disarmed, and the command line reads the
+    # pause from the journal the daemon wrote.
+    peer = Peer(pid=os.getpid(), uid=0, gid=0, user="root")
+    await d.handle_command("pause", {"reason": "db upgrade"}, peer)
+    assert metric(d, "armed") == 0.0
+    paused = "automatic failover is not armed: paused by an operator (db upgrade)"
+    assert checks(d)["armed"]["detail"] == paused
+    code, lines = await online(cfg, lab.tmp, capsys)
+    assert code == 1 and line_of(lines, "armed") == f"armed: {paused}", lines
+
+    # The standby database killed: it no longer answers.
+    await asyncio.to_thread(lab.pair.standby.kill)
+    await eventually(lambda: metric(d, "standby_database") == 0.0, within=5)
+    assert "failover does not answer" in checks(d)["standby_database"]["detail"]
+    code, lines = await online(cfg, lab.tmp, capsys)
+    assert code == 1, lines
+    assert line_of(lines, "standby_database").startswith(
+        "standby_database: failover does not answer: "
+    )
 
 
 async def test_an_invalid_config_exits_2_before_any_check(
