@@ -201,6 +201,7 @@ class Daemon:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
+        self.readiness.close()
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()
             self._watchdog_task = None

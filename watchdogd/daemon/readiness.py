@@ -100,6 +100,7 @@ class ReadinessRunner:
         self._expensive: list[Check] | None = None
         self._checked_for: tuple[Config, str, str] | None = None
         self._lock = asyncio.Lock()
+        self._kicked: set[asyncio.Task[None]] = set()  # runs started by after_cycle
 
     def _key(self) -> tuple[Config, str, str]:
         primary, standby = self.d.roles()
@@ -113,6 +114,12 @@ class ReadinessRunner:
 
     async def job(self) -> None:
         """The scheduled run of the expensive checks (never raises)."""
+        try:
+            await self._run()
+        except Exception as exc:  # a report must never take the daemon down
+            self.d.emit("cycle_error", error=f"readiness: {type(exc).__name__}: {exc}")
+
+    async def _run(self) -> None:
         if self._lock.locked() or self._busy():
             return  # a run kicked off by a reload is under way, or a sequence runs
         async with self._lock:
@@ -145,9 +152,14 @@ class ReadinessRunner:
             self._checked_for = None
             self._expensive = None
             task = asyncio.create_task(self.job(), name="readiness")
-            self.d.background.add(task)
-            task.add_done_callback(self.d.background.discard)
+            self._kicked.add(task)  # a reference until it ends
+            task.add_done_callback(self._kicked.discard)
         self.update()
+
+    def close(self) -> None:
+        """At stop: a run started after a reload or a failover ends with the daemon."""
+        for task in list(self._kicked):
+            task.cancel()
 
     def update(self) -> None:
         d = self.d
