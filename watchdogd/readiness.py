@@ -151,10 +151,11 @@ def armed_check(policy: Policy, now: float) -> Check:
         why.append(f"mode is {policy.cfg.mode}")
     if j.paused:
         why.append("paused by an operator" + (f" ({j.pause_reason})" if j.pause_reason else ""))
+    # (no ids here: status and the page show the failover itself beside this)
     if j.unfinished is not None:
-        why.append(f"failover {j.unfinished.id} is in progress")
+        why.append("a failover is in progress")
     if j.awaiting_ack is not None:
-        why.append(f"failover {j.awaiting_ack.id} awaits an ack (watchdogctl ack)")
+        why.append("the last failover awaits an ack (watchdogctl ack)")
     if (left := policy.cooldown_left(now)) > 0:
         why.append(f"cooldown: {format_duration(left)} left")
     return Check(ARMED, False, "automatic failover is not armed: " + "; ".join(why))

@@ -189,7 +189,7 @@ def awaiting_ack(state: JournalState) -> None:
     [
         (paused, "paused by an operator (db work)"),
         (in_cooldown, "cooldown: 540s left"),
-        (awaiting_ack, "failover f1 awaits an ack"),
+        (awaiting_ack, "the last failover awaits an ack (watchdogctl ack)"),
     ],
 )
 def test_armed_is_the_policys_and_names_what_disarms_it(arrange: Any, words: str) -> None:
