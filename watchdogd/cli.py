@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", required=True, help="path to the YAML config")
     check = sub.add_parser("check-config", help="validate a config; exit 2 listing every problem")
     check.add_argument("--config", "-c", required=True, help="path to the YAML config")
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also run every readiness check once (databases, apps, step targets): "
+        "exit 0 ready, 1 not ready",
+    )
     journal = sub.add_parser("journal", help="check or repair the failover journal")
     jsub = journal.add_subparsers(dest="journal_command", required=True)
     jcheck = jsub.add_parser("check", help="show damaged lines; exit 0 clean, 1 damaged")
@@ -58,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            return check_config(args.config)
+            return check_config(args.config, online=args.online)
         if args.command == "run":
             return run(args.config)
         if args.command == "journal":
@@ -83,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_FAILURE  # pragma: no cover - argparse requires a command
 
 
-def check_config(path: str) -> int:
+def check_config(path: str, *, online: bool = False) -> int:
     try:
         cfg = configmod.load(path)
     except configmod.ConfigError as exc:
@@ -95,7 +101,14 @@ def check_config(path: str) -> int:
         f"{path}: ok (cluster {cfg.cluster}: {cfg.primary.name} -> {cfg.standby.name}; "
         f"mode {cfg.failover.mode}; steps: {steps})"
     )
-    return EXIT_OK
+    if not online:
+        return EXIT_OK
+    from watchdogd.daemon import readiness
+
+    result = asyncio.run(readiness.check_online(cfg))
+    for line in readiness.report(result):
+        print(cfg.mask(line))
+    return EXIT_OK if result.ready else EXIT_FAILURE
 
 
 def run(path: str) -> int:

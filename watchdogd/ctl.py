@@ -420,6 +420,10 @@ def render(command: str, result: Mapping[str, Any]) -> str:
     return render_generic(command, result)
 
 
+# A short list of what is wrong; the rest is one --json away.
+_READINESS_LINES = 6
+
+
 def render_status(s: Mapping[str, Any]) -> str:
     rows: list[tuple[str, str]] = [("cluster", _text(s.get("cluster", "?")))]
     state = _text(s.get("state", "unknown"))
@@ -465,6 +469,18 @@ def render_status(s: Mapping[str, Any]) -> str:
             rows.append(("", f"reason: {_text(last['reason'])}"))
     if "awaiting_ack" in s:
         rows.append(("awaiting ack", "YES (watchdogctl ack)" if s.get("awaiting_ack") else "no"))
+    readiness = s.get("readiness")
+    if isinstance(readiness, dict) and isinstance(readiness.get("checks"), list):
+        # What is wrong, errors first: what stops a failover before what only slows it.
+        failed = [c for c in readiness["checks"] if isinstance(c, dict) and not c.get("ok")]
+        failed.sort(key=lambda c: c.get("severity") == "warning")
+        errors = sum(1 for c in failed if c.get("severity") != "warning")
+        rows.append(("ready", "yes" if readiness.get("ready") else f"NO ({errors} failing)"))
+        for c in failed[:_READINESS_LINES]:
+            tag = "warning: " if c.get("severity") == "warning" else ""
+            rows.append(("", f"{tag}{_text(c.get('name', '?'))}: {_text(c.get('detail', ''))}"))
+        if len(failed) > _READINESS_LINES:
+            rows.append(("", f"... and {len(failed) - _READINESS_LINES} more (--json shows all)"))
     out = _pairs(rows)
     nodes = s.get("nodes")
     if isinstance(nodes, list) and nodes:

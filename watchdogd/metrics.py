@@ -14,6 +14,9 @@ Conventions chosen here (documented because alerts depend on them):
   finished (when the standby last became the primary); 0 until then.
 - ``watchdogd_config_last_reload_timestamp_seconds`` is the time of the last *successful*
   load or reload (like Prometheus' own ``..._last_reload_success_timestamp_seconds``).
+- ``watchdogd_failover_ready`` starts at 0: unknown is not ready (the readiness checks
+  run with the first probe cycle); ``watchdogd_readiness_check_ok`` has one series per
+  check the config names, and a check a reload removed is removed from it.
 - ``watchdogd_journal_writable`` starts at 1 (a daemon whose journal fails its write-test
   at start does not start) and follows every journal write after that.
 
@@ -30,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -236,6 +239,19 @@ class Metrics:
             c,
             registry=r,
         )
+        self.failover_ready = Gauge(
+            "watchdogd_failover_ready",
+            "1 if every readiness check that can stop a failover passes, else 0.",
+            c,
+            registry=r,
+        )
+        self.readiness_check = Gauge(
+            "watchdogd_readiness_check_ok",
+            "1 if this readiness check passed at its last run, else 0.",
+            ("cluster", "check"),
+            registry=r,
+        )
+        self._readiness_checks: set[str] = set()
 
         self.build_info.labels(version=__version__, cluster=cluster).set(1)
         for state in STATES:
@@ -253,6 +269,7 @@ class Metrics:
             self.writable_primaries,
             self.last_failover,
             self.cycle_timestamp,
+            self.failover_ready,
         ):
             gauge.labels(cluster=cluster).set(0)
         self.journal_writable.labels(cluster=cluster).set(1)
@@ -317,6 +334,17 @@ class Metrics:
 
     def set_armed(self, armed: bool) -> None:
         self.armed.labels(cluster=self.cluster).set(_flag(armed))
+
+    def set_readiness(self, ready: bool, checks: Mapping[str, bool]) -> None:
+        """The readiness verdict and each check's result. A check the config no longer
+        has (after a reload) is removed, not left at its last value."""
+        self.failover_ready.labels(cluster=self.cluster).set(_flag(ready))
+        for gone in self._readiness_checks - set(checks):
+            with contextlib.suppress(KeyError):
+                self.readiness_check.remove(self.cluster, gone)
+        for name, ok in checks.items():
+            self.readiness_check.labels(cluster=self.cluster, check=name).set(_flag(ok))
+        self._readiness_checks = set(checks)
 
     def set_in_progress(self, in_progress: bool) -> None:
         self.in_progress.labels(cluster=self.cluster).set(_flag(in_progress))

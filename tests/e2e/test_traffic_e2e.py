@@ -325,6 +325,9 @@ async def test_cloud66_five_steps_in_process_against_a_mocked_api(
     peer = Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), user="operator")
     maint = "/stacks/{}/settings/maintenance-mode.json"
     with VendorAPI(passthrough=["http://127.0.0.1"]) as api:
+        # The readiness check reads the group once at start (read-only, no part of the
+        # failover, so not in the stub's record); later reads find no reply and fail.
+        api.get(f"{API_BASE}/failover_groups/{GROUP}", payload={"response": _group(1, False)})
         stub = Cloud66Stub(api)
         stub.stack_action(MAIN_STACK, "PUT", maint.format(MAIN_STACK), 11, polls=1)
         stub.stack_action(STANDBY_STACK, "PUT", maint.format(STANDBY_STACK), 12, polls=2)

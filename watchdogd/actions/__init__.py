@@ -7,6 +7,10 @@ An action module ``watchdogd/actions/<family>.py`` defines::
     def parse_section(section: Section) -> Any            # ... and its parser
     def check(config: Config) -> list[str]                # optional whole-config checks
 
+An Action may also have ``async def ready(ctx, timeout) -> str`` (see ``Ready``): whether
+the step's target is reachable, without side effects, for the readiness checks
+(``watchdogd.readiness``); ``check_ready`` runs it bounded.
+
 A parser reads the action's own keys from the step's Section (errors carry the
 step's path) and returns an Action. Adding an action kind is adding a module;
 nothing else changes.
@@ -18,6 +22,7 @@ may use (checked by ``templated``, filled by ``StepContext.render``).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import pkgutil
 import string
@@ -31,7 +36,7 @@ from watchdogd.core.errors import WatchdogdError
 from watchdogd.core.model import Config, NodeConfig, StepConfig
 from watchdogd.core.secrets import mask_value
 from watchdogd.core.section import Section, walk_strings
-from watchdogd.engines import Engine
+from watchdogd.engines import Engine, EngineError
 
 DEFAULT_STEPS = (
     {"name": "stop_replication", "action": "stop_replication"},
@@ -147,6 +152,34 @@ class Action(Protocol):
     def describe(self, ctx: StepContext) -> dict[str, Any]:
         """What ``run`` would do, fully rendered (secrets are masked by the caller)."""
         ...
+
+
+class Ready(Protocol):
+    """The optional readiness half of an Action."""
+
+    async def ready(self, ctx: StepContext, timeout: float) -> str:
+        """Whether ``run`` could reach its target now, changing nothing (a connection
+        accepted, a read-only call answered, a program found) within ``timeout``
+        seconds; return a short detail, raise ActionError with one line when not."""
+        ...
+
+
+async def check_ready(action: Action, ctx: StepContext, timeout: float) -> str:
+    """Run an action's readiness check, bounded by ``timeout``; ActionError (one line,
+    secrets masked) when its target is not reachable."""
+    check = getattr(action, "ready", None)
+    if check is None:
+        return "this action has no readiness check"
+    try:
+        # A little beyond the action's own bound, so that its message (what it was
+        # doing) wins the race; this one only stops a check that ignores its timeout.
+        async with asyncio.timeout(timeout + min(timeout, 1.0)):
+            detail: str = await check(ctx, timeout)
+    except TimeoutError:
+        raise ActionError(f"no answer within {timeout:g}s") from None
+    except (ActionError, EngineError) as exc:
+        raise ActionError(ctx.config.mask(str(exc))) from None
+    return ctx.config.mask(detail)
 
 
 @cache

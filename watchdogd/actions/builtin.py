@@ -43,6 +43,10 @@ class EngineCall:
         node = self._node(ctx)
         return {"node": node.name, "engine": node.database.engine}
 
+    async def ready(self, ctx: StepContext, timeout: float) -> str:
+        """The target database answers (its role is the cheap checks' business)."""
+        return await _answers(ctx, self._node(ctx), timeout)
+
 
 @dataclass
 class CatchUp:
@@ -79,6 +83,19 @@ class CatchUp:
 
     def describe(self, ctx: StepContext) -> dict[str, Any]:
         return {"wait_until": f"{ctx.standby.name} replayed all of {ctx.primary.name}'s WAL"}
+
+    async def ready(self, ctx: StepContext, timeout: float) -> str:
+        """Both databases answer: the old primary's position is read, the standby's polled."""
+        primary = await _answers(ctx, ctx.primary, timeout)
+        return f"{primary}; {await _answers(ctx, ctx.standby, timeout)}"
+
+
+async def _answers(ctx: StepContext, node: Any, timeout: float) -> str:
+    try:
+        await ctx.engine(node).status(timeout)
+    except EngineError as exc:
+        raise ActionError(f"{node.name} does not answer: {exc}") from None
+    return f"{node.name} answers"
 
 
 @dataclass

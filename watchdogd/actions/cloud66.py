@@ -235,6 +235,44 @@ class Cloud66Action:
         except _ApiError as exc:
             raise ActionError(str(exc)) from None
 
+    async def ready(self, ctx: StepContext, timeout: float) -> str:
+        """Read-only calls that the step's own would need: the token is accepted and
+        the stack (and its server), or the failover group, exists."""
+        import aiohttp
+
+        settings = ctx.config.providers.get(SECTION)
+        if not isinstance(settings, Cloud66Settings) or not settings.token:
+            raise ActionError("cloud66: the config has no top-level cloud66 section with a token")
+        p = ctx.render(self.params)
+        for key in ("stack", "failover_group", "server"):
+            if key in p and not _UID.match(p[key]):
+                raise ActionError(f"cloud66 {self.operation}: {key} {p[key]!r} is not a UID")
+        if self.operation == "switch_failover_group":
+            paths = [(f"/failover_groups/{p['failover_group']}", "failover group")]
+        else:
+            paths = [(f"/stacks/{p['stack']}", "stack")]
+            if self.operation == "promote_replica":
+                paths.append((f"/stacks/{p['stack']}/servers/{p['server']}", "server"))
+        try:
+            async with asyncio.timeout(timeout), aiohttp.ClientSession() as session:
+                api = _Api(session, settings.token, set(ctx.config.secrets))
+                for path, what in paths:
+                    reply = await api.call("GET", path)
+                    if what == "failover group":
+                        _group_state(reply, path)
+                    elif not isinstance(reply, dict):
+                        raise ActionError(
+                            f"cloud66 GET {path}: unexpected reply: expected a {what}"
+                        )
+        except _ApiError as exc:
+            hint = ""
+            if " HTTP 401" in str(exc):
+                hint = " (the token was refused)"
+            elif " HTTP 404" in str(exc):
+                hint = f" (no such {what}, or the token cannot see it)"
+            raise ActionError(f"{exc}{hint}") from None
+        return "token accepted; " + ", ".join(f"{w} {path} exists" for path, w in paths)
+
     # -- operations
 
     async def _maintenance(self, api: _Api, p: dict[str, Any], progress: _Progress) -> str:

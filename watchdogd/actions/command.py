@@ -106,6 +106,30 @@ class CommandAction:
             described["env"] = ctx.render(self.env)
         return described
 
+    async def ready(self, ctx: StepContext, timeout: float) -> str:
+        """The program exists and is executable, found the way ``run`` finds it: a path
+        (relative to ``cwd``), or a bare name in the child's own PATH. Nothing runs."""
+        return _find_program(ctx.render(self.argv)[0], self.cwd, self.environment(ctx)["PATH"])
+
+
+def _find_program(program: str, cwd: str | None, path: str) -> str:
+    """Where ``program`` is, as the runner would find it; ActionError when it is not."""
+    import shutil
+
+    if cwd is not None and not os.path.isdir(cwd):
+        raise ActionError(f"cwd {cwd} is not an existing directory")
+    if "/" not in program:
+        found = shutil.which(program, path=path)
+        if found is None:
+            raise ActionError(f"{program}: no executable of that name in PATH ({path})")
+        return f"{program} is {found}"
+    where = os.path.join(cwd, program) if cwd is not None else program
+    if not os.path.exists(where):
+        raise ActionError(f"{program}: no such file")
+    if problem := _not_executable(where):
+        raise ActionError(f"{program} {problem}")
+    return f"{program} is executable"
+
 
 async def _tail(stream: asyncio.StreamReader, limit: int = OUTPUT_LIMIT) -> bytes:
     """Read ``stream`` to its end, keeping only the last ``limit`` bytes."""

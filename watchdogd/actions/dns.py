@@ -172,6 +172,43 @@ class DnsAction:
             )
         return f"{record} is {value_text} ttl {self.ttl} (verified at {self.server})"
 
+    async def ready(self, ctx: StepContext, timeout: float) -> str:
+        """The server answers, authoritatively, the zone's SOA to a query signed with
+        the step's TSIG key (a key it does not know, or a zone it does not serve, fails).
+        Nothing is updated."""
+        import dns.exception
+        import dns.flags
+        import dns.message
+        import dns.rcode
+        import dns.rdataclass
+        import dns.rdatatype
+
+        zone = _absolute(self.zone)
+        host, port = _split_server(self.server)
+        key = self._key()
+        signed = f" signed with key {self.tsig.name}" if self.tsig is not None else ""
+        what = f"dns {self.server}: SOA {zone}{signed}"
+        try:
+            async with asyncio.timeout(timeout):
+                query = dns.message.make_query(zone, dns.rdatatype.SOA)
+                if key is not None:
+                    query.use_tsig(key)
+                reply = await _tcp(query, await _address(host, port), port)
+        except TimeoutError:
+            raise ActionError(f"{what}: no answer within {format_duration(timeout)}") from None
+        except OSError as exc:
+            raise ActionError(f"{what}: {_os_error(exc)}") from None
+        except dns.exception.DNSException as exc:
+            raise ActionError(f"{what}: {_exc_text(exc)}") from None
+        rcode = dns.rcode.to_text(reply.rcode())
+        if rcode != "NOERROR":
+            hint = _RCODE_HINTS.get(rcode)
+            raise ActionError(f"{what}: answered {rcode}" + (f" ({hint})" if hint else ""))
+        soa = reply.get_rrset(reply.answer, _name(zone), dns.rdataclass.IN, dns.rdatatype.SOA)
+        if soa is None or not reply.flags & dns.flags.AA:
+            raise ActionError(f"{what}: the server is not authoritative for the zone")
+        return f"{self.server} serves {zone}" + (f" to key {self.tsig.name}" if self.tsig else "")
+
     # -- helpers
 
     def _fqdn_text(self, ctx: StepContext) -> str:

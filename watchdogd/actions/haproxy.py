@@ -154,6 +154,18 @@ class HaproxyAction:
             ) from None
         return ", ".join(done)
 
+    async def ready(self, ctx: StepContext, timeout: float) -> str:
+        """The admin socket answers ``show servers state`` for the backend (read-only)
+        and lists every server the step would change."""
+        backend = ctx.render(self.backend)
+        _check_name(backend, "backend")
+        servers = [ctx.render(ch.server) for ch in self.changes]
+        for server in servers:
+            _check_name(server, "server")
+        for server in servers:
+            await self._read(backend, server)
+        return f"haproxy {self.socket}: backend {backend} has {', '.join(servers)}"
+
     # -- the work
 
     async def _apply(self, backend: str, ch: _Change, server: str, doing: list[str]) -> str:

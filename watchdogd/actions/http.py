@@ -80,6 +80,34 @@ class HttpAction:
         r = self._rendered(ctx)
         return {k: v for k, v in r.items() if v not in (None, {})}
 
+    async def ready(self, ctx: StepContext, timeout: float) -> str:
+        """The URL's host accepts a TCP connection (nothing is sent: the request may
+        not be safe to repeat)."""
+        import asyncio
+        import contextlib
+        import os
+
+        parts = urllib.parse.urlsplit(self._rendered(ctx)["url"])
+        try:
+            host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:  # a port that is not a number
+            raise ActionError(f"{self.method} {parts.netloc}: bad URL ({exc})") from None
+        if not host:
+            raise ActionError(f"{self.method}: the URL has no host")
+        where = f"{host}:{port}"
+        try:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(host, port)
+        except TimeoutError:
+            raise ActionError(f"{where}: no connection within {timeout:g}s") from None
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ActionError(f"{where} does not accept connections: {reason}") from None
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return f"{where} accepts connections"
+
 
 def _decode(raw: bytes, charset: str | None) -> str:
     try:

@@ -135,6 +135,7 @@ class ProbeCycle:
         d.metrics.set_primary_down(verdict.outage_seconds)
         d.last_cycle_wall = d.wall()
         d.metrics.cycle_completed(d.last_cycle_wall)
+        d.readiness.after_cycle()
         if not self._ready:
             self._ready = True
             d.systemd.ready(f"{d.policy.state}: {decision.reason}")
@@ -243,6 +244,7 @@ class ProbeCycle:
         verdict = d.latest.verdict or Verdict(HEALTHY, "not probed yet")
         self.report_decision(d.policy.evaluate(verdict, self.standby_facts(), d.wall()))
         d.metrics.set_armed(d.policy.armed(d.wall()))
+        d.readiness.after_cycle()
 
     # ------------------------------------------------------------------ split brain
 

@@ -31,6 +31,7 @@ from watchdogd.core.secrets import Secrets
 from watchdogd.daemon import reload as reloading
 from watchdogd.daemon.commands import Commands
 from watchdogd.daemon.cycle import Latest, ProbeCycle, make_detector
+from watchdogd.daemon.readiness import EXPENSIVE_INTERVAL, ReadinessRunner
 from watchdogd.daemon.sequences import Sequences
 from watchdogd.daemon.subscribers import metrics_subscriber, notify_subscriber
 from watchdogd.daemon.views import Views
@@ -85,6 +86,7 @@ class Daemon:
         self.sequences = Sequences(self)
         self.commands = Commands(self)
         self.views = Views(self)
+        self.readiness = ReadinessRunner(self)
         self.scheduler: AsyncIOScheduler | None = None
         self.session: aiohttp.ClientSession | None = None
         self._http: Any = None
@@ -165,6 +167,15 @@ class Daemon:
             next_run_time=datetime.now(UTC),
             id="probe",
         )
+        self.scheduler.add_job(
+            self.readiness.job,
+            "interval",
+            seconds=EXPENSIVE_INTERVAL,
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+            id="readiness",
+        )
         self.scheduler.start()
         self._start_watchdog()
 
@@ -197,6 +208,7 @@ class Daemon:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
+        self.readiness.close()
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()
             self._watchdog_task = None

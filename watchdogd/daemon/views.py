@@ -83,6 +83,7 @@ class Views:
             "last_failover": _summary(last) if last else None,
             "last_cycle_at": d.last_cycle_wall,
             "journal_error": d.journal_error,
+            "readiness": d.readiness.view(),
         }
 
     def healthz(self) -> tuple[bool, str]:
