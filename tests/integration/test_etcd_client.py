@@ -256,8 +256,9 @@ async def test_move_leader_during_keepalive_keeps_the_lease(
 
 async def collect(events: list[WatchEvent], client: EtcdClient, start_revision: int) -> None:
     watch = client.watch("/watchdogd/test/w/", b"/watchdogd/test/w0", start_revision=start_revision)
-    async for event in watch:
-        events.append(event)
+    async with watch:
+        async for event in watch:
+            events.append(event)
 
 
 async def wait_for(events: list[WatchEvent], count: int, seconds: float) -> None:
@@ -280,8 +281,9 @@ async def test_watch_sees_puts_and_resumes_after_its_member_stops(
         watch = watcher.watch("/watchdogd/test/w/", b"/watchdogd/test/w0", idle_check=0.5)
 
         async def consume() -> None:
-            async for event in watch:
-                events.append(event)
+            async with watch:
+                async for event in watch:
+                    events.append(event)
 
         task = asyncio.create_task(consume())
         try:
@@ -307,6 +309,35 @@ async def test_watch_sees_puts_and_resumes_after_its_member_stops(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def test_watch_on_a_leader_that_loses_quorum_ends_without_waiting_for_idle(
+    cluster: EtcdCluster,
+) -> None:
+    """The watch asks for a member with a leader (gRPC metadata ``hasleader``): a leader
+    cut off from its followers steps down and cancels the stream, long before the idle
+    check would have noticed."""
+    leader = cluster.leader()
+    followers = [m for m in cluster.members if m is not leader]
+    endpoints = [leader.client_url] + [m.client_url for m in followers]
+    idle_check = 60.0
+    async with EtcdClient(endpoints, timeout=TIMEOUT) as client:
+        watch = client.watch("/watchdogd/test/w/", b"/watchdogd/test/w0", idle_check=idle_check)
+
+        async def consume() -> None:
+            async with watch:
+                async for _ in watch:
+                    pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.5)
+        for member in followers:
+            member.sigstop()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            await asyncio.wait_for(task, timing.within(20))
+    assert time.monotonic() - started < idle_check / 3
+    assert f"{leader.client_url}: etcdserver: no leader" in str(caught.value)
 
 
 async def test_watch_from_a_compacted_revision_says_so(client: EtcdClient) -> None:

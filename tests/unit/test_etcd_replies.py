@@ -370,12 +370,13 @@ async def test_watch_resumes_on_the_next_endpoint_after_the_last_event(
         CREATED, json.dumps({"result": {**HEADER, "events": [later]}}), hold=5
     )
     async with EtcdClient([first.url, second.url], timeout=TIMEOUT) as client:
-        watch = client.watch("/w/", b"/w0")
         seen = []
-        async for e in watch:
-            seen.append((e.type, e.kv.key, e.revision))
-            if len(seen) == 2:
-                break
+        async with client.watch("/w/", b"/w0") as watch:
+            async for e in watch:
+                seen.append((e.type, e.kv.key, e.revision))
+                if len(seen) == 2:
+                    break
+        assert watch.next_revision == 13 and watch.reconnects == 1
     assert seen == [("put", b"/w/1", 9), ("delete", b"/w/1", 12)]
     assert "start_revision" not in first.seen[0][2]["create_request"]
     assert second.seen[0][2]["create_request"]["start_revision"] == "10"

@@ -35,7 +35,9 @@ a holder's authority ends at ``Lease.deadline(margin)``: the send time of the la
 acknowledged renewal plus its ttl minus a margin (etcd renewed it no earlier than we
 sent the request). ``Watch`` is an async iterator of events that resumes from the
 revision after the last one it delivered when its stream breaks or its member stops
-answering (an idle stream is checked with a linearizable read on the same member).
+answering: etcd cancels the stream when its member has no leader (gRPC metadata
+``hasleader``), and an idle stream is checked with a linearizable read on its member
+(a SIGSTOPped member keeps the TCP connection open and says nothing).
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NoReturn, TypeVar
 
@@ -730,11 +733,26 @@ class Watch:
     next_revision: int | None
     _idle_check: float
     reconnects: int = 0
+    _events: AsyncGenerator[WatchEvent, None] | None = field(default=None, repr=False)
 
     def __aiter__(self) -> AsyncIterator[WatchEvent]:
-        return self._run()
+        if self._events is None:
+            self._events = self._run()
+        return self._events
 
-    async def _run(self) -> AsyncIterator[WatchEvent]:
+    async def aclose(self) -> None:
+        """Close the stream now (breaking out of ``async for`` leaves it to the loop's
+        garbage collection of async generators)."""
+        if self._events is not None:
+            await self._events.aclose()
+
+    async def __aenter__(self) -> Watch:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def _run(self) -> AsyncGenerator[WatchEvent, None]:
         client = self._client
         failures: list[str] = []
         while True:
@@ -743,10 +761,11 @@ class Watch:
             endpoint = client._endpoints[index]
             delivered = False
             try:
-                async for event in self._stream(endpoint):
-                    delivered = True
-                    failures.clear()
-                    yield event
+                async with contextlib.aclosing(self._stream(endpoint)) as events:
+                    async for event in events:
+                        delivered = True
+                        failures.clear()
+                        yield event
                 raise _AttemptFailed("stream ended")
             except _AttemptFailed as exc:
                 reason = f"{endpoint}: {exc}"
@@ -762,7 +781,7 @@ class Watch:
             if len(failures) >= n:
                 raise StoreUnavailable("etcd watch unavailable: " + "; ".join(failures))
 
-    async def _stream(self, endpoint: yarl.URL) -> AsyncIterator[WatchEvent]:
+    async def _stream(self, endpoint: yarl.URL) -> AsyncGenerator[WatchEvent, None]:
         client = self._client
         create: dict[str, Any] = _range_body(self._key, self._range_end)
         if self.next_revision is not None:
