@@ -57,6 +57,7 @@ import aiohttp
 import yarl
 
 from watchdogd.core.errors import WatchdogdError
+from watchdogd.state.store import StoreUnavailable as StoreUnavailable  # the seam's error
 
 T = TypeVar("T")
 
@@ -73,17 +74,6 @@ _REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
 
 class EtcdConfigError(WatchdogdError):
     """The client's settings are unusable (an endpoint's form, unreadable TLS files)."""
-
-
-class StoreUnavailable(WatchdogdError):
-    """etcd gave no usable answer: never a sign that anything was lost.
-
-    ``maybe_applied`` is true when a write may have taken effect all the same (an
-    attempt reached a server and its answer was lost or ambiguous)."""
-
-    def __init__(self, message: str, *, maybe_applied: bool = False) -> None:
-        super().__init__(message)
-        self.maybe_applied = maybe_applied
 
 
 class CompareFailed(WatchdogdError):
