@@ -40,26 +40,16 @@ TIMEOUT = 1.0  # per attempt
 
 
 @pytest.fixture
-def cluster() -> Iterator[EtcdCluster]:
-    with etcd_cluster() as c:
-        try:
-            yield c
-        finally:
-            for member in c.members:
-                member.sigcont()  # so the kill reaps promptly
-
-
-@pytest.fixture
-async def client(cluster: EtcdCluster) -> AsyncIterator[EtcdClient]:
-    async with EtcdClient(cluster.endpoints, timeout=TIMEOUT) as c:
+async def client(etcd: EtcdCluster) -> AsyncIterator[EtcdClient]:
+    async with EtcdClient(etcd.endpoints, timeout=TIMEOUT) as c:
         yield c
 
 
-def follower_first(cluster: EtcdCluster) -> list[EtcdMember]:
+def follower_first(etcd: EtcdCluster) -> list[EtcdMember]:
     """The members with a follower first: stopping it leaves a leader in place (stopping
     the leader would add an election to what a test measures)."""
-    leader = cluster.leader()
-    return [m for m in cluster.members if m is not leader] + [leader]
+    leader = etcd.leader()
+    return [m for m in etcd.members if m is not leader] + [leader]
 
 
 def leader_key(name: str) -> str:
@@ -166,8 +156,8 @@ async def test_deadline_is_send_time_of_last_acknowledged_renewal_plus_ttl(
     await client.lease_revoke(lease.id)  # revoking a revoked lease: done already
 
 
-async def test_closed_port_fails_over_at_once(cluster: EtcdCluster, closed_port: int) -> None:
-    endpoints = [f"http://127.0.0.1:{closed_port}", *cluster.endpoints]
+async def test_closed_port_fails_over_at_once(etcd: EtcdCluster, closed_port: int) -> None:
+    endpoints = [f"http://127.0.0.1:{closed_port}", *etcd.endpoints]
     async with EtcdClient(endpoints, timeout=TIMEOUT) as client:
         started = time.monotonic()
         await client.put("/watchdogd/test/f", b"1")
@@ -176,9 +166,9 @@ async def test_closed_port_fails_over_at_once(cluster: EtcdCluster, closed_port:
 
 
 async def test_stopped_member_fails_over_within_the_attempt_timeout(
-    cluster: EtcdCluster,
+    etcd: EtcdCluster,
 ) -> None:
-    members = follower_first(cluster)
+    members = follower_first(etcd)
     members[0].sigstop()
     async with EtcdClient([m.client_url for m in members], timeout=TIMEOUT) as client:
         started = time.monotonic()
@@ -195,20 +185,20 @@ async def test_stopped_member_fails_over_within_the_attempt_timeout(
 
 
 async def test_quorum_loss_is_unavailable_never_compare_failed(
-    cluster: EtcdCluster, client: EtcdClient
+    etcd: EtcdCluster, client: EtcdClient
 ) -> None:
     key = leader_key("quorum")
     await client.txn([Compare(key, "create", "=", 0)], [Put(key, b"dc1")])
     lease = await client.lease_grant(30)
-    for member in cluster.members[:2]:
+    for member in etcd.members[:2]:
         member.sigstop()
 
-    # This compare would fail on a healthy cluster: without quorum there is no answer.
+    # This compare would fail on a healthy etcd: without quorum there is no answer.
     with pytest.raises(StoreUnavailable) as txn_failed:
         await client.txn([Compare(key, "create", "=", 0)], [Put(key, b"dc2")])
     assert txn_failed.value.maybe_applied  # requests reached servers that did not answer
     assert "\n" not in str(txn_failed.value)
-    for endpoint in cluster.endpoints:
+    for endpoint in etcd.endpoints:
         assert endpoint in str(txn_failed.value)
     with pytest.raises(StoreUnavailable):
         await client.range(key)  # linearizable: no stale answer from the lone member
@@ -216,7 +206,7 @@ async def test_quorum_loss_is_unavailable_never_compare_failed(
         await lease.renew()
     assert lease.last_error is not None
 
-    for member in cluster.members[:2]:
+    for member in etcd.members[:2]:
         member.sigcont()
     # Quorum back: the same compare fails explicitly, the only "lost".
     bound = time.monotonic() + timing.within(15)
@@ -233,16 +223,16 @@ async def test_quorum_loss_is_unavailable_never_compare_failed(
 
 
 async def test_move_leader_during_keepalive_keeps_the_lease(
-    cluster: EtcdCluster, client: EtcdClient
+    etcd: EtcdCluster, client: EtcdClient
 ) -> None:
     lease = await client.lease_grant(3)
     await client.put("/watchdogd/test/lease-moved", b"x", lease=lease.id)
     keeper = asyncio.create_task(lease.keep(0.3))
     try:
         for _ in range(2):
-            old = cluster.leader()
-            target = next(m for m in cluster.members if m is not old)
-            await asyncio.to_thread(cluster.move_leader, target)
+            old = etcd.leader()
+            target = next(m for m in etcd.members if m is not old)
+            await asyncio.to_thread(etcd.move_leader, target)
             await asyncio.sleep(0.5)
         await asyncio.sleep(lease.ttl)
         assert not keeper.done()
@@ -269,10 +259,10 @@ async def wait_for(events: list[WatchEvent], count: int, seconds: float) -> None
 
 
 async def test_watch_sees_puts_and_resumes_after_its_member_stops(
-    cluster: EtcdCluster,
+    etcd: EtcdCluster,
 ) -> None:
     events: list[WatchEvent] = []
-    members = follower_first(cluster)
+    members = follower_first(etcd)
     endpoints = [m.client_url for m in members]
     async with (
         EtcdClient(endpoints, timeout=TIMEOUT) as watcher,
@@ -312,13 +302,13 @@ async def test_watch_sees_puts_and_resumes_after_its_member_stops(
 
 
 async def test_watch_on_a_leader_that_loses_quorum_ends_without_waiting_for_idle(
-    cluster: EtcdCluster,
+    etcd: EtcdCluster,
 ) -> None:
     """The watch asks for a member with a leader (gRPC metadata ``hasleader``): a leader
     cut off from its followers steps down and cancels the stream, long before the idle
     check would have noticed."""
-    leader = cluster.leader()
-    followers = [m for m in cluster.members if m is not leader]
+    leader = etcd.leader()
+    followers = [m for m in etcd.members if m is not leader]
     endpoints = [leader.client_url] + [m.client_url for m in followers]
     idle_check = 60.0
     async with EtcdClient(endpoints, timeout=TIMEOUT) as client:

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support import free_port, need, retry_if_port_taken, timing, which
 from tests.support.redis import _die_with_parent
 
@@ -312,6 +314,18 @@ def _start(base: Path, certs: Certs | None, extra: Sequence[str]) -> EtcdCluster
         for member in members:
             member.kill()
         raise
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdCluster]:
+    """A three-member cluster for one test; stopped members are continued before the
+    kill, so teardown reaps at once."""
+    with etcd_cluster() as cluster:
+        try:
+            yield cluster
+        finally:
+            for member in cluster.members:
+                member.sigcont()
 
 
 @contextlib.contextmanager

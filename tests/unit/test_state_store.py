@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tests.support import store_contract as contract
 from watchdogd.state import journal as records
-from watchdogd.state.journal import Journal, JournalDamaged, JournalState, apply
+from watchdogd.state.journal import Journal, JournalDamaged
 from watchdogd.state.store import (
     LOCAL,
     LocalJournalStore,
@@ -29,35 +29,6 @@ from watchdogd.state.store import (
     VirtualClock,
     replay,
 )
-
-FAILOVER: dict[str, Any] = {
-    "id": "f1",
-    "trigger": "automatic",
-    "kind": "failover",
-    "reason": "gone",
-}
-PROMOTE: dict[str, Any] = {"id": "f1", "step": "promote", "action": "promote"}
-
-
-def history() -> list[dict[str, Any]]:
-    """A failover from start to ack, a pause and a resume: what a journal holds."""
-    nodes: dict[str, Any] = {"from_node": "main", "to_node": "standby"}
-    return [
-        records.sequence_started("failover", **FAILOVER, **nodes, steps=["promote"], at=10.0),
-        records.step_started("failover", **PROMOTE, attempt=1, at=11.0),
-        records.step_finished("failover", **PROMOTE, outcome="ok", at=12.0),
-        records.sequence_finished("failover", id="f1", outcome="completed", error=None, at=13.0),
-        records.pause(reason="maintenance", by="ops", at=14.0),
-        records.resume(by="ops", at=15.0),
-        records.ack(id="f1", primary="standby", standby="main", at=16.0),
-    ]
-
-
-def folded(recs: list[dict[str, Any]]) -> JournalState:
-    state = JournalState()
-    for rec in recs:
-        apply(state, rec)
-    return state
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -81,45 +52,13 @@ async def store(
 
 
 async def test_append_entries_replay_and_watch(store: tuple[RecordStore, Token]) -> None:
-    seam, token = store
-    recs = history()
-    watched: list[tuple[int, dict[str, Any]]] = []
-
-    async def watch() -> None:
-        async for entry in seam.watch(0):
-            watched.append(entry)
-
-    watcher = asyncio.create_task(watch())
-    positions = [await seam.append(token, rec) for rec in recs]
-    assert positions == sorted(set(positions))
-
-    entries = await seam.entries()
-    assert [p for p, _ in entries] == positions
-    assert [r for _, r in entries] == recs
-    assert [r for _, r in await seam.entries(after=positions[2])] == recs[3:]
-    assert await seam.entries(after=positions[-1]) == []
-
-    state = await replay(seam)
-    assert state == folded(recs)
-    assert state.last is not None and state.last.promoted and state.awaiting_ack is None
-    assert (state.primary, state.paused) == ("standby", False)
-
-    for _ in range(100):
-        if len(watched) == len(recs):
-            break
-        await asyncio.sleep(0.01)
-    watcher.cancel()
-    assert watched == entries
+    await contract.check_append_entries_replay_and_watch(*store)
 
 
 async def test_a_foreign_token_is_lost_and_writes_nothing(
     store: tuple[RecordStore, Token],
 ) -> None:
-    seam, token = store
-    await seam.append(token, records.pause(reason="x", by="ops", at=1.0))
-    with pytest.raises(TokenLost):
-        await seam.append(Token("dc9", token.revision + 7), records.resume(by="ops", at=2.0))
-    assert len(await seam.entries()) == 1
+    await contract.check_foreign_token(*store)
 
 
 async def test_local_store_writes_the_journals_own_bytes(tmp_path: Path) -> None:
@@ -129,7 +68,7 @@ async def test_local_store_writes_the_journals_own_bytes(tmp_path: Path) -> None
         journal.load()
         journal.open()
     store = LocalJournalStore(seamed)
-    for rec in history():
+    for rec in contract.history():
         direct.append(rec)
         await store.append(LOCAL, rec)
     assert seamed.path.read_bytes() == direct.path.read_bytes()
@@ -144,7 +83,7 @@ async def test_local_store_writes_the_journals_own_bytes(tmp_path: Path) -> None
 async def test_local_store_refuses_a_damaged_line_like_the_start_does(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     journal.open()
-    for rec in history()[:3]:
+    for rec in contract.history()[:3]:
         journal.append(rec)
     lines = journal.path.read_bytes().split(b"\n")
     lines[1] = lines[1].replace(b"promote", b"pr0mote", 1)  # the checksum no longer fits
