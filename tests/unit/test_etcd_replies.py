@@ -112,6 +112,7 @@ def assert_one_line(exc: BaseException, *fragments: str) -> None:
 RANGE_JUNK = [
     (text("<html>oops</html>"), "not a JSON object"),
     (text("[1, 2]"), "not a JSON object"),
+    (text("[" * 100_000), "not a JSON object"),  # deeper than the parser's recursion
     (text(""), "(empty body)"),
     (text('{"header": {"revision": "7"}, "kvs": [{"key": "YQ=="}'), "not a JSON object"),
     (reply({}), "missing 'header'"),
@@ -337,6 +338,7 @@ def stream(*lines: str, hold: float = 0.0) -> Handler:
 CREATED = json.dumps({"result": {**HEADER, "created": True}})
 WATCH_JUNK = [
     (stream("nonsense"), "watch message not JSON"),
+    (stream(CREATED, "[" * 100_000), "watch message not JSON"),
     (stream('{"result": {"header": {"revision": "7"}}}'), "does not confirm its creation"),
     (stream(CREATED, '{"result": {"header": {}, "events": [{"kv": 1}]}}'), "'kv' is a int"),
     (stream(CREATED, '{"result": {"header": {}, "events": [{"type": "EXPLODE"}]}}'), "EXPLODE"),

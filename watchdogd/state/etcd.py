@@ -590,7 +590,7 @@ def _decode_reply(status: int, raw: bytes) -> Any:
     text = raw.decode("utf-8", errors="replace").strip()
     try:
         reply = json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):  # junk, or nested deeper than the parser goes
         reply = None
     if not isinstance(reply, dict):
         what = f"HTTP {status}" if status != 200 else "not a JSON object"
@@ -894,7 +894,7 @@ async def _next_line(lines: asyncio.Queue[bytes | BaseException | None]) -> Any:
         raise _AttemptFailed(_one_line(item) or type(item).__name__)
     try:
         return json.loads(item)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadReply(
             f"watch message not JSON: {_one_line(item.decode(errors='replace'))}"
         ) from None
