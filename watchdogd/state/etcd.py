@@ -70,6 +70,9 @@ _MAX_LINE = 64 * 1024 * 1024
 # etcd cancels a watch (and a keepalive stream) on a member that has lost its leader
 # when the request carries this gRPC metadata; the gateway forwards Grpc-Metadata-*.
 _REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
+# Answers that a new token cures: none sent, expired, or issued before users or roles
+# changed ("revision of auth store is old"; etcd's own client authenticates again too).
+_AUTH_AGAIN = ("auth token", "user name is empty", "auth store is old")
 
 
 class EtcdConfigError(WatchdogdError):
@@ -602,7 +605,7 @@ def _decode_reply(status: int, raw: bytes) -> Any:
         if isinstance(error, dict):
             code = error.get("grpc_code", code)
         lowered = message.lower()
-        if code == 16 or "auth token" in lowered or "user name is empty" in lowered:
+        if code == 16 or any(words in lowered for words in _AUTH_AGAIN):
             raise _AuthRejected(message)
         if "requested lease not found" in lowered:
             raise LeaseNotFound(f"etcd: {message}")
