@@ -222,6 +222,40 @@ async def test_quorum_loss_is_unavailable_never_compare_failed(
             pytest.fail("the compare succeeded on a key that exists")
 
 
+async def test_a_store_blink_shorter_than_the_ttl_keeps_the_lease(
+    etcd: EtcdCluster, client: EtcdClient
+) -> None:
+    """Quorum gone for a few seconds under an 8 s lease: renewals fail (unavailable, the
+    deadline stays), then succeed again; the key was never lost, the deadline never
+    passed. (Noticing takes one retry budget: 3 endpoints x 1 s.)"""
+    lease = await client.lease_grant(8)
+    await client.put("/watchdogd/test/blink", b"x", lease=lease.id)
+    keeper = asyncio.create_task(lease.keep(0.5))
+    try:
+        await asyncio.sleep(1)
+        for member in etcd.members[:2]:
+            member.sigstop()
+        bound = time.monotonic() + timing.within(client.retry_budget + 2)
+        while lease.last_error is None:
+            assert time.monotonic() < bound, "a renewal without quorum did not fail"
+            await asyncio.sleep(0.1)
+        assert "unavailable" in lease.last_error
+        for member in etcd.members[:2]:
+            member.sigcont()
+        bound = time.monotonic() + timing.within(10)
+        while lease.last_error is not None:
+            assert time.monotonic() < bound, f"renewals did not resume: {lease.last_error}"
+            assert lease.remaining() > 0, "the deadline passed during the blink"
+            await asyncio.sleep(0.1)
+        assert not keeper.done()
+        kv = await client.get("/watchdogd/test/blink")
+        assert kv is not None and kv.lease == lease.id
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+
+
 async def test_move_leader_during_keepalive_keeps_the_lease(
     etcd: EtcdCluster, client: EtcdClient
 ) -> None:
