@@ -30,6 +30,8 @@ from watchdogd.state.etcd import (
     StoreUnavailable,
     TlsFiles,
 )
+from watchdogd.state.etcd_store import EtcdStore
+from watchdogd.state.store import Token
 
 TIMEOUT = 0.3
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -417,3 +419,48 @@ def test_tls_is_built_only_for_https_and_names_unreadable_files(tmp_path: Any) -
         EtcdClient(["https://127.0.0.1:2379"], tls=TlsFiles(cert_file="/x.pem"))
     with pytest.raises(EtcdConfigError):
         EtcdClient(["http://127.0.0.1:2379"], username="u")
+
+
+def leader_kv(lease: str, create_revision: str) -> Handler:
+    kv = {"key": "L3dkL2xlYWRlcg==", "value": "ZGMx", "create_revision": create_revision,
+          "mod_revision": create_revision, "lease": lease}  # fmt: skip
+    return reply({**HEADER, "kvs": [kv], "count": "1"})
+
+
+async def test_a_campaign_whose_reply_was_lost_is_settled_by_the_next_one(
+    peers: list[Peer],
+) -> None:
+    """The campaign's txn times out (it may have applied); the next campaign reads the
+    leader key: on that campaign's lease, it is ours (no second lease, no second txn)."""
+    peer = peers[0]
+    peer.routes["lease/grant"] = reply({**HEADER, "ID": "5", "TTL": "10"})
+    peer.routes["kv/txn"] = slow(TIMEOUT * 5)
+    async with EtcdClient([peer.url], timeout=TIMEOUT) as client:
+        store = EtcdStore(client, "/wd")
+        with pytest.raises(StoreUnavailable) as lost_reply:
+            await store.campaign("dc1", 10)
+        assert lost_reply.value.maybe_applied
+        peer.routes["kv/range"] = leader_kv(lease="5", create_revision="42")
+        assert await store.campaign("dc1", 10) == Token("dc1", 42)
+        assert store.lease is not None and store.lease.id == 5
+    paths = [path for path, _, _ in peer.seen]
+    assert paths == ["lease/grant", "kv/txn", "kv/range"]
+
+
+async def test_a_lost_campaign_on_someone_elses_key_drops_its_lease(peers: list[Peer]) -> None:
+    peer = peers[0]
+    peer.routes["lease/grant"] = reply({**HEADER, "ID": "5", "TTL": "10"})
+    peer.routes["kv/txn"] = slow(TIMEOUT * 5)
+    peer.routes["lease/revoke"] = reply(HEADER)
+    async with EtcdClient([peer.url], timeout=TIMEOUT) as client:
+        store = EtcdStore(client, "/wd")
+        with pytest.raises(StoreUnavailable):
+            await store.campaign("dc1", 10)
+        peer.routes["kv/range"] = leader_kv(lease="9", create_revision="44")  # not ours
+        peer.routes["lease/grant"] = reply({**HEADER, "ID": "6", "TTL": "10"})
+        peer.routes["kv/txn"] = reply(
+            {**HEADER, "responses": [{"response_range": {**HEADER, "count": "1"}}]}
+        )  # the compare failed: the key is held
+        assert await store.campaign("dc1", 10) is None
+    revoked = [sent["ID"] for path, _, sent in peer.seen if path == "lease/revoke"]
+    assert revoked == ["5", "6"]  # the lost campaign's lease, then this one's

@@ -15,6 +15,9 @@ record's key already holding this very record is our own earlier attempt whose r
 lost (success, same position); anything else is ``StoreUnavailable``. After an
 ambiguous append (``maybe_applied``) the next append re-reads where the journal ends.
 
+A campaign whose reply was lost (``maybe_applied``) is settled by the next campaign: a
+linearizable read shows whether the leader key sits on that campaign's lease.
+
 ``renew`` keeps the lease alive and returns the holder's deadline (monotonic: the send
 time of the last acknowledged renewal plus its ttl). A lease that etcd says is gone is
 ``TokenLost`` only once a linearizable read confirms the leader key is no longer ours.
@@ -55,11 +58,18 @@ class EtcdStore:
         self.lease: Lease | None = None
         self._token: Token | None = None
         self._next_seq: int | None = None
+        self._pending: tuple[str, Lease] | None = None  # a campaign whose answer was lost
 
     # ----------------------------------------------------------------- leadership
 
     async def campaign(self, holder: str, ttl: float) -> Token | None:
-        """Become leader if nobody is: the leader key on a new lease of ``ttl``."""
+        """Become leader if nobody is: the leader key on a new lease of ``ttl``. A
+        campaign whose answer was lost is settled by the next one, which reads whether
+        the key is on that campaign's lease (then it is ours) before trying afresh."""
+        if self._pending is not None:
+            adopted = await self._settle_pending(holder)
+            if adopted is not None:
+                return adopted
         lease = await self.client.lease_grant(max(1, math.ceil(ttl)))
         try:
             won = await self.client.txn(
@@ -69,13 +79,26 @@ class EtcdStore:
         except CompareFailed:
             await self._drop(lease)
             return None
-        except StoreUnavailable:
-            # Perhaps we won; the lease's end takes the key with it, so revoke it now
-            # rather than hold a leadership we do not know about.
-            await self._drop(lease)
+        except StoreUnavailable as exc:
+            if exc.maybe_applied:
+                self._pending = (holder, lease)  # perhaps we won: the next campaign reads
+            else:
+                await self._drop(lease)
             raise
         self.lease, self._token = lease, Token(holder, won.revision)
         return self._token
+
+    async def _settle_pending(self, holder: str) -> Token | None:
+        assert self._pending is not None
+        pending_holder, lease = self._pending
+        kv = await self.client.get(self.leader_key)  # unavailable: still pending
+        self._pending = None
+        if kv is not None and kv.lease == lease.id and pending_holder == holder:
+            # Ours; its deadline still counts from the grant (the lease's first renewal).
+            self.lease, self._token = lease, Token(holder, kv.create_revision)
+            return self._token
+        await self._drop(lease)
+        return None
 
     async def renew(self, token: Token) -> float:
         """One keepalive; returns the monotonic deadline of the leadership."""
