@@ -393,6 +393,34 @@ async def test_watch_resumes_on_the_next_endpoint_after_the_last_event(
     assert second.seen[0][1]["Grpc-Metadata-hasleader"] == "true"
 
 
+async def test_a_watch_refused_for_its_token_authenticates_again(peers: list[Peer]) -> None:
+    peer = peers[0]
+    tokens: list[str] = []
+    expired = {"token-0"}  # the first token has expired by the time the watch uses it
+
+    async def authenticate(request: web.Request) -> web.Response:
+        tokens.append(f"token-{len(tokens)}")
+        return web.json_response({**HEADER, "token": tokens[-1]})
+
+    event = {"kv": {"key": "L3cvMQ==", "value": "YQ==", "mod_revision": "9"}}
+    events = stream(CREATED, json.dumps({"result": {**HEADER, "events": [event]}}), hold=5)
+
+    async def watch(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") in expired:
+            refusal = {"error": "etcdserver: invalid auth token", "code": 16}
+            return web.json_response(refusal, status=401)
+        return await events(request)
+
+    peer.routes["auth/authenticate"] = authenticate
+    peer.routes["watch"] = watch
+    async with EtcdClient([peer.url], timeout=TIMEOUT, username="u", password="pw1") as client:
+        async with client.watch("/w/", b"/w0") as watched:
+            async for e in watched:
+                assert e.kv.key == b"/w/1"
+                break
+    assert tokens == ["token-0", "token-1"]
+
+
 @pytest.mark.parametrize(
     ("endpoints", "fragment"),
     [

@@ -779,29 +779,12 @@ class Watch:
         create: dict[str, Any] = _range_body(self._key, self._range_end)
         if self.next_revision is not None:
             create["start_revision"] = str(self.next_revision)
-        headers = {"Content-Type": "application/json", **_REQUIRE_LEADER}
-        lines: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        body = json.dumps({"create_request": create})
         async with asyncio.timeout(client._timeout):
-            if client._credentials is not None and client._token is None:
-                await client._authenticate(endpoint)
-            if client._token is not None:
-                headers["Authorization"] = client._token
-            try:
-                resp = await client._http().post(
-                    endpoint / "v3" / "watch",
-                    data=json.dumps({"create_request": create}),
-                    headers=headers,
-                )
-            except aiohttp.ClientConnectorError as exc:
-                raise _AttemptFailed(_one_line(exc), reached=False) from None
-            except (aiohttp.ClientError, OSError) as exc:
-                raise _AttemptFailed(_one_line(exc) or type(exc).__name__) from None
+            resp = await self._open(endpoint, body)
+        lines: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
         reader = asyncio.create_task(_read_lines(resp, lines))
         try:
-            if resp.status != 200:
-                raw = await asyncio.wait_for(resp.read(), client._timeout)
-                _decode_reply(resp.status, raw)
-                raise _AttemptFailed(f"HTTP {resp.status}")
             created = False
             async with asyncio.timeout(client._timeout):
                 while not created:
@@ -819,6 +802,38 @@ class Watch:
         finally:
             reader.cancel()
             resp.close()
+
+    async def _open(self, endpoint: yarl.URL, body: str) -> aiohttp.ClientResponse:
+        """The watch's streaming response (status 200), authenticating again once when
+        the server refuses our token."""
+        client = self._client
+        for retry in (False, True):
+            if client._credentials is not None and client._token is None:
+                await client._authenticate(endpoint)
+            headers = {"Content-Type": "application/json", **_REQUIRE_LEADER}
+            if client._token is not None:
+                headers["Authorization"] = client._token
+            try:
+                resp = await client._http().post(
+                    endpoint / "v3" / "watch", data=body, headers=headers
+                )
+                if resp.status == 200:
+                    return resp
+                async with resp:
+                    raw = await resp.read()
+            except aiohttp.ClientConnectorError as exc:
+                raise _AttemptFailed(_one_line(exc), reached=False) from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise _AttemptFailed(_one_line(exc) or type(exc).__name__) from None
+            try:
+                _decode_reply(resp.status, raw)
+            except _AuthRejected as exc:
+                if client._credentials is None or retry:
+                    raise _AttemptFailed(f"token refused ({exc})") from None
+                client._token = None
+                continue
+            raise _AttemptFailed(f"HTTP {resp.status}")
+        raise AssertionError("unreachable")
 
     async def _check_member(self, endpoint: yarl.URL) -> None:
         """An idle stream: is its member still there and part of a quorum?"""
