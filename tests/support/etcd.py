@@ -1,6 +1,7 @@
 """etcd test clusters: three real members on free loopback ports in a temp dir.
 
-``etcd_cluster()`` starts Debian's ``etcd`` (3.4) three times with distinct names,
+``etcd_cluster()`` (and the ``etcd`` fixture, exported by tests/integration/conftest.py)
+starts Debian's ``etcd`` (3.4) three times with distinct names,
 client and peer URLs and one ``--initial-cluster``, waits until every member reports
 healthy and a leader exists, and SIGKILLs every member by PID on the way out (members
 also die with the test process: PR_SET_PDEATHSIG). Data directories live on tmpfs when

@@ -48,7 +48,9 @@ from watchdogd.state.store import Entry, StoreUnavailable, Token, TokenLost
 
 
 class EtcdStore:
-    """``RecordStore`` and ``Leadership`` on etcd for one watcher (one holder at a time)."""
+    """``RecordStore`` and ``Leadership`` on etcd for one watcher (one holder at a time).
+    Appends are made one after another (as the runner journals): two at once would
+    race for the same sequence number, and the loser would be told so (unavailable)."""
 
     def __init__(self, client: EtcdClient, prefix: str) -> None:
         prefix = prefix.rstrip("/")
