@@ -35,7 +35,7 @@ from watchdogd.core.model import StepConfig
 from watchdogd.engines import EngineError
 from watchdogd.policy import Plan
 from watchdogd.state import journal
-from watchdogd.state.journal import FailoverRecord, Outcome
+from watchdogd.state.journal import FailoverRecord, Outcome, RejoinRecord
 
 Record = Callable[[dict[str, Any]], None]
 Emit = Callable[..., None]
@@ -63,9 +63,10 @@ class Runner:
         record: Record,
         emit: Emit,
         *,
-        resume: FailoverRecord | None = None,
+        resume: FailoverRecord | RejoinRecord | None = None,
         wall: Callable[[], float] = time.time,
         failover_id: str | None = None,
+        started: Mapping[str, Any] | None = None,
     ) -> None:
         self.plan = plan
         self.ctx = ctx
@@ -74,9 +75,11 @@ class Runner:
         self.emit = emit
         self.resume = resume
         self.wall = wall
-        # A fence names the failover whose old primary it fences.
-        self.sequence = "fence" if plan.kind == "fence" else "failover"
+        # A fence (a rejoin) names the failover whose old primary it fences (rejoins).
+        self.sequence = plan.kind if plan.kind in ("fence", "rejoin") else "failover"
         self.failover_id = failover_id
+        # Extra facts of the start record and event (a rejoin's divergence report).
+        self.started = dict(started or {})
         self.current_step: str | None = None
         self.current_step_started: float | None = None
         self._abort = asyncio.Event()
@@ -104,15 +107,19 @@ class Runner:
     # ------------------------------------------------------------------ naming
 
     def _event(self, name: str) -> str:
-        """A failover's event name, or the fence's twin of it (``step_failed`` →
-        ``fence_step_failed``, ``failover_started`` → ``fence_started``)."""
-        if not self.is_fence:
+        """A failover's event name, or the fence's (rejoin's) twin of it (``step_failed``
+        → ``fence_step_failed``, ``failover_started`` → ``rejoin_started``)."""
+        if self.sequence == "failover":
             return name
-        return "fence_" + name.removeprefix("failover_")
+        return f"{self.sequence}_" + name.removeprefix("failover_")
+
+    def event_name(self, name: str) -> str:
+        """``_event`` for the code that drives the runner (``failover_stopped``)."""
+        return self._event(name)
 
     def _ids(self) -> dict[str, Any]:
-        if self.is_fence:
-            return {"fence_id": self.plan.id, "failover_id": self.failover_id}
+        if self.sequence != "failover":
+            return {f"{self.sequence}_id": self.plan.id, "failover_id": self.failover_id}
         return {"failover_id": self.plan.id}
 
     # ------------------------------------------------------------------ the sequence
@@ -139,6 +146,7 @@ class Runner:
                     forced=plan.forced,
                     failover_id=self.failover_id,
                     at=self.wall(),
+                    **self.started,
                 )
             )
             self.emit(
@@ -150,11 +158,15 @@ class Runner:
                 from_node=plan.from_node,
                 to_node=plan.to_node,
                 steps=[s.name for s in plan.steps],
+                **self.started,
             )
         else:
             done = [s.name for s in self.resume.steps if s.outcome in ("ok", "skipped")]
             self.emit(
-                "failover_resumed", failover_id=plan.id, trigger=plan.trigger, steps_done=done
+                self._event("failover_resumed"),
+                **self._ids(),
+                trigger=plan.trigger,
+                steps_done=done,
             )
 
     async def run(self) -> str:
@@ -333,7 +345,7 @@ class Runner:
             # Nothing resumes a fence: close it, and let the split-brain check fence
             # again after the restart if both nodes still accept writes.
             return self._finish(INTERRUPTED, why)
-        self.emit("failover_interrupted", failover_id=self.plan.id, next_step=step.name, note=why)
+        self.emit(self._event("failover_interrupted"), **self._ids(), next_step=step.name, note=why)
         return INTERRUPTED
 
     def _finish(self, outcome: str, error: str | None) -> str:
