@@ -1,0 +1,366 @@
+"""Issue 16's proof: the loop around the pair, watching → failover → fence → rejoin →
+watching → failover back, with the daemon as a process over a real primary + replica
+and ``watchdogctl`` as an operator runs it.
+
+Each engine's loop, on servers with the tuned link settings (the replica gives a
+silent primary up after 2 s):
+
+1. the primary hangs (SIGSTOP), and the daemon fails over;
+2. it comes back (SIGCONT) writable, and the daemon fences it (existing behaviour);
+3. ``watchdogctl rejoin``: zero divergence, and it then streams from the new primary;
+4. the new primary is killed (SIGKILL), and the daemon fails over back to the original
+   node, with every write that was acknowledged and replicated present.
+
+The second pass writes on the old primary where the replica cannot see it (the link is
+cut first): the divergence report names those writes (bytes on Redis, GTIDs on
+MariaDB), the rejoin is refused without ``--accept-divergence`` and accepted with it,
+and the report is in ``status``, the journal and a webhook."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pymysql  # type: ignore[import-untyped]  # no stubs in the test extras
+import pytest
+import redis
+
+from tests.e2e.test_engines_e2e import app_write
+from tests.e2e.test_observability import start_receiver
+from tests.support import free_port
+from tests.support import mysql as mysql_support
+from tests.support import redis as redis_support
+from tests.support.daemon import DaemonProcess, ctl
+from tests.support.pg import eventually
+
+Factory = Callable[..., DaemonProcess]
+NOTIFIED = ["failover_completed", "writes_diverged", "rejoin_started", "rejoin_completed"]
+
+
+def rejoin_config(
+    tmp: Path, engine: str, main_db: dict[str, Any], failover_db: dict[str, Any], hook: int
+) -> dict[str, Any]:
+    return {
+        "cluster": "orders",
+        "primary": {"name": "main", "database": {"engine": engine, **main_db}},
+        "standby": {"name": "failover", "database": {"engine": engine, **failover_db}},
+        "probe": {"interval": "250ms", "timeout": "200ms", "recovery_successes": 2},
+        "failover": {
+            "mode": "automatic",
+            "outage_threshold": "1s",
+            "max_lag": "1MB",
+            "cooldown": "1s",
+            "steps": [
+                {"name": "stop_replication", "action": "stop_replication", "timeout": "10s"},
+                {"name": "promote_standby", "action": "promote", "timeout": "10s"},
+            ],
+            "fence_steps": [{"name": "fence_old_primary", "action": "fence", "timeout": "10s"}],
+            "rejoin_timeout": "30s",
+        },
+        "notify": {"webhooks": [{"url": f"http://127.0.0.1:{hook}/hook", "events": NOTIFIED}]},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "control": {"socket": str(tmp / "run" / "control.sock")},
+        "log": {"format": "json", "level": "info"},
+        "state_dir": str(tmp / "state"),
+    }
+
+
+def records(d: DaemonProcess, kind: str) -> list[dict[str, Any]]:
+    return [r for r in d.journal() if r["type"] == kind]
+
+
+async def fenced_after_failover(d: DaemonProcess) -> dict[str, Any]:
+    """Until the old primary, back and writable, has been fenced."""
+    await eventually(
+        lambda: any(r["outcome"] == "completed" for r in records(d, "fence_finished")), within=20
+    )
+
+    async def one_writable() -> bool:
+        return bool((await d.status())["writable_primaries"] == 1)
+
+    await eventually(one_writable, within=5)
+    status = await d.status()
+    assert status["state"] == "failed_over"
+    return status
+
+
+async def rejoin_dry_run(d: DaemonProcess) -> dict[str, Any]:
+    ran = await ctl("--socket", d.socket, "rejoin", "--dry-run", "--json")
+    assert ran.code == 0, ran
+    result: dict[str, Any] = json.loads(ran.out)
+    assert result["dry_run"] is True
+    assert [s["name"] for s in result["plan"]["steps"]] == ["rejoin", "verify_rejoin"]
+    assert (result["plan"]["from"], result["plan"]["to"]) == ("main", "failover")
+    return result
+
+
+async def rejoined(d: DaemonProcess, *extra: str) -> dict[str, Any]:
+    """``watchdogctl rejoin`` and the wait until it is verified, acked and re-armed."""
+    ran = await ctl("--socket", d.socket, "rejoin", "--yes", *extra)
+    assert ran.code == 0, ran
+    assert (
+        ran.out.startswith("rejoin rejoin-") and "started: main -> standby of failover" in ran.out
+    )
+
+    async def done() -> bool:
+        return bool(records(d, "rejoin_finished")) and (await d.status())["armed"]
+
+    await eventually(done, within=40, interval=0.2)
+    (finished,) = records(d, "rejoin_finished")
+    assert finished["outcome"] == "completed", finished
+    status = await d.wait_state("watching", within=10)
+    assert status["roles"] == {"primary": "failover", "standby": "main"}
+    assert status["rejoin"]["last"]["outcome"] == "completed"
+    (ack,) = records(d, "ack")
+    assert ack["rejoin_id"] == finished["id"] and ack["primary"] == "failover"
+    return status
+
+
+async def watched_afresh(d: DaemonProcess) -> None:
+    """Until the daemon, watching the pair in its new roles, has seen the new primary's
+    position (without it the lag guard rightly refuses the next failover)."""
+
+    async def seen() -> bool:
+        return (await d.status())["lag"]["bytes"] is not None
+
+    await eventually(seen, within=10)
+
+
+async def failed_back(d: DaemonProcess) -> dict[str, Any]:
+    status = await d.wait_state("failed_over", within=20)
+    assert status["roles"] == {"primary": "main", "standby": "failover"}
+    second = records(d, "failover_finished")[-1]
+    assert second["outcome"] == "completed" and len(records(d, "failover_finished")) == 2
+    return status
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture
+def redis_pair() -> Iterator[redis_support.RedisPair]:
+    with redis_support.redis_pair(redis_support.TUNED) as pair:
+        yield pair
+
+
+def redis_db(pair: redis_support.RedisPair, server: redis_support.RedisServer) -> dict[str, Any]:
+    return {"dsn": pair.dsn(server)}
+
+
+def redis_follows(old: redis_support.RedisServer, new: redis_support.RedisServer) -> bool:
+    info = old.info()
+    return (
+        info["role"] == "slave"
+        and info.get("master_port") == new.port
+        and info.get("master_link_status") == "up"
+    )
+
+
+async def redis_loop(pair: redis_support.RedisPair, d: DaemonProcess, diverged: bool) -> None:
+    primary, replica = pair.primary, pair.replica
+    kept = {f"acked-{i}": str(i) for i in range(20)}
+    for key, value in kept.items():
+        primary.call("SET", key, value)
+    pair.wait_caught_up()
+    lost = {f"lost-{i}": "x" * 100 for i in range(3)}
+    if diverged:
+        # The replica can no longer authenticate: what the primary writes now never
+        # reaches it (written after the fault that will cost them).
+        replica.call("CONFIG", "SET", "masterauth", "wrong")
+        primary.call("CLIENT", "KILL", "TYPE", "replica")
+        await eventually(lambda: replica.info()["master_link_status"] == "down")
+        for key, value in lost.items():
+            primary.call("SET", key, value)
+
+    primary.sigstop()
+    await d.wait_state("failed_over", within=20)
+    primary.sigcont()
+    await fenced_after_failover(d)
+    with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+        primary.call("SET", "while-fenced", "1")
+
+    report = (await rejoin_dry_run(d))["divergence"]
+    assert report["known"] is True and report["unit"] == "bytes"
+    if not diverged:
+        assert report["lost"] == 0 and report["diverged"] is False, report
+        await rejoined(d)
+    else:
+        assert report["diverged"] is True and report["lost"] > 300, report
+        refused = await ctl("--socket", d.socket, "rejoin", "--yes")
+        assert refused.code == 1
+        assert refused.err.startswith(
+            f"watchdogctl: rejoin: rejoin refused: main holds {report['summary']} that "
+            "failover never got, and a rejoin throws them away: rerun with --accept-divergence"
+        ), refused.err
+        assert records(d, "rejoin_started") == []
+        shown = (await d.status())["rejoin"]["divergence"]
+        assert (shown["lost"], shown["failover_id"]) == (report["lost"], report["failover_id"])
+        status = await rejoined(d, "--accept-divergence")
+        (started,) = records(d, "rejoin_started")
+        assert started["accepted"] is True and started["divergence"]["lost"] == report["lost"]
+        assert status["rejoin"]["divergence"]["lost"] == report["lost"]
+        # Thrown away, as the report said: the old primary now holds the new one's data.
+        assert primary.call("MGET", *lost) == [None] * len(lost)
+
+    assert redis_follows(primary, replica)
+    replica.call("SET", "after-rejoin", "1")
+    await eventually(lambda: primary.call("GET", "after-rejoin") == "1")
+    kept["after-rejoin"] = "1"
+
+    await watched_afresh(d)
+    replica.kill()
+    await failed_back(d)
+    assert primary.info()["role"] == "master"
+    assert primary.call("MGET", *kept) == list(kept.values())
+    primary.call("SET", "after-fail-back", "1")  # writable again: the fence is gone
+
+
+@pytest.mark.parametrize("diverged", [False, True], ids=["zero", "diverged"])
+async def test_redis_loop_around_the_pair(
+    redis_pair: redis_support.RedisPair, daemon_factory: Factory, tmp_path: Path, diverged: bool
+) -> None:
+    hook, received, port = await start_receiver()
+    try:
+        cfg = rejoin_config(
+            tmp_path, "redis", redis_db(redis_pair, redis_pair.primary),
+            redis_db(redis_pair, redis_pair.replica), port,
+        )  # fmt: skip
+        d = daemon_factory(cfg)
+        await d.start()
+        await d.wait_state("watching")
+        await redis_loop(redis_pair, d, diverged)
+        await eventually(lambda: [r["event"] for r in received].count("failover_completed") == 2)
+        told = [r for r in received if r["event"] == "writes_diverged"]
+        started = [r for r in received if r["event"] == "rejoin_started"]
+        assert len(started) == 1 and "divergence" in started[0]
+        if diverged:
+            (report,) = told
+            assert report["lost"] == started[0]["divergence"]["lost"] > 300
+            assert report["old_primary"] == "main" and report["new_primary"] == "failover"
+        else:
+            assert told == [] and started[0]["divergence"]["lost"] == 0
+        assert redis_pair.password not in d.logs()
+    finally:
+        await hook.cleanup()
+
+
+# --------------------------------------------------------------------------- MariaDB
+
+
+@pytest.fixture
+def maria(mariadb_template_dir: Path) -> Iterator[mysql_support.MariaDBPair]:
+    with mysql_support.mariadb_pair(mariadb_template_dir, mysql_support.TUNED) as pair:
+        yield pair
+
+
+def maria_db(pair: mysql_support.MariaDBPair, server: mysql_support.MariaDB) -> dict[str, Any]:
+    return {
+        "dsn": pair.dsn(server),
+        "replication_user": "repl",
+        "replication_password": pair.repl_password,
+    }
+
+
+def rows(server: mysql_support.MariaDB) -> set[str]:
+    return {r["v"] for r in server.sql("SELECT v FROM app.t")}
+
+
+def maria_follows(old: mysql_support.MariaDB, new: mysql_support.MariaDB) -> bool:
+    st = mysql_support.replica_status(old)
+    return (
+        st.get("Master_Port") == new.port
+        and st.get("Slave_IO_Running") == "Yes"
+        and st.get("Slave_SQL_Running") == "Yes"
+    )
+
+
+async def maria_loop(pair: mysql_support.MariaDBPair, d: DaemonProcess, diverged: bool) -> None:
+    primary, replica = pair.primary, pair.replica
+    kept = {f"acked-{i}" for i in range(20)}
+    for value in sorted(kept):
+        app_write(pair, primary, value)
+    pair.wait_replica_caught_up()
+    lost: list[str] = []
+    if diverged:
+        replica.sql("STOP SLAVE IO_THREAD")  # what the primary writes now never arrives
+        before = str(primary.sql("SELECT @@gtid_binlog_pos AS p")[0]["p"])
+        for i in range(3):
+            app_write(pair, primary, f"lost-{i}")
+        domain, server_id, seq = before.split("-")
+        lost = [f"{domain}-{server_id}-{int(seq) + i}" for i in (1, 2, 3)]
+
+    primary.sigstop()
+    await d.wait_state("failed_over", within=20)
+    primary.sigcont()
+    await fenced_after_failover(d)
+    with pytest.raises(pymysql.err.OperationalError, match=r"read-only|read_only"):
+        app_write(pair, primary, "while-fenced")
+
+    report = (await rejoin_dry_run(d))["divergence"]
+    assert report["known"] is True and report["unit"] == "transactions"
+    if not diverged:
+        assert report["lost"] == 0 and report["diverged"] is False, report
+        await rejoined(d)
+        assert maria_follows(primary, replica)
+        app_write(pair, replica, "after-rejoin")
+        await eventually(lambda: "after-rejoin" in rows(primary))
+        kept.add("after-rejoin")
+        await watched_afresh(d)
+        replica.kill()
+        await failed_back(d)
+        app_write(pair, primary, "after-fail-back")  # writable again
+        assert kept <= rows(primary)
+        return
+    assert report["diverged"] is True and report["lost"] == 3 and report["items"] == lost, report
+    refused = await ctl("--socket", d.socket, "rejoin", "--yes")
+    assert refused.code == 1
+    assert f"main holds 3 transactions ({', '.join(lost)}) that failover never got" in refused.err
+    assert records(d, "rejoin_started") == []
+    assert (await d.status())["rejoin"]["divergence"]["items"] == lost
+    # Accepted, the rejoin starts and is journaled with the report; the MariaDB engine
+    # itself refuses to keep diverged transactions under a replica, so the rejoin fails,
+    # the state is failed and nothing is re-armed.
+    ran = await ctl("--socket", d.socket, "rejoin", "--yes", "--accept-divergence")
+    assert ran.code == 0, ran
+    await eventually(lambda: bool(records(d, "rejoin_finished")), within=30)
+    (started,) = records(d, "rejoin_started")
+    assert started["accepted"] is True and started["divergence"]["items"] == lost
+    (finished,) = records(d, "rejoin_finished")
+    assert finished["outcome"] == "failed" and lost[0] in finished["error"], finished
+    status = await d.wait_state("failed", within=10)
+    assert status["armed"] is False and status["awaiting_ack"] is True
+    assert status["roles"] == {"primary": "failover", "standby": "main"}
+    assert records(d, "ack") == []
+    assert {f"lost-{i}" for i in range(3)} <= rows(primary)  # nothing was thrown away
+
+
+@pytest.mark.parametrize("diverged", [False, True], ids=["zero", "diverged"])
+async def test_mariadb_loop_around_the_pair(
+    maria: mysql_support.MariaDBPair, daemon_factory: Factory, tmp_path: Path, diverged: bool
+) -> None:
+    hook, received, port = await start_receiver()
+    try:
+        cfg = rejoin_config(
+            tmp_path, "mysql", maria_db(maria, maria.primary), maria_db(maria, maria.replica), port
+        )
+        d = daemon_factory(cfg)
+        await d.start()
+        await d.wait_state("watching")
+        await maria_loop(maria, d, diverged)
+        told = [r for r in received if r["event"] == "writes_diverged"]
+        await eventually(lambda: any(r["event"] == "rejoin_started" for r in received))
+        if diverged:
+            await eventually(
+                lambda: len([r for r in received if r["event"] == "writes_diverged"]) == 1
+            )
+            (report,) = [r for r in received if r["event"] == "writes_diverged"]
+            assert report["lost"] == 3 and len(report["items"]) == 3
+        else:
+            assert told == []
+        for secret in (maria.password, maria.repl_password):
+            assert secret not in d.logs()
+            assert secret not in (Path(cfg["state_dir"]) / "journal.jsonl").read_text()
+    finally:
+        await hook.cleanup()
