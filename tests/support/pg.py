@@ -9,7 +9,9 @@ end of the session).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import need, timing
-from watchdogd.demo.lab import PgPair, find_pg_bin, make_template
+from watchdogd.demo.lab import SERVICE_USER, PgPair, PgServer, find_pg_bin, make_template
 
 SECRET = "s3cret-lab-password"  # the lab's PASSWORD_ROLE logs in with this
 
@@ -78,3 +80,36 @@ def leave_standby_behind(pair: PgPair) -> None:
         "CREATE TABLE unreceived AS SELECT g, repeat('x', 200) AS pad "
         "FROM generate_series(1, 12000) g"
     )
+
+
+def rejoin_pair(config: pytest.Config, profile: str) -> PgPair:
+    """A pair for rejoin tests: ``full_page_writes`` on (PostgreSQL's default; the lab
+    turns it off for speed, and pg_rewind needs it on the source)."""
+    return PgPair.create(
+        bin_dir=require_pg_bin(),
+        password=SECRET,
+        template=pg_template(config),
+        profile=profile,
+        settings={"full_page_writes": "on"},
+    )
+
+
+def start_command(pair: PgPair, server: PgServer) -> list[str]:
+    """``pg_ctl start`` for a lab server: its port, socket dir and log, as the service
+    user. The engine's own default cannot know the lab's command-line settings."""
+    run_as = ["runuser", "-u", SERVICE_USER, "--"] if os.geteuid() == 0 else []
+    options = f"-p {server.port} -k {server.socket_dir} -c listen_addresses=127.0.0.1"
+    return [*run_as, str(pair.bin_dir / "pg_ctl"), "start", "-D", str(server.data_dir),
+            "-w", "-l", str(server.log_file), "-o", options]  # fmt: skip
+
+
+def stop_detached(pair: PgPair) -> None:
+    """Stop servers that ``pg_ctl start`` started (the lab does not own them), at once."""
+    run_as = ["runuser", "-u", SERVICE_USER, "--"] if os.geteuid() == 0 else []
+    for server in (pair.primary, pair.standby):
+        if (server.data_dir / "postmaster.pid").exists() and not server.is_running():
+            subprocess.run(
+                [*run_as, str(pair.bin_dir / "pg_ctl"), "stop", "-D", str(server.data_dir),
+                 "-m", "immediate", "-w"],
+                capture_output=True, timeout=30, check=False,
+            )  # fmt: skip

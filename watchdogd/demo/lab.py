@@ -55,6 +55,8 @@ PROFILES: dict[str, dict[str, str]] = {
         "wal_retrieve_retry_interval": "100ms",
         "wal_receiver_status_interval": "1s",
         "wal_sender_timeout": "5s",
+        # What the docs recommend for rejoin: pg_rewind needs it (or data checksums).
+        "wal_log_hints": "on",
     },
 }
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from urllib.parse import SplitResult, urlsplit
 
 from watchdogd.core.secrets import mask
-from watchdogd.engines import EngineError
+from watchdogd.engines import Engine, EngineError
 
 if TYPE_CHECKING:
     from watchdogd.core.section import Section
@@ -255,6 +255,18 @@ class ConnectionTemplate(ABC, Generic[C]):
         if new_primary is self or new_primary.where == self.where:
             raise EngineError(self._line(f"{op}: the new primary is this same server"))
         return new_primary
+
+    async def _replica_target(
+        self: S, new_primary: object, timeout: float, what: str = "a primary"
+    ) -> tuple[S, int, float]:
+        """The start of ``replica_of``: the new primary, its current position (read now:
+        the target to replay up to) and the call's deadline (loop time)."""
+        new = self._peer(new_primary, "replica_of")
+        deadline = asyncio.get_running_loop().time() + timeout
+        theirs = await cast(Engine, new).status(timeout)
+        if not theirs.is_primary or theirs.current_pos is None:
+            raise EngineError(self._line(f"replica_of: {new.where} is not {what}"))
+        return new, theirs.current_pos, deadline
 
     async def _until(
         self,

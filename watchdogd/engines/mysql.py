@@ -1034,14 +1034,9 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         return None
 
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:
-        new = self._peer(new_primary, "replica_of")
-        deadline = asyncio.get_running_loop().time() + timeout
-        theirs = await new.status(timeout)
-        if not theirs.is_primary or theirs.current_pos is None:
-            raise EngineError(
-                self._line(f"replica_of: {new.where} is not a primary with a binary log")
-            )
-        target = theirs.current_pos
+        new, target, deadline = await self._replica_target(
+            new_primary, timeout, "a primary with a binary log"
+        )
 
         async def query(conn: _Conn, _: float) -> str:
             why = await self._not_replicating(conn, new.dsn)

@@ -13,6 +13,13 @@ Probing (``status``, ``setting``) reuses one lazily (re)opened connection so
 idle probing costs one round trip; the failover operations use a connection of
 their own, so a long promote never blocks a probe and vice versa.
 
+Rejoin (the old primary after a failover): ``divergence`` is the old primary's
+WAL past the fork the new primary's timeline history names, with the commits in
+it read by pg_waldump; ``rejoin`` works on the server's host (``data_dir``,
+``stop_command``, ``start_command``, ``run_as``, ``bin_dir``): stop, pg_rewind
+(or a base backup with ``rewind_fallback: basebackup``), standby configuration,
+start, wait for streaming. pg_rewind's prerequisites are checked before stopping.
+
 The role needs superuser, or: pg_monitor (pg_stat_wal_receiver details,
 primary_conninfo), EXECUTE on pg_promote / pg_wal_replay_resume / pg_reload_conf,
 ALTER SYSTEM on primary_conninfo and default_transaction_read_only, and
@@ -24,14 +31,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
+import pwd
 import re
-from collections.abc import Mapping
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit, urlunsplit
 
 import asyncpg
 
-from watchdogd.engines import DbStatus, Divergence, Engine, EngineError
+from watchdogd.engines import DIVERGENCE_ITEMS_CAP, DbStatus, Divergence, Engine, EngineError
 from watchdogd.engines._common import ConnectionTemplate, confirm_within, validate_password
 
 if TYPE_CHECKING:
@@ -75,12 +89,293 @@ LEFT JOIN pg_stat_wal_receiver AS w ON true
 """
 
 
+# The WAL position and role of a server, and its WAL receiver: what rejoin compares.
+WAL_STATE_SQL = """
+SELECT
+  r.rec,
+  pg_wal_lsn_diff(
+    CASE WHEN r.rec THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, '0/0') AS pos,
+  CASE WHEN r.rec THEN coalesce(w.received_tli, (SELECT timeline_id FROM pg_control_checkpoint()))
+    ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END AS tli,
+  w.status, w.sender_host, w.sender_port
+FROM (SELECT pg_is_in_recovery() AS rec) AS r
+LEFT JOIN pg_stat_wal_receiver AS w ON true
+"""
+
+
+@dataclass(frozen=True)
+class WalState:
+    in_recovery: bool
+    position: int  # primary: current WAL position; standby: replayed up to
+    timeline: int
+    receiver: str  # the WAL receiver's status, "absent" without one
+    sender: tuple[str, int] | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> WalState:
+        sender = (
+            (str(row["sender_host"]), int(row["sender_port"]))
+            if row["sender_host"] is not None and row["sender_port"] is not None
+            else None
+        )
+        return cls(
+            in_recovery=bool(row["rec"]),
+            position=int(row["pos"] or 0),
+            timeline=int(row["tli"] or 0),
+            receiver=str(row["status"] or "absent"),
+            sender=sender,
+        )
+
+    @property
+    def streaming(self) -> bool:
+        return self.receiver == "streaming"
+
+
+def parse_history(text: str) -> dict[int, int]:
+    """A timeline history file: {parent timeline: the LSN where it was left}."""
+    switches: dict[int, int] = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(\d+)\s+([0-9A-Fa-f]+)/([0-9A-Fa-f]+)", line)
+        if m:
+            switches[int(m.group(1))] = (int(m.group(2), 16) << 32) + int(m.group(3), 16)
+    return switches
+
+
+class HostError(Exception):
+    """A program on the server's host (pg_ctl, pg_rewind, ...) failed; one line."""
+
+
+@dataclass(frozen=True)
+class HostSide:
+    """The server's host, for rejoin: its data directory, the PostgreSQL programs,
+    how to stop and start it, and the user they run as."""
+
+    data_dir: Path
+    bin_dir: Path | None = None
+    stop_command: tuple[str, ...] = ()
+    start_command: tuple[str, ...] = ()
+    run_as: str | None = None
+    basebackup: bool = False
+
+    def as_user(self) -> list[str]:
+        """``runuser`` to the data directory's owner (or ``run_as``) when we are root:
+        PostgreSQL's programs refuse to run as root."""
+        if os.geteuid() != 0:
+            return []
+        user = self.run_as
+        if user is None:
+            try:
+                uid = self.data_dir.stat().st_uid
+            except OSError:
+                return []
+            user = pwd.getpwuid(uid).pw_name if uid != 0 else None
+        return ["runuser", "-u", user, "--"] if user and user != "root" else []
+
+    def tool(self, name: str) -> str:
+        """A PostgreSQL program: in bin_dir, else of the data directory's version, else on PATH."""
+        candidates = []
+        if self.bin_dir is not None:
+            candidates.append(self.bin_dir / name)
+        else:
+            with contextlib.suppress(OSError):
+                version = (self.data_dir / "PG_VERSION").read_text().strip()
+                candidates.append(Path(f"/usr/lib/postgresql/{version}/bin") / name)
+            on_path = shutil.which(name)
+            if on_path:
+                candidates.append(Path(on_path))
+        for path in candidates:
+            if path.exists():
+                return str(path)
+        raise HostError(f"{name} not found: set database.bin_dir")
+
+    def stop(self) -> list[str]:
+        if self.stop_command:
+            return list(self.stop_command)
+        pg_ctl = self.tool("pg_ctl")
+        return [*self.as_user(), pg_ctl, "stop", "-D", str(self.data_dir), "-m", "fast", "-w"]
+
+    def start(self) -> list[str]:
+        if self.start_command:
+            return list(self.start_command)
+        log = str(self.data_dir / "watchdogd-start.log")
+        pg_ctl = self.tool("pg_ctl")
+        return [*self.as_user(), pg_ctl, "start", "-D", str(self.data_dir), "-w", "-l", log]
+
+    def running(self) -> bool:
+        """A live postmaster holds the data directory (its pid file names a live process)."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        what: str,
+        timeout: float,
+        *,
+        env: Mapping[str, str] | None = None,
+        check: bool = True,
+    ) -> str:
+        """Run ``argv`` within ``timeout``; its output. Output goes to a file, not a
+        pipe: a server started by ``pg_ctl start`` keeps its inherited descriptors."""
+        with tempfile.TemporaryFile() as out:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **(env or {})},
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise HostError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
+            try:
+                async with asyncio.timeout(timeout):
+                    code = await proc.wait()
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                raise
+            out.seek(0)
+            text = out.read().decode(errors="replace")
+        if check and code != 0:
+            raise HostError(f"{what} failed (exit {code}): {_last_line(text)}")
+        return text
+
+    async def controldata(self, timeout: float) -> dict[str, str]:
+        out = await self.run(
+            [*self.as_user(), self.tool("pg_controldata"), "-D", str(self.data_dir)],
+            "pg_controldata",
+            timeout,
+        )
+        return {
+            key.strip(): value.strip()
+            for key, sep, value in (line.partition(":") for line in out.splitlines())
+            if sep
+        }
+
+    def _owned_like_data_dir(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            st = self.data_dir.stat()
+            os.chown(path, st.st_uid, st.st_gid)
+
+    def write_standby_config(self, conninfo: str) -> None:
+        """standby.signal, and primary_conninfo in postgresql.auto.conf (replacing any)."""
+        signal = self.data_dir / "standby.signal"
+        signal.touch()
+        self._owned_like_data_dir(signal)
+        auto = self.data_dir / "postgresql.auto.conf"
+        try:
+            lines = auto.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        kept = [ln for ln in lines if not ln.strip().startswith("primary_conninfo")]
+        value = conninfo.replace("\\", "\\\\").replace("'", "''")
+        existed = auto.exists()
+        with auto.open("w") as f:  # in place: the file keeps its owner
+            f.writelines(f"{ln}\n" for ln in kept)
+            f.write(f"primary_conninfo = '{value}'\n")
+        if not existed:
+            self._owned_like_data_dir(auto)
+
+    async def basebackup_from(self, conninfo: str, env: Mapping[str, str], timeout: float) -> None:
+        """Replace the data directory with a fresh base backup of the new primary,
+        taken beside it first so a failed backup leaves the old one in place."""
+        fresh = self.data_dir.with_name(self.data_dir.name + ".rejoin-new")
+        stale = self.data_dir.with_name(self.data_dir.name + ".rejoin-old")
+        for leftover in (fresh, stale):
+            await asyncio.to_thread(shutil.rmtree, leftover, True)
+        await self.run(
+            [*self.as_user(), self.tool("pg_basebackup"), "-D", str(fresh), "-d", conninfo,
+             "-X", "stream", "-c", "fast"],
+            "pg_basebackup", timeout, env=env,
+        )  # fmt: skip
+        self.data_dir.rename(stale)
+        fresh.rename(self.data_dir)
+        await asyncio.to_thread(shutil.rmtree, stale, True)
+
+
+def _rewind_refusal(control: Mapping[str, str], source: Mapping[str, str]) -> str | None:
+    """Why pg_rewind cannot rewind this data directory from that source, or None."""
+    checksums = control.get("Data page checksum version", "0") not in ("", "0")
+    if not checksums and control.get("wal_log_hints setting") != "on":
+        return (
+            "pg_rewind needs wal_log_hints = on or data checksums on this server, and both"
+            " are off: ALTER SYSTEM SET wal_log_hints = on; then restart it"
+        )
+    if source.get("full_page_writes") != "on":
+        return "pg_rewind needs full_page_writes = on on the new primary"
+    return None
+
+
+def _rewind_summary(out: str) -> str:
+    lines = [ln.removeprefix("pg_rewind: ").strip() for ln in out.splitlines() if ln.strip()]
+    for line in lines:
+        if "diverged" in line or "no rewind required" in line:
+            return line
+    return lines[-1] if lines else "done"
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in lines:
+        if re.search(r"\b(error|fatal|FATAL|ERROR)\b", line):
+            return line
+    return lines[-1] if lines else "(no output)"
+
+
+def _conninfo_word(key: str, value: str) -> str:
+    if re.fullmatch(r"[\w.:/@-]+", value):
+        return f"{key}={value}"
+    return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _conninfo_with(conninfo: str, password: str | None) -> str:
+    return f"{conninfo} {_conninfo_word('password', password)}" if password else conninfo
+
+
 # --------------------------------------------------------------------------- module contract
 
 
 def validate(section: Section) -> Mapping[str, Any]:
-    """Extra keys of a ``database:`` section with ``engine: postgres``."""
-    return validate_password(section, _dsn_password)
+    """Extra keys of a ``database:`` section with ``engine: postgres``: the password,
+    and for rejoin the server's host side (data_dir and how to stop and start it)."""
+    options = dict(validate_password(section, _dsn_password))
+    for key in ("data_dir", "bin_dir"):
+        path = section.str(key, None)
+        if path is not None and not path.startswith("/"):
+            section.error(f"expected an absolute path, got {path!r}", key)
+        elif path is not None:
+            options[key] = path
+    for key in ("stop_command", "start_command"):
+        argv = section.str_list(key, None)
+        if argv is not None and (not argv or not argv[0]):
+            verb = key.split("_")[0]
+            section.error(
+                f"expected a program and its arguments, e.g. [systemctl, {verb}, postgresql]", key
+            )
+        elif argv is not None:
+            options[key] = tuple(argv)
+    run_as = section.str("run_as", None)
+    if run_as is not None:
+        options["run_as"] = run_as
+    if section.choice("rewind_fallback", ("basebackup", "none"), "none") == "basebackup":
+        options["rewind_fallback"] = "basebackup"
+    host_keys = ("bin_dir", "stop_command", "start_command", "run_as")
+    if "data_dir" not in options and any(k in options for k in host_keys):
+        section.error(
+            "is required with bin_dir, stop_command, start_command and run_as", "data_dir"
+        )
+    return options
 
 
 def _dsn_password(dsn: str) -> str | None:
@@ -92,7 +387,22 @@ def _dsn_password(dsn: str) -> str | None:
 
 def create(db: DatabaseConfig, secrets: set[str]) -> PostgresEngine:
     password = db.options.get("password")
-    return PostgresEngine(db.dsn, password=str(password) if password else None, secrets=secrets)
+    o = db.options
+    host = (
+        HostSide(
+            data_dir=Path(o["data_dir"]),
+            bin_dir=Path(o["bin_dir"]) if o.get("bin_dir") else None,
+            stop_command=tuple(o.get("stop_command", ())),
+            start_command=tuple(o.get("start_command", ())),
+            run_as=o.get("run_as"),
+            basebackup=o.get("rewind_fallback") == "basebackup",
+        )
+        if o.get("data_dir")
+        else None
+    )
+    return PostgresEngine(
+        db.dsn, password=str(password) if password else None, secrets=secrets, host=host
+    )
 
 
 def _dsn_problem(dsn: str) -> str | None:
@@ -187,10 +497,12 @@ class PostgresEngine(ConnectionTemplate[Any]):
         *,
         password: str | None = None,
         secrets: set[str] | frozenset[str] = frozenset(),
+        host: HostSide | None = None,
     ) -> None:
         super().__init__("postgres", _where(dsn), secrets, password, _inline_password(dsn))
         self._dsn = dsn
         self._password = password
+        self._host = host
         self._conn_ms = 0  # the probing connection's statement_timeout
 
     def __repr__(self) -> str:
@@ -306,19 +618,41 @@ class PostgresEngine(ConnectionTemplate[Any]):
         after it: say so at start when that is later than the outage threshold, with
         the setting that makes it fast. A crashed primary is fast on any setting."""
         status = await self.status(timeout)
+        lines = await self._rewind_advice(timeout)
         if status.is_primary:
-            return []
+            return lines
         text = await self.setting("wal_receiver_timeout", timeout)
         seconds = pg_duration_seconds(text)
         if seconds is None or 0 < seconds <= outage_threshold:
-            return []
+            return lines
         after = "never" if seconds == 0 else f"only after {text}"
         value = confirm_within(outage_threshold)
         return [
+            *lines,
             f"wal_receiver_timeout is {text} on this standby: a hung primary is confirmed "
             f"{after}, not within the outage threshold ({outage_threshold:g}s). To confirm "
             f"it in time, on the standby: ALTER SYSTEM SET wal_receiver_timeout = '{value}s'; "
-            "SELECT pg_reload_conf();"
+            "SELECT pg_reload_conf();",
+        ]
+
+    async def _rewind_advice(self, timeout: float) -> list[str]:
+        """With data_dir set this node may be rejoined with pg_rewind, which needs
+        wal_log_hints or data checksums: say so now, not when a rejoin is refused."""
+        if self._host is None:
+            return []
+        hints = await self.setting("wal_log_hints", timeout)
+        checksums = await self.setting("data_checksums", timeout)
+        if hints == "on" or checksums == "on":
+            return []
+        fallback = (
+            "its rejoin falls back to a full base backup"
+            if self._host.basebackup
+            else "its rejoin will be refused"
+        )
+        return [
+            "wal_log_hints and data checksums are both off on this server: pg_rewind cannot "
+            f"rewind it after a failover, so {fallback}. To allow it: ALTER SYSTEM SET "
+            "wal_log_hints = on; then restart the server"
         ]
 
     async def stop_replication(self, timeout: float) -> str:
@@ -494,14 +828,275 @@ class PostgresEngine(ConnectionTemplate[Any]):
 
     # -- Engine: rejoin (self is the old primary)
 
+    async def _where_now(self, timeout: float) -> WalState:
+        async def query(conn: Any, deadline: float) -> WalState:
+            row = await conn.fetchrow(WAL_STATE_SQL, timeout=self._remaining(deadline))
+            return WalState.from_row(row)
+
+        return await self._probe("reading the WAL position", timeout, query)
+
+    def _follows(self, state: WalState) -> bool:
+        """``state`` (of a standby) streams from this server."""
+        host, port = self._host_port()
+        return state.in_recovery and state.sender == (host, port)
+
+    def _host_port(self) -> tuple[str, int]:
+        parts = urlsplit(self._dsn)
+        host = parts.hostname or dict(parse_qsl(parts.query)).get("host") or "localhost"
+        return host, parts.port or 5432
+
     async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
-        raise EngineError(self._line("divergence: not implemented yet"))
+        new = self._peer(new_primary, "divergence")
+        deadline = asyncio.get_running_loop().time() + timeout
+        mine = await self._where_now(timeout)
+        if new._follows(mine) and mine.streaming:
+            return Divergence(
+                True, 0, "bytes", detail=f"already a replica of {new.where}: nothing to throw away"
+            )
+        try:
+            history = await new._history(self._remaining(deadline))
+        except EngineError as exc:
+            return Divergence(False, None, "bytes", detail=f"cannot read the new primary: {exc}")
+        if isinstance(history, str):
+            return Divergence(False, None, "bytes", detail=history)
+        timeline, switches, new_pos = history
+        if mine.timeline == timeline:
+            fork, where = new_pos, f"the new primary's position {format_lsn(new_pos)}"
+        elif mine.timeline in switches:
+            fork = switches[mine.timeline]
+            where = f"the fork at {format_lsn(fork)} on timeline {mine.timeline}"
+        else:
+            return Divergence(
+                False,
+                None,
+                "bytes",
+                detail=f"the old primary's timeline {mine.timeline} is not in the new primary's"
+                f" history (timeline {timeline}): what diverged cannot be told",
+            )
+        lost = max(mine.position - fork, 0)
+        if not lost:
+            return Divergence(
+                True, 0, "bytes", detail=f"nothing past {where}: the new primary has all of its WAL"
+            )
+        xids, note = await self._transactions(mine.timeline, fork, mine.position, deadline)
+        return Divergence(
+            True,
+            lost,
+            "bytes",
+            items=tuple(f"xid {x}" for x in xids[:DIVERGENCE_ITEMS_CAP]),
+            detail=f"old primary wrote {lost} bytes of WAL past {where} ({note})",
+        )
+
+    async def _history(self, timeout: float) -> tuple[int, dict[int, int], int] | str:
+        """This (new) primary's timeline, where each earlier timeline of its history
+        ended, and its current position; or why that cannot be read."""
+
+        async def query(conn: Any, deadline: float) -> tuple[int, dict[int, int], int] | str:
+            state = WalState.from_row(
+                await conn.fetchrow(WAL_STATE_SQL, timeout=self._remaining(deadline))
+            )
+            if state.in_recovery:
+                return "the new primary is still in recovery"
+            if state.timeline == 1:
+                return 1, {}, state.position
+            try:
+                text = await conn.fetchval(
+                    "SELECT pg_read_file($1)",
+                    f"pg_wal/{state.timeline:08X}.history",
+                    timeout=self._remaining(deadline),
+                )
+            except asyncpg.PostgresError as exc:
+                return (
+                    f"cannot read the new primary's timeline history ({_reason(exc)}): grant"
+                    " its role pg_read_server_files"
+                )
+            return state.timeline, parse_history(str(text)), state.position
+
+        return await self._probe("reading the timeline history", timeout, query)
+
+    async def _transactions(
+        self, timeline: int, start: int, end: int, deadline: float
+    ) -> tuple[list[int], str]:
+        """The transactions committed in ``start``..``end`` of ``timeline``, read with
+        pg_waldump from the local data_dir; optional, so it says why not instead."""
+        if self._host is None:
+            return [], "transactions: count unknown without database.data_dir"
+        try:
+            tool = self._host.tool("pg_waldump")
+            out = await self._host.run(
+                [*self._host.as_user(), tool, "--path", str(self._host.data_dir / "pg_wal"),
+                 "--timeline", str(timeline), "--start", format_lsn(start), "--end",
+                 format_lsn(end), "--rmgr", "Transaction"],
+                "pg_waldump", min(self._remaining(deadline), 10.0), check=False,
+            )  # fmt: skip
+        except HostError as exc:
+            return [], f"transactions: count unknown ({exc})"
+        xids = [int(m.group(1)) for m in re.finditer(r"tx:\s*(\d+),.*desc: COMMIT", out)]
+        capped = (
+            f", first {DIVERGENCE_ITEMS_CAP} listed" if len(xids) > DIVERGENCE_ITEMS_CAP else ""
+        )
+        return xids, f"{len(xids)} transaction(s) committed{capped}"
 
     async def rejoin(self, new_primary: Engine, timeout: float) -> str:
-        raise EngineError(self._line("rejoin: not implemented yet"))
+        new = self._peer(new_primary, "rejoin")
+        if self._host is None:
+            raise EngineError(
+                self._line(
+                    "rejoin on PostgreSQL needs database.data_dir on this node (the watcher must"
+                    " run beside it); see the docs' PostgreSQL page for the SSH variant"
+                )
+            )
+        host = self._host
+
+        async def body(deadline: float) -> str:
+            async with self._admin_lock:
+                return await self._rejoin(new, host, deadline)
+
+        return await self._bounded("rejoin", timeout, body)
+
+    async def _rejoin(self, new: PostgresEngine, host: HostSide, deadline: float) -> str:
+        source = await new._source_facts(self._remaining(deadline))
+        conninfo, password = new.libpq_conninfo()
+        try:
+            mine: WalState | None = await self._where_now(min(self._remaining(deadline), 5.0))
+        except EngineError:
+            mine = None  # down: rewound from its data_dir alone
+        if mine is not None and mine.in_recovery:
+            if not new._follows(mine):
+                await self._point_at(conninfo, password, deadline)
+                await self._wait_streaming(new, deadline)
+                return f"was a standby of another server: now streams from {new.where}"
+            await self._wait_streaming(new, deadline)
+            return f"already a replica of {new.where}: streaming"
+        control = await host.controldata(self._remaining(deadline))
+        if control.get("Database system identifier") != source["system_identifier"]:
+            raise EngineError(
+                self._line(f"rejoin: {new.where} is a different cluster (system identifier)")
+            )
+        why_not = _rewind_refusal(control, source)
+        if why_not and not host.basebackup:
+            raise EngineError(self._line(f"rejoin: {why_not} (or set rewind_fallback: basebackup)"))
+        done = []
+        if host.running():
+            await host.run(host.stop(), "stopping the server", self._remaining(deadline))
+            done.append("stopped the server")
+        await self._drop()
+        env = {"PGPASSWORD": password} if password else {}
+        rewound = False
+        if why_not:
+            done.append(f"pg_rewind impossible ({why_not})")
+        else:
+            # A just-promoted primary's control file still names the old timeline until
+            # its first checkpoint, and pg_rewind would then find nothing to rewind.
+            await new._checkpoint(self._remaining(deadline))
+            try:
+                out = await host.run(
+                    [*host.as_user(), host.tool("pg_rewind"), "--target-pgdata",
+                     str(host.data_dir), "--source-server", conninfo],
+                    "pg_rewind", self._remaining(deadline), env=env,
+                )  # fmt: skip
+            except HostError as exc:
+                if not host.basebackup:
+                    raise HostError(f"{exc}; the server is left stopped") from None
+                done.append(f"pg_rewind failed ({exc})")
+            else:
+                rewound = True
+                done.append(f"pg_rewind: {_rewind_summary(out)}")
+        if not rewound:
+            await host.basebackup_from(conninfo, env, self._remaining(deadline))
+            done.append("replaced the data directory with a base backup of the new primary")
+        await asyncio.to_thread(host.write_standby_config, _conninfo_with(conninfo, password))
+        await host.run(host.start(), "starting the server", self._remaining(deadline))
+        await self._wait_streaming(new, deadline)
+        done.append(f"started as a standby streaming from {new.where}")
+        return "; ".join(done)
+
+    async def _source_facts(self, timeout: float) -> dict[str, str]:
+        """What pg_rewind needs of the new primary, checked before anything is stopped."""
+
+        async def query(conn: Any, deadline: float) -> dict[str, str]:
+            row = await conn.fetchrow(
+                "SELECT pg_is_in_recovery() AS rec, current_setting('full_page_writes') AS fpw,"
+                " (SELECT system_identifier FROM pg_control_system())::text AS sysid",
+                timeout=self._remaining(deadline),
+            )
+            if row["rec"]:
+                raise EngineError(self._line("rejoin: this server is not a primary (in recovery)"))
+            return {"full_page_writes": str(row["fpw"]), "system_identifier": str(row["sysid"])}
+
+        return await self._probe("rejoin", timeout, query)
+
+    async def _checkpoint(self, timeout: float) -> None:
+        async def action(conn: Any, deadline: float) -> None:
+            await conn.execute("CHECKPOINT", timeout=self._remaining(deadline))
+
+        await self._admin("CHECKPOINT", timeout, action)
+
+    async def _point_at(self, conninfo: str, password: str | None, deadline: float) -> None:
+        value = _conninfo_with(conninfo, password).replace("'", "''")
+
+        async def action(conn: Any, deadline: float) -> None:
+            await conn.execute(
+                f"ALTER SYSTEM SET primary_conninfo = '{value}'", timeout=self._remaining(deadline)
+            )
+            await conn.execute("SELECT pg_reload_conf()", timeout=self._remaining(deadline))
+
+        await self._open_and(deadline, action)
+
+    async def _open_and(self, deadline: float, action: Any) -> None:
+        conn = await self._open(deadline, self._remaining(deadline))
+        try:
+            await action(conn, deadline)
+        finally:
+            conn.terminate()
+
+    async def _wait_streaming(self, new: PostgresEngine, deadline: float) -> None:
+        async def check() -> str | None:
+            try:
+                state = await self._where_now(min(self._remaining(deadline), 2.0))
+            except EngineError as exc:
+                return f"not streaming from {new.where} yet ({exc})"
+            if not state.in_recovery:
+                return "the server is not in recovery"
+            if not new._follows(state):
+                return f"the WAL receiver does not stream from {new.where} ({state.receiver})"
+            return None if state.streaming else f"WAL receiver {state.receiver} from {new.where}"
+
+        await self._until("rejoin", deadline, check, poll=0.1)
 
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:
-        raise EngineError(self._line("replica_of: not implemented yet"))
+        new, target, deadline = await self._replica_target(new_primary, timeout)
+        mine = await self._where_now(self._remaining(deadline))
+        if not mine.in_recovery:
+            raise EngineError(self._line("replica_of: not a standby (not in recovery)"))
+        if not (new._follows(mine) and mine.streaming):
+            raise EngineError(
+                self._line(
+                    f"replica_of: WAL receiver {mine.receiver}, not streaming from {new.where}"
+                )
+            )
+        if mine.position < target:
+            raise EngineError(
+                self._line(
+                    f"replica_of: replayed {format_lsn(mine.position)} of {new.where}'s"
+                    f" {format_lsn(target)}"
+                )
+            )
+        return f"replica of {new.where}, streaming, replayed up to {format_lsn(mine.position)}"
+
+    def libpq_conninfo(self) -> tuple[str, str | None]:
+        """This server as a libpq conninfo (for pg_rewind, pg_basebackup and
+        primary_conninfo), without the password, and the password."""
+        parts = urlsplit(self._dsn)
+        host, port = self._host_port()
+        words = {"host": host, "port": str(port)}
+        if parts.username:
+            words["user"] = unquote(parts.username)
+        if parts.path.strip("/"):
+            words["dbname"] = unquote(parts.path.strip("/"))
+        words.update((k, v) for k, v in parse_qsl(parts.query) if k != "password")
+        password = self._password or (unquote(parts.password) if parts.password else None)
+        return " ".join(_conninfo_word(k, v) for k, v in words.items()), password
 
 
 def _inline_password(dsn: str) -> str | None:

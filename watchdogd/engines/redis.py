@@ -512,12 +512,7 @@ class RedisEngine(ConnectionTemplate[aioredis.Redis]):
         return None
 
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:
-        new = self._peer(new_primary, "replica_of")
-        deadline = asyncio.get_running_loop().time() + timeout
-        theirs = await new.status(timeout)
-        if not theirs.is_primary or theirs.current_pos is None:
-            raise EngineError(self._line(f"replica_of: {new.where} is not a primary"))
-        target = theirs.current_pos
+        new, target, deadline = await self._replica_target(new_primary, timeout)
 
         async def query(client: aioredis.Redis, _: float) -> str:
             info = await self._info(client)

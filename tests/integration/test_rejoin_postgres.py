@@ -1,0 +1,217 @@
+"""Rejoin on PostgreSQL (issue 16): after a failover by hand through the engine API,
+the old primary's divergence report (WAL bytes past the timeline fork, and the
+transactions committed there), its rejoin with pg_rewind (or a base backup) as a
+standby of the new primary, and the verification, on real servers.
+
+The stock profile is PostgreSQL's shipped defaults: neither wal_log_hints nor data
+checksums, so pg_rewind is refused before anything is stopped; the tuned profile
+sets wal_log_hints = on, as the docs recommend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.rejoin_checks import eventually_true, wait_replica_of
+from tests.support import pg as support
+from watchdogd.core.model import DatabaseConfig
+from watchdogd.core.section import Section
+from watchdogd.demo.lab import STOCK, TUNED, LabError, PgPair, PgServer
+from watchdogd.engines import EngineError
+from watchdogd.engines import postgres as engine_mod
+from watchdogd.engines.postgres import PostgresEngine
+
+pytestmark = pytest.mark.integration
+
+Engines = tuple[PostgresEngine, PostgresEngine]
+
+
+def pair_for(request: pytest.FixtureRequest, profile: str) -> Iterator[PgPair]:
+    pair = support.rejoin_pair(request.config, profile)
+    try:
+        pair.primary.execute("CREATE TABLE notes (note text PRIMARY KEY)")
+        pair.primary.execute("INSERT INTO notes VALUES ('before')")
+        pair.wait_replayed()
+        yield pair
+    finally:
+        support.stop_detached(pair)
+        pair.destroy()
+
+
+@pytest.fixture
+def tuned(request: pytest.FixtureRequest) -> Iterator[PgPair]:
+    yield from pair_for(request, TUNED)
+
+
+@pytest.fixture
+def stock(request: pytest.FixtureRequest) -> Iterator[PgPair]:
+    yield from pair_for(request, STOCK)
+
+
+def make_engine(pair: PgPair, server: PgServer, **options: Any) -> PostgresEngine:
+    options.setdefault("data_dir", str(server.data_dir))
+    options.setdefault("start_command", support.start_command(pair, server))
+    if options["data_dir"] is None:
+        del options["data_dir"], options["start_command"]
+    return engine_mod.create(DatabaseConfig("postgres", server.dsn, options), set())
+
+
+async def fail_over(pair: PgPair, **options: Any) -> Engines:
+    """(old primary, new primary): the standby promoted by hand, the old primary left
+    running and writable, as after a partition."""
+    old, new = make_engine(pair, pair.primary, **options), make_engine(pair, pair.standby)
+    await new.promote(10)
+    return old, new
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[list[PostgresEngine]]:
+    engines: list[PostgresEngine] = []
+    yield engines
+    for engine in engines:
+        await engine.close()
+
+
+def notes(server: PgServer) -> set[str]:
+    return set(server.execute("SELECT note FROM notes").split())
+
+
+async def test_nothing_diverged_then_rewind(tuned: PgPair, closing: list[PostgresEngine]) -> None:
+    old, new = await fail_over(tuned)
+    closing += [old, new]
+    tuned.standby.execute("INSERT INTO notes VALUES ('on-new-before-rejoin')")
+    report = await old.divergence(new, 5)
+    assert report.known and report.lost == 0 and report.diverged is False, report
+    assert "nothing past the fork at" in report.detail and "on timeline 1" in report.detail
+
+    done = await old.rejoin(new, 60)
+    assert "stopped the server" in done and "pg_rewind:" in done, done
+    assert f"streaming from {new.where}" in done
+    assert tuned.primary.is_in_recovery()
+    assert "replica of" in await wait_replica_of(old, new)
+    tuned.standby.execute("INSERT INTO notes VALUES ('after')")
+    await eventually_true(lambda: "after" in notes(tuned.primary))
+    assert {"before", "on-new-before-rejoin"} <= notes(tuned.primary)
+
+    # Idempotent: a second rejoin only checks, and the report says nothing to lose.
+    assert (await old.rejoin(new, 10)).startswith("already a replica of")
+    assert (await old.divergence(new, 5)).lost == 0
+
+
+async def test_diverged_transactions_are_named_then_rewound_away(
+    tuned: PgPair, closing: list[PostgresEngine]
+) -> None:
+    old, new = await fail_over(tuned)
+    closing += [old, new]
+    xids = [
+        tuned.primary.execute(
+            f"INSERT INTO notes VALUES ('split-{i}') RETURNING pg_current_xact_id()::text"
+        )
+        for i in range(3)
+    ]
+    report = await old.divergence(new, 5)
+    assert report.known and report.diverged is True, report
+    assert report.items == tuple(f"xid {x}" for x in xids), report
+    # Three commits and their row inserts take well over a hundred bytes of WAL.
+    assert (report.lost or 0) > 150, report
+    assert f"wrote {report.lost} bytes of WAL past the fork" in report.detail
+    assert "3 transaction(s) committed" in report.detail
+
+    done = await old.rejoin(new, 60)
+    assert "servers diverged at WAL location" in done, done
+    await wait_replica_of(old, new)
+    assert not {f"split-{i}" for i in range(3)} & notes(tuned.primary)
+    tuned.standby.execute("INSERT INTO notes VALUES ('after')")
+    await eventually_true(lambda: "after" in notes(tuned.primary))
+
+
+async def test_stock_settings_refuse_pg_rewind_before_stopping_anything(
+    stock: PgPair, closing: list[PostgresEngine]
+) -> None:
+    old, new = await fail_over(stock)
+    closing += [old, new]
+    advice = await old.advise(30, 5)
+    assert any("ALTER SYSTEM SET wal_log_hints = on;" in line for line in advice), advice
+    with pytest.raises(
+        EngineError,
+        match=r"rejoin: pg_rewind needs wal_log_hints = on or data checksums on this server,"
+        r" and both are off: ALTER SYSTEM SET wal_log_hints = on; then restart it"
+        r" \(or set rewind_fallback: basebackup\)$",
+    ):
+        await old.rejoin(new, 30)
+    status = await old.status(5)
+    assert status.is_primary and status.writable  # still running, untouched
+
+
+async def test_stock_settings_fall_back_to_a_base_backup(
+    stock: PgPair, closing: list[PostgresEngine]
+) -> None:
+    old, new = await fail_over(stock, rewind_fallback="basebackup")
+    closing += [old, new]
+    stock.primary.execute("INSERT INTO notes VALUES ('split')")
+    assert (await old.divergence(new, 5)).diverged is True
+
+    done = await old.rejoin(new, 60)
+    assert "pg_rewind impossible" in done and "base backup of the new primary" in done, done
+    await wait_replica_of(old, new)
+    assert "split" not in notes(stock.primary)
+    stock.standby.execute("INSERT INTO notes VALUES ('after')")
+    await eventually_true(lambda: "after" in notes(stock.primary))
+
+
+async def test_tuned_settings_give_no_rewind_advice(
+    tuned: PgPair, closing: list[PostgresEngine]
+) -> None:
+    engine = make_engine(tuned, tuned.primary)
+    closing.append(engine)
+    assert not [line for line in await engine.advise(30, 5) if "wal_log_hints" in line]
+
+
+async def test_rejoin_needs_the_data_dir(tuned: PgPair, closing: list[PostgresEngine]) -> None:
+    old, new = await fail_over(tuned, data_dir=None)
+    closing += [old, new]
+    with pytest.raises(
+        EngineError,
+        match=r"rejoin on PostgreSQL needs database.data_dir on this node \(the watcher must"
+        r" run beside it\); see the docs' PostgreSQL page for the SSH variant$",
+    ):
+        await old.rejoin(new, 10)
+    with pytest.raises(LabError):  # never touched: still a writable primary
+        tuned.primary.execute("SELECT 1/0")
+    assert not tuned.primary.is_in_recovery()
+
+
+def test_host_side_options_are_validated() -> None:
+    def errors_of(data: dict[str, object]) -> list[str]:
+        errors: list[str] = []
+        engine_mod.validate(Section(data, "primary.database", errors, set()))
+        return errors
+
+    assert errors_of({"data_dir": "pgdata", "rewind_fallback": "reinit"}) == [
+        "primary.database.data_dir: expected an absolute path, got 'pgdata'",
+        "primary.database.rewind_fallback: expected one of basebackup, none, got 'reinit'",
+    ]
+    assert errors_of({"data_dir": "/d", "start_command": []}) == [
+        "primary.database.start_command: expected a program and its arguments,"
+        " e.g. [systemctl, start, postgresql]"
+    ]
+    assert errors_of({"run_as": "postgres"}) == [
+        "primary.database.data_dir: is required with bin_dir, stop_command, start_command"
+        " and run_as"
+    ]
+    errors: list[str] = []
+    options = engine_mod.validate(
+        Section(
+            {"data_dir": "/d", "stop_command": ["systemctl", "stop", "pg"], "run_as": "pg"},
+            "primary.database",
+            errors,
+            set(),
+        )
+    )
+    assert errors == [] and options == {
+        "data_dir": "/d",
+        "stop_command": ("systemctl", "stop", "pg"),
+        "run_as": "pg",
+    }
