@@ -2,7 +2,8 @@
 watching → failover back, with the daemon as a process over a real primary + replica
 and ``watchdogctl`` as an operator runs it.
 
-Each engine's loop, on servers with the tuned link settings (the replica gives a
+Each engine's loop (Redis, MariaDB, PostgreSQL with the watcher beside the servers:
+``data_dir``, pg_rewind), on servers with the tuned link settings (the replica gives a
 silent primary up after 2 s):
 
 1. the primary hangs (SIGSTOP), and the daemon fails over;
@@ -13,15 +14,19 @@ silent primary up after 2 s):
 
 The second pass writes on the old primary where the replica cannot see it (the link is
 cut first): the divergence report names those writes (bytes on Redis, GTIDs on
-MariaDB), the rejoin is refused without ``--accept-divergence`` and accepted with it,
-and the report is in ``status``, the journal and a webhook."""
+MariaDB, bytes of WAL and the xids on PostgreSQL), the rejoin is refused
+without ``--accept-divergence`` and accepted with it, and the report is in
+``status``, the journal and a webhook. Accepted, Redis resyncs and PostgreSQL rewinds
+the diverged writes away and the loop goes on; the MariaDB engine refuses to keep
+diverged transactions under a replica, so there the rejoin fails and nothing is
+re-armed."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pymysql  # type: ignore[import-untyped]  # no stubs in the test extras
 import pytest
@@ -29,11 +34,14 @@ import redis
 
 from tests.e2e.test_engines_e2e import app_write
 from tests.e2e.test_observability import start_receiver
+from tests.integration.test_rejoin_postgres import notes, pair_for
 from tests.support import free_port
 from tests.support import mysql as mysql_support
+from tests.support import pg as pg_support
 from tests.support import redis as redis_support
 from tests.support.daemon import DaemonProcess, ctl
 from tests.support.pg import eventually
+from watchdogd.demo.lab import TUNED, PgPair, PgServer
 
 Factory = Callable[..., DaemonProcess]
 NOTIFIED = ["failover_completed", "writes_diverged", "rejoin_started", "rejoin_completed"]
@@ -84,6 +92,85 @@ async def fenced_after_failover(d: DaemonProcess) -> dict[str, Any]:
     status = await d.status()
     assert status["state"] == "failed_over"
     return status
+
+
+class Hangs(Protocol):
+    def sigstop(self) -> None: ...
+    def sigcont(self) -> None: ...
+
+
+async def hang_fail_over_and_fence(d: DaemonProcess, primary: Hangs) -> None:
+    """Steps 1 and 2: the primary hangs, the daemon fails over; it comes back writable
+    and the daemon fences it."""
+    primary.sigstop()
+    await d.wait_state("failed_over", within=20)
+    primary.sigcont()
+    await fenced_after_failover(d)
+
+
+async def refused_without_acceptance(d: DaemonProcess, report: dict[str, Any]) -> None:
+    """A diverged report refuses the rejoin (nothing journaled) and stays in status."""
+    refused = await ctl("--socket", d.socket, "rejoin", "--yes")
+    assert refused.code == 1
+    assert refused.err.startswith(
+        f"watchdogctl: rejoin: rejoin refused: main holds {report['summary']} that "
+        "failover never got, and a rejoin throws them away: rerun with --accept-divergence"
+    ), refused.err
+    assert records(d, "rejoin_started") == []
+    shown = (await d.status())["rejoin"]["divergence"]
+    for key in ("failover_id", "lost", "unit", "items", "summary"):
+        assert shown[key] == report[key], key
+
+
+def journaled_as_accepted(d: DaemonProcess, report: dict[str, Any]) -> None:
+    (started,) = records(d, "rejoin_started")
+    assert started["accepted"] is True
+    assert (started["divergence"]["lost"], started["divergence"]["items"]) == (
+        report["lost"],
+        report["items"],
+    )
+
+
+async def rejoin_by_the_report(
+    d: DaemonProcess, unit: str, diverged: bool, at_least: int = 1
+) -> dict[str, Any]:
+    """Step 3 by the dry run's report: zero goes ahead; diverged (at least ``at_least``)
+    is refused, then accepted. The report is returned."""
+    report: dict[str, Any] = (await rejoin_dry_run(d))["divergence"]
+    assert report["known"] is True and report["unit"] == unit
+    if not diverged:
+        assert report["lost"] == 0 and report["diverged"] is False, report
+        await rejoined(d)
+        return report
+    assert report["diverged"] is True and report["lost"] >= at_least, report
+    await refused_without_acceptance(d, report)
+    status = await rejoined(d, "--accept-divergence")
+    journaled_as_accepted(d, report)
+    assert status["rejoin"]["divergence"]["lost"] == report["lost"]
+    return report
+
+
+async def told_by_webhook(
+    received: list[dict[str, Any]], diverged: bool, failovers: int
+) -> dict[str, Any] | None:
+    """What the webhook got: the failovers, one rejoin_started carrying its report, and
+    writes_diverged (returned) exactly when writes diverged."""
+
+    def named(event: str) -> list[dict[str, Any]]:
+        return [r for r in received if r["event"] == event]
+
+    await eventually(
+        lambda: len(named("failover_completed")) == failovers and named("rejoin_started")
+    )
+    (started,) = named("rejoin_started")
+    assert started["divergence"]["diverged"] is diverged, started
+    if not diverged:
+        assert named("writes_diverged") == []
+        return None
+    (report,) = named("writes_diverged")
+    assert report["lost"] == started["divergence"]["lost"] and report["cluster"] == "orders"
+    assert (report["old_primary"], report["new_primary"]) == ("main", "failover")
+    return report
 
 
 async def rejoin_dry_run(d: DaemonProcess) -> dict[str, Any]:
@@ -174,33 +261,12 @@ async def redis_loop(pair: redis_support.RedisPair, d: DaemonProcess, diverged: 
         for key, value in lost.items():
             primary.call("SET", key, value)
 
-    primary.sigstop()
-    await d.wait_state("failed_over", within=20)
-    primary.sigcont()
-    await fenced_after_failover(d)
+    await hang_fail_over_and_fence(d, primary)
     with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
         primary.call("SET", "while-fenced", "1")
 
-    report = (await rejoin_dry_run(d))["divergence"]
-    assert report["known"] is True and report["unit"] == "bytes"
-    if not diverged:
-        assert report["lost"] == 0 and report["diverged"] is False, report
-        await rejoined(d)
-    else:
-        assert report["diverged"] is True and report["lost"] > 300, report
-        refused = await ctl("--socket", d.socket, "rejoin", "--yes")
-        assert refused.code == 1
-        assert refused.err.startswith(
-            f"watchdogctl: rejoin: rejoin refused: main holds {report['summary']} that "
-            "failover never got, and a rejoin throws them away: rerun with --accept-divergence"
-        ), refused.err
-        assert records(d, "rejoin_started") == []
-        shown = (await d.status())["rejoin"]["divergence"]
-        assert (shown["lost"], shown["failover_id"]) == (report["lost"], report["failover_id"])
-        status = await rejoined(d, "--accept-divergence")
-        (started,) = records(d, "rejoin_started")
-        assert started["accepted"] is True and started["divergence"]["lost"] == report["lost"]
-        assert status["rejoin"]["divergence"]["lost"] == report["lost"]
+    await rejoin_by_the_report(d, "bytes", diverged, at_least=300)
+    if diverged:
         # Thrown away, as the report said: the old primary now holds the new one's data.
         assert primary.call("MGET", *lost) == [None] * len(lost)
 
@@ -231,16 +297,8 @@ async def test_redis_loop_around_the_pair(
         await d.start()
         await d.wait_state("watching")
         await redis_loop(redis_pair, d, diverged)
-        await eventually(lambda: [r["event"] for r in received].count("failover_completed") == 2)
-        told = [r for r in received if r["event"] == "writes_diverged"]
-        started = [r for r in received if r["event"] == "rejoin_started"]
-        assert len(started) == 1 and "divergence" in started[0]
-        if diverged:
-            (report,) = told
-            assert report["lost"] == started[0]["divergence"]["lost"] > 300
-            assert report["old_primary"] == "main" and report["new_primary"] == "failover"
-        else:
-            assert told == [] and started[0]["divergence"]["lost"] == 0
+        report = await told_by_webhook(received, diverged, failovers=2)
+        assert report is None or report["lost"] > 300
         assert redis_pair.password not in d.logs()
     finally:
         await hook.cleanup()
@@ -291,10 +349,7 @@ async def maria_loop(pair: mysql_support.MariaDBPair, d: DaemonProcess, diverged
         domain, server_id, seq = before.split("-")
         lost = [f"{domain}-{server_id}-{int(seq) + i}" for i in (1, 2, 3)]
 
-    primary.sigstop()
-    await d.wait_state("failed_over", within=20)
-    primary.sigcont()
-    await fenced_after_failover(d)
+    await hang_fail_over_and_fence(d, primary)
     with pytest.raises(pymysql.err.OperationalError, match=r"read-only|read_only"):
         app_write(pair, primary, "while-fenced")
 
@@ -314,19 +369,15 @@ async def maria_loop(pair: mysql_support.MariaDBPair, d: DaemonProcess, diverged
         assert kept <= rows(primary)
         return
     assert report["diverged"] is True and report["lost"] == 3 and report["items"] == lost, report
-    refused = await ctl("--socket", d.socket, "rejoin", "--yes")
-    assert refused.code == 1
-    assert f"main holds 3 transactions ({', '.join(lost)}) that failover never got" in refused.err
-    assert records(d, "rejoin_started") == []
-    assert (await d.status())["rejoin"]["divergence"]["items"] == lost
+    assert report["summary"] == f"3 transactions ({', '.join(lost)})"
+    await refused_without_acceptance(d, report)
     # Accepted, the rejoin starts and is journaled with the report; the MariaDB engine
     # itself refuses to keep diverged transactions under a replica, so the rejoin fails,
     # the state is failed and nothing is re-armed.
     ran = await ctl("--socket", d.socket, "rejoin", "--yes", "--accept-divergence")
     assert ran.code == 0, ran
     await eventually(lambda: bool(records(d, "rejoin_finished")), within=30)
-    (started,) = records(d, "rejoin_started")
-    assert started["accepted"] is True and started["divergence"]["items"] == lost
+    journaled_as_accepted(d, report)
     (finished,) = records(d, "rejoin_finished")
     assert finished["outcome"] == "failed" and lost[0] in finished["error"], finished
     status = await d.wait_state("failed", within=10)
@@ -349,18 +400,92 @@ async def test_mariadb_loop_around_the_pair(
         await d.start()
         await d.wait_state("watching")
         await maria_loop(maria, d, diverged)
-        told = [r for r in received if r["event"] == "writes_diverged"]
-        await eventually(lambda: any(r["event"] == "rejoin_started" for r in received))
-        if diverged:
-            await eventually(
-                lambda: len([r for r in received if r["event"] == "writes_diverged"]) == 1
-            )
-            (report,) = [r for r in received if r["event"] == "writes_diverged"]
-            assert report["lost"] == 3 and len(report["items"]) == 3
-        else:
-            assert told == []
+        # Diverged, the rejoin fails (the engine's refusal): no failover back.
+        report = await told_by_webhook(received, diverged, failovers=1 if diverged else 2)
+        assert report is None or (report["lost"], len(report["items"])) == (3, 3)
         for secret in (maria.password, maria.repl_password):
             assert secret not in d.logs()
             assert secret not in (Path(cfg["state_dir"]) / "journal.jsonl").read_text()
+    finally:
+        await hook.cleanup()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture
+def pg_rejoin_pair(request: pytest.FixtureRequest) -> Iterator[PgPair]:
+    """The tuned lab pair (wal_log_hints on, the standby gives a silent primary up after
+    2 s) with full_page_writes on, as pg_rewind needs."""
+    yield from pair_for(request, TUNED)  # with a table notes holding 'before'
+
+
+def pg_db(pair: PgPair, server: PgServer) -> dict[str, Any]:
+    """The watcher runs beside each server: its data directory and how to start it."""
+    return {
+        "dsn": server.dsn,
+        "data_dir": str(server.data_dir),
+        "start_command": pg_support.start_command(pair, server),
+    }
+
+
+async def pg_loop(pair: PgPair, d: DaemonProcess, diverged: bool) -> None:
+    primary, standby = pair.primary, pair.standby
+    kept = {"before", *(f"acked-{i}" for i in range(20))}
+    primary.execute("INSERT INTO notes SELECT 'acked-' || i FROM generate_series(0, 19) AS i")
+    pair.wait_replayed()
+    xids: list[str] = []
+    if diverged:
+        # The standby stops receiving: what the primary commits now never reaches it.
+        standby.execute("ALTER SYSTEM SET primary_conninfo = ''")
+        standby.execute("SELECT pg_reload_conf()")
+        await eventually(
+            lambda: standby.execute("SELECT count(*) FROM pg_stat_wal_receiver") == "0"
+        )
+        xids = [
+            primary.execute(f"INSERT INTO notes VALUES ('lost-{i}') RETURNING pg_current_xact_id()")
+            for i in range(3)
+        ]
+
+    await hang_fail_over_and_fence(d, primary)
+    assert primary.execute("SHOW default_transaction_read_only") == "on"
+
+    report = await rejoin_by_the_report(d, "bytes", diverged, at_least=150)
+    if diverged:
+        assert report["items"] == [f"xid {x}" for x in xids], report
+        # Rewound away, as the report said.
+        assert not {f"lost-{i}" for i in range(3)} & notes(primary)
+
+    assert primary.is_in_recovery()
+    standby.execute("INSERT INTO notes VALUES ('after-rejoin')")
+    await eventually(lambda: "after-rejoin" in notes(primary), within=10)
+    kept.add("after-rejoin")
+
+    await watched_afresh(d)
+    standby.kill()
+    await failed_back(d)
+    assert not primary.is_in_recovery()
+    primary.execute("INSERT INTO notes VALUES ('after-fail-back')")  # writable again
+    assert kept <= notes(primary)
+
+
+@pytest.mark.parametrize("diverged", [False, True], ids=["zero", "diverged"])
+async def test_postgres_loop_around_the_pair(
+    pg_rejoin_pair: PgPair, daemon_factory: Factory, tmp_path: Path, diverged: bool
+) -> None:
+    pair = pg_rejoin_pair
+    hook, received, port = await start_receiver()
+    try:
+        cfg = rejoin_config(
+            tmp_path, "postgres", pg_db(pair, pair.primary), pg_db(pair, pair.standby), port
+        )
+        cfg["failover"]["rejoin_steps"] = [{"name": "rejoin", "action": "rejoin", "timeout": "1m"}]
+        d = daemon_factory(cfg)
+        await d.start()
+        await d.wait_state("watching")
+        await pg_loop(pair, d, diverged)
+        report = await told_by_webhook(received, diverged, failovers=2)
+        assert report is None or len(report["items"]) == 3
+        assert pg_support.SECRET not in d.logs()
     finally:
         await hook.cleanup()
