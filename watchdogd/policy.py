@@ -504,11 +504,14 @@ def rejoin_news(journal: JournalState, fo: FailoverRecord) -> Decision | None:
     )
 
 
-def refuse_rejoin(journal: JournalState, running: bool) -> str | None:
+def refuse_rejoin(journal: JournalState, running: bool, fencing: bool = False) -> str | None:
     """Why a rejoin cannot start now, or None: there must be a failover awaiting its ack
-    that promoted the standby, and nothing else running."""
+    that promoted the standby, and nothing else running (a fence of the old primary
+    first finishes: both act on the same server)."""
     if journal.unfinished is not None:
         return f"failover {journal.unfinished.id} is in progress"
+    if fencing:
+        return "the old primary is being fenced: rejoin once the fence is done"
     rj = journal.unfinished_rejoin
     if rj is not None:
         return f"rejoin {rj.id} of {rj.from_node} is already running"
@@ -568,12 +571,13 @@ def auto_rejoin_due(
     answering: frozenset[str],
     running: bool,
     checked: str | None,
+    fencing: bool = False,
 ) -> FailoverRecord | None:
     """With ``auto_rejoin``: the failover whose old primary should be checked for a
     rejoin now (its database answers again, nothing runs, this episode is not checked
     yet and no rejoin after it ran), else None. ``answering``: the nodes whose database
     probe succeeded this cycle; ``checked``: the failover id last checked."""
-    if not cfg.auto_rejoin or refuse_rejoin(journal, running) is not None:
+    if not cfg.auto_rejoin or refuse_rejoin(journal, running, fencing) is not None:
         return None
     fo = journal.awaiting_ack
     if fo is None or fo.id == checked or fo.from_node not in answering:

@@ -23,6 +23,7 @@ re-armed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -253,13 +254,7 @@ async def redis_loop(pair: redis_support.RedisPair, d: DaemonProcess, diverged: 
     pair.wait_caught_up()
     lost = {f"lost-{i}": "x" * 100 for i in range(3)}
     if diverged:
-        # The replica can no longer authenticate: what the primary writes now never
-        # reaches it (written after the fault that will cost them).
-        replica.call("CONFIG", "SET", "masterauth", "wrong")
-        primary.call("CLIENT", "KILL", "TYPE", "replica")
-        await eventually(lambda: replica.info()["master_link_status"] == "down")
-        for key, value in lost.items():
-            primary.call("SET", key, value)
+        await cut_and_write_past_it(pair, lost)
 
     await hang_fail_over_and_fence(d, primary)
     with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
@@ -300,6 +295,80 @@ async def test_redis_loop_around_the_pair(
         report = await told_by_webhook(received, diverged, failovers=2)
         assert report is None or report["lost"] > 300
         assert redis_pair.password not in d.logs()
+    finally:
+        await hook.cleanup()
+
+
+async def cut_and_write_past_it(pair: redis_support.RedisPair, lost: dict[str, str]) -> None:
+    """The replica can no longer authenticate: what the primary writes now never
+    reaches it (written after the fault that will cost them)."""
+    pair.replica.call("CONFIG", "SET", "masterauth", "wrong")
+    pair.primary.call("CLIENT", "KILL", "TYPE", "replica")
+    await eventually(lambda: pair.replica.info()["master_link_status"] == "down")
+    for key, value in lost.items():
+        pair.primary.call("SET", key, value)
+
+
+def rejoin_waiting_metric(text: str) -> float:
+    (line,) = [x for x in text.splitlines() if x.startswith("watchdogd_rejoin_waiting{")]
+    return float(line.rsplit(" ", 1)[1])
+
+
+@pytest.mark.parametrize("diverged", [False, True], ids=["zero", "diverged"])
+async def test_redis_auto_rejoin_only_on_a_zero_report(
+    redis_pair: redis_support.RedisPair, daemon_factory: Factory, tmp_path: Path, diverged: bool
+) -> None:
+    """``auto_rejoin``: the old primary, back and fenced, is rejoined by the daemon itself
+    when nothing diverged; otherwise the daemon says so once and waits for an operator."""
+    hook, received, port = await start_receiver()
+    try:
+        cfg = rejoin_config(
+            tmp_path, "redis", redis_db(redis_pair, redis_pair.primary),
+            redis_db(redis_pair, redis_pair.replica), port,
+        )  # fmt: skip
+        cfg["failover"]["auto_rejoin"] = True
+        cfg["notify"]["webhooks"][0]["events"].append("rejoin_waiting")
+        d = daemon_factory(cfg)
+        await d.start()
+        await d.wait_state("watching")
+        redis_pair.primary.call("SET", "acked", "1")
+        redis_pair.wait_caught_up()
+        if diverged:
+            await cut_and_write_past_it(redis_pair, {"lost": "x" * 100})
+
+        await hang_fail_over_and_fence(d, redis_pair.primary)
+
+        if not diverged:
+            await eventually(lambda: bool(records(d, "ack")), within=30)
+            (started,) = records(d, "rejoin_started")
+            assert started["trigger"] == "automatic" and started["accepted"] is False
+            assert started["divergence"]["lost"] == 0
+            assert records(d, "rejoin_finished")[0]["outcome"] == "completed"
+            status = await d.wait_state("watching", within=10)
+            assert status["roles"] == {"primary": "failover", "standby": "main"}
+            assert redis_follows(redis_pair.primary, redis_pair.replica)
+            await told_by_webhook(received, False, failovers=1)
+            return
+
+        async def waiting() -> bool:
+            return (await d.status())["rejoin"]["waiting"] is not None
+
+        await eventually(waiting, within=15)
+        await eventually(lambda: any(r["event"] == "rejoin_waiting" for r in received))
+        await asyncio.sleep(1.5)  # six more cycles: nothing new is said or done
+        status = await d.status()
+        assert status["state"] == "failed_over" and status["armed"] is False
+        assert status["rejoin"]["waiting"]["reason"].startswith("writes diverged: ")
+        assert records(d, "rejoin_started") == []
+        assert rejoin_waiting_metric(await d.metrics()) == 1.0
+        events = [r["event"] for r in received]
+        assert events.count("writes_diverged") == 1 and events.count("rejoin_waiting") == 1
+        assert redis_pair.primary.call("GET", "lost") == "x" * 100  # untouched
+
+        await rejoined(d, "--accept-divergence")
+        assert rejoin_waiting_metric(await d.metrics()) == 0.0
+        assert (await d.status())["rejoin"]["waiting"] is None
+        assert redis_pair.primary.call("MGET", "acked", "lost") == ["1", None]
     finally:
         await hook.cleanup()
 

@@ -112,6 +112,9 @@ def test_a_rejoin_needs_a_failover_that_promoted_and_nothing_running() -> None:
     # A failover that promoted and then failed a later step still left a primary behind.
     assert policy.refuse_rejoin(fo_state("failed", promoted=True), False) is None
     assert policy.refuse_rejoin(fo_state(), True) == "a rejoin is already starting"
+    assert policy.refuse_rejoin(fo_state(), False, fencing=True) == (
+        "the old primary is being fenced: rejoin once the fence is done"
+    )
     state = fo_state()
     apply(state, rejoin_started())
     assert policy.refuse_rejoin(state, False) == "rejoin R1 of main is already running"
@@ -156,6 +159,7 @@ def test_auto_rejoin_checks_each_failover_once_when_its_old_primary_answers() ->
     assert fo is not None and fo.id == "F1"
     assert policy.auto_rejoin_due(on, state, both, False, "F1") is None  # checked already
     assert policy.auto_rejoin_due(on, state, both, True, None) is None  # one is running
+    assert policy.auto_rejoin_due(on, state, both, False, None, fencing=True) is None
     failed = fo_state()
     apply(failed, rejoin_started())
     apply(failed, journal.sequence_finished("rejoin", id="R1", outcome="failed", error="x", at=9))

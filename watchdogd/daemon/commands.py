@@ -214,7 +214,7 @@ class Commands:
         refused when writes would be thrown away (or it cannot tell) unless accepted."""
         d, seq = self.d, self.d.sequences
         dry_run, accept = bool(args.get("dry_run")), bool(args.get("accept_divergence"))
-        refusal = policy.refuse_rejoin(d.state, seq.rejoin_running)
+        refusal = policy.refuse_rejoin(d.state, seq.rejoin_running, seq.fencing)
         fo = d.state.awaiting_ack
         if refusal is not None or fo is None:
             raise CommandError(f"rejoin refused: {refusal}")

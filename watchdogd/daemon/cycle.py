@@ -262,6 +262,7 @@ class ProbeCycle:
             answering,
             d.sequences.rejoin_running,
             self.rejoin_checked,
+            fencing=d.sequences.fencing,
         )
         if fo is None:
             return

@@ -312,6 +312,10 @@ class Sequences:
     # ------------------------------------------------------------------ rejoins
 
     @property
+    def fencing(self) -> bool:
+        return self.fence_task is not None and not self.fence_task.done()
+
+    @property
     def rejoin_running(self) -> bool:
         """A rejoin runs, or its divergence report is being computed, in this process."""
         return self.rejoin_task is not None or self.rejoin_starting
