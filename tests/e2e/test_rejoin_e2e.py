@@ -19,7 +19,11 @@ without ``--accept-divergence`` and accepted with it, and the report is in
 ``status``, the journal and a webhook. Accepted, Redis resyncs and PostgreSQL rewinds
 the diverged writes away and the loop goes on; the MariaDB engine refuses to keep
 diverged transactions under a replica, so there the rejoin fails and nothing is
-re-armed."""
+re-armed.
+
+``auto_rejoin`` is proven on Redis (rejoined by itself on a zero report, left alone and
+reported once otherwise), and each engine's rejoin also runs on the servers' shipped
+(stock) link settings, PostgreSQL's through the base-backup fallback."""
 
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from tests.support import pg as pg_support
 from tests.support import redis as redis_support
 from tests.support.daemon import DaemonProcess, ctl
 from tests.support.pg import eventually
-from watchdogd.demo.lab import TUNED, PgPair, PgServer
+from watchdogd.demo.lab import STOCK, TUNED, PgPair, PgServer
 
 Factory = Callable[..., DaemonProcess]
 NOTIFIED = ["failover_completed", "writes_diverged", "rejoin_started", "rejoin_completed"]
@@ -237,6 +241,12 @@ def redis_db(pair: redis_support.RedisPair, server: redis_support.RedisServer) -
     return {"dsn": pair.dsn(server)}
 
 
+def redis_config(pair: redis_support.RedisPair, tmp: Path, hook: int) -> dict[str, Any]:
+    return rejoin_config(
+        tmp, "redis", redis_db(pair, pair.primary), redis_db(pair, pair.replica), hook
+    )
+
+
 def redis_follows(old: redis_support.RedisServer, new: redis_support.RedisServer) -> bool:
     info = old.info()
     return (
@@ -284,10 +294,7 @@ async def test_redis_loop_around_the_pair(
 ) -> None:
     hook, received, port = await start_receiver()
     try:
-        cfg = rejoin_config(
-            tmp_path, "redis", redis_db(redis_pair, redis_pair.primary),
-            redis_db(redis_pair, redis_pair.replica), port,
-        )  # fmt: skip
+        cfg = redis_config(redis_pair, tmp_path, port)
         d = daemon_factory(cfg)
         await d.start()
         await d.wait_state("watching")
@@ -322,10 +329,7 @@ async def test_redis_auto_rejoin_only_on_a_zero_report(
     when nothing diverged; otherwise the daemon says so once and waits for an operator."""
     hook, received, port = await start_receiver()
     try:
-        cfg = rejoin_config(
-            tmp_path, "redis", redis_db(redis_pair, redis_pair.primary),
-            redis_db(redis_pair, redis_pair.replica), port,
-        )  # fmt: skip
+        cfg = redis_config(redis_pair, tmp_path, port)
         cfg["failover"]["auto_rejoin"] = True
         cfg["notify"]["webhooks"][0]["events"].append("rejoin_waiting")
         d = daemon_factory(cfg)
@@ -556,5 +560,109 @@ async def test_postgres_loop_around_the_pair(
         report = await told_by_webhook(received, diverged, failovers=2)
         assert report is None or len(report["items"]) == 3
         assert pg_support.SECRET not in d.logs()
+    finally:
+        await hook.cleanup()
+
+
+# --------------------------------------------------------------------------- stock settings
+#
+# On the servers' shipped link settings a hung primary is confirmed only after the
+# replica's own timeout (60 s), so these passes fail over by hand with the old primary
+# still up and writable (as after a partition), then rejoin on stock settings, and kill
+# the new primary (a crash is confirmed at once on any settings) to fail back.
+
+
+async def forced_failover_and_fence(d: DaemonProcess) -> None:
+    ran = await ctl("--socket", d.socket, "failover", "--force", "--yes")
+    assert ran.code == 0, ran
+    await d.wait_state("failed_over", within=20)
+    await fenced_after_failover(d)
+
+
+async def test_redis_rejoin_on_stock_settings(daemon_factory: Factory, tmp_path: Path) -> None:
+    hook, received, port = await start_receiver()
+    try:
+        with redis_support.redis_pair(redis_support.STOCK) as pair:
+            d = daemon_factory(redis_config(pair, tmp_path, port))
+            await d.start()
+            await d.wait_state("watching")
+            pair.primary.call("SET", "acked", "1")
+            pair.wait_caught_up()
+            await forced_failover_and_fence(d)
+            await rejoin_by_the_report(d, "bytes", diverged=False)
+            assert redis_follows(pair.primary, pair.replica)
+            pair.replica.call("SET", "after-rejoin", "1")
+            await eventually(lambda: pair.primary.call("GET", "after-rejoin") == "1")
+            await watched_afresh(d)
+            pair.replica.kill()
+            await failed_back(d)
+            assert pair.primary.call("MGET", "acked", "after-rejoin") == ["1", "1"]
+        await told_by_webhook(received, False, failovers=2)
+    finally:
+        await hook.cleanup()
+
+
+async def test_mariadb_rejoin_on_stock_settings(
+    mariadb_template_dir: Path, daemon_factory: Factory, tmp_path: Path
+) -> None:
+    hook, received, port = await start_receiver()
+    try:
+        with mysql_support.mariadb_pair(mariadb_template_dir, mysql_support.STOCK) as pair:
+            cfg = rejoin_config(
+                tmp_path, "mysql", maria_db(pair, pair.primary), maria_db(pair, pair.replica), port
+            )
+            d = daemon_factory(cfg)
+            await d.start()
+            await d.wait_state("watching")
+            app_write(pair, pair.primary, "acked")
+            pair.wait_replica_caught_up()
+            await forced_failover_and_fence(d)
+            await rejoin_by_the_report(d, "transactions", diverged=False)
+            assert maria_follows(pair.primary, pair.replica)
+            app_write(pair, pair.replica, "after-rejoin")
+            await eventually(lambda: "after-rejoin" in rows(pair.primary))
+            await watched_afresh(d)
+            pair.replica.kill()
+            await failed_back(d)
+            app_write(pair, pair.primary, "after-fail-back")
+            assert {"acked", "after-rejoin", "after-fail-back"} <= rows(pair.primary)
+        await told_by_webhook(received, False, failovers=2)
+    finally:
+        await hook.cleanup()
+
+
+@pytest.fixture
+def pg_stock_pair(request: pytest.FixtureRequest) -> Iterator[PgPair]:
+    yield from pair_for(request, STOCK)  # PostgreSQL's shipped settings
+
+
+async def test_postgres_rejoin_on_stock_settings_falls_back_to_a_base_backup(
+    pg_stock_pair: PgPair, daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """Stock PostgreSQL has neither wal_log_hints nor data checksums: pg_rewind is
+    impossible, and ``rewind_fallback: basebackup`` rebuilds the old primary instead."""
+    hook, received, port = await start_receiver()
+    pair = pg_stock_pair
+    try:
+        main_db = {**pg_db(pair, pair.primary), "rewind_fallback": "basebackup"}
+        cfg = rejoin_config(tmp_path, "postgres", main_db, pg_db(pair, pair.standby), port)
+        cfg["failover"]["rejoin_steps"] = [{"name": "rejoin", "action": "rejoin", "timeout": "1m"}]
+        d = daemon_factory(cfg)
+        await d.start()
+        await d.wait_state("watching")
+        await forced_failover_and_fence(d)
+        await rejoin_by_the_report(d, "bytes", diverged=False)
+        (step,) = [r for r in records(d, "rejoin_step_finished") if r["step"] == "rejoin"]
+        assert "pg_rewind impossible" in step["detail"], step
+        assert "with a base backup of the new primary" in step["detail"], step
+        assert pair.primary.is_in_recovery()
+        pair.standby.execute("INSERT INTO notes VALUES ('after-rejoin')")
+        await eventually(lambda: "after-rejoin" in notes(pair.primary), within=10)
+        await watched_afresh(d)
+        pair.standby.kill()
+        await failed_back(d)
+        pair.primary.execute("INSERT INTO notes VALUES ('after-fail-back')")
+        assert {"before", "after-rejoin", "after-fail-back"} <= notes(pair.primary)
+        await told_by_webhook(received, False, failovers=2)
     finally:
         await hook.cleanup()
