@@ -377,6 +377,52 @@ async def test_redis_auto_rejoin_only_on_a_zero_report(
         await hook.cleanup()
 
 
+async def test_a_rejoin_cut_off_by_a_killed_daemon_resumes_after_the_restart(
+    redis_pair: redis_support.RedisPair, daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """SIGKILL the daemon in the middle of a rejoin: the next start resumes it from its
+    first unfinished step (the done ``rejoin`` step is not run again), verifies it and
+    re-arms."""
+    hook, _, port = await start_receiver()
+    try:
+        cfg = redis_config(redis_pair, tmp_path, port)
+        cfg["failover"]["rejoin_steps"] = [
+            {"name": "rejoin", "action": "rejoin"},
+            {"name": "tell_ops", "action": "command", "argv": ["sleep", "3"], "idempotent": True},
+        ]
+        d = daemon_factory(cfg)
+        await d.start()
+        await d.wait_state("watching")
+        redis_pair.primary.call("SET", "acked", "1")
+        redis_pair.wait_caught_up()
+        await hang_fail_over_and_fence(d, redis_pair.primary)
+        ran = await ctl("--socket", d.socket, "rejoin", "--yes")
+        assert ran.code == 0, ran
+
+        async def at_tell_ops() -> bool:
+            running = (await d.status())["rejoin"]["running"]
+            return running is not None and running["step"] == "tell_ops"
+
+        await eventually(at_tell_ops, within=20)
+        d.kill()
+        assert records(d, "rejoin_finished") == [] and records(d, "ack") == []
+
+        again = daemon_factory(cfg)
+        await again.start()
+        await eventually(lambda: bool(records(again, "ack")), within=30)
+        (finished,) = records(again, "rejoin_finished")
+        assert finished["outcome"] == "completed"
+        steps = [(r["step"], r["outcome"]) for r in records(again, "rejoin_step_finished")]
+        assert steps == [("rejoin", "ok"), ("tell_ops", "ok"), ("verify_rejoin", "ok")]
+        resumed = [e for e in again.events() if e.get("event") == "rejoin_resumed"]
+        assert [e["steps_done"] for e in resumed] == [["rejoin"]]
+        status = await again.wait_state("watching", within=10)
+        assert status["roles"] == {"primary": "failover", "standby": "main"}
+        assert redis_follows(redis_pair.primary, redis_pair.replica)
+    finally:
+        await hook.cleanup()
+
+
 # --------------------------------------------------------------------------- MariaDB
 
 
