@@ -7,6 +7,11 @@ current roles, the time of the last automatic failover) lives in the journal's
 ``JournalState``; the policy reads it and never keeps a copy, so a restart that
 replays the journal lands in exactly the same state.
 
+Rejoins have their rules here too: when one may start (``refuse_rejoin``), what a
+divergence report allows (``refuse_divergence``; ``auto_rejoin`` only on proof of
+zero), the rejoin plan (its steps, then ``verify_rejoin``), and the state while one
+runs or after one failed (``rejoin_news``: failed, nothing re-armed).
+
 The guards, in the order they are applied to a ``down`` verdict:
 an unfinished failover (resume it, never start another), a failover awaiting
 its ack (never act twice), pause, manual mode, cooldown, the standby's health,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.support.fakes import RejoinEngine
 from tests.unit.test_commands import ROOT, Log, raw_config
@@ -283,9 +284,11 @@ class Rig:
     ) -> None:
         raw = raw_config(tmp)
         raw["failover"].update(failover)
+        source = tmp / "watchdogd.yml"
+        source.write_text(yaml.safe_dump(raw))
         self.log = Log()
         self.old, self.new = old, RejoinEngine("failover")
-        self.d = Daemon(config.parse(raw), log=self.log)
+        self.d = Daemon(config.load(source), log=self.log)
         self.path = Path(self.d.config.state_dir) / "journal.jsonl"
         if fresh:
             j = journal.Journal(self.d.config.state_dir)
@@ -476,6 +479,24 @@ async def test_a_failed_verification_is_failed_and_nothing_is_rearmed(
     await rig.finished()
     assert (await rig.cmd("status"))["armed"] is True
     assert len(rig.records("rejoin_started")) == 2
+
+
+async def test_no_reload_and_no_second_rejoin_while_one_runs(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig = Rig(tmp_path, RejoinEngine("main", ZERO, not_caught_up=10**6), rejoin_timeout="2s")
+    made.append(rig)
+    await rig.cmd("rejoin")
+    with pytest.raises(CommandError, match=r"^reload refused: a rejoin is running; reload when"):
+        await rig.cmd("reload")
+    with pytest.raises(
+        CommandError, match=r"^rejoin refused: rejoin rejoin-\S+ of main is already"
+    ):
+        await rig.cmd("rejoin")
+    with pytest.raises(CommandError, match=r"is running: it acks by itself once main is verified"):
+        await rig.cmd("ack")
+    await rig.finished()
+    assert (await rig.cmd("reload"))["reloaded"] is True  # once it ended
 
 
 async def test_a_rejoin_cut_off_by_a_restart_resumes_where_it_was(

@@ -6,8 +6,10 @@ the step's timeout → journal its end; retry up to ``retries`` times after
 later steps never run. An operator's abort is honoured before the next step (or
 during a retry delay), never in the middle of a step.
 
-The same runner executes failovers (and switchovers) and fences (the
-``fence_steps`` run against an old primary that came back writable). A fence is
+The same runner executes failovers (and switchovers), fences (the
+``fence_steps`` run against an old primary that came back writable) and rejoins (the
+``rejoin_steps`` and their verification, journaled and announced as ``rejoin_*``,
+resumed after a restart like a failover). A fence is
 journaled under its own record types and events (``fence_started``,
 ``fence_step_completed``, ``fence_failed`` …): it is never a failover in the
 history, the metrics or the cooldown, and it is never resumed after a restart

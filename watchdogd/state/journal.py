@@ -13,6 +13,13 @@ the same way under their own record types (``fence_started``, ``fence_step_start
 into ``failovers``: a fence is not a failover (no history entry, no cooldown, never a
 promotion) and is never resumed after a restart.
 
+Rejoins (the node failed away from brought back as the standby: ``watchdogctl rejoin``,
+``auto_rejoin``) are journaled the same way too (``rejoin_started`` with the divergence
+report and whether it was accepted, ``rejoin_step_started``, ``rejoin_step_finished``,
+``rejoin_finished``) and folded into ``JournalState.rejoins``. A rejoin is resumed after
+a restart like a failover; it changes the roles only through the ``ack`` record written
+once it is verified. Journals written before rejoins existed replay as they did.
+
 Records are frozen dataclasses (``SequenceStarted``, ``StepFinished``, ``Pause``, ...);
 this module is the one place that encodes them (``encode``, used by the builder functions
 callers write with) and decodes them (``decode``). ``apply`` decodes one record and
