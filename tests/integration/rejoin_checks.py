@@ -30,3 +30,23 @@ async def eventually_true(check: Callable[[], object], within: float = 10.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within:g}s")
         await asyncio.sleep(0.05)
+
+
+async def twice_around(
+    a: Engine,
+    b: Engine,
+    write_on_b: Callable[[str], object],
+    write_on_a: Callable[[str], object],
+    rejoin_timeout: float = 10.0,
+) -> None:
+    """After a failover from ``a`` to ``b``: ``a`` rejoins (nothing diverged), a write
+    ``via-b`` on ``b`` reaches it, ``a`` takes over again, ``b`` rejoins, a write
+    ``via-a`` on ``a`` reaches it, and ``b`` takes over again."""
+    for old, new, write, key in ((a, b, write_on_b, "via-b"), (b, a, write_on_a, "via-a")):
+        report = await old.divergence(new, 5)
+        assert report.known and report.lost == 0, report
+        await old.rejoin(new, rejoin_timeout)
+        await wait_replica_of(old, new)
+        write(key)
+        await wait_replica_of(old, new)  # replayed up to the write
+        await old.promote(10)  # the next failure: the rejoined node takes over again

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.rejoin_checks import eventually_true, wait_replica_of
+from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
 from tests.support import mysql as support
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.core.section import Section
@@ -121,3 +121,17 @@ def test_replication_credentials_are_validated() -> None:
     options = engine_mod.validate(Section(data, "standby.database", errors, secrets))
     assert len(errors) == 1 and options["replication_user"] == "repl"
     assert "a-long-secret" in secrets and repr(options["replication_password"]) == "'***'"
+
+
+async def test_twice_around_the_pair(pair: support.MariaDBPair, failed_over: Engines) -> None:
+    """Fail over, rejoin, fail back, rejoin: each node rejoins once, losing nothing."""
+    a, b = failed_over
+    insert = "INSERT INTO app.t (v) VALUES (%s)"
+    await twice_around(
+        a,
+        b,
+        lambda key: pair.replica.sql(insert, (key,)),
+        lambda key: pair.primary.sql(insert, (key,)),
+    )
+    for server in (pair.primary, pair.replica):
+        assert {"before", "via-a", "via-b"} <= values(server), server.name

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.rejoin_checks import eventually_true, wait_replica_of
+from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
 from tests.support import pg as support
+from tests.support.cluster import pg_cluster
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.core.section import Section
 from watchdogd.demo.lab import STOCK, TUNED, LabError, PgPair, PgServer
@@ -36,7 +37,6 @@ def pair_for(request: pytest.FixtureRequest, profile: str) -> Iterator[PgPair]:
         pair.wait_replayed()
         yield pair
     finally:
-        support.stop_detached(pair)
         pair.destroy()
 
 
@@ -127,6 +127,25 @@ async def test_diverged_transactions_are_named_then_rewound_away(
     await eventually_true(lambda: "after" in notes(tuned.primary))
 
 
+async def test_a_restart_after_the_split_is_no_divergence(
+    tuned: PgPair, closing: list[PostgresEngine]
+) -> None:
+    """A crashed old primary that comes back writes an end-of-recovery checkpoint past
+    the fork: WAL the new primary lacks, but no committed write, so nothing diverged
+    (else every rejoin after a crash would need --accept-divergence)."""
+    old, new = await fail_over(tuned)
+    closing += [old, new]
+    tuned.primary.kill()
+    tuned.primary.start()
+    report = await old.divergence(new, 10)
+    assert report.known and report.lost == 0 and report.items == (), report
+    assert "bytes of WAL without a committed transaction" in report.detail, report
+
+    tuned.primary.execute("INSERT INTO notes VALUES ('after-restart')")
+    report = await old.divergence(new, 10)
+    assert report.diverged is True and len(report.items) == 1, report
+
+
 async def test_stock_settings_refuse_pg_rewind_before_stopping_anything(
     stock: PgPair, closing: list[PostgresEngine]
 ) -> None:
@@ -215,3 +234,106 @@ def test_host_side_options_are_validated() -> None:
         "stop_command": ("systemctl", "stop", "pg"),
         "run_as": "pg",
     }
+
+
+async def test_a_crashed_old_primary_is_rewound_from_its_data_dir(
+    tuned: PgPair, closing: list[PostgresEngine]
+) -> None:
+    """The common case: the old primary died (SIGKILL, no shutdown checkpoint) and is
+    still down when it is rejoined; pg_rewind finishes its crash recovery first."""
+    old, new = make_engine(tuned, tuned.primary), make_engine(tuned, tuned.standby)
+    closing += [old, new]
+    tuned.primary.execute("INSERT INTO notes VALUES ('last-before-crash')")
+    tuned.wait_replayed()
+    tuned.primary.kill()
+    await new.promote(10)
+    with pytest.raises(EngineError, match=r": reading the WAL position: .*refused"):
+        await old.divergence(new, 2)  # unreachable: the daemon reports that, not a guess
+
+    done = await old.rejoin(new, 60)
+    assert "stopped the server" not in done and "pg_rewind:" in done, done
+    await wait_replica_of(old, new)
+    assert "last-before-crash" in notes(tuned.primary)
+    tuned.standby.execute("INSERT INTO notes VALUES ('after')")
+    await eventually_true(lambda: "after" in notes(tuned.primary))
+
+    # Down again once configured as a standby (as if a rejoin was cut off after
+    # writing the configuration): a rejoin only starts it, nothing is rewound.
+    tuned.primary.kill()
+    done = await old.rejoin(new, 60)
+    assert done.startswith("started the configured standby"), done
+    await wait_replica_of(old, new)
+
+
+async def test_the_chaos_cluster_can_rejoin_and_kill_the_rejoined_server(
+    request: pytest.FixtureRequest,
+) -> None:
+    """What the daemon's loops build on: a matrix cluster's rejoin options, and the
+    lab killing a server that pg_ctl (not the lab) started."""
+    cluster = pg_cluster(
+        TUNED,
+        support.require_pg_bin(),
+        support.pg_template(request.config),
+        support.SECRET,
+        settings={"full_page_writes": "on"},
+    )
+    engines: list[PostgresEngine] = []
+    try:
+        for node in (cluster.primary, cluster.standby):
+            section = {**cluster.database(node), **cluster.rejoin_options(node)}
+            options = {k: v for k, v in section.items() if k not in ("engine", "dsn")}
+            engines.append(
+                engine_mod.create(DatabaseConfig("postgres", section["dsn"], options), set())
+            )
+        old, new = engines
+        await cluster.write("k1")
+        await cluster.wait_caught_up()
+        await cluster.reset_writer()
+        await new.promote(10)
+        await old.rejoin(new, 60)
+        await wait_replica_of(old, new)
+        assert "k1" in await cluster.keys(cluster.primary)
+
+        server = cluster.primary
+        assert isinstance(server, PgServer)
+        pid = server.detached_pid()
+        assert pid is not None and not server.is_running()  # pg_ctl's child, not the lab's
+        server.kill()
+        await eventually_true(lambda: server.detached_pid() is None)
+        with pytest.raises(EngineError):
+            await old.status(2)
+    finally:
+        for engine in engines:
+            await engine.close()
+        cluster.close()
+
+
+async def test_twice_around_the_pair(tuned: PgPair, closing: list[PostgresEngine]) -> None:
+    """Fail over, rejoin, fail back, rejoin: each node is rewound once, a new timeline
+    each time, losing nothing."""
+    a, b = await fail_over(tuned)
+    closing += [a, b]
+    await twice_around(
+        a,
+        b,
+        lambda key: tuned.standby.execute(f"INSERT INTO notes VALUES ('{key}')"),
+        lambda key: tuned.primary.execute(f"INSERT INTO notes VALUES ('{key}')"),
+        rejoin_timeout=60,
+    )
+    for server in (tuned.primary, tuned.standby):
+        assert {"before", "via-a", "via-b"} <= notes(server), server.name
+
+
+async def test_an_unreadable_history_is_an_unknown_divergence(
+    tuned: PgPair, closing: list[PostgresEngine]
+) -> None:
+    tuned.primary.execute("CREATE ROLE plain LOGIN")
+    tuned.wait_replayed()
+    old, _ = await fail_over(tuned)
+    plain = engine_mod.create(
+        DatabaseConfig("postgres", tuned.standby.user_dsn("plain"), {}), set()
+    )
+    closing += [old, plain]
+    report = await old.divergence(plain, 5)
+    assert not report.known and report.lost is None and report.diverged is None, report
+    assert "permission denied" in report.detail and "pg_read_server_files" in report.detail

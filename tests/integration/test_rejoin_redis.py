@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.rejoin_checks import eventually_true, wait_replica_of
+from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
 from tests.support import redis as support
+from watchdogd import actions, config
+from watchdogd.actions import ActionError, StepContext
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.engines import EngineError
 from watchdogd.engines import redis as engine_mod
@@ -102,3 +104,53 @@ async def test_rejoin_refuses_a_partner_that_is_not_a_primary(pair: support.Redi
     finally:
         await old.close()
         await replica.close()
+
+
+async def test_the_rejoin_step_rejoins_the_node_failed_away_from(
+    pair: support.RedisPair, failed_over: Engines
+) -> None:
+    """The built-in step as a rejoin sequence runs it: ``primary`` is the node failed
+    away from (the old primary), ``standby`` the new primary."""
+    old, new = failed_over
+    cfg = config.parse(
+        {
+            "cluster": "orders",
+            "primary": {
+                "name": "main",
+                "database": {"engine": "redis", "dsn": pair.dsn(pair.primary)},
+            },
+            "standby": {
+                "name": "failover",
+                "database": {"engine": "redis", "dsn": pair.dsn(pair.replica)},
+            },
+            "failover": {"steps": [{"name": "back", "action": "rejoin"}]},
+        }
+    )
+    step = actions.build(cfg.failover.steps[0], cfg)
+    ctx = StepContext(cfg, cfg.primary, cfg.standby, {"main": old, "failover": new}, "f1", "", "")
+    assert step.describe(ctx) == {
+        "node": "main",
+        "replica_of": "failover",
+        "engine": "redis",
+        "method": "REPLICAOF the new primary, wait for the link and the sync",
+    }
+    assert "now a replica of" in await step.run(ctx, 10)
+    await wait_replica_of(old, new)
+    assert (await step.run(ctx, 5)).startswith("already a replica of")
+    # The other way round the new primary would follow its own old primary: refused.
+    backwards = StepContext(cfg, cfg.standby, cfg.primary, ctx.engines, "f1", "", "")
+    with pytest.raises(ActionError, match=r"^rejoin of failover to main: redis .*: rejoin: "):
+        await step.run(backwards, 5)
+
+
+async def test_twice_around_the_pair(pair: support.RedisPair, failed_over: Engines) -> None:
+    """Fail over, rejoin, fail back, rejoin: each node rejoins once, losing nothing."""
+    a, b = failed_over
+    await twice_around(
+        a,
+        b,
+        lambda key: pair.replica.call("SET", key, "1"),
+        lambda key: pair.primary.call("SET", key, "1"),
+    )
+    for server in (pair.primary, pair.replica):
+        assert server.call("EXISTS", "before", "via-a", "via-b") == 3, server.name

@@ -44,8 +44,9 @@ import redis.asyncio as aioredis
 
 from tests.support import free_port, timing
 from tests.support import mysql as mysql_support
+from tests.support import pg as pg_support
 from tests.support import redis as redis_support
-from watchdogd.demo.lab import LabError, PgPair
+from watchdogd.demo.lab import LabError, PgPair, PgServer
 
 POSTGRES, MARIADB, REDIS = "postgres", "mariadb", "redis"
 ENGINES = (POSTGRES, MARIADB, REDIS)
@@ -117,6 +118,10 @@ class Cluster(abc.ABC):
     @abc.abstractmethod
     def database(self, node: Node, port: int | None = None) -> dict[str, Any]:
         """The daemon's ``database:`` section for ``node``, through ``port`` if given."""
+
+    def rejoin_options(self, node: Node) -> dict[str, Any]:
+        """Extra ``database:`` keys ``node`` needs to be rejoined as a replica (issue 16)."""
+        return {}
 
     @abc.abstractmethod
     def _repoint(self, port: int | None) -> None: ...
@@ -230,6 +235,14 @@ class PgCluster(Cluster):
         dsn = f"postgresql://postgres@127.0.0.1:{port or node.port}/postgres"
         return {"engine": "postgres", "dsn": dsn}
 
+    def rejoin_options(self, node: Node) -> dict[str, Any]:
+        # The lab starts its servers with command-line settings pg_ctl must repeat.
+        assert isinstance(node, PgServer)
+        return {
+            "data_dir": str(node.data_dir),
+            "start_command": pg_support.start_command(self._pair, node),
+        }
+
     def _repoint(self, port: int | None) -> None:
         self._pair.repoint_standby(port)
 
@@ -276,8 +289,18 @@ class PgCluster(Cluster):
             self.pair.destroy()
 
 
-def pg_cluster(profile: str, bin_dir: Path, template: Path, password: str) -> PgCluster:
-    pair = PgPair.create(bin_dir=bin_dir, password=password, template=template, profile=profile)
+def pg_cluster(
+    profile: str,
+    bin_dir: Path,
+    template: Path,
+    password: str,
+    settings: dict[str, str] | None = None,
+) -> PgCluster:
+    """``settings``: extra postgresql.conf lines, e.g. ``{"full_page_writes": "on"}``
+    for a rejoin (pg_rewind needs it on the source; the lab turns it off for speed)."""
+    pair = PgPair.create(
+        bin_dir=bin_dir, password=password, template=template, profile=profile, settings=settings
+    )
     try:
         pair.primary.execute(f"CREATE TABLE {PG_TABLE} (note text PRIMARY KEY)")
         pair.wait_replayed()
@@ -315,6 +338,10 @@ class MariaCluster(Cluster):
     def database(self, node: Node, port: int | None = None) -> dict[str, Any]:
         dsn = f"mysql://watchdogd:{self._pair.password}@127.0.0.1:{port or node.port}/"
         return {"engine": "mysql", "dsn": dsn}
+
+    def rejoin_options(self, node: Node) -> dict[str, Any]:
+        # The watchdogd account has no REPLICATION SLAVE; the fixture's repl account does.
+        return {"replication_user": "repl", "replication_password": self._pair.repl_password}
 
     def _repoint(self, port: int | None) -> None:
         self._pair.repoint_replica(port or self._pair.primary.port)

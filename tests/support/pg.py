@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -101,15 +100,3 @@ def start_command(pair: PgPair, server: PgServer) -> list[str]:
     options = f"-p {server.port} -k {server.socket_dir} -c listen_addresses=127.0.0.1"
     return [*run_as, str(pair.bin_dir / "pg_ctl"), "start", "-D", str(server.data_dir),
             "-w", "-l", str(server.log_file), "-o", options]  # fmt: skip
-
-
-def stop_detached(pair: PgPair) -> None:
-    """Stop servers that ``pg_ctl start`` started (the lab does not own them), at once."""
-    run_as = ["runuser", "-u", SERVICE_USER, "--"] if os.geteuid() == 0 else []
-    for server in (pair.primary, pair.standby):
-        if (server.data_dir / "postmaster.pid").exists() and not server.is_running():
-            subprocess.run(
-                [*run_as, str(pair.bin_dir / "pg_ctl"), "stop", "-D", str(server.data_dir),
-                 "-m", "immediate", "-w"],
-                capture_output=True, timeout=30, check=False,
-            )  # fmt: skip

@@ -339,10 +339,32 @@ class PgServer:
             return
         self._proc = None
 
+    def detached_pid(self) -> int | None:
+        """The postmaster of this data dir when someone else started it (``pg_ctl
+        start``, e.g. after a rejoin): from postmaster.pid, checked against the
+        process's command line so a stale file never names a stranger."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if str(self.data_dir).encode() in argv and pid_alive(pid) else None
+
     def kill(self) -> None:
-        """Crash the server like a power cut: SIGKILL the postmaster and its children."""
+        """Crash the server like a power cut: SIGKILL the postmaster and its children
+        (also one that ``pg_ctl start`` started, see detached_pid)."""
         proc = self._proc
-        if proc is None:
+        if proc is None or proc.poll() is not None:
+            self._proc, self._stopped = None, False
+            pid = self.detached_pid()
+            if pid is not None:
+                _signal(pid, signal.SIGSTOP)
+                children = child_pids(pid)
+                for victim in (pid, *children):
+                    _signal(victim, signal.SIGKILL)
+                # Not our children: wait until init has reaped them too, or a restart
+                # finds the zombie postmaster's pid alive and refuses its lock file.
+                _wait(lambda: not any(Path(f"/proc/{p}").exists() for p in (pid, *children)), 5.0)
             return
         if proc.poll() is None:
             # Stop it first so it forks nothing new while we collect its children.

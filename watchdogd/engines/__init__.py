@@ -86,6 +86,18 @@ class Divergence:
             return None
         return self.lost > 0
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Divergence:
+        """The inverse of ``as_dict`` (journal replay); ``diverged`` is derived."""
+        lost = data.get("lost")
+        return cls(
+            known=bool(data.get("known")),
+            lost=int(lost) if lost is not None else None,
+            unit=str(data.get("unit", "")),
+            items=tuple(str(i) for i in data.get("items") or ()),
+            detail=str(data.get("detail", "")),
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "known": self.known,

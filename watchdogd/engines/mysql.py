@@ -889,7 +889,11 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
     async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
         new = self._peer(new_primary, "divergence")
         deadline = asyncio.get_running_loop().time() + timeout
-        mine = await self._probe("divergence", timeout, self._gtid_state)
+        try:
+            mine = await self._probe("divergence", timeout, self._gtid_state)
+        except EngineError as exc:
+            await self.status(self._remaining(deadline))  # raises when unreachable
+            return Divergence(False, None, TRANSACTIONS, detail=f"cannot read its GTIDs: {exc}")
         if mine.channel is not None and _same_source(mine.channel, new.dsn):
             return Divergence(
                 True,

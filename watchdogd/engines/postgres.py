@@ -208,12 +208,12 @@ class HostSide:
         except (OSError, ValueError, IndexError):
             return False
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
             return False
-        except PermissionError:
-            return True
-        return True
+        except OSError:
+            return True  # cannot tell: assume it runs, so it gets stopped properly
+        return stat[stat.rfind(")") + 2 :].split()[0] != "Z"  # a zombie holds nothing
 
     async def run(
         self,
@@ -267,6 +267,21 @@ class HostSide:
         if os.geteuid() == 0:
             st = self.data_dir.stat()
             os.chown(path, st.st_uid, st.st_gid)
+
+    def standby_of(self, host: str, port: int) -> bool:
+        """The data directory is set up as a standby of ``host:port`` (standby.signal,
+        and the last primary_conninfo of postgresql.auto.conf names it)."""
+        if not (self.data_dir / "standby.signal").exists():
+            return False
+        try:
+            lines = (self.data_dir / "postgresql.auto.conf").read_text().splitlines()
+        except OSError:
+            return False
+        conninfo = [ln for ln in lines if ln.strip().startswith("primary_conninfo")]
+        if not conninfo:
+            return False
+        words = dict(re.findall(r"(\w+)=([^\s']+)", conninfo[-1]))
+        return words.get("host") == host and words.get("port", "5432") == str(port)
 
     def write_standby_config(self, conninfo: str) -> None:
         """standby.signal, and primary_conninfo in postgresql.auto.conf (replacing any)."""
@@ -848,7 +863,11 @@ class PostgresEngine(ConnectionTemplate[Any]):
     async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
         new = self._peer(new_primary, "divergence")
         deadline = asyncio.get_running_loop().time() + timeout
-        mine = await self._where_now(timeout)
+        try:
+            mine = await self._where_now(timeout)
+        except EngineError as exc:
+            await self.status(self._remaining(deadline))  # raises when unreachable
+            return Divergence(False, None, "bytes", detail=f"cannot read its WAL position: {exc}")
         if new._follows(mine) and mine.streaming:
             return Divergence(
                 True, 0, "bytes", detail=f"already a replica of {new.where}: nothing to throw away"
@@ -879,11 +898,21 @@ class PostgresEngine(ConnectionTemplate[Any]):
                 True, 0, "bytes", detail=f"nothing past {where}: the new primary has all of its WAL"
             )
         xids, note = await self._transactions(mine.timeline, fork, mine.position, deadline)
+        if xids == []:
+            # Checkpoints (a restart writes one), standby snapshots and the like: WAL
+            # the new primary lacks, but no write anyone was told had committed.
+            return Divergence(
+                True,
+                0,
+                "bytes",
+                detail=f"nothing past {where} but {lost} bytes of WAL without a committed"
+                " transaction (checkpoints and bookkeeping, read with pg_waldump)",
+            )
         return Divergence(
             True,
             lost,
             "bytes",
-            items=tuple(f"xid {x}" for x in xids[:DIVERGENCE_ITEMS_CAP]),
+            items=tuple(f"xid {x}" for x in (xids or [])[:DIVERGENCE_ITEMS_CAP]),
             detail=f"old primary wrote {lost} bytes of WAL past {where} ({note})",
         )
 
@@ -916,22 +945,25 @@ class PostgresEngine(ConnectionTemplate[Any]):
 
     async def _transactions(
         self, timeline: int, start: int, end: int, deadline: float
-    ) -> tuple[list[int], str]:
-        """The transactions committed in ``start``..``end`` of ``timeline``, read with
-        pg_waldump from the local data_dir; optional, so it says why not instead."""
+    ) -> tuple[list[int] | None, str]:
+        """The transactions committed (or prepared) in ``start``..``end`` of ``timeline``,
+        read with pg_waldump from the local data_dir; None, and why, when they cannot
+        be read (optional: the bytes are the report, this is its detail)."""
         if self._host is None:
-            return [], "transactions: count unknown without database.data_dir"
+            return None, "transactions: count unknown without database.data_dir"
         try:
             tool = self._host.tool("pg_waldump")
             out = await self._host.run(
                 [*self._host.as_user(), tool, "--path", str(self._host.data_dir / "pg_wal"),
                  "--timeline", str(timeline), "--start", format_lsn(start), "--end",
                  format_lsn(end), "--rmgr", "Transaction"],
-                "pg_waldump", min(self._remaining(deadline), 10.0), check=False,
+                "pg_waldump", min(self._remaining(deadline), 10.0),
             )  # fmt: skip
         except HostError as exc:
-            return [], f"transactions: count unknown ({exc})"
-        xids = [int(m.group(1)) for m in re.finditer(r"tx:\s*(\d+),.*desc: COMMIT", out)]
+            return None, f"transactions: count unknown ({exc})"
+        xids = [
+            int(m.group(1)) for m in re.finditer(r"tx:\s*(\d+),.*desc: (?:COMMIT|PREPARE)", out)
+        ]
         capped = (
             f", first {DIVERGENCE_ITEMS_CAP} listed" if len(xids) > DIVERGENCE_ITEMS_CAP else ""
         )
@@ -968,6 +1000,11 @@ class PostgresEngine(ConnectionTemplate[Any]):
                 return f"was a standby of another server: now streams from {new.where}"
             await self._wait_streaming(new, deadline)
             return f"already a replica of {new.where}: streaming"
+        if mine is None and not host.running() and host.standby_of(*new._host_port()):
+            # An earlier rejoin got as far as the standby configuration: only start it.
+            await host.run(host.start(), "starting the server", self._remaining(deadline))
+            await self._wait_streaming(new, deadline)
+            return f"started the configured standby; streaming from {new.where}"
         control = await host.controldata(self._remaining(deadline))
         if control.get("Database system identifier") != source["system_identifier"]:
             raise EngineError(

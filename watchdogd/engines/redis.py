@@ -577,8 +577,8 @@ def offset_divergence(
             "bytes",
             detail=(
                 f"the old primary's replication id {str(my_id)[:12]} is not in the new "
-                "primary's history (it restarted without persistence, or its backlog was "
-                "freed): what diverged cannot be told"
+                "primary's history (it restarted, or its backlog was freed, and it began "
+                "a new one): what diverged cannot be told"
             ),
         )
     lost = max(my_offset - fork, 0)
