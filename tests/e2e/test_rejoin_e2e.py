@@ -247,6 +247,15 @@ def redis_config(pair: redis_support.RedisPair, tmp: Path, hook: int) -> dict[st
     )
 
 
+def replicated_and_quiet(pair: redis_support.RedisPair) -> None:
+    """Everything written has reached the replica, and the primary stops adding its
+    keep-alive PINGs (14 bytes each) to the replication stream: a PING appended just
+    before the fault and never delivered is 14 bytes the new primary lacks, which the
+    report rightly counts. The zero passes mean "no write after the fault"."""
+    pair.primary.call("CONFIG", "SET", "repl-ping-replica-period", "3600")
+    pair.wait_caught_up()
+
+
 def redis_follows(old: redis_support.RedisServer, new: redis_support.RedisServer) -> bool:
     info = old.info()
     return (
@@ -261,7 +270,7 @@ async def redis_loop(pair: redis_support.RedisPair, d: DaemonProcess, diverged: 
     kept = {f"acked-{i}": str(i) for i in range(20)}
     for key, value in kept.items():
         primary.call("SET", key, value)
-    pair.wait_caught_up()
+    replicated_and_quiet(pair)
     lost = {f"lost-{i}": "x" * 100 for i in range(3)}
     if diverged:
         await cut_and_write_past_it(pair, lost)
@@ -336,14 +345,18 @@ async def test_redis_auto_rejoin_only_on_a_zero_report(
         await d.start()
         await d.wait_state("watching")
         redis_pair.primary.call("SET", "acked", "1")
-        redis_pair.wait_caught_up()
+        replicated_and_quiet(redis_pair)
         if diverged:
             await cut_and_write_past_it(redis_pair, {"lost": "x" * 100})
 
-        await hang_fail_over_and_fence(d, redis_pair.primary)
-
         if not diverged:
+            redis_pair.primary.sigstop()
+            await d.wait_state("failed_over", within=20)
+            redis_pair.primary.sigcont()
             await eventually(lambda: bool(records(d, "ack")), within=30)
+            kinds = [r["type"] for r in d.journal()]
+            # Fenced first (both nodes were writable), then rejoined by the daemon itself.
+            assert kinds.index("fence_finished") < kinds.index("rejoin_started"), kinds
             (started,) = records(d, "rejoin_started")
             assert started["trigger"] == "automatic" and started["accepted"] is False
             assert started["divergence"]["lost"] == 0
@@ -353,6 +366,8 @@ async def test_redis_auto_rejoin_only_on_a_zero_report(
             assert redis_follows(redis_pair.primary, redis_pair.replica)
             await told_by_webhook(received, False, failovers=1)
             return
+
+        await hang_fail_over_and_fence(d, redis_pair.primary)
 
         async def waiting() -> bool:
             return (await d.status())["rejoin"]["waiting"] is not None
@@ -394,7 +409,7 @@ async def test_a_rejoin_cut_off_by_a_killed_daemon_resumes_after_the_restart(
         await d.start()
         await d.wait_state("watching")
         redis_pair.primary.call("SET", "acked", "1")
-        redis_pair.wait_caught_up()
+        replicated_and_quiet(redis_pair)
         await hang_fail_over_and_fence(d, redis_pair.primary)
         ran = await ctl("--socket", d.socket, "rejoin", "--yes")
         assert ran.code == 0, ran
@@ -633,7 +648,7 @@ async def test_redis_rejoin_on_stock_settings(daemon_factory: Factory, tmp_path:
             await d.start()
             await d.wait_state("watching")
             pair.primary.call("SET", "acked", "1")
-            pair.wait_caught_up()
+            replicated_and_quiet(pair)
             await forced_failover_and_fence(d)
             await rejoin_by_the_report(d, "bytes", diverged=False)
             assert redis_follows(pair.primary, pair.replica)
