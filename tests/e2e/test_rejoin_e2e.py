@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,6 +126,12 @@ async def refused_without_acceptance(d: DaemonProcess, report: dict[str, Any]) -
     shown = (await d.status())["rejoin"]["divergence"]
     for key in ("failover_id", "lost", "unit", "items", "summary"):
         assert shown[key] == report[key], key
+    human = await ctl("--socket", d.socket, "status")
+    assert re.search(
+        rf"^divergence +main holds {re.escape(report['summary'])} that failover never got",
+        human.out,
+        re.MULTILINE,
+    ), human.out
 
 
 def journaled_as_accepted(d: DaemonProcess, report: dict[str, Any]) -> None:

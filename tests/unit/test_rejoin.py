@@ -522,6 +522,31 @@ async def test_a_rejoin_cut_off_by_a_restart_resumes_where_it_was(
     assert status["rejoin"]["divergence"]["items"] == list(GTIDS)
 
 
+async def test_a_rejoin_the_config_no_longer_describes_is_closed_not_guessed(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig = Rig(tmp_path, RejoinEngine("main"))
+    made.append(rig)
+    for rec in [
+        rejoin_started(steps=["rewind", "verify_rejoin"]),
+        *rejoin_step("rewind", "command", None),
+    ]:
+        rig.d.journal.append(rec)
+    rig.d.journal.close()
+    restarted = Rig(tmp_path, RejoinEngine("main"), fresh=False)
+    made.append(restarted)
+    assert restarted.d.sequences.rejoin_task is None and restarted.old.calls == []
+    (end,) = restarted.records("rejoin_finished")
+    assert end["outcome"] == "failed" and end["error"].startswith(
+        "cannot resume: the rejoin steps or roles in the config changed since it started; "
+        "check the old primary by hand, then run watchdogctl rejoin again"
+    )
+    assert [e["rejoin_id"] for e in restarted.log.named("rejoin_failed")] == ["R1"]
+    restarted.d.cycle.refresh_state()  # as the first probe cycle decides
+    status = await restarted.cmd("status")
+    assert status["state"] == FAILED and status["armed"] is False
+
+
 async def test_a_verified_rejoin_whose_ack_a_crash_cut_off_is_acked_at_start(
     tmp_path: Path, made: list[Rig]
 ) -> None:
