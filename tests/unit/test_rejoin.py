@@ -308,6 +308,11 @@ class Rig:
     async def cmd(self, command: str, **args: Any) -> dict[str, Any]:
         return await self.d.handle_command(command, args, ROOT)
 
+    def append(self, *recs: dict[str, Any]) -> None:
+        """Records a previous run left behind (read by a Rig made after this)."""
+        for rec in recs:
+            self.d.journal.append(rec)
+
     async def finished(self) -> None:
         task = self.d.sequences.rejoin_task
         if task is not None:
@@ -497,9 +502,8 @@ async def test_a_rejoin_cut_off_by_a_restart_resumes_where_it_was(
     rig = Rig(tmp_path, RejoinEngine("main", DIVERGED))
     made.append(rig)
     # What a daemon killed during the verification left behind.
-    for rec in [rejoin_started(), *rejoin_step("rejoin", "rejoin", "ok")]:
-        rig.d.journal.append(rec)
-    rig.d.journal.append(rejoin_step("verify_rejoin", "replica_of", None)[0])
+    rig.append(rejoin_started(), *rejoin_step("rejoin", "rejoin", "ok"))
+    rig.append(*rejoin_step("verify_rejoin", "replica_of", None))
     rig.d.journal.close()
     old = RejoinEngine("main", DIVERGED)
     old.follows = "failover"  # the rejoin step did its work before the kill
@@ -527,11 +531,8 @@ async def test_a_rejoin_the_config_no_longer_describes_is_closed_not_guessed(
 ) -> None:
     rig = Rig(tmp_path, RejoinEngine("main"))
     made.append(rig)
-    for rec in [
-        rejoin_started(steps=["rewind", "verify_rejoin"]),
-        *rejoin_step("rewind", "command", None),
-    ]:
-        rig.d.journal.append(rec)
+    rig.append(rejoin_started(steps=["rewind", "verify_rejoin"]))
+    rig.append(*rejoin_step("rewind", "command", None))
     rig.d.journal.close()
     restarted = Rig(tmp_path, RejoinEngine("main"), fresh=False)
     made.append(restarted)
@@ -552,13 +553,9 @@ async def test_a_verified_rejoin_whose_ack_a_crash_cut_off_is_acked_at_start(
 ) -> None:
     rig = Rig(tmp_path, RejoinEngine("main"))
     made.append(rig)
-    for rec in [
-        rejoin_started(),
-        *rejoin_step("rejoin", "rejoin", "ok"),
-        *rejoin_step("verify_rejoin", "replica_of", "ok"),
-        journal.sequence_finished("rejoin", id="R1", outcome="completed", error=None, at=13),
-    ]:
-        rig.d.journal.append(rec)
+    rig.append(rejoin_started(), *rejoin_step("rejoin", "rejoin", "ok"))
+    rig.append(*rejoin_step("verify_rejoin", "replica_of", "ok"))
+    rig.append(journal.sequence_finished("rejoin", id="R1", outcome="completed", error=None, at=13))
     rig.d.state = JournalState()
     rig.load()
     assert rig.records("ack")[0]["rejoin_id"] == "R1" and rig.old.calls == []
