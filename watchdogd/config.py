@@ -39,11 +39,14 @@ from watchdogd.core.secrets import unresolve
 from watchdogd.core.section import Section, kind_of
 from watchdogd.core.units import format_duration
 from watchdogd.notify import unknown_events
+from watchdogd.policy import VERIFY_STEP
 
 # A config is a few kilobytes. The caps stop a YAML alias bomb ("billion laughs"):
 # aliases make shared references, and walking them would expand to billions of nodes.
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_CONFIG_NODES = 100_000
+# failover.rejoin_steps when omitted: the engine's built-in rejoin of the old primary.
+DEFAULT_REJOIN_STEPS = ({"name": "rejoin", "action": "rejoin"},)
 
 
 class ConfigError(WatchdogdError):
@@ -289,7 +292,8 @@ def _failover(
                     for i, d in enumerate(actions.DEFAULT_STEPS)
                 )
                 if s
-            )
+            ),
+            rejoin_steps=_default_rejoin_steps(root, validate_step),
         )
     trigger_on = f.str_list("trigger_on", ["database", "app"])
     for i, t in enumerate(trigger_on or []):
@@ -310,6 +314,17 @@ def _failover(
     elif not steps and not any(e.startswith("failover.steps") for e in f.errors):
         f.error("must list at least one step", "steps")
     fence_steps = _steps(f, "fence_steps", validate_step)
+    rejoin_steps = _steps(f, "rejoin_steps", validate_step)
+    if not f.has("rejoin_steps"):
+        rejoin_steps = _default_rejoin_steps(f, validate_step)
+    elif not rejoin_steps and not any(e.startswith("failover.rejoin_steps") for e in f.errors):
+        f.error("must list at least one step", "rejoin_steps")
+    for i, step in enumerate(rejoin_steps):
+        if step.name == VERIFY_STEP:
+            f.error(
+                f"{VERIFY_STEP!r} is the rejoin's own last step: pick another name",
+                f"rejoin_steps[{i}].name",
+            )
     cfg = FailoverConfig(
         mode=f.choice("mode", ("automatic", "manual"), "automatic"),
         outage_threshold=f.duration("outage_threshold", 30.0, minimum=0.1),
@@ -320,9 +335,22 @@ def _failover(
         catchup_timeout=f.duration("catchup_timeout", 30.0, minimum=0.1),
         steps=steps,
         fence_steps=fence_steps,
+        rejoin_steps=rejoin_steps,
+        rejoin_timeout=f.duration("rejoin_timeout", 120.0, minimum=0.1),
+        auto_rejoin=f.bool("auto_rejoin", False),
     )
     f.finish()
     return cfg
+
+
+def _default_rejoin_steps(
+    s: Section, validate_step: Callable[[Section], StepConfig | None]
+) -> tuple[StepConfig, ...]:
+    built = (
+        validate_step(Section(dict(d), f"failover.rejoin_steps[{i}]", s.errors, s.secrets))
+        for i, d in enumerate(DEFAULT_REJOIN_STEPS)
+    )
+    return tuple(step for step in built if step)
 
 
 def _steps(

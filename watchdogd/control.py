@@ -184,6 +184,12 @@ COMMANDS: Mapping[str, Command] = _table(
     ),
     Command("abort", True, "abort the failover in progress"),
     Command("ack", True, "acknowledge a finished or failed failover"),
+    Command(
+        "rejoin",
+        True,
+        "rejoin the old primary as the standby, then re-arm",
+        {"dry_run": Arg("bool", False), "accept_divergence": Arg("bool", False)},
+    ),
     Command("reload", True, "reload the configuration"),
     # Served by the control server itself from its EventFeed, not by the daemon's handler.
     Command(

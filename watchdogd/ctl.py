@@ -50,6 +50,7 @@ _INTENT = {
     "switchover": "switch over from the primary to the standby",
     "abort": "abort the failover in progress",
     "ack": "acknowledge the last failover",
+    "rejoin": "rejoin the old primary as the standby of the new primary",
     "reload": "reload the daemon's configuration",
 }
 
@@ -139,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument(
         "-n", type=int, dest="n", metavar="N", help="how many recent events first (default 20)"
     )
+    rejoin = commands["rejoin"]
+    rejoin.add_argument(
+        "--dry-run", action="store_true", help="show the divergence and the steps, change nothing"
+    )
+    rejoin.add_argument(
+        "--accept-divergence",
+        action="store_true",
+        help="rejoin even if the old primary holds writes the new one lacks (they are lost)",
+    )
     return parser
 
 
@@ -151,6 +161,7 @@ def command_args(ns: argparse.Namespace) -> dict[str, Any]:
         "dry_run": "dry_run",
         "switch_timeout": "timeout",
         "follow": "follow",
+        "accept_divergence": "accept_divergence",
     }
     args: dict[str, Any] = {}
     for attr, key in names.items():
@@ -190,6 +201,8 @@ def _prompt(command: str, args: Mapping[str, Any], status: Mapping[str, Any] | N
     details = []
     if args.get("force"):
         details.append("forced")
+    if args.get("accept_divergence"):
+        details.append("accepting divergence: writes only the old primary holds are lost")
     if args.get("timeout"):
         details.append(f"catch-up timeout {_duration(args['timeout'])}")
     if args.get("reason"):
@@ -411,6 +424,8 @@ def _fact(value: Any) -> str:
 
 def render(command: str, result: Mapping[str, Any]) -> str:
     """The human form of a command's result."""
+    if command == "rejoin":
+        return render_rejoin(result)
     if result.get("dry_run") and isinstance(result.get("plan"), dict):
         return render_plan(result)
     if command == "status":
@@ -481,6 +496,7 @@ def render_status(s: Mapping[str, Any]) -> str:
             rows.append(("", f"{tag}{_text(c.get('name', '?'))}: {_text(c.get('detail', ''))}"))
         if len(failed) > _READINESS_LINES:
             rows.append(("", f"... and {len(failed) - _READINESS_LINES} more (--json shows all)"))
+    rows.extend(_rejoin_rows(s.get("rejoin")))
     out = _pairs(rows)
     nodes = s.get("nodes")
     if isinstance(nodes, list) and nodes:
@@ -501,6 +517,33 @@ def render_status(s: Mapping[str, Any]) -> str:
             )
         out += "\n\n" + _table(table)
     return out
+
+
+def _rejoin_rows(rejoin: Any) -> list[tuple[str, str]]:
+    if not isinstance(rejoin, dict):
+        return []
+    rows = []
+    running = rejoin.get("running")
+    if isinstance(running, dict):
+        rows.append(
+            ("rejoining", f"{_text(running.get('id'))} at step {_text(running.get('step'))}")
+        )
+    last = rejoin.get("last")
+    if isinstance(last, dict) and not isinstance(running, dict):
+        error = f": {_text(last['error'])}" if last.get("error") else ""
+        rows.append(
+            (
+                "last rejoin",
+                f"{_text(last.get('id'))}: {_text(last.get('outcome') or 'in progress')}, "
+                f"{_text(last.get('from'))} -> standby of {_text(last.get('to'))}{error}",
+            )
+        )
+    if isinstance(rejoin.get("divergence"), dict):
+        rows.append(("divergence", _divergence(rejoin["divergence"])))
+    waiting = rejoin.get("waiting")
+    if isinstance(waiting, dict):
+        rows.append(("auto_rejoin", f"WAITING for an operator: {_text(waiting.get('reason'))}"))
+    return rows
 
 
 def render_history(result: Mapping[str, Any]) -> str:
@@ -546,15 +589,14 @@ def render_history(result: Mapping[str, Any]) -> str:
 _STEP_COMMON = ("name", "action", "timeout", "retries", "required")
 
 
-def render_plan(result: Mapping[str, Any]) -> str:
+def render_plan(result: Mapping[str, Any], head: Sequence[str] = ()) -> str:
     plan = result.get("plan")
     plan = plan if isinstance(plan, dict) else {}
-    head = (
+    lines = list(head) or [
         f"dry run (nothing was changed): failover {_text(plan.get('failover_id', '?'))} "
         f"({_text(plan.get('trigger', '?'))}), {_text(plan.get('from', '?'))} -> "
         f"{_text(plan.get('to', '?'))}"
-    )
-    lines = [head]
+    ]
     if plan.get("reason"):
         lines.append(f"reason: {_text(plan['reason'])}")
     steps = plan.get("steps")
@@ -579,6 +621,37 @@ def render_plan(result: Mapping[str, Any]) -> str:
             if key not in _STEP_COMMON:
                 lines.append(f"       {key}: {_value(value)}")
     return "\n".join(lines)
+
+
+def render_rejoin(result: Mapping[str, Any]) -> str:
+    """A rejoin's divergence report first, then its steps (dry run) or its id."""
+    plan = result.get("plan")
+    plan = plan if isinstance(plan, dict) else {}
+    old, new = _text(plan.get("from", "?")), _text(plan.get("to", "?"))
+    if result.get("dry_run"):
+        head = f"dry run (nothing was changed): rejoin {old} as the standby of {new}"
+    else:
+        head = f"rejoin {_text(result.get('started', '?'))} started: {old} -> standby of {new}"
+    lines = [head, f"divergence: {_divergence(result.get('divergence'))}"]
+    if result.get("refused"):
+        lines.append(f"would be REFUSED: {_text(result['refused'])}")
+    if not result.get("dry_run"):
+        lines.append("follow it with: watchdogctl status (re-armed once verified)")
+        return "\n".join(lines)
+    return render_plan(result, lines)
+
+
+def _divergence(report: Any) -> str:
+    if not isinstance(report, dict):
+        return "-"
+    if report.get("diverged") is None:
+        return f"UNKNOWN ({_text(report.get('detail') or report.get('summary'))})"
+    if not report.get("diverged"):
+        return f"none ({_text(report.get('summary'))}): nothing is thrown away"
+    return (
+        f"{_text(report.get('old_primary', '?'))} holds {_text(report.get('summary'))} that "
+        f"{_text(report.get('new_primary', '?'))} never got; a rejoin throws them away"
+    )
 
 
 def render_generic(command: str, result: Mapping[str, Any]) -> str:

@@ -252,6 +252,12 @@ class Metrics:
             registry=r,
         )
         self._readiness_checks: set[str] = set()
+        self.rejoin_waiting = Gauge(
+            "watchdogd_rejoin_waiting",
+            "1 while auto_rejoin waits for an operator (writes diverged, or unknown).",
+            c,
+            registry=r,
+        )
 
         self.build_info.labels(version=__version__, cluster=cluster).set(1)
         for state in STATES:
@@ -270,6 +276,7 @@ class Metrics:
             self.last_failover,
             self.cycle_timestamp,
             self.failover_ready,
+            self.rejoin_waiting,
         ):
             gauge.labels(cluster=cluster).set(0)
         self.journal_writable.labels(cluster=cluster).set(1)
@@ -348,6 +355,9 @@ class Metrics:
 
     def set_in_progress(self, in_progress: bool) -> None:
         self.in_progress.labels(cluster=self.cluster).set(_flag(in_progress))
+
+    def set_rejoin_waiting(self, waiting: bool) -> None:
+        self.rejoin_waiting.labels(cluster=self.cluster).set(_flag(waiting))
 
     def failover_finished(self, trigger: str, outcome: str, timestamp: float) -> None:
         if trigger not in TRIGGERS:

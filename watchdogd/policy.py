@@ -7,6 +7,11 @@ current roles, the time of the last automatic failover) lives in the journal's
 ``JournalState``; the policy reads it and never keeps a copy, so a restart that
 replays the journal lands in exactly the same state.
 
+Rejoins have their rules here too: when one may start (``refuse_rejoin``), what a
+divergence report allows (``refuse_divergence``; ``auto_rejoin`` only on proof of
+zero), the rejoin plan (its steps, then ``verify_rejoin``), and the state while one
+runs or after one failed (``rejoin_news``: failed, nothing re-armed).
+
 The guards, in the order they are applied to a ``down`` verdict:
 an unfinished failover (resume it, never start another), a failover awaiting
 its ack (never act twice), pause, manual mode, cooldown, the standby's health,
@@ -22,8 +27,9 @@ from enum import StrEnum
 from watchdogd.core.model import Config, FailoverConfig, ProbeConfig, StepConfig
 from watchdogd.core.units import format_bytes
 from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT, Verdict
+from watchdogd.engines import Divergence
 from watchdogd.probes import Observation
-from watchdogd.state.journal import FailoverRecord, JournalState, Outcome
+from watchdogd.state.journal import FailoverRecord, JournalState, Outcome, RejoinRecord
 
 
 class State(StrEnum):
@@ -114,6 +120,8 @@ class Policy:
         if (fo := j.unfinished) is not None:
             return Decision(FAILING_OVER, f"failover {fo.id} in progress ({fo.reason})")
         if (fo := j.awaiting_ack) is not None:
+            if (rejoining := rejoin_news(j, fo)) is not None:
+                return rejoining
             if fo.outcome == Outcome.COMPLETED:
                 return Decision(
                     FAILED_OVER,
@@ -187,7 +195,7 @@ class Policy:
         if done is not None and done.outcome == Outcome.COMPLETED:
             return (
                 f"failover {done.id} already completed; rebuild {done.from_node} as the "
-                "standby and ack before failing over again"
+                "standby (watchdogctl rejoin, or by hand and ack) before failing over again"
             )
         if force:
             return None
@@ -223,6 +231,11 @@ class Policy:
         if fo is None:
             raise ValueError(
                 "nothing to acknowledge: no completed or failed failover awaits an ack"
+            )
+        if (rj := self.journal.unfinished_rejoin) is not None:
+            raise ValueError(
+                f"rejoin {rj.id} of {rj.from_node} is running: it acks by itself once "
+                f"{rj.from_node} is verified as the standby"
             )
         if fo.outcome == Outcome.COMPLETED or fo.promoted:
             return fo.to_node, fo.from_node
@@ -262,6 +275,26 @@ def build_plan(
         to_node=to_node,
         steps=tuple(steps),
         forced=forced,
+    )
+
+
+def build_rejoin_plan(
+    cfg: FailoverConfig, *, id: str, trigger: str, reason: str, fo: FailoverRecord
+) -> Plan:
+    """The rejoin of ``fo``'s old primary: ``rejoin_steps``, then the verification that
+    it streams from the new primary and caught up, within ``rejoin_timeout``. As in the
+    failover, ``from_node`` is the old primary and ``to_node`` the new one."""
+    verify = StepConfig(
+        name=VERIFY_STEP, action="replica_of", timeout=cfg.rejoin_timeout, idempotent=True
+    )
+    return Plan(
+        id=id,
+        kind="rejoin",
+        trigger=trigger,
+        reason=reason,
+        from_node=fo.from_node,
+        to_node=fo.to_node,
+        steps=(*cfg.rejoin_steps, verify),
     )
 
 
@@ -420,7 +453,7 @@ def judge_split_brain(
 # ---------------------------------------------------------------------- sequences
 
 
-def can_resume(plan: Plan, fo: FailoverRecord) -> bool:
+def can_resume(plan: Plan, fo: FailoverRecord | RejoinRecord) -> bool:
     """An unfinished failover resumes only under the steps and roles it started with:
     if the config changed under it, do not guess."""
     return [s.name for s in plan.steps] == fo.plan and plan.from_node == fo.from_node
@@ -440,6 +473,126 @@ def abort_target(running: bool, pending: bool) -> str:
     if running:
         return "running"
     return "pending" if pending else "nothing"
+
+
+# ---------------------------------------------------------------------- rejoin
+
+# The last step of every rejoin: the old primary streams from the new one and caught up.
+VERIFY_STEP = "verify_rejoin"
+
+
+def rejoin_of(journal: JournalState, fo: FailoverRecord) -> RejoinRecord | None:
+    """The last rejoin after failover ``fo``, if any."""
+    rj = journal.last_rejoin
+    return rj if rj is not None and rj.failover_id == fo.id else None
+
+
+def rejoin_news(journal: JournalState, fo: FailoverRecord) -> Decision | None:
+    """The state while a failover awaits its ack and a rejoin ran after it: running is
+    still failed_over (disarmed until verified); a rejoin that did not complete is
+    ``failed``, and nothing is re-armed."""
+    rj = rejoin_of(journal, fo)
+    if rj is None or rj.outcome == Outcome.COMPLETED:
+        return None
+    if rj.unfinished:
+        return Decision(
+            FAILED_OVER,
+            f"rejoining {rj.from_node} as the standby of {rj.to_node} (rejoin {rj.id}); "
+            "automatic failover disarmed until it is verified",
+        )
+    why = f": {rj.error}" if rj.error else ""
+    return Decision(
+        FAILED,
+        f"rejoin {rj.id} of {rj.from_node} {rj.outcome}{why}; {rj.to_node} has no standby "
+        "and automatic failover stays disarmed: fix it and run watchdogctl rejoin again "
+        "(or rebuild it by hand and ack)",
+    )
+
+
+def refuse_rejoin(journal: JournalState, running: bool, fencing: bool = False) -> str | None:
+    """Why a rejoin cannot start now, or None: there must be a failover awaiting its ack
+    that promoted the standby, and nothing else running (a fence of the old primary
+    first finishes: both act on the same server)."""
+    if journal.unfinished is not None:
+        return f"failover {journal.unfinished.id} is in progress"
+    if fencing:
+        return "the old primary is being fenced: rejoin once the fence is done"
+    rj = journal.unfinished_rejoin
+    if rj is not None:
+        return f"rejoin {rj.id} of {rj.from_node} is already running"
+    if running:
+        return "a rejoin is already starting"
+    fo = journal.awaiting_ack
+    if fo is None:
+        return "nothing to rejoin: no failover awaits an ack (the pair has its standby)"
+    if not (fo.outcome == Outcome.COMPLETED or fo.promoted):
+        return (
+            f"failover {fo.id} {fo.outcome} without promoting {fo.to_node}: "
+            f"{fo.from_node} is still the primary; nothing to rejoin (ack it)"
+        )
+    return None
+
+
+def describe_divergence(div: Divergence, limit: int = 5) -> str:
+    """One line for humans: ``3 transactions (0-1-5, 0-1-6, 0-1-7)``, ``1.2 kB``."""
+    if div.diverged is None:
+        return f"unknown ({div.detail or 'no detail'})"
+    if div.unit == "bytes" and div.lost is not None:
+        amount = f"{format_bytes(div.lost)} ({div.lost} bytes)" if div.lost else "0 bytes"
+    else:
+        amount = f"{div.lost} {div.unit}"
+    shown = list(div.items[:limit])
+    if len(div.items) > limit:
+        shown.append(f"and {len(div.items) - limit} more")
+    return amount + (f" ({', '.join(shown)})" if shown else "")
+
+
+def refuse_divergence(div: Divergence, accept: bool, old: str, new: str) -> str | None:
+    """Why a rejoin with this divergence report must not go ahead, or None. A rejoin
+    throws away what only the old primary holds: that takes the operator's word
+    (``accept``), and so does a report that cannot prove there is nothing."""
+    if accept or div.diverged is False:
+        return None
+    if div.diverged is None:
+        return (
+            f"divergence unknown ({div.detail or 'no detail'}): nothing proves that {old} "
+            f"holds no writes {new} lacks; rerun with --accept-divergence to rejoin anyway "
+            "(whatever only it holds is thrown away)"
+        )
+    return (
+        f"{old} holds {describe_divergence(div)} that {new} never got, and a rejoin throws "
+        "them away: rerun with --accept-divergence to accept that"
+    )
+
+
+def unknown_divergence(error: str) -> Divergence:
+    """The report when the engine could not be asked (the old primary unreachable)."""
+    return Divergence(known=False, lost=None, unit="", detail=error)
+
+
+def auto_rejoin_due(
+    cfg: FailoverConfig,
+    journal: JournalState,
+    answering: frozenset[str],
+    running: bool,
+    checked: str | None,
+    fencing: bool = False,
+) -> FailoverRecord | None:
+    """With ``auto_rejoin``: the failover whose old primary should be checked for a
+    rejoin now (its database answers again, nothing runs, this episode is not checked
+    yet and no rejoin after it ran), else None. ``answering``: the nodes whose database
+    probe succeeded this cycle; ``checked``: the failover id last checked."""
+    if not cfg.auto_rejoin or refuse_rejoin(journal, running, fencing) is not None:
+        return None
+    fo = journal.awaiting_ack
+    if fo is None or fo.id == checked or fo.from_node not in answering:
+        return None
+    return None if rejoin_of(journal, fo) is not None else fo
+
+
+def auto_rejoin_starts(div: Divergence) -> bool:
+    """An automatic rejoin goes ahead only on proof that nothing is thrown away."""
+    return div.diverged is False
 
 
 # ---------------------------------------------------------------------- liveness

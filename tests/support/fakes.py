@@ -1,6 +1,9 @@
 """Stand-ins for the daemon behind a real ``ControlServer`` (unit tests of the control
 socket, ``watchdogctl`` and the protocol fuzz), and the short socket directory they
-listen in. Each is a command handler: ``await fake(command, args, peer)``."""
+listen in. Each is a command handler: ``await fake(command, args, peer)``.
+
+``RejoinEngine`` stands in for a database engine in in-process tests of the daemon's
+rejoin flow (the real engines are proven against real servers in tests/e2e)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any
 import pytest
 
 from watchdogd.control import CommandError, Peer
+from watchdogd.engines import DbStatus, Divergence, Engine, EngineError
 
 
 class RecordingDaemon:
@@ -132,3 +136,64 @@ def open_dir(sockdir: Path) -> Path:
     """``sockdir``, traversable by any user (an unprivileged client reaches the socket)."""
     os.chmod(sockdir, 0o755)
     return sockdir
+
+
+class RejoinEngine:
+    """The old primary's (or the new primary's) engine as the rejoin flow sees it: a
+    scripted divergence report (or an EngineError), ``rejoin`` that makes it follow,
+    and ``replica_of`` that says no ``not_caught_up`` times after the rejoin first."""
+
+    def __init__(
+        self,
+        name: str,
+        report: Divergence | EngineError | None = None,
+        *,
+        not_caught_up: int = 0,
+        rejoin_error: str | None = None,
+    ) -> None:
+        self.name = name
+        self.report = report or Divergence(known=True, lost=0, unit="bytes")
+        self.not_caught_up = not_caught_up
+        self.rejoin_error = rejoin_error
+        self.follows: str | None = None
+        self.calls: list[tuple[str, str]] = []
+
+    async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
+        self.calls.append(("divergence", new_primary.name))
+        if isinstance(self.report, EngineError):
+            raise self.report
+        return self.report
+
+    async def rejoin(self, new_primary: Engine, timeout: float) -> str:
+        self.calls.append(("rejoin", new_primary.name))
+        if self.rejoin_error is not None:
+            raise EngineError(self.rejoin_error)
+        self.follows = new_primary.name
+        return f"{self.name} follows {new_primary.name}"
+
+    async def replica_of(self, new_primary: Engine, timeout: float) -> str:
+        self.calls.append(("replica_of", new_primary.name))
+        if self.follows != new_primary.name:
+            raise EngineError(f"{self.name} does not replicate from {new_primary.name}")
+        if self.not_caught_up > 0:
+            self.not_caught_up -= 1
+            raise EngineError("streaming, 100 bytes behind")
+        return f"{self.name} streams from {new_primary.name}, caught up"
+
+    async def status(self, timeout: float) -> DbStatus:
+        raise EngineError("not probed in this test")
+
+    async def stop_replication(self, timeout: float) -> str:
+        raise EngineError("not in a rejoin")
+
+    async def promote(self, timeout: float) -> str:
+        raise EngineError("not in a rejoin")
+
+    async def fence(self, timeout: float) -> str:
+        raise EngineError("not in a rejoin")
+
+    async def advise(self, outage_threshold: float, timeout: float) -> list[str]:
+        return []
+
+    async def close(self) -> None:
+        return None

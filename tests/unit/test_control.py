@@ -39,7 +39,7 @@ from watchdogd.control import (
 )
 from watchdogd.core.model import ControlConfig
 
-KNOWN = "status, history, pause, resume, failover, switchover, abort, ack, reload, events"
+KNOWN = "status, history, pause, resume, failover, switchover, abort, ack, rejoin, reload, events"
 
 
 # --------------------------------------------------------------------------- helpers

@@ -39,12 +39,14 @@ def test_levels_are_as_the_daemon_logged_them() -> None:
         "fence_step_failed", "fence_step_retry", "fence_failed", "fence_aborted",
         "fence_unfinished", "journal_problem", "journal_roles_ignored", "failover_unfinished",
         "watchdog_interval", "engine_advice", "abort_requested",
+        "writes_diverged", "rejoin_refused", "rejoin_waiting", "rejoin_unfinished",
+        "rejoin_step_retry", "rejoin_step_failed", "rejoin_failed", "rejoin_aborted",
     }  # fmt: skip
     error = {
         "journal_write_failed", "cycle_timeout", "failover_stopped", "reload_refused",
-        "event_subscriber_failed",
+        "event_subscriber_failed", "rejoin_stopped",
     }  # fmt: skip
-    crash = {"cycle_error", "failover_crashed", "fence_crashed"}
+    crash = {"cycle_error", "failover_crashed", "fence_crashed", "rejoin_crashed"}
     for name, spec in events.SPECS.items():
         expected = (
             Level.WARNING
@@ -69,6 +71,7 @@ def names_in(path: Path) -> set[str]:
     text = path.read_text()
     found = set(re.findall(r'emit\(\s*"([a-z_]+)"', text))  # emit("name", ...)
     found |= set(re.findall(r'_event\(\s*"([a-z_]+)"', text))  # the runner's _event("name")
+    found |= set(re.findall(r'event_name\(\s*"([a-z_]+)"', text))  # ... called by the daemon
     found |= set(re.findall(r'event = "([a-z_]+)"', text))
     return found
 
@@ -84,7 +87,11 @@ def test_every_event_the_daemon_and_runner_emit_is_registered() -> None:
     runner |= {f"failover_{o}" for o in ("completed", "failed", "aborted", "interrupted")}
     # A fence's events are the runner's, renamed (Runner._event); it is never resumed.
     fence = {"fence_" + n.removeprefix("failover_") for n in runner - {"failover_resumed"}}
-    emitted = daemon | runner | fence
+    # So are a rejoin's (and the daemon's stopped/crashed, renamed the same way); a rejoin
+    # is resumed.
+    driven = daemon & {"failover_stopped", "failover_crashed"}
+    rejoin = {"rejoin_" + n.removeprefix("failover_") for n in runner | driven}
+    emitted = daemon | runner | fence | rejoin
     assert emitted - set(events.SPECS) == set()
     assert set(events.SPECS) - emitted == {"event_subscriber_failed"}  # the bus's own
     assert len(emitted) > 40

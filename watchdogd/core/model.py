@@ -68,6 +68,10 @@ class FailoverConfig:
     catchup_timeout: float = 30.0
     steps: tuple[StepConfig, ...] = ()
     fence_steps: tuple[StepConfig, ...] = ()
+    # Rejoin the node failed away from as a standby (watchdogctl rejoin, auto_rejoin).
+    rejoin_steps: tuple[StepConfig, ...] = ()
+    rejoin_timeout: float = 120.0  # verification: the old primary streams, caught up
+    auto_rejoin: bool = False  # only with a known zero divergence
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The operator commands the control socket hands over (already validated and
 permission-checked there): status, history, pause, resume, failover, switchover, abort,
-ack, reload. Each journals its change before acting on it, so a journal that refuses the
+ack, rejoin, reload. Each journals its change before acting on it, so a journal that refuses the
 record refuses the command and nothing is done.
 """
 
@@ -178,26 +178,74 @@ class Commands:
         return {"aborted": fid, "note": "no automatic failover until an operator acks"}
 
     async def _cmd_ack(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        d = self.d
         try:
-            primary, standby = d.policy.ack_roles()
+            return self.acknowledge(by=who(peer))
         except ValueError as exc:
             raise CommandError(str(exc)) from None
+
+    def acknowledge(self, *, by: str, **extra: Any) -> dict[str, Any]:
+        """The effect of an ack (the operator's, or a verified rejoin's): journal it, swap
+        the roles the failover left and re-arm. ValueError when nothing awaits an ack."""
+        d = self.d
+        primary, standby = d.policy.ack_roles()
         fo = d.state.awaiting_ack
         assert fo is not None
-        d.record(records.ack(id=fo.id, primary=primary, standby=standby, at=d.wall(), by=who(peer)))
-        d.emit("acked", failover_id=fo.id, by=who(peer), primary=primary, standby=standby)
+        d.record(
+            records.ack(id=fo.id, primary=primary, standby=standby, at=d.wall(), by=by, **extra)
+        )
+        d.emit("acked", failover_id=fo.id, by=by, primary=primary, standby=standby, **extra)
         # The pair is watched in its new roles from a clean slate.
         d.detector.reset()
         d.latest = Latest(
             last_primary_pos=policy.kept_primary_pos(primary, fo, d.latest.last_primary_pos)
         )
         d.cycle.forget_episode()
+        d.sequences.rejoin_waiting = None
+        d.metrics.set_rejoin_waiting(False)
         d.cycle.refresh_state()
         return {
             "acked": fo.id,
             "roles": {"primary": primary, "standby": standby},
             "armed": d.policy.armed(d.wall()),
+        }
+
+    async def _cmd_rejoin(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """Rejoin the node failed away from as the standby: the divergence report first,
+        refused when writes would be thrown away (or it cannot tell) unless accepted."""
+        d, seq = self.d, self.d.sequences
+        dry_run, accept = bool(args.get("dry_run")), bool(args.get("accept_divergence"))
+        refusal = policy.refuse_rejoin(d.state, seq.rejoin_running, seq.fencing)
+        fo = d.state.awaiting_ack
+        if refusal is not None or fo is None:
+            raise CommandError(f"rejoin refused: {refusal}")
+        seq.rejoin_starting = True
+        try:
+            div = await seq.divergence(fo)
+        finally:
+            seq.rejoin_starting = False
+        if d.state.awaiting_ack is not fo or seq.rejoin_running:
+            raise CommandError("rejoin refused: the failover was acked or rejoined meanwhile")
+        report = seq.report_divergence(fo, div, "dry_run" if dry_run else "manual")
+        blocked = policy.refuse_divergence(div, accept, fo.from_node, fo.to_node)
+        reason = f"rejoin by {who(peer)}"
+        if accept and div.diverged is not False:
+            reason += f", accepting the divergence ({report['summary']})"
+        if dry_run:
+            plan = seq.rejoin_plan(fo, "manual", reason)
+            return {
+                "dry_run": True,
+                "divergence": report,
+                "refused": blocked,
+                "plan": seq.describe(plan, failover_id=fo.id),
+            }
+        if blocked is not None:
+            d.emit("rejoin_refused", failover_id=fo.id, old_primary=fo.from_node, reason=blocked)
+            raise CommandError(f"rejoin refused: {blocked}")
+        plan = seq.start_rejoin(fo, report, accepted=accept, trigger="manual", reason=reason)
+        return {
+            "started": plan.id,
+            "divergence": report,
+            "plan": seq.describe(plan, failover_id=fo.id),
         }
 
     async def _cmd_reload(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:

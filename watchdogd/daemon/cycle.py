@@ -61,6 +61,7 @@ class ProbeCycle:
         # a restart the detector starts afresh, and must not announce it a second time.
         self.down_reported: str | None = None
         self.fenced_for: str | None = None  # the split-brain episode reported (and fenced)
+        self.rejoin_checked: str | None = None  # the failover auto_rejoin looked at
 
     async def job(self) -> None:
         try:
@@ -130,6 +131,7 @@ class ProbeCycle:
                     decision.start, "automatic", verdict.reason, forced=False
                 )
         self.check_split_brain()
+        self.check_auto_rejoin()
 
         d.metrics.set_armed(d.policy.armed(d.wall()))
         d.metrics.set_primary_down(verdict.outage_seconds)
@@ -195,6 +197,7 @@ class ProbeCycle:
         """After an ack: the pair is watched from a clean slate."""
         self.fenced_for = None
         self.down_reported = None
+        self.rejoin_checked = None
 
     def report_verdict(self, previous: Verdict | None, verdict: Verdict) -> None:
         primary = self.d.roles()[0].name
@@ -245,6 +248,30 @@ class ProbeCycle:
         self.report_decision(d.policy.evaluate(verdict, self.standby_facts(), d.wall()))
         d.metrics.set_armed(d.policy.armed(d.wall()))
         d.readiness.after_cycle()
+
+    # ------------------------------------------------------------------ auto_rejoin
+
+    def check_auto_rejoin(self) -> None:
+        """``failover.auto_rejoin``: once per failover, when its old primary answers
+        again, compute the divergence in the background and rejoin only on zero."""
+        d, latest = self.d, self.d.latest
+        answering = frozenset(
+            o.target for o in (latest.primary_db, latest.standby_db) if o is not None and o.ok
+        )
+        fo = policy.auto_rejoin_due(
+            d.config.failover,
+            d.state,
+            answering,
+            d.sequences.rejoin_running,
+            self.rejoin_checked,
+            fencing=d.sequences.fencing,
+        )
+        if fo is None:
+            return
+        self.rejoin_checked = fo.id
+        task = asyncio.create_task(d.sequences.auto_rejoin(fo), name=f"auto-rejoin-{fo.id}")
+        d.background.add(task)
+        task.add_done_callback(d.background.discard)
 
     # ------------------------------------------------------------------ split brain
 

@@ -154,6 +154,7 @@ class Daemon:
                 note="resuming from the first unfinished step",
             )
             self.sequences.resume(fo)
+        self.sequences.resume_rejoin()
         # Two INFO lines per cycle from the scheduler are noise, not news.
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         self.scheduler = AsyncIOScheduler()

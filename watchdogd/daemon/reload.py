@@ -61,6 +61,8 @@ async def _reload(d: Daemon, by: str) -> dict[str, Any]:
         ) from None
     if d.sequences.runner is not None:
         raise CommandError("reload refused: a failover is running; reload when it ends")
+    if d.sequences.rejoin_runner is not None:  # its steps use the engines a reload replaces
+        raise CommandError("reload refused: a rejoin is running; reload when it ends")
     changed = policy.restart_needed_for(d.config, new)
     old = d.config
     d.config = new

@@ -1,6 +1,13 @@
-"""Failovers and fences: build the plan, launch it through the ``Runner`` (journaled
-before anyone is told it started), resume an unfinished failover after a restart, close
-a fence a restart cut off, and let running sequences finish their step at shutdown.
+"""Failovers, fences and rejoins: build the plan, launch it through the ``Runner``
+(journaled before anyone is told it started), resume an unfinished failover or rejoin
+after a restart, close a fence a restart cut off, and let running sequences finish
+their step at shutdown.
+
+A rejoin brings the node failed away from back as the standby: its divergence report is
+computed first (``Engine.divergence``), then ``failover.rejoin_steps`` run and the last
+step (``verify_rejoin``) waits until the old primary streams from the new one and has
+caught up. Only then is the failover acked, as ``watchdogctl ack`` would: roles swapped,
+automatic failover re-armed.
 """
 
 from __future__ import annotations
@@ -8,21 +15,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets as pysecrets
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from watchdogd import actions, policy
-from watchdogd.actions import Action, StepContext
+from watchdogd.actions import Action, ActionError, StepContext
 from watchdogd.core.model import StepConfig
 from watchdogd.core.secrets import mask_value
-from watchdogd.failover.runner import Runner
-from watchdogd.policy import FAILING_OVER, Plan, build_plan
+from watchdogd.engines import Divergence, EngineError
+from watchdogd.failover.runner import COMPLETED, Runner
+from watchdogd.policy import FAILING_OVER, Plan, build_plan, build_rejoin_plan
 from watchdogd.state import journal as records
-from watchdogd.state.journal import FailoverRecord, JournalError
+from watchdogd.state.journal import FailoverRecord, JournalError, RejoinRecord
 
 if TYPE_CHECKING:
     from watchdogd.daemon.lifecycle import Daemon
+
+
+# How long the divergence report may take (both servers are asked, read-only).
+DIVERGENCE_TIMEOUT = 10.0
+
+
+@dataclass
+class VerifyRejoin:
+    """A rejoin's last step: ``replica_of`` asked again until it says yes or the step's
+    timeout (``failover.rejoin_timeout``) is up."""
+
+    poll: float = 0.5
+    idempotent: bool = True
+
+    async def run(self, ctx: StepContext, timeout: float) -> str:
+        old, new = ctx.engine(ctx.primary), ctx.engine(ctx.standby)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await old.replica_of(new, max(0.05, deadline - time.monotonic()))
+            except EngineError as exc:
+                why = str(exc)
+            if time.monotonic() + self.poll >= deadline:
+                raise ActionError(
+                    f"{ctx.primary.name} is not a caught-up replica of {ctx.standby.name} "
+                    f"after {timeout:g}s: {why}"
+                )
+            await asyncio.sleep(self.poll)
+
+    def describe(self, ctx: StepContext) -> dict[str, Any]:
+        return {
+            "node": ctx.primary.name,
+            "verify": f"{ctx.primary.name} streams from {ctx.standby.name} and caught up",
+        }
 
 
 class Sequences:
@@ -32,6 +75,15 @@ class Sequences:
         self.runner_task: asyncio.Task[str] | None = None
         self.fence_runner: Runner | None = None
         self.fence_task: asyncio.Task[str] | None = None
+        self.rejoin_runner: Runner | None = None
+        self.rejoin_task: asyncio.Task[str] | None = None
+        # A rejoin's divergence report is being computed (by a command or auto_rejoin).
+        self.rejoin_starting = False
+        # The last divergence report (status), and the one writes_diverged went out for.
+        self.last_divergence: dict[str, Any] | None = None
+        self._diverged_reported: tuple[str, int | None] | None = None
+        # Why auto_rejoin waits for an operator (None: it does not).
+        self.rejoin_waiting: dict[str, Any] | None = None
 
     @property
     def running(self) -> bool:
@@ -81,24 +133,35 @@ class Sequences:
             trigger=plan.trigger,
         )
 
-    def describe(self, plan: Plan) -> dict[str, Any]:
+    def describe(self, plan: Plan, failover_id: str | None = None) -> dict[str, Any]:
         config, ctx = self.d.config, self.context(plan)
+        ids = {"failover_id": plan.id}
+        if failover_id is not None:  # a rejoin after that failover
+            ctx.failover_id = failover_id
+            ids = {"rejoin_id": plan.id, "failover_id": failover_id}
         described = {
-            "failover_id": plan.id,
+            **ids,
             "kind": plan.kind,
             "trigger": plan.trigger,
             "reason": plan.reason,
             "from": plan.from_node,
             "to": plan.to_node,
             "forced": plan.forced,
-            "steps": [actions.describe(s, actions.build(s, config), ctx) for s in plan.steps],
+            "steps": [actions.describe(s, a, ctx) for s, a in self._built(plan.steps)],
         }
         # The operator's reason may quote a secret too: mask the whole plan, not just steps.
         result: dict[str, Any] = mask_value(described, config.secrets)
         return result
 
+    def _built(self, steps: tuple[StepConfig, ...]) -> list[tuple[StepConfig, Action]]:
+        # A rejoin's verification is the daemon's own step, not a configurable action.
+        return [
+            (s, VerifyRejoin() if s.name == policy.VERIFY_STEP else actions.build(s, self.d.config))
+            for s in steps
+        ]
+
     def _actions(self, steps: tuple[StepConfig, ...]) -> dict[str, Action]:
-        return {s.name: actions.build(s, self.d.config) for s in steps}
+        return {s.name: action for s, action in self._built(steps)}
 
     # ------------------------------------------------------------------ failovers
 
@@ -116,21 +179,24 @@ class Sequences:
         return plan
 
     def resume(self, fo: FailoverRecord) -> None:
-        d = self.d
         plan = self.plan(fo.kind, fo.trigger, fo.reason, forced=fo.forced, id=fo.id)
         if not policy.can_resume(plan, fo):
-            error = (
-                "cannot resume: the failover steps or roles in the config changed since it "
-                "started; finish it by hand and ack"
-            )
-            d.record(
-                records.sequence_finished(
-                    "failover", id=fo.id, outcome="failed", error=error, at=d.wall()
-                )
-            )
-            d.emit("failover_failed", failover_id=fo.id, error=error)
+            self._unresumable("failover", fo.id, "finish it by hand and ack", failover_id=fo.id)
             return
         self._launch(plan, resume=fo)
+
+    def _unresumable(self, sequence: str, id: str, what_now: str, **ids: Any) -> None:
+        """Close an unfinished failover (rejoin) that the config no longer describes:
+        resuming it under other steps or roles would be a guess."""
+        d = self.d
+        error = (
+            f"cannot resume: the {sequence} steps or roles in the config changed since it "
+            f"started; {what_now}"
+        )
+        d.record(
+            records.sequence_finished(sequence, id=id, outcome="failed", error=error, at=d.wall())
+        )
+        d.emit(f"{sequence}_failed", **ids, error=error)
 
     def _launch(self, plan: Plan, resume: FailoverRecord | None) -> None:
         d = self.d
@@ -152,25 +218,30 @@ class Sequences:
     async def _run(self, runner: Runner) -> str:
         d = self.d
         try:
-            outcome = await runner.run()
-        except JournalError:
-            # Reported by record(). Nothing more is done without a durable journal; the
-            # failover stays unfinished and a restart resumes it once the disk takes records.
-            d.emit(
-                "failover_stopped",
-                failover_id=runner.plan.id,
-                note="the journal cannot be written: no further step runs; restart watchdogd "
-                "once it can, and the failover resumes",
-            )
-            outcome = "failed"
-        except Exception as exc:
-            d.emit("failover_crashed", failover_id=runner.plan.id, error=str(exc))
-            outcome = "failed"
+            outcome = await self._guarded(runner)
         finally:
             self.runner, self.runner_task = None, None
             d.metrics.set_in_progress(False)
         d.cycle.refresh_state()
         return outcome
+
+    async def _guarded(self, runner: Runner) -> str:
+        """Run a failover (or a rejoin). A journal that refuses a record is reported by
+        record(); nothing more is done without a durable journal, and the sequence stays
+        unfinished, so a restart resumes it once the disk takes records."""
+        ids = {f"{runner.sequence}_id": runner.plan.id}
+        try:
+            return await runner.run()
+        except JournalError:
+            self.d.emit(
+                runner.event_name("failover_stopped"),
+                **ids,
+                note="the journal cannot be written: no further step runs; restart watchdogd "
+                f"once it can, and the {runner.sequence} resumes",
+            )
+        except Exception as exc:
+            self.d.emit(runner.event_name("failover_crashed"), **ids, error=str(exc))
+        return "failed"
 
     # ------------------------------------------------------------------ fences
 
@@ -238,12 +309,196 @@ class Sequences:
             note=note,
         )
 
+    # ------------------------------------------------------------------ rejoins
+
+    @property
+    def fencing(self) -> bool:
+        return self.fence_task is not None and not self.fence_task.done()
+
+    @property
+    def rejoin_running(self) -> bool:
+        """A rejoin runs, or its divergence report is being computed, in this process."""
+        return self.rejoin_task is not None or self.rejoin_starting
+
+    async def divergence(self, fo: FailoverRecord) -> Divergence:
+        """What ``fo``'s old primary holds that its new primary lacks; never raises (a
+        report that cannot be made is ``known=False`` with the reason)."""
+        d = self.d
+        old, new = d.engines[fo.from_node], d.engines[fo.to_node]
+        try:
+            async with asyncio.timeout(DIVERGENCE_TIMEOUT + 1.0):
+                return await old.divergence(new, DIVERGENCE_TIMEOUT)
+        except EngineError as exc:
+            return policy.unknown_divergence(d.config.mask(f"{fo.from_node}: {exc}"))
+        except TimeoutError:
+            return policy.unknown_divergence(f"no answer within {DIVERGENCE_TIMEOUT:g}s")
+        except Exception as exc:  # a bug in an engine must not reach the operator raw
+            return policy.unknown_divergence(
+                d.config.mask(f"unexpected {type(exc).__name__}: {exc}")
+            )
+
+    def report_divergence(
+        self, fo: FailoverRecord, div: Divergence, trigger: str
+    ) -> dict[str, Any]:
+        """Keep the report for status, and tell ``writes_diverged`` once per report of a
+        failover (not once per command or cycle)."""
+        d = self.d
+        report: dict[str, Any] = mask_value(
+            {
+                "failover_id": fo.id,
+                "old_primary": fo.from_node,
+                "new_primary": fo.to_node,
+                "at": d.wall(),
+                **div.as_dict(),
+                "summary": policy.describe_divergence(div),
+            },
+            d.config.secrets,
+        )
+        self.last_divergence = report
+        key = (fo.id, div.lost)
+        if div.diverged and key != self._diverged_reported:
+            self._diverged_reported = key
+            d.emit("writes_diverged", trigger=trigger, **report)
+        return report
+
+    def rejoin_plan(
+        self, fo: FailoverRecord, trigger: str, reason: str, *, id: str | None = None
+    ) -> Plan:
+        return build_rejoin_plan(
+            self.d.config.failover,
+            id=id or f"rejoin-{self.new_id()}",
+            trigger=trigger,
+            reason=reason,
+            fo=fo,
+        )
+
+    def start_rejoin(
+        self,
+        fo: FailoverRecord,
+        report: dict[str, Any],
+        *,
+        accepted: bool,
+        trigger: str,
+        reason: str,
+    ) -> Plan:
+        """Journal the rejoin (with its divergence report) and run it in the background."""
+        plan = self.rejoin_plan(fo, trigger, reason)
+        self._launch_rejoin(plan, fo, None, {"divergence": report, "accepted": accepted})
+        self.rejoin_waiting = None
+        self.d.metrics.set_rejoin_waiting(False)
+        return plan
+
+    def resume_rejoin(self) -> None:
+        """At start: resume an unfinished rejoin under today's rules (the steps and roles
+        it started with), or finish the ack a restart cut off after a verified rejoin."""
+        d = self.d
+        rj = d.state.last_rejoin
+        if rj is None:
+            return
+        self.last_divergence = rj.divergence
+        fo = next((f for f in d.state.failovers if f.id == rj.failover_id), None)
+        if not rj.unfinished:
+            if rj.outcome == COMPLETED and fo is not None and fo is d.state.awaiting_ack:
+                self.rearm(rj)
+            return
+        ids = {"rejoin_id": rj.id, "failover_id": rj.failover_id}
+        d.emit("rejoin_unfinished", **ids, note="resuming from the first unfinished step")
+        plan = None if fo is None else self.rejoin_plan(fo, rj.trigger, rj.reason, id=rj.id)
+        if fo is None or plan is None or not policy.can_resume(plan, rj):
+            what_now = "check the old primary by hand, then run watchdogctl rejoin again"
+            self._unresumable("rejoin", rj.id, what_now, **ids)
+            return
+        self._launch_rejoin(plan, fo, rj, {})
+
+    def _launch_rejoin(
+        self,
+        plan: Plan,
+        fo: FailoverRecord,
+        resume: RejoinRecord | None,
+        started: dict[str, Any],
+    ) -> None:
+        d = self.d
+        ctx = self.context(plan)
+        ctx.failover_id = fo.id  # step templates name the failover whose old primary rejoins
+        runner = Runner(
+            plan,
+            ctx,
+            self._actions(plan.steps),
+            d.record,
+            d.emit,
+            resume=resume,
+            wall=d.wall,
+            failover_id=fo.id,
+            started=started,
+        )
+        runner.begin()  # journaled, with the divergence report, before any step runs
+        self.rejoin_runner = runner
+        self.rejoin_task = asyncio.create_task(self._run_rejoin(runner), name=plan.id)
+
+    async def _run_rejoin(self, runner: Runner) -> str:
+        d = self.d
+        try:
+            outcome = await self._guarded(runner)
+        finally:
+            self.rejoin_runner, self.rejoin_task = None, None
+        rj = d.state.last_rejoin
+        if outcome == COMPLETED and rj is not None and rj.id == runner.plan.id:
+            with contextlib.suppress(JournalError):  # reported; acked at the next start
+                self.rearm(rj)
+        d.cycle.refresh_state()
+        return outcome
+
+    def rearm(self, rj: RejoinRecord) -> None:
+        """A verified rejoin: ack its failover exactly as an operator's ack would."""
+        self.d.commands.acknowledge(by=f"rejoin {rj.id}", rejoin_id=rj.id)
+
+    async def auto_rejoin(self, fo: FailoverRecord) -> None:
+        """``auto_rejoin``: the old primary answers again. Rejoin it only on proof that
+        nothing diverged; otherwise tell why and wait for an operator."""
+        d = self.d
+        self.rejoin_starting = True
+        try:
+            div = await self.divergence(fo)
+            report = self.report_divergence(fo, div, "automatic")
+            if d.state.awaiting_ack is not fo or d.state.unfinished_rejoin is not None:
+                return  # an operator acted meanwhile
+            if not policy.auto_rejoin_starts(div):
+                why = (
+                    "writes diverged" if div.diverged else "divergence unknown"
+                ) + f": {report['summary']}"
+                self.rejoin_waiting = {"failover_id": fo.id, "reason": why}
+                d.emit(
+                    "rejoin_waiting",
+                    failover_id=fo.id,
+                    old_primary=fo.from_node,
+                    new_primary=fo.to_node,
+                    reason=why,
+                    note="auto_rejoin rejoins only with a known zero divergence: run "
+                    "watchdogctl rejoin (--accept-divergence to throw those writes away)",
+                )
+                d.metrics.set_rejoin_waiting(True)
+                return
+            with contextlib.suppress(JournalError):  # reported by record(); retried by hand
+                self.start_rejoin(
+                    fo,
+                    report,
+                    accepted=False,
+                    trigger="automatic",
+                    reason=f"automatic rejoin of {fo.from_node}: {report['summary']} diverged",
+                )
+        finally:
+            self.rejoin_starting = False
+
     # ------------------------------------------------------------------ shutdown
 
     async def interrupt(self) -> None:
         """Let each running step finish and be journaled (a retry delay ends at once); the
         next start resumes a failover, and fences again if still needed."""
-        for runner, task in ((self.runner, self.runner_task), (self.fence_runner, self.fence_task)):
+        for runner, task in (
+            (self.runner, self.runner_task),
+            (self.fence_runner, self.fence_task),
+            (self.rejoin_runner, self.rejoin_task),
+        ):
             if runner is not None and task is not None and not task.done():
                 self.d.emit("waiting_for_step", step=runner.current_step, sequence=runner.sequence)
                 runner.interrupt()

@@ -84,6 +84,28 @@ class Views:
             "last_cycle_at": d.last_cycle_wall,
             "journal_error": d.journal_error,
             "readiness": d.readiness.view(),
+            "rejoin": self.rejoin(),
+        }
+
+    def rejoin(self) -> dict[str, Any]:
+        """The running rejoin, the last one, the last divergence report, and why
+        auto_rejoin waits (if it does)."""
+        seq, last = self.d.sequences, self.d.state.last_rejoin
+        running = None
+        if (runner := seq.rejoin_runner) is not None:
+            running = {
+                "id": runner.plan.id,
+                "step": runner.current_step,
+                "started_at": runner.current_step_started,
+            }
+        summary = None
+        if last is not None:
+            summary = {k: v for k, v in last.as_dict().items() if k not in ("steps", "divergence")}
+        return {
+            "running": running,
+            "last": summary,
+            "divergence": seq.last_divergence,
+            "waiting": seq.rejoin_waiting,
         }
 
     def healthz(self) -> tuple[bool, str]:

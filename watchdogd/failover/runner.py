@@ -6,8 +6,10 @@ the step's timeout → journal its end; retry up to ``retries`` times after
 later steps never run. An operator's abort is honoured before the next step (or
 during a retry delay), never in the middle of a step.
 
-The same runner executes failovers (and switchovers) and fences (the
-``fence_steps`` run against an old primary that came back writable). A fence is
+The same runner executes failovers (and switchovers), fences (the
+``fence_steps`` run against an old primary that came back writable) and rejoins (the
+``rejoin_steps`` and their verification, journaled and announced as ``rejoin_*``,
+resumed after a restart like a failover). A fence is
 journaled under its own record types and events (``fence_started``,
 ``fence_step_completed``, ``fence_failed`` …): it is never a failover in the
 history, the metrics or the cooldown, and it is never resumed after a restart
@@ -35,7 +37,7 @@ from watchdogd.core.model import StepConfig
 from watchdogd.engines import EngineError
 from watchdogd.policy import Plan
 from watchdogd.state import journal
-from watchdogd.state.journal import FailoverRecord, Outcome
+from watchdogd.state.journal import FailoverRecord, Outcome, RejoinRecord
 
 Record = Callable[[dict[str, Any]], None]
 Emit = Callable[..., None]
@@ -63,9 +65,10 @@ class Runner:
         record: Record,
         emit: Emit,
         *,
-        resume: FailoverRecord | None = None,
+        resume: FailoverRecord | RejoinRecord | None = None,
         wall: Callable[[], float] = time.time,
         failover_id: str | None = None,
+        started: Mapping[str, Any] | None = None,
     ) -> None:
         self.plan = plan
         self.ctx = ctx
@@ -74,9 +77,11 @@ class Runner:
         self.emit = emit
         self.resume = resume
         self.wall = wall
-        # A fence names the failover whose old primary it fences.
-        self.sequence = "fence" if plan.kind == "fence" else "failover"
+        # A fence (a rejoin) names the failover whose old primary it fences (rejoins).
+        self.sequence = plan.kind if plan.kind in ("fence", "rejoin") else "failover"
         self.failover_id = failover_id
+        # Extra facts of the start record and event (a rejoin's divergence report).
+        self.started = dict(started or {})
         self.current_step: str | None = None
         self.current_step_started: float | None = None
         self._abort = asyncio.Event()
@@ -104,15 +109,19 @@ class Runner:
     # ------------------------------------------------------------------ naming
 
     def _event(self, name: str) -> str:
-        """A failover's event name, or the fence's twin of it (``step_failed`` →
-        ``fence_step_failed``, ``failover_started`` → ``fence_started``)."""
-        if not self.is_fence:
+        """A failover's event name, or the fence's (rejoin's) twin of it (``step_failed``
+        → ``fence_step_failed``, ``failover_started`` → ``rejoin_started``)."""
+        if self.sequence == "failover":
             return name
-        return "fence_" + name.removeprefix("failover_")
+        return f"{self.sequence}_" + name.removeprefix("failover_")
+
+    def event_name(self, name: str) -> str:
+        """``_event`` for the code that drives the runner (``failover_stopped``)."""
+        return self._event(name)
 
     def _ids(self) -> dict[str, Any]:
-        if self.is_fence:
-            return {"fence_id": self.plan.id, "failover_id": self.failover_id}
+        if self.sequence != "failover":
+            return {f"{self.sequence}_id": self.plan.id, "failover_id": self.failover_id}
         return {"failover_id": self.plan.id}
 
     # ------------------------------------------------------------------ the sequence
@@ -139,6 +148,7 @@ class Runner:
                     forced=plan.forced,
                     failover_id=self.failover_id,
                     at=self.wall(),
+                    **self.started,
                 )
             )
             self.emit(
@@ -150,11 +160,15 @@ class Runner:
                 from_node=plan.from_node,
                 to_node=plan.to_node,
                 steps=[s.name for s in plan.steps],
+                **self.started,
             )
         else:
             done = [s.name for s in self.resume.steps if s.outcome in ("ok", "skipped")]
             self.emit(
-                "failover_resumed", failover_id=plan.id, trigger=plan.trigger, steps_done=done
+                self._event("failover_resumed"),
+                **self._ids(),
+                trigger=plan.trigger,
+                steps_done=done,
             )
 
     async def run(self) -> str:
@@ -333,7 +347,7 @@ class Runner:
             # Nothing resumes a fence: close it, and let the split-brain check fence
             # again after the restart if both nodes still accept writes.
             return self._finish(INTERRUPTED, why)
-        self.emit("failover_interrupted", failover_id=self.plan.id, next_step=step.name, note=why)
+        self.emit(self._event("failover_interrupted"), **self._ids(), next_step=step.name, note=why)
         return INTERRUPTED
 
     def _finish(self, outcome: str, error: str | None) -> str:

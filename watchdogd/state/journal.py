@@ -13,6 +13,13 @@ the same way under their own record types (``fence_started``, ``fence_step_start
 into ``failovers``: a fence is not a failover (no history entry, no cooldown, never a
 promotion) and is never resumed after a restart.
 
+Rejoins (the node failed away from brought back as the standby: ``watchdogctl rejoin``,
+``auto_rejoin``) are journaled the same way too (``rejoin_started`` with the divergence
+report and whether it was accepted, ``rejoin_step_started``, ``rejoin_step_finished``,
+``rejoin_finished``) and folded into ``JournalState.rejoins``. A rejoin is resumed after
+a restart like a failover; it changes the roles only through the ``ack`` record written
+once it is verified. Journals written before rejoins existed replay as they did.
+
 Records are frozen dataclasses (``SequenceStarted``, ``StepFinished``, ``Pause``, ...);
 this module is the one place that encodes them (``encode``, used by the builder functions
 callers write with) and decodes them (``decode``). ``apply`` decodes one record and
@@ -85,6 +92,9 @@ SEQUENCES = {
     ),
     "fence": SequenceTypes(
         "fence_started", "fence_step_started", "fence_step_finished", "fence_finished"
+    ),
+    "rejoin": SequenceTypes(
+        "rejoin_started", "rejoin_step_started", "rejoin_step_finished", "rejoin_finished"
     ),
 }
 
@@ -207,6 +217,26 @@ class FenceRecord(_Steps):
         }
 
 
+@dataclass
+class RejoinRecord(FenceRecord):
+    """One rejoin of the node failed away from (``from_node``) as a replica of the node
+    failed over to (``to_node``), after failover ``failover_id``: journaled like a fence,
+    plus who started it and the divergence report computed before anything was acted on
+    (``Divergence.as_dict``). Unlike a fence it is resumed after a restart."""
+
+    trigger: str = "manual"  # manual | automatic
+    divergence: dict[str, Any] | None = None
+    accepted: bool = False  # the operator accepted to throw diverged writes away
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **super().as_dict(),
+            "trigger": self.trigger,
+            "divergence": self.divergence,
+            "accepted_divergence": self.accepted,
+        }
+
+
 @dataclass(frozen=True)
 class Damage:
     """A journal line that cannot be trusted."""
@@ -229,6 +259,7 @@ class JournalState:
     pause_reason: str | None = None
     failovers: list[FailoverRecord] = field(default_factory=list)
     fences: list[FenceRecord] = field(default_factory=list)
+    rejoins: list[RejoinRecord] = field(default_factory=list)
     last_automatic_at: float | None = None
     problems: list[str] = field(default_factory=list)  # torn or unreadable lines
     damaged: list[Damage] = field(default_factory=list)
@@ -254,6 +285,15 @@ class JournalState:
         last = self.fences[-1] if self.fences else None
         return last if last is not None and last.unfinished else None
 
+    @property
+    def last_rejoin(self) -> RejoinRecord | None:
+        return self.rejoins[-1] if self.rejoins else None
+
+    @property
+    def unfinished_rejoin(self) -> RejoinRecord | None:
+        last = self.last_rejoin
+        return last if last is not None and last.unfinished else None
+
 
 # ---------------------------------------------------------------------------- records
 #
@@ -267,9 +307,10 @@ class JournalState:
 
 @dataclass(frozen=True)
 class SequenceStarted:
-    """``failover_started`` / ``fence_started``: a step sequence begins."""
+    """``failover_started`` / ``fence_started`` / ``rejoin_started``: a step sequence
+    begins."""
 
-    sequence: str  # a key of SEQUENCES: failover | fence
+    sequence: str  # a key of SEQUENCES: failover | fence | rejoin
     id: str
     trigger: str
     kind: str
@@ -279,8 +320,12 @@ class SequenceStarted:
     steps: tuple[str, ...]
     at: float
     forced: bool = False
-    failover_id: str | None = None  # fence: the failover whose old primary is fenced
+    # fence, rejoin: the failover whose old primary is fenced / rejoins
+    failover_id: str | None = None
     pending: bool = False  # written before the first step may run (cancellable)
+    # rejoin: the divergence report it started with, and whether the operator accepted it
+    divergence: Mapping[str, Any] | None = None
+    accepted: bool = False
 
 
 @dataclass(frozen=True)
@@ -374,6 +419,9 @@ def encode(record: Record) -> dict[str, Any]:
             rec["failover_id"] = record.failover_id
         if record.pending:
             rec["pending"] = True
+        if record.sequence == "rejoin":
+            rec["divergence"] = dict(record.divergence) if record.divergence is not None else None
+            rec["accepted"] = record.accepted
         return rec
     if isinstance(record, StepStarted):
         return {
@@ -436,6 +484,8 @@ def sequence_started(
     forced: bool = False,
     failover_id: str | None = None,
     pending: bool = False,
+    divergence: Mapping[str, Any] | None = None,
+    accepted: bool = False,
 ) -> dict[str, Any]:
     return encode(
         SequenceStarted(
@@ -451,6 +501,8 @@ def sequence_started(
             forced=forced,
             failover_id=failover_id,
             pending=pending,
+            divergence=divergence,
+            accepted=accepted,
         )
     )
 
@@ -607,6 +659,8 @@ def decode(rec: Mapping[str, Any]) -> Record | None:
             steps=_names(rec),
             trigger=_lenient(rec, "trigger", str) or "",
             kind=_lenient(rec, "kind", str) or sequence,
+            divergence=_lenient(rec, "divergence", dict),
+            accepted=rec.get("accepted") is True,
         )
     if what == "finished":
         return SequenceFinished(
@@ -659,9 +713,13 @@ def apply(state: JournalState, rec: Mapping[str, Any]) -> None:
         fold(state, record)
 
 
-def _sequence(state: JournalState, sequence: str, id: str) -> FailoverRecord | FenceRecord | None:
+def _sequence(
+    state: JournalState, sequence: str, id: str
+) -> FailoverRecord | FenceRecord | RejoinRecord | None:
     if sequence == "fence":
         return next((f for f in reversed(state.fences) if f.id == id), None)
+    if sequence == "rejoin":
+        return next((r for r in reversed(state.rejoins) if r.id == id), None)
     return next((f for f in reversed(state.failovers) if f.id == id), None)
 
 
@@ -689,17 +747,24 @@ def fold(state: JournalState, record: Record) -> None:
         if record.trigger == "automatic" and not record.pending:
             state.last_automatic_at = record.at
     elif isinstance(record, SequenceStarted):
-        state.fences.append(
-            FenceRecord(
-                id=record.id,
-                failover_id=record.failover_id,
-                reason=record.reason,
-                from_node=record.from_node,
-                to_node=record.to_node,
-                started_at=record.at,
-                plan=list(record.steps),
+        run: dict[str, Any] = {
+            "id": record.id,
+            "failover_id": record.failover_id,
+            "reason": record.reason,
+            "from_node": record.from_node,
+            "to_node": record.to_node,
+            "started_at": record.at,
+            "plan": list(record.steps),
+        }
+        if record.sequence == "rejoin":
+            divergence = dict(record.divergence) if record.divergence is not None else None
+            state.rejoins.append(
+                RejoinRecord(
+                    **run, trigger=record.trigger, divergence=divergence, accepted=record.accepted
+                )
             )
-        )
+        else:
+            state.fences.append(FenceRecord(**run))
     elif isinstance(record, Ack):
         fo = _sequence(state, "failover", record.id)
         if isinstance(fo, FailoverRecord):
