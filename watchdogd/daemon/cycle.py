@@ -1,7 +1,9 @@
 """The probe cycle: probe both nodes (and their apps and the witnesses), fold the
 observations into the latest view, hand them to the detector and the policy, and carry
 out what they decide: start a failover, report news, fence an old primary that came
-back writable. Runs every ``probe.interval`` from the scheduler.
+back writable. Runs every ``probe.interval`` from the scheduler, and at once when the
+connection to the primary's database is found closed (``connection_lost``: a crash),
+so that the outage is timed from the failure rather than from the next tick.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from watchdogd import policy
@@ -61,8 +64,14 @@ class ProbeCycle:
         # a restart the detector starts afresh, and must not announce it a second time.
         self.down_reported: str | None = None
         self.fenced_for: str | None = None  # the split-brain episode reported (and fenced)
+        self.running = False
+        # A noticed loss of the primary's connection not yet seen by a cycle, and when
+        # the last one woke the cycle (the debounce).
+        self.lost_at: float | None = None
+        self._woken_at: float | None = None
 
     async def job(self) -> None:
+        self.running = True
         try:
             async with asyncio.timeout(self.d.config.probe.timeout + 2.0):
                 await self.run()
@@ -70,10 +79,37 @@ class ProbeCycle:
             self.d.emit("cycle_timeout", note="a probe cycle overran its bound")
         except Exception as exc:  # one bad cycle must never end the loop
             self.d.emit("cycle_error", error=str(exc))
+        finally:
+            self.running = False
+        if self.lost_at is not None:
+            self._run_now()  # noticed while this cycle ran: its probes may predate it
+
+    def connection_lost(self, node: str) -> None:
+        """An engine's probing connection was closed by its server or the network. For
+        the primary's database that is a crash until proven otherwise: probe now, not at
+        the next tick; at most once per interval, so a flapping connection cannot make a
+        probe storm (later losses wait for the schedule)."""
+        d = self.d
+        if node != d.roles()[0].name:
+            return
+        now = d.clock()
+        if self._woken_at is not None and now - self._woken_at < d.config.probe.interval:
+            return
+        self._woken_at = self.lost_at = now
+        d.emit("primary_connection_lost", node=node, note="probing at once")
+        if not self.running:
+            self._run_now()
+
+    def _run_now(self) -> None:
+        scheduler = self.d.scheduler
+        job = scheduler.get_job("probe") if scheduler is not None else None
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC))
 
     async def run(self) -> Verdict:
         d, cfg = self.d, self.d.config
         at = d.clock()
+        lost_at, self.lost_at = self.lost_at, None
         primary, standby = d.roles()
         probes: list[Probe] = [
             DatabaseProbe(primary.name, d.engines[primary.name], cfg.probe.timeout, d.clock),
@@ -114,6 +150,7 @@ class ProbeCycle:
                 standby_db=sdb,
                 primary_app=latest.primary_app,
                 witnesses=witnesses,
+                primary_lost_at=lost_at,
             )
         )
         previous = latest.verdict

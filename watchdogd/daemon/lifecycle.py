@@ -105,7 +105,7 @@ class Daemon:
             self.emit("journal_problem", problem=problem, path=str(self.journal.path))
         self.check_roles()
         for node in cfg.nodes:
-            self.engines[node.name] = engines.create(node.database, set(cfg.secrets))
+            self.engines[node.name] = self.make_engine(node, cfg)
         self.session = aiohttp.ClientSession()
         self.export_config(cfg)
         if cfg.metrics.enabled:
@@ -252,6 +252,12 @@ class Daemon:
                 continue
             for line in lines:
                 self.emit("engine_advice", node=node.name, advice=line)
+
+    def make_engine(self, node: NodeConfig, cfg: Config) -> Engine:
+        """The node's engine, telling the probe cycle when its connection is closed."""
+        engine = engines.create(node.database, set(cfg.secrets))
+        engine.on_connection_lost(lambda: self.cycle.connection_lost(node.name))
+        return engine
 
     def export_config(self, cfg: Config) -> None:
         self.metrics.set_outage_threshold(cfg.failover.outage_threshold)

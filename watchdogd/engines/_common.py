@@ -151,6 +151,7 @@ class ConnectionTemplate(ABC, Generic[C]):
         self._secrets = set(secrets)
         self._secrets.update(p for p in passwords if p)
         self._conn: C | None = None  # the shared probing connection
+        self._on_lost: Callable[[], None] | None = None
         self._probe_lock = asyncio.Lock()
         self._admin_lock = asyncio.Lock()
 
@@ -184,6 +185,25 @@ class ConnectionTemplate(ABC, Generic[C]):
         """After a failover operation succeeded: close its connection."""
         await self._discard(conn)
 
+    def _watch(self, conn: C, lost: Callable[[], None]) -> None:
+        """Call ``lost()`` when the server or the network closes ``conn`` (not when we
+        do: ``_unwatch`` comes first). A driver without such a signal leaves it out."""
+
+    def _unwatch(self, conn: C) -> None:
+        """Forget ``_watch`` before we close ``conn`` ourselves."""
+
+    # -- connection loss
+
+    def on_connection_lost(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback()`` as soon as the probing connection is closed by the server
+        or the network (a crash closes it at once), never when we close it. A hang
+        sends no such signal; nor does a driver without one."""
+        self._on_lost = callback
+
+    def _connection_lost(self, conn: C) -> None:
+        if conn is self._conn and self._on_lost is not None:
+            self._on_lost()
+
     # -- the template
 
     def _line(self, message: str) -> str:
@@ -197,6 +217,7 @@ class ConnectionTemplate(ABC, Generic[C]):
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            self._unwatch(conn)
             await self._discard(conn)
 
     async def _probe(self, op: str, limit: float, query: Callable[[C, float], Awaitable[T]]) -> T:
@@ -225,6 +246,7 @@ class ConnectionTemplate(ABC, Generic[C]):
                     raise
         await self._drop()
         conn = self._conn = await self._open(deadline, limit)
+        self._watch(conn, lambda: self._connection_lost(conn))
         await self._prepare(conn, deadline, limit, fresh=True)
         return await query(conn, deadline)
 

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
@@ -192,6 +192,7 @@ class PostgresEngine(ConnectionTemplate[Any]):
         self._dsn = dsn
         self._password = password
         self._conn_ms = 0  # the probing connection's statement_timeout
+        self._listener: Callable[[Any], None] | None = None
 
     def __repr__(self) -> str:
         return f"PostgresEngine({mask_dsn(self._dsn)!r})"
@@ -229,6 +230,14 @@ class PostgresEngine(ConnectionTemplate[Any]):
 
     async def _discard(self, conn: Any) -> None:
         conn.terminate()
+
+    def _watch(self, conn: Any, lost: Callable[[], None]) -> None:
+        self._listener = lambda _conn: lost()
+        conn.add_termination_listener(self._listener)
+
+    def _unwatch(self, conn: Any) -> None:
+        if self._listener is not None:
+            conn.remove_termination_listener(self._listener)
 
     async def _release(self, conn: Any, deadline: float) -> None:
         # The work is done: a slow goodbye must not turn it into a timeout.
