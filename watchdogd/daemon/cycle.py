@@ -20,9 +20,7 @@ from watchdogd.core.model import Config, NodeConfig
 from watchdogd.detector import HEALTHY, Cycle, Detector, Verdict
 from watchdogd.policy import BLOCKED, Decision, StandbyFacts
 from watchdogd.probes import Observation, Probe
-from watchdogd.probes.app import AppProbe
 from watchdogd.probes.database import DatabaseProbe
-from watchdogd.probes.witness import WitnessProbe
 from watchdogd.state.journal import JournalError
 
 if TYPE_CHECKING:
@@ -115,12 +113,17 @@ class ProbeCycle:
             DatabaseProbe(primary.name, d.engines[primary.name], cfg.probe.timeout, d.clock),
             DatabaseProbe(standby.name, d.engines[standby.name], cfg.probe.timeout, d.clock),
         ]
-        assert d.session is not None
         apps: list[NodeConfig] = [n for n in (primary, standby) if n.app is not None]
-        for node in apps:
-            assert node.app is not None
-            probes.append(AppProbe(node.name, node.app, d.session, cfg.probe.timeout, d.clock))
-        probes += [WitnessProbe(w, d.session, cfg.probe.timeout, d.clock) for w in cfg.witnesses]
+        if apps or cfg.witnesses:
+            # HTTP probes only when configured: their client is heavy for a pair without.
+            from watchdogd.probes.app import AppProbe
+            from watchdogd.probes.witness import WitnessProbe
+
+            session = d.http_session()
+            for node in apps:
+                assert node.app is not None
+                probes.append(AppProbe(node.name, node.app, session, cfg.probe.timeout, d.clock))
+            probes += [WitnessProbe(w, session, cfg.probe.timeout, d.clock) for w in cfg.witnesses]
         # bounded() never raises: one probe's failure is its own failed observation.
         results = await asyncio.gather(*(self.bounded(p) for p in probes))
         pdb, sdb = results[0], results[1]

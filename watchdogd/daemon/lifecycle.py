@@ -16,14 +16,13 @@ import signal
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchdogd import __version__, engines, policy
 from watchdogd.control import ControlServer, Peer
+from watchdogd.core import httpd as web
 from watchdogd.core.events import Bus, log_subscriber
 from watchdogd.core.model import Config, NodeConfig
 from watchdogd.core.secrets import Secrets
@@ -40,6 +39,9 @@ from watchdogd.notify import Notifier
 from watchdogd.policy import Policy
 from watchdogd.state.journal import Journal, JournalError, JournalState, apply
 from watchdogd.systemd import SystemdNotifier, watchdog_advice
+
+if TYPE_CHECKING:
+    import aiohttp
 
 
 class Daemon:
@@ -106,7 +108,6 @@ class Daemon:
         self.check_roles()
         for node in cfg.nodes:
             self.engines[node.name] = self.make_engine(node, cfg)
-        self.session = aiohttp.ClientSession()
         self.export_config(cfg)
         if cfg.metrics.enabled:
             app = make_app(
@@ -160,6 +161,15 @@ class Daemon:
         )
         self.scheduler.start()
         self._start_watchdog()
+
+    def http_session(self) -> aiohttp.ClientSession:
+        """The client session of the app and witness probes, opened on first use: a
+        pair watched through its databases alone never loads an HTTP client."""
+        if self.session is None:
+            import aiohttp
+
+            self.session = aiohttp.ClientSession()
+        return self.session
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop. SIGHUP reloads the config."""
