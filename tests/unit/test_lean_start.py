@@ -15,6 +15,7 @@ import yaml
 
 MUST_NOT_LOAD = (
     "aiohttp",
+    "apscheduler",
     "redis",
     "aiomysql",
     "pymysql",

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from watchdogd import policy
@@ -99,10 +98,8 @@ class ProbeCycle:
             self._run_now()
 
     def _run_now(self) -> None:
-        scheduler = self.d.scheduler
-        job = scheduler.get_job("probe") if scheduler is not None else None
-        if job is not None:
-            job.modify(next_run_time=datetime.now(UTC))
+        if self.d.scheduler is not None:
+            self.d.scheduler.run_now()
 
     async def run(self) -> Verdict:
         d, cfg = self.d, self.d.config

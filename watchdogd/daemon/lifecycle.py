@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchdogd import __version__, engines, policy
 from watchdogd.control import ControlServer, Peer
@@ -29,6 +25,7 @@ from watchdogd.core.secrets import Secrets
 from watchdogd.daemon import reload as reloading
 from watchdogd.daemon.commands import Commands
 from watchdogd.daemon.cycle import Latest, ProbeCycle, make_detector
+from watchdogd.daemon.schedule import Every
 from watchdogd.daemon.sequences import Sequences
 from watchdogd.daemon.subscribers import metrics_subscriber, notify_subscriber
 from watchdogd.daemon.views import Views
@@ -83,7 +80,7 @@ class Daemon:
         self.sequences = Sequences(self)
         self.commands = Commands(self)
         self.views = Views(self)
-        self.scheduler: AsyncIOScheduler | None = None
+        self.scheduler: Every | None = None
         self.session: aiohttp.ClientSession | None = None
         self._http: Any = None
         self._control: ControlServer | None = None
@@ -146,19 +143,8 @@ class Daemon:
                 note="resuming from the first unfinished step",
             )
             self.sequences.resume(fo)
-        # Two INFO lines per cycle from the scheduler are noise, not news.
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
-        self.scheduler = AsyncIOScheduler()
-        self.scheduler.add_job(
-            self.cycle.job,
-            "interval",
-            seconds=cfg.probe.interval,
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=max(1, int(cfg.probe.interval)),
-            next_run_time=datetime.now(UTC),
-            id="probe",
-        )
+        # Never overlapping; a run that overruns skips the ticks it missed.
+        self.scheduler = Every(self.cycle.job, cfg.probe.interval)
         self.scheduler.start()
         self._start_watchdog()
 
@@ -198,7 +184,7 @@ class Daemon:
             self.emit("stopping", state=self.policy.state)
         self.systemd.stopping()
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False)
+            await self.scheduler.stop()
             self.scheduler = None
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()

@@ -73,7 +73,7 @@ async def _reload(d: Daemon, by: str) -> dict[str, Any]:
             d.engines[node.name] = d.make_engine(node, new)
     d.check_roles()
     if d.scheduler is not None and new.probe.interval != old.probe.interval:
-        d.scheduler.reschedule_job("probe", trigger="interval", seconds=new.probe.interval)
+        d.scheduler.reschedule(new.probe.interval)
     d.secrets.replace(new.secrets)
     if new.log != old.log:
         setup_logging(new.log.format, new.log.level, cluster=new.cluster, secrets=d.secrets)
