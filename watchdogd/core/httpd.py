@@ -68,17 +68,20 @@ class Response:
     ) -> None:
         self.status = status
         self.headers: dict[str, str] = dict(headers or {})
+        self.charset: str | None = None
         if text is not None:
             body = text.encode(charset)
-            content_type = f"{content_type or 'text/plain'}; charset={charset}"
+            content_type, self.charset = content_type or "text/plain", charset
+        self.content_type = content_type  # without parameters, as aiohttp has it
         if content_type is not None:
-            self.headers["Content-Type"] = content_type
+            suffix = f"; charset={self.charset}" if self.charset else ""
+            self.headers["Content-Type"] = content_type + suffix
         self.body = body or b""
         self.compress = compress
 
     @property
     def text(self) -> str:
-        return self.body.decode("utf-8", "replace")
+        return self.body.decode(self.charset or "utf-8", "replace")
 
 
 def json_response(data: Any, *, status: int = 200) -> Response:
