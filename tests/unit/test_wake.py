@@ -8,6 +8,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from watchdogd import config
 from watchdogd.core.events import Event
 from watchdogd.daemon import Daemon
@@ -24,7 +26,13 @@ class Clock:
         return self.now
 
 
-def make(tmp: Path, clock: Clock) -> tuple[Daemon, list[Event]]:
+Rig = tuple[Daemon, list[Event], Clock]
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    """A daemon (not started) with an injected clock, and the events it emits."""
+    clock = Clock()
     db = "postgresql://x@127.0.0.1:1/x"
     raw: dict[str, Any] = {
         "cluster": "c",
@@ -32,20 +40,17 @@ def make(tmp: Path, clock: Clock) -> tuple[Daemon, list[Event]]:
         "standby": {"name": "b", "database": {"engine": "postgres", "dsn": db}},
         "probe": {"interval": f"{INTERVAL:g}s", "timeout": "500ms"},
         "metrics": {"enabled": False},
-        "control": {"socket": str(tmp / "control.sock")},
-        "state_dir": str(tmp / "state"),
+        "control": {"socket": str(tmp_path / "control.sock")},
+        "state_dir": str(tmp_path / "state"),
     }
     d = Daemon(config.parse(raw), clock=clock)
     events: list[Event] = []
     d.bus.subscribe(events.append)
-    return d, events
+    return d, events, clock
 
 
-async def test_a_lost_primary_connection_wakes_the_cycle_once_per_interval(
-    tmp_path: Path,
-) -> None:
-    clock = Clock()
-    d, events = make(tmp_path, clock)
+async def test_a_lost_primary_connection_wakes_the_cycle_once_per_interval(rig: Rig) -> None:
+    d, events, clock = rig
     runs: list[float | None] = []
 
     async def job() -> None:  # what the cycle would see: the noticed loss, consumed
@@ -77,11 +82,8 @@ async def test_a_lost_primary_connection_wakes_the_cycle_once_per_interval(
         await d.scheduler.stop()
 
 
-async def test_a_loss_noticed_during_a_cycle_is_followed_by_a_cycle_after_it(
-    tmp_path: Path,
-) -> None:
-    clock = Clock()
-    d, _ = make(tmp_path, clock)
+async def test_a_loss_noticed_during_a_cycle_is_followed_by_a_cycle_after_it(rig: Rig) -> None:
+    d = rig[0]
     seen: list[float | None] = []
 
     async def slow_run() -> None:  # the cycle's run(): takes the notice when it starts
