@@ -265,8 +265,13 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             ("one pair", 4, []),
             (f"50 nodes' worth (pair + {WITNESSES} HTTP)", 4 + WITNESSES, witnesses.urls),
         ]
+        if args.postgres_only:  # issue 13: database probes only (no app, no HTTP step)
+            configs = [("PostgreSQL only (2 database probes)", 2, [])]
         for name, probes, urls in configs:
             cfg = daemon_config(pair, apps, tmp / f"d{probes}", args.interval, urls)
+            if args.postgres_only:
+                for role in ("primary", "standby"):
+                    del cfg[role]["app"]
             (tmp / f"d{probes}").mkdir()
             print(f"measuring {name}: {args.seconds:g}s ...", file=sys.stderr, flush=True)
             results.append(await measure(name, probes, cfg, tmp / f"d{probes}", args))
@@ -317,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--interval", default="1s")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument(
+        "--postgres-only",
+        action="store_true",
+        help="measure one config: the pair's two database probes, no app, metrics on",
+    )
     args = p.parse_args(argv)
     try:
         args.interval = parse_duration(args.interval)

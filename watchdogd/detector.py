@@ -25,6 +25,12 @@ how long? The rules, each guarding against a known false failover:
   is a ``down`` with trigger ``app``: the database is reachable, so the policy
   plans a zero-data-loss switchover rather than a blind promotion. Reaching the
   database is itself the proof that the watcher is not cut off from the primary.
+- **Outage start.** A continuous failure is timed from the cycle that first saw
+  it, or, when a closed connection to the primary's database woke that cycle,
+  from the moment the closure was noticed (``Cycle.primary_lost_at``; a crash
+  closes connections at once). Only when the cycle's own database probe fails
+  too, and never earlier than the previous cycle: the threshold, the hysteresis
+  and the agreement rules are unchanged.
 - **Stall guard.** When more than two probe intervals passed since the previous
   cycle (VM pause, swap storm, a blocked loop), the evidence gathered before the
   gap is stale: the outage timers restart now and the cycle's verdict is
@@ -60,6 +66,9 @@ class Cycle:
     standby_db: Observation
     primary_app: Observation | None = None
     witnesses: tuple[Observation, ...] = ()
+    # When the daemon noticed its connection to the primary's database closed (the
+    # notice that woke this cycle early), in the same clock as ``at``; None otherwise.
+    primary_lost_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -96,13 +105,16 @@ class _Run:
     good_streak: int = 0
     detail: str = ""
 
-    def update(self, ok: bool, at: float, detail: str, needed: int) -> bool:
-        """Record one result; returns True when an outage just ended."""
+    def update(
+        self, ok: bool, at: float, detail: str, needed: int, since: float | None = None
+    ) -> bool:
+        """Record one result (a failure that began at ``since``, if known); returns
+        True when an outage just ended."""
         if not ok:
             self.good_streak = 0
             self.detail = detail
             if self.failing_since is None:
-                self.failing_since = at
+                self.failing_since = at if since is None else since
             return False
         if self.failing_since is None:
             return False
@@ -141,10 +153,11 @@ class Detector:
         at = cycle.at
         stalled = self._last_at is not None and at - self._last_at > 2 * self.interval
         gap = 0.0 if self._last_at is None else at - self._last_at
+        since = _loss_start(cycle.primary_lost_at, self._last_at, at)
         self._last_at = at
 
         n = self.recovery_successes
-        recovered = self._db.update(cycle.primary_db.ok, at, cycle.primary_db.detail, n)
+        recovered = self._db.update(cycle.primary_db.ok, at, cycle.primary_db.detail, n, since)
         app = cycle.primary_app
         if app is not None:
             recovered |= self._app.update(app.ok, at, app.detail, n)
@@ -276,6 +289,14 @@ class Detector:
             standby_sees_primary=sees,
             recovered=recovered,
         )
+
+
+def _loss_start(lost_at: float | None, previous: float | None, at: float) -> float | None:
+    """When a noticed connection loss says the outage began: not before the previous
+    cycle (which saw the primary as it was then), not after this one."""
+    if lost_at is None:
+        return None
+    return min(at, lost_at if previous is None else max(lost_at, previous))
 
 
 def _link_note(standby: Observation) -> str:

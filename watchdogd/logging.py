@@ -19,10 +19,20 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
-import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
-
 from watchdogd.core.secrets import Secrets, as_secrets, mask_deep
+
+# structlog.dev imports rich and better_exceptions (pretty tracebacks this chain never
+# asks for: format_exc_info renders them first, in every format) and colorama (Windows
+# colours) when they are installed: several MiB resident for nothing here. Hide them
+# while structlog loads, unless something already loaded them (issue 13).
+_HIDDEN = [m for m in ("rich", "better_exceptions", "colorama") if m not in sys.modules]
+sys.modules.update(dict.fromkeys(_HIDDEN))  # type: ignore[arg-type]  # None: ImportError
+try:
+    import structlog
+    from structlog.typing import EventDict, Processor, WrappedLogger
+finally:
+    for _name in _HIDDEN:
+        del sys.modules[_name]
 
 LEVELS = {
     "debug": logging.DEBUG,

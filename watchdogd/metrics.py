@@ -1,6 +1,7 @@
 """Prometheus metrics: the metric names and labels (a contract with config/alerts.yml and
 config/grafana-dashboard.json), one ``CollectorRegistry`` per daemon instance, and the small
-aiohttp server that exposes ``/metrics`` and ``/healthz``.
+server (``watchdogd.core.httpd``: no aiohttp, issue 13) that exposes ``/metrics`` and
+``/healthz``.
 
 Conventions chosen here (documented because alerts depend on them):
 
@@ -33,27 +34,27 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from watchdogd import __version__
+from watchdogd.core import httpd as web
 from watchdogd.core.errors import WatchdogdError
 from watchdogd.core.secrets import Secrets, as_secrets
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = web.Handler
 
 STATES = ("watching", "suspect", "failing_over", "failed_over", "paused", "blocked", "failed")
 TRIGGERS = ("automatic", "manual", "switchover")
@@ -67,7 +68,7 @@ STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 # A scrape, a few witnesses and health checks need a handful; the cap is what an
 # unauthenticated peer can hold of the daemon's descriptors.
 MAX_HTTP_CONNECTIONS = 64
-# aiohttp's default is about an hour; a scraper reconnecting every 15s costs nothing.
+# A scraper reconnecting every 15s costs nothing; an idle peer must not hold a descriptor.
 KEEPALIVE_TIMEOUT = 5.0
 
 
@@ -391,17 +392,17 @@ class Metrics:
 def make_app(
     metrics: Metrics,
     healthz: Callable[[], tuple[bool, str]],
-    extra_routes: Iterable[web.AbstractRouteDef | tuple[str, str, Handler]] | None = None,
+    extra_routes: Iterable[web.Route] | None = None,
     *,
     secrets: Secrets | Iterable[str] = (),
-) -> web.Application:
+) -> web.App:
     """GET /metrics (Prometheus exposition) and GET /healthz (200 ``ok ...`` or 503).
 
-    ``extra_routes`` are aiohttp route definitions (``web.get(path, handler)``) or
-    ``(method, path, handler)`` tuples. Every response body is masked with ``secrets``
-    (best the daemon's holder, so a reload's new secrets are masked at once).
+    ``extra_routes`` are ``(method, path, handler)`` tuples (``web.get(path, handler)``);
+    more can be attached to the returned app (``app.router.add_get(path, handler)``).
+    Every response body is masked with ``secrets`` (best the daemon's holder, so a
+    reload's new secrets are masked at once).
     """
-    metrics_handler = _metrics_handler(metrics)
 
     async def healthz_handler(request: web.Request) -> web.Response:
         try:
@@ -413,33 +414,25 @@ def make_app(
             return web.Response(text=f"ok {detail}".rstrip() + "\n")
         return web.Response(status=503, text=f"unhealthy {detail}".rstrip() + "\n")
 
-    app = web.Application(middlewares=[_masking(as_secrets(secrets))])
-    app.router.add_get("/metrics", metrics_handler)
+    app = web.App(middlewares=[_masking(as_secrets(secrets))])
+    app.router.add_get("/metrics", _metrics_handler(metrics))
     app.router.add_get("/healthz", healthz_handler)
-    for route in extra_routes or ():
-        if isinstance(route, tuple):
-            method, path, handler = route
-            app.router.add_route(method, path, handler)
-        else:
-            app.router.add_routes([route])
+    app.add_routes(extra_routes or ())
     return app
 
 
-def _masking(secrets: Secrets) -> Any:
+def _masking(secrets: Secrets) -> web.Middleware:
     """A middleware masking every response body: one place, whatever a route returns
     (``/primary`` echoing a probe's detail that echoed a token, say)."""
 
-    @web.middleware
-    async def mask_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def mask_body(request: web.Request, handler: Handler) -> web.Response:
         response = await handler(request)
-        if secrets.values and isinstance(response, web.Response):
-            body = response.body
-            if isinstance(body, bytes | bytearray) and body:
-                # surrogateescape: bytes that are not UTF-8 come back out unchanged.
-                text = bytes(body).decode("utf-8", "surrogateescape")
-                masked = secrets.mask(text)
-                if masked != text:
-                    response.body = masked.encode("utf-8", "surrogateescape")
+        if secrets.values and response.body:
+            # surrogateescape: bytes that are not UTF-8 come back out unchanged.
+            text = response.body.decode("utf-8", "surrogateescape")
+            masked = secrets.mask(text)
+            if masked != text:
+                response.body = masked.encode("utf-8", "surrogateescape")
         return response
 
     return mask_body
@@ -461,52 +454,30 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, target
 
 
-def _cap_connections(server: web.Server, limit: int) -> None:
-    """Keep at most ``limit`` connections: a new one sheds the oldest idle one, or is
-    closed itself when every other is busy with a request."""
-    accept = server.connection_made
+def _metrics_handler(metrics: Metrics) -> Handler:
+    """The exposition as prometheus-client serves it: the format the Accept header asks
+    for (OpenMetrics or text), ``name[]`` to restrict it, gzip when accepted."""
 
-    def connection_made(handler: Any, transport: Any) -> None:
-        accept(handler, transport)
-        # A closed connection stays listed until its task ends: count the open ones.
-        live = [h for h in server.connections if h.transport is not None]
-        if len(live) <= limit:
-            return
-        # Not public in aiohttp: unknown means busy, so nothing mid-request is shed.
-        idle = [
-            h for h in live if h is not handler and not getattr(h, "_request_in_progress", True)
-        ]
-        (idle[0] if idle else handler).force_close()
+    async def handler(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        registry: Any = metrics.registry
+        if names := request.query_all.get("name[]"):
+            registry = registry.restricted_registry(names)
+        return web.Response(
+            body=encoder(registry), headers={"Content-Type": content_type}, compress=True
+        )
 
-    server.connection_made = connection_made  # type: ignore[method-assign]
-
-
-def _metrics_handler(
-    metrics: Metrics,
-) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    try:
-        # Handles Accept (OpenMetrics) and compression; prometheus-client >= 0.24.
-        from prometheus_client.aiohttp import make_aiohttp_handler
-    except ImportError:
-
-        async def handler(request: web.Request) -> web.StreamResponse:
-            # Not content_type=: aiohttp rejects the charset parameter in it.
-            return web.Response(
-                body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-            )
-
-        return handler
-    return make_aiohttp_handler(metrics.registry)
+    return handler
 
 
 async def start_http(
-    app: web.Application,
+    app: web.App,
     host: str,
     port: int,
     *,
     max_connections: int = MAX_HTTP_CONNECTIONS,
     keepalive_timeout: float = KEEPALIVE_TIMEOUT,
-) -> web.AppRunner:
+) -> web.Server:
     """Serve ``app`` on host:port (port 0: any free port, see ``bound_port``), with at
     most ``max_connections`` connections, idle ones closed after ``keepalive_timeout``.
 
@@ -514,30 +485,24 @@ async def start_http(
     """
     # Also done by the daemon at start; here too so nothing serves the port without it.
     raise_fd_limit()
-    # Scrapes every few seconds would flood the log with access lines.
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=keepalive_timeout)
-    await runner.setup()
-    assert runner.server is not None
-    _cap_connections(runner.server, max_connections)
+    server = web.Server(app, max_connections=max_connections, keepalive_timeout=keepalive_timeout)
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        await server.start(host, port)
     except OSError as exc:
-        await runner.cleanup()
         reason = exc.strerror or str(exc)
         raise MetricsServerError(
             f"metrics.listen: cannot listen on {host}:{port}: {reason}"
         ) from None
-    return runner
+    return server
 
 
-def bound_port(runner: web.AppRunner) -> int:
-    """The TCP port the runner listens on (useful after ``start_http(..., port=0)``)."""
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    raise MetricsServerError("metrics server is not listening")
+def bound_port(server: web.Server) -> int:
+    """The TCP port the server listens on (useful after ``start_http(..., port=0)``)."""
+    port = server.port
+    if port is None:
+        raise MetricsServerError("metrics server is not listening")
+    return port
 
 
-async def stop_http(runner: web.AppRunner) -> None:
-    await runner.cleanup()
+async def stop_http(server: web.Server) -> None:
+    await server.cleanup()

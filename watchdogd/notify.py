@@ -24,14 +24,15 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
-
-import aiohttp
 
 from watchdogd.core.events import NOTIFICATIONS
 from watchdogd.core.model import WebhookConfig
 from watchdogd.core.secrets import Secrets, as_secrets
+
+if TYPE_CHECKING:
+    import aiohttp
 
 # The names an ``events:`` filter may use; watchdogd.core.events owns them.
 EVENTS = NOTIFICATIONS
@@ -136,8 +137,10 @@ class Notifier:
             )
 
     async def start(self) -> None:
-        if self._session is not None or self._closed:
+        if self._session is not None or self._closed or not self._deliveries:
             return
+        import aiohttp  # only with webhooks: the client is heavy for a daemon without
+
         self._session = aiohttp.ClientSession()
         for d in self._deliveries:
             d.task = asyncio.create_task(self._run(d), name=f"webhook-{d.index}")
@@ -219,6 +222,8 @@ class Notifier:
                 d.queue.task_done()
 
     async def _deliver(self, d: _Delivery, event: str, payload: bytes) -> None:
+        import aiohttp  # loaded by start()
+
         headers = {"Content-Type": "application/json", **d.config.headers}
         for attempt in range(1, self.max_attempts + 1):
             retry_after: float | None = None

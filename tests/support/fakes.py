@@ -12,7 +12,7 @@ import datetime as dt
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,9 @@ class RejoinEngine:
 
     async def advise(self, outage_threshold: float, timeout: float) -> list[str]:
         return []
+
+    def on_connection_lost(self, callback: Callable[[], None] | None) -> None:
+        """Nothing to watch: a scripted engine has no connection to lose."""
 
     async def close(self) -> None:
         return None

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
+
 from tests.unit.builders import cycle
-from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT, Detector
+from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT, Cycle, Detector
 
 
 def make(threshold: float = 5.0, interval: float = 1.0, n: int = 3, **kw: object) -> Detector:
@@ -192,3 +196,85 @@ def test_a_cycle_fired_a_millisecond_early_still_decides_at_the_threshold() -> N
     d = make(threshold=3, interval=1)
     statuses = [d.update(cycle(t, primary_ok=False)).status for t in (0.0, 1.0, 2.0, 2.9)]
     assert statuses[-1] == SUSPECT  # 100 ms short is still short
+
+
+# --------------------------------------------------------------------------- issue 13: early start
+
+
+def lost(c: Cycle, at: float) -> Cycle:
+    """The same cycle, woken by a closed connection to the primary noticed at ``at``."""
+    return replace(c, primary_lost_at=at)
+
+
+def test_a_noticed_connection_loss_starts_the_outage_clock() -> None:
+    # Healthy at t=0 and t=1; the connection closes at 1.30, noticed then, and the woken
+    # cycle runs at 1.31: the outage is timed from 1.30, not from the woken cycle.
+    d = make(threshold=3)
+    for t in (0.0, 1.0):
+        assert d.update(cycle(t, primary_ok=True)).status == HEALTHY
+    v = d.update(lost(cycle(1.31, primary_ok=False), 1.30))
+    assert v.status == SUSPECT and v.outage_seconds == pytest.approx(0.01)
+    for t in (2.31, 3.31):
+        assert d.update(cycle(t, primary_ok=False)).status == SUSPECT
+    v = d.update(cycle(4.31, primary_ok=False))
+    assert v.status == DOWN and v.outage_seconds == pytest.approx(3.01)
+
+
+def test_an_early_start_never_skips_the_standbys_agreement_or_the_majority() -> None:
+    for streaming, witnesses in ((True, ()), (False, (True, True))):
+        d = make(threshold=3)
+        d.update(cycle(0, primary_ok=True))
+        d.update(lost(cycle(0.5, False, streaming, witnesses=witnesses), 0.49))
+        for t in (1.5, 2.5, 3.5, 4.5, 5.5, 6.5):
+            v = d.update(
+                cycle(t, primary_ok=False, standby_streaming=streaming, witnesses=witnesses)
+            )
+            assert v.status == SUSPECT
+        assert v.outage_seconds == pytest.approx(6.01)
+        if streaming:
+            assert v.partition
+        else:
+            assert (v.votes_down, v.votes_total) == (2, 4)
+
+
+def test_an_early_start_never_predates_the_previous_cycle() -> None:
+    # A stale notice (older than the last cycle that saw the primary answer) cannot
+    # backdate the outage: the clock starts at that previous cycle at the earliest.
+    d = make(threshold=3)
+    d.update(cycle(0, primary_ok=True))
+    d.update(cycle(1, primary_ok=True))
+    v = d.update(lost(cycle(1.2, primary_ok=False), -100.0))
+    assert v.outage_seconds == pytest.approx(0.2)
+    for t in (2.2, 3.2, 3.9):
+        assert d.update(cycle(t, primary_ok=False)).status == SUSPECT
+    assert d.update(cycle(4.0, primary_ok=False)).status == DOWN
+    # Nor does a notice "from the future" start it after the cycle that saw it fail.
+    d = make(threshold=3)
+    v = d.update(lost(cycle(5.0, primary_ok=False), 7.0))
+    assert v.outage_seconds == 0.0
+
+
+def test_a_loss_the_cycle_does_not_confirm_is_ignored() -> None:
+    # The woken cycle finds the primary answering (a reconnect worked): no outage begins,
+    # and a failure seen later is timed from its own cycle, not from the old notice.
+    d = make(threshold=3)
+    d.update(cycle(0, primary_ok=True))
+    v = d.update(lost(cycle(0.5, primary_ok=True), 0.49))
+    assert v.status == HEALTHY and v.outage_seconds == 0
+    for t in (1.5, 2.5, 3.5, 4.4):
+        assert d.update(cycle(t, primary_ok=t < 1.5)).status == SUSPECT
+    assert d.update(cycle(4.5, primary_ok=False)).status == DOWN
+
+
+def test_an_early_start_keeps_the_recovery_hysteresis() -> None:
+    # One good cycle after the loss does not end the outage that began at the notice; a
+    # primary answering in this cycle is never down.
+    d = make(threshold=3, n=2)
+    d.update(cycle(0, primary_ok=True))
+    d.update(lost(cycle(0.5, primary_ok=False), 0.45))
+    v = d.update(cycle(1.5, primary_ok=True))
+    assert v.status == SUSPECT and v.outage_seconds == pytest.approx(1.05)
+    v = d.update(cycle(2.5, primary_ok=False))
+    assert v.status == SUSPECT and v.outage_seconds == pytest.approx(2.05)
+    v = d.update(cycle(3.45, primary_ok=False))
+    assert v.status == DOWN and v.outage_seconds == pytest.approx(3.0)

@@ -264,7 +264,7 @@ async def test_healthz_that_raises_reads_unhealthy() -> None:
 
 
 async def test_extra_routes_are_served() -> None:
-    from aiohttp import web
+    from watchdogd.core import httpd as web
 
     async def status(request: web.Request) -> web.Response:
         return web.json_response({"state": "watching"})
@@ -272,7 +272,7 @@ async def test_extra_routes_are_served() -> None:
     async def primary(request: web.Request) -> web.Response:
         return web.Response(text="pg1")
 
-    routes: list[web.AbstractRouteDef | tuple[str, str, Handler]] = [
+    routes: list[tuple[str, str, Handler]] = [
         web.get("/status", status),
         ("GET", "/primary", primary),
     ]
@@ -364,8 +364,7 @@ def test_dashboard_queries_only_existing_metrics() -> None:
 
 
 async def test_every_response_body_is_masked_with_the_current_secrets() -> None:
-    from aiohttp import web
-
+    from watchdogd.core import httpd as web
     from watchdogd.core.secrets import Secrets
 
     secrets = Secrets(["old-tok-1a2b"])
@@ -409,7 +408,7 @@ async def test_idle_connections_are_capped_and_shed() -> None:
         for _ in range(30):
             held.append(await asyncio.open_connection("127.0.0.1", port))
         await asyncio.sleep(0.2)
-        assert runner.server is not None and len(runner.server.connections) <= 5
+        assert len(runner.connections) <= 5
         # A scrape still gets in: it sheds the oldest idle connection.
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
@@ -419,7 +418,7 @@ async def test_idle_connections_are_capped_and_shed() -> None:
             *(asyncio.wait_for(reader.read(), 5) for reader, _ in held), return_exceptions=True
         )
         assert all(e == b"" or isinstance(e, ConnectionError) for e in ends), ends
-        assert len(runner.server.connections) == 0
+        assert len(runner.connections) == 0
     finally:
         for _, writer in held:
             writer.close()

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import make_mocked_request
 
 from tests.unit.test_commands import SECRET as COMMANDS_SECRET
 from tests.unit.test_commands import Rig as CommandsRig
+from watchdogd.core import httpd
 from watchdogd.daemon.page import render
 from watchdogd.state import journal
 
@@ -263,7 +263,7 @@ async def test_the_route_serves_the_journal_history_masked_and_escaped(tmp_path:
     rig.load()
     # The journal holds what the step said; the page is what must mask it.
     assert COMMANDS_SECRET in (rig.d.state.failovers[-1].steps[0].error or "")
-    response = await rig.d.views.page(make_mocked_request("GET", "/"))
+    response = await rig.d.views.page(httpd.Request("GET", "/", {}))
     assert response.content_type == "text/html" and response.charset == "utf-8"
     assert "default-src 'none'" in response.headers["Content-Security-Policy"]
     assert response.headers["Cache-Control"] == "no-store"

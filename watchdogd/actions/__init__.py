@@ -13,7 +13,10 @@ the step's target is reachable, without side effects, for the readiness checks
 
 A parser reads the action's own keys from the step's Section (errors carry the
 step's path) and returns an Action. Adding an action kind is adding a module;
-nothing else changes.
+nothing else changes. A module is imported only when the config names one of its
+kinds or its section: its ``ACTIONS`` (a literal dict with string keys, on a line of
+its own) and ``SECTION`` are read from its source; any other form still works, at
+the cost of importing the module to read it.
 
 This package also owns the step schema: the keys every step has
 (``read_step_common``), the default steps, and the ``{placeholders}`` a step's strings
@@ -22,9 +25,14 @@ may use (checked by ``templated``, filled by ``StepContext.render``).
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import contextlib
 import importlib
+import importlib.abc
+import importlib.util
 import pkgutil
+import re
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -182,33 +190,100 @@ async def check_ready(action: Action, ctx: StepContext, timeout: float) -> str:
     return ctx.config.mask(detail)
 
 
-@cache
-def _modules() -> tuple[ModuleType, ...]:
-    return tuple(
-        importlib.import_module(f"{__name__}.{m.name}")
-        for m in pkgutil.iter_modules(__path__)
-        if not m.name.startswith("_")
+@dataclass(frozen=True)
+class _Declared:
+    """What an action module declares, read from its source without importing it."""
+
+    kinds: frozenset[str] | None  # None: not readable there (import the module to know)
+    section: str | None
+    has_check: bool
+
+
+_ACTIONS_LINE = re.compile(r"^ACTIONS\b[^=\n]*=\s*(\{[^}]*\})", re.M)
+_SECTION_LINE = re.compile(r"^SECTION\b[^=\n]*=\s*[\"'](\w+)[\"']", re.M)
+
+
+def _declared(name: str) -> _Declared:
+    """A module's kinds, section and check, read from its source: loading the modules
+    (and their drivers: aiohttp, dnspython) a config never names costs memory for
+    nothing. A module whose ACTIONS is not a literal dict is imported to be read."""
+    spec = importlib.util.find_spec(f"{__name__}.{name}")
+    try:
+        assert spec is not None and isinstance(spec.loader, importlib.abc.InspectLoader)
+        source = spec.loader.get_source(spec.name) or ""
+    except (AssertionError, ImportError, OSError):
+        source = ""
+    found = _ACTIONS_LINE.search(source)
+    kinds: frozenset[str] | None = None
+    if found:
+        with contextlib.suppress(SyntaxError):
+            node = ast.parse(found.group(1), mode="eval").body
+            if isinstance(node, ast.Dict) and all(
+                isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys
+            ):
+                kinds = frozenset(str(k.value) for k in node.keys if isinstance(k, ast.Constant))
+    if kinds is None:
+        module = _module(name)
+        return _Declared(
+            frozenset(getattr(module, "ACTIONS", {})),
+            getattr(module, "SECTION", None),
+            hasattr(module, "check"),
+        )
+    section = _SECTION_LINE.search(source)
+    return _Declared(
+        kinds, section.group(1) if section else None, bool(re.search(r"^def check\(", source, re.M))
     )
 
 
+@cache
+def _index() -> dict[str, _Declared]:
+    return {
+        m.name: _declared(m.name)
+        for m in pkgutil.iter_modules(__path__)
+        if not m.name.startswith("_")
+    }
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _kinds() -> dict[str, str]:
+    """Every action kind and the module that registers it (nothing imported)."""
+    return {kind: name for name, d in _index().items() for kind in d.kinds or ()}
+
+
+def parser(kind: str) -> Callable[[Section], Action]:
+    """The parser of one action kind, importing only the module that registers it."""
+    found: Callable[[Section], Action] = _module(_kinds()[kind]).ACTIONS[kind]
+    return found
+
+
 def registry() -> dict[str, Callable[[Section], Action]]:
-    kinds: dict[str, Callable[[Section], Action]] = {}
-    for module in _modules():
-        kinds.update(getattr(module, "ACTIONS", {}))
-    return kinds
+    """Every kind's parser (imports every action module: for listings, not for a run)."""
+    return {kind: parser(kind) for kind in _kinds()}
 
 
 def provider_sections() -> dict[str, Callable[[Section], Any]]:
-    return {m.SECTION: m.parse_section for m in _modules() if hasattr(m, "SECTION")}
+    """Top-level config sections of action modules; a parser imports its module when a
+    config has the section."""
+
+    def lazy(name: str) -> Callable[[Section], Any]:
+        return lambda s: _module(name).parse_section(s)
+
+    return {d.section: lazy(name) for name, d in _index().items() if d.section}
 
 
 def check_config(config: Config) -> list[str]:
     """Problems only visible with the whole config (e.g. a step needing a top-level
-    section), one path-named line each."""
+    section), one path-named line each: from the modules of the steps and sections the
+    config uses."""
+    kinds = _kinds()
+    used = {kinds.get(s.action) for s in (*config.failover.steps, *config.failover.fence_steps)}
     problems: list[str] = []
-    for module in _modules():
-        if hasattr(module, "check"):
-            problems.extend(module.check(config))
+    for name, declared in _index().items():
+        if declared.has_check and (name in used or declared.section in config.providers):
+            problems.extend(_module(name).check(config))
     return problems
 
 
@@ -216,14 +291,14 @@ def validate_step(s: Section) -> StepConfig | None:
     """Parse one step: the common keys here, the action's own keys in its module."""
     common = read_step_common(s)
     kind = common["action"]
-    kinds = registry()
+    kinds = _kinds()
     if isinstance(kind, str) and kind not in kinds:
         s.error(f"unknown action {kind!r}; known: {', '.join(sorted(kinds))}", "action")
         kind = None
     params: dict[str, Any] = {}
     if isinstance(kind, str):
         before = len(s.errors)
-        kinds[kind](s)  # validates; the built action is thrown away
+        parser(kind)(s)  # validates; the built action is thrown away
         params = {k: v for k, v in s.read_items().items() if k not in common}
         if len(s.errors) != before:
             kind = None
@@ -239,7 +314,7 @@ def build(step: StepConfig, config: Config) -> Action:
     data = dict(step.params)
     section = Section(data, step.name, errors, set(config.secrets))
     section.templates = True
-    action = registry()[step.action](section)
+    action = parser(step.action)(section)
     if errors:  # cannot happen for a validated config; fail loudly if it does
         raise ActionError("; ".join(errors))
     return action

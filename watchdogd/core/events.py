@@ -65,6 +65,7 @@ SPECS: Mapping[str, Spec] = MappingProxyType(
         # the probe cycle
         "cycle_timeout": _E,
         "cycle_error": _CRASH,
+        "primary_connection_lost": _I,
         # Each probe's observation, every cycle (the demo's timeline reads the first failing
         # one): debug, so a stock log does not grow by a line per probe per interval.
         "probe_observed": Spec(Level.DEBUG),

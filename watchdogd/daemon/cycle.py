@@ -1,7 +1,9 @@
 """The probe cycle: probe both nodes (and their apps and the witnesses), fold the
 observations into the latest view, hand them to the detector and the policy, and carry
 out what they decide: start a failover, report news, fence an old primary that came
-back writable. Runs every ``probe.interval`` from the scheduler.
+back writable. Runs every ``probe.interval`` from the scheduler, and at once when the
+connection to the primary's database is found closed (``connection_lost``: a crash),
+so that the outage is timed from the failure rather than from the next tick.
 """
 
 from __future__ import annotations
@@ -17,9 +19,7 @@ from watchdogd.core.model import Config, NodeConfig
 from watchdogd.detector import HEALTHY, Cycle, Detector, Verdict
 from watchdogd.policy import BLOCKED, Decision, StandbyFacts
 from watchdogd.probes import Observation, Probe
-from watchdogd.probes.app import AppProbe
 from watchdogd.probes.database import DatabaseProbe
-from watchdogd.probes.witness import WitnessProbe
 from watchdogd.state.journal import JournalError
 
 if TYPE_CHECKING:
@@ -62,8 +62,14 @@ class ProbeCycle:
         self.down_reported: str | None = None
         self.fenced_for: str | None = None  # the split-brain episode reported (and fenced)
         self.rejoin_checked: str | None = None  # the failover auto_rejoin looked at
+        self.running = False
+        # A noticed loss of the primary's connection not yet seen by a cycle, and when
+        # the last one woke the cycle (the debounce).
+        self.lost_at: float | None = None
+        self._woken_at: float | None = None
 
     async def job(self) -> None:
+        self.running = True
         try:
             async with asyncio.timeout(self.d.config.probe.timeout + 2.0):
                 await self.run()
@@ -71,21 +77,51 @@ class ProbeCycle:
             self.d.emit("cycle_timeout", note="a probe cycle overran its bound")
         except Exception as exc:  # one bad cycle must never end the loop
             self.d.emit("cycle_error", error=str(exc))
+        finally:
+            self.running = False
+        if self.lost_at is not None:
+            self._run_now()  # noticed while this cycle ran: its probes may predate it
+
+    def connection_lost(self, node: str) -> None:
+        """An engine's probing connection was closed by its server or the network. For
+        the primary's database that is a crash until proven otherwise: probe now, not at
+        the next tick; at most once per interval, so a flapping connection cannot make a
+        probe storm (later losses wait for the schedule)."""
+        d = self.d
+        if node != d.roles()[0].name:
+            return
+        now = d.clock()
+        if self._woken_at is not None and now - self._woken_at < d.config.probe.interval:
+            return
+        self._woken_at = self.lost_at = now
+        d.emit("primary_connection_lost", node=node, note="probing at once")
+        if not self.running:
+            self._run_now()
+
+    def _run_now(self) -> None:
+        if self.d.scheduler is not None:
+            self.d.scheduler.run_now()
 
     async def run(self) -> Verdict:
         d, cfg = self.d, self.d.config
         at = d.clock()
+        lost_at, self.lost_at = self.lost_at, None
         primary, standby = d.roles()
         probes: list[Probe] = [
             DatabaseProbe(primary.name, d.engines[primary.name], cfg.probe.timeout, d.clock),
             DatabaseProbe(standby.name, d.engines[standby.name], cfg.probe.timeout, d.clock),
         ]
-        assert d.session is not None
         apps: list[NodeConfig] = [n for n in (primary, standby) if n.app is not None]
-        for node in apps:
-            assert node.app is not None
-            probes.append(AppProbe(node.name, node.app, d.session, cfg.probe.timeout, d.clock))
-        probes += [WitnessProbe(w, d.session, cfg.probe.timeout, d.clock) for w in cfg.witnesses]
+        if apps or cfg.witnesses:
+            # HTTP probes only when configured: their client is heavy for a pair without.
+            from watchdogd.probes.app import AppProbe
+            from watchdogd.probes.witness import WitnessProbe
+
+            session = d.http_session()
+            for node in apps:
+                assert node.app is not None
+                probes.append(AppProbe(node.name, node.app, session, cfg.probe.timeout, d.clock))
+            probes += [WitnessProbe(w, session, cfg.probe.timeout, d.clock) for w in cfg.witnesses]
         # bounded() never raises: one probe's failure is its own failed observation.
         results = await asyncio.gather(*(self.bounded(p) for p in probes))
         pdb, sdb = results[0], results[1]
@@ -115,6 +151,7 @@ class ProbeCycle:
                 standby_db=sdb,
                 primary_app=latest.primary_app,
                 witnesses=witnesses,
+                primary_lost_at=lost_at,
             )
         )
         previous = latest.verdict

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any
-
-import aiohttp
-from aiohttp import web
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from typing import TYPE_CHECKING, Any
 
 from watchdogd import __version__, engines, policy
 from watchdogd.control import ControlServer, Peer
+from watchdogd.core import httpd as web
 from watchdogd.core.events import Bus, log_subscriber
 from watchdogd.core.feed import EventFeed
 from watchdogd.core.model import Config, NodeConfig
@@ -32,6 +27,7 @@ from watchdogd.daemon import reload as reloading
 from watchdogd.daemon.commands import Commands
 from watchdogd.daemon.cycle import Latest, ProbeCycle, make_detector
 from watchdogd.daemon.readiness import EXPENSIVE_INTERVAL, ReadinessRunner
+from watchdogd.daemon.schedule import Every
 from watchdogd.daemon.sequences import Sequences
 from watchdogd.daemon.subscribers import metrics_subscriber, notify_subscriber
 from watchdogd.daemon.views import Views
@@ -42,6 +38,9 @@ from watchdogd.notify import Notifier
 from watchdogd.policy import Policy
 from watchdogd.state.journal import Journal, JournalError, JournalState, apply
 from watchdogd.systemd import SystemdNotifier, watchdog_advice
+
+if TYPE_CHECKING:
+    import aiohttp
 
 
 class Daemon:
@@ -87,7 +86,8 @@ class Daemon:
         self.commands = Commands(self)
         self.views = Views(self)
         self.readiness = ReadinessRunner(self)
-        self.scheduler: AsyncIOScheduler | None = None
+        self.scheduler: Every | None = None
+        self._readiness_every: Every | None = None
         self.session: aiohttp.ClientSession | None = None
         self._http: Any = None
         self._control: ControlServer | None = None
@@ -111,8 +111,7 @@ class Daemon:
             self.emit("journal_problem", problem=problem, path=str(self.journal.path))
         self.check_roles()
         for node in cfg.nodes:
-            self.engines[node.name] = engines.create(node.database, set(cfg.secrets))
-        self.session = aiohttp.ClientSession()
+            self.engines[node.name] = self.make_engine(node, cfg)
         self.export_config(cfg)
         if cfg.metrics.enabled:
             app = make_app(
@@ -155,30 +154,21 @@ class Daemon:
             )
             self.sequences.resume(fo)
         self.sequences.resume_rejoin()
-        # Two INFO lines per cycle from the scheduler are noise, not news.
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
-        self.scheduler = AsyncIOScheduler()
-        self.scheduler.add_job(
-            self.cycle.job,
-            "interval",
-            seconds=cfg.probe.interval,
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=max(1, int(cfg.probe.interval)),
-            next_run_time=datetime.now(UTC),
-            id="probe",
-        )
-        self.scheduler.add_job(
-            self.readiness.job,
-            "interval",
-            seconds=EXPENSIVE_INTERVAL,
-            max_instances=1,
-            coalesce=True,
-            next_run_time=datetime.now(UTC),
-            id="readiness",
-        )
+        # Never overlapping; a run that overruns skips the ticks it missed.
+        self.scheduler = Every(self.cycle.job, cfg.probe.interval)
+        self._readiness_every = Every(self.readiness.job, EXPENSIVE_INTERVAL, name="readiness")
+        self._readiness_every.start()
         self.scheduler.start()
         self._start_watchdog()
+
+    def http_session(self) -> aiohttp.ClientSession:
+        """The client session of the app and witness probes, opened on first use: a
+        pair watched through its databases alone never loads an HTTP client."""
+        if self.session is None:
+            import aiohttp
+
+            self.session = aiohttp.ClientSession()
+        return self.session
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop. SIGHUP reloads the config."""
@@ -207,8 +197,11 @@ class Daemon:
             self.emit("stopping", state=self.policy.state)
         self.systemd.stopping()
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False)
+            await self.scheduler.stop()
             self.scheduler = None
+        if self._readiness_every is not None:
+            await self._readiness_every.stop()
+            self._readiness_every = None
         self.readiness.close()
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()
@@ -272,6 +265,12 @@ class Daemon:
                 continue
             for line in lines:
                 self.emit("engine_advice", node=node.name, advice=line)
+
+    def make_engine(self, node: NodeConfig, cfg: Config) -> Engine:
+        """The node's engine, telling the probe cycle when its connection is closed."""
+        engine = engines.create(node.database, set(cfg.secrets))
+        engine.on_connection_lost(lambda: self.cycle.connection_lost(node.name))
+        return engine
 
     def export_config(self, cfg: Config) -> None:
         self.metrics.set_outage_threshold(cfg.failover.outage_threshold)

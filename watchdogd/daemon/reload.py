@@ -10,7 +10,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from watchdogd import config as configmod
-from watchdogd import engines, policy
+from watchdogd import policy
 from watchdogd.control import CommandError
 from watchdogd.core.model import Config
 from watchdogd.daemon.cycle import make_detector
@@ -72,10 +72,10 @@ async def _reload(d: Daemon, by: str) -> dict[str, Any]:
         if node.name not in d.engines or old_db(old, node.name) != node.database:
             if node.name in d.engines:
                 await d.engines[node.name].close()
-            d.engines[node.name] = engines.create(node.database, set(new.secrets))
+            d.engines[node.name] = d.make_engine(node, new)
     d.check_roles()
     if d.scheduler is not None and new.probe.interval != old.probe.interval:
-        d.scheduler.reschedule_job("probe", trigger="interval", seconds=new.probe.interval)
+        d.scheduler.reschedule(new.probe.interval)
     d.secrets.replace(new.secrets)
     if new.log != old.log:
         setup_logging(new.log.format, new.log.level, cluster=new.cluster, secrets=d.secrets)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from watchdogd import __version__, policy
+from watchdogd.core import httpd as web
 from watchdogd.daemon import page
 from watchdogd.probes import Observation
 from watchdogd.state.journal import FailoverRecord

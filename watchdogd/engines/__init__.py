@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -172,6 +172,11 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Release connections; never raises."""
+        ...
+
+    def on_connection_lost(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback()`` as soon as the server or the network closes the probing
+        connection (a crash does at once); never when the engine closes it itself."""
         ...
 
 

@@ -123,6 +123,49 @@ def keepalive_for(link_timeout: int) -> int:
     return max(1, link_timeout // 3)
 
 
+class StreamWatch(asyncio.Protocol):
+    """Stands between a stream transport and its driver's protocol, passing everything
+    through, to tell at once when the peer closes the connection. For drivers that
+    offer no such callback (redis-py, aiomysql): an idle connection is read by the
+    event loop all the same, but the driver only looks at its next command."""
+
+    def __init__(self, writer: asyncio.StreamWriter, lost: Callable[[], None]) -> None:
+        self.transport = writer.transport
+        self.inner: Any = self.transport.get_protocol()
+        self.lost: Callable[[], None] | None = lost
+        self.transport.set_protocol(self)
+
+    def forget(self) -> None:
+        """Before we close the connection ourselves: that is no loss."""
+        self.lost = None
+
+    def _fire(self) -> None:
+        lost, self.lost = self.lost, None
+        if lost is not None:
+            asyncio.get_running_loop().call_soon(lost)  # after the driver saw it
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self._fire()
+        result: bool | None = self.inner.eof_received()
+        return result
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fire()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 class ConnectionTemplate(ABC, Generic[C]):
     """How an engine talks to its server, written once; ``C`` is the driver's connection.
 
@@ -152,6 +195,8 @@ class ConnectionTemplate(ABC, Generic[C]):
         self._secrets = set(secrets)
         self._secrets.update(p for p in passwords if p)
         self._conn: C | None = None  # the shared probing connection
+        self._on_lost: Callable[[], None] | None = None
+        self._stream_watch: StreamWatch | None = None
         self._probe_lock = asyncio.Lock()
         self._admin_lock = asyncio.Lock()
 
@@ -185,6 +230,32 @@ class ConnectionTemplate(ABC, Generic[C]):
         """After a failover operation succeeded: close its connection."""
         await self._discard(conn)
 
+    def _watch(self, conn: C, lost: Callable[[], None]) -> None:
+        """Call ``lost()`` when the server or the network closes ``conn`` (not when we
+        do: ``_unwatch`` comes first). A driver without such a signal leaves it out."""
+
+    def _unwatch(self, conn: C) -> None:
+        """Forget ``_watch`` before we close ``conn`` ourselves."""
+        if self._stream_watch is not None:
+            self._stream_watch.forget()
+            self._stream_watch = None
+
+    def _watch_stream(self, writer: asyncio.StreamWriter | None, lost: Callable[[], None]) -> None:
+        """``_watch`` for a driver built on asyncio streams: watch its transport."""
+        self._stream_watch = StreamWatch(writer, lost) if writer is not None else None
+
+    # -- connection loss
+
+    def on_connection_lost(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback()`` as soon as the probing connection is closed by the server
+        or the network (a crash closes it at once), never when we close it. A hang
+        sends no such signal; nor does a driver without one."""
+        self._on_lost = callback
+
+    def _connection_lost(self, conn: C) -> None:
+        if conn is self._conn and self._on_lost is not None:
+            self._on_lost()
+
     # -- the template
 
     def _line(self, message: str) -> str:
@@ -198,6 +269,7 @@ class ConnectionTemplate(ABC, Generic[C]):
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            self._unwatch(conn)
             await self._discard(conn)
 
     async def _probe(self, op: str, limit: float, query: Callable[[C, float], Awaitable[T]]) -> T:
@@ -227,7 +299,10 @@ class ConnectionTemplate(ABC, Generic[C]):
         await self._drop()
         conn = self._conn = await self._open(deadline, limit)
         await self._prepare(conn, deadline, limit, fresh=True)
-        return await query(conn, deadline)
+        result = await query(conn, deadline)
+        # Watched once it is surely connected (some drivers connect on first use).
+        self._watch(conn, lambda: self._connection_lost(conn))
+        return result
 
     async def _admin(self, op: str, limit: float, action: Callable[[C, float], Awaitable[T]]) -> T:
         """``action(conn, deadline)`` on a connection of its own, one at a time."""

@@ -528,6 +528,10 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
     async def _discard(self, conn: _Conn) -> None:
         conn.close()
 
+    def _watch(self, conn: _Conn, lost: Callable[[], None]) -> None:
+        writer = getattr(conn.raw, "_writer", None)  # aiomysql has no callback
+        self._watch_stream(writer, lost)
+
     async def _admin(
         self, op: str, limit: float, action: Callable[[_Conn, float], Awaitable[T]]
     ) -> T:

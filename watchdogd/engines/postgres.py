@@ -37,7 +37,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -522,6 +522,7 @@ class PostgresEngine(ConnectionTemplate[Any]):
         self._password = password
         self._host = host
         self._conn_ms = 0  # the probing connection's statement_timeout
+        self._listener: Callable[[Any], None] | None = None
 
     def __repr__(self) -> str:
         return f"PostgresEngine({mask_dsn(self._dsn)!r})"
@@ -559,6 +560,14 @@ class PostgresEngine(ConnectionTemplate[Any]):
 
     async def _discard(self, conn: Any) -> None:
         conn.terminate()
+
+    def _watch(self, conn: Any, lost: Callable[[], None]) -> None:
+        self._listener = lambda _conn: lost()
+        conn.add_termination_listener(self._listener)
+
+    def _unwatch(self, conn: Any) -> None:
+        if self._listener is not None:
+            conn.remove_termination_listener(self._listener)
 
     async def _release(self, conn: Any, deadline: float) -> None:
         # The work is done: a slow goodbye must not turn it into a timeout.

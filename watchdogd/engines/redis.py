@@ -61,7 +61,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -265,6 +265,10 @@ class RedisEngine(ConnectionTemplate[aioredis.Redis]):
             # confusing, and the oldest servers speak it.
             protocol=2,
         )
+
+    def _watch(self, client: aioredis.Redis, lost: Callable[[], None]) -> None:
+        writer = getattr(client.connection, "_writer", None)  # redis-py has no callback
+        self._watch_stream(writer, lost)
 
     async def _discard(self, client: aioredis.Redis) -> None:
         # Never waits for a hung server: close the socket without a goodbye.

@@ -1,0 +1,130 @@
+"""The probe schedule (watchdogd.daemon.schedule.Every) on a real event loop: first run
+at once, a fixed rate without drift, never two runs at once, run_now, reschedule, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.support import timing
+from watchdogd.daemon.schedule import Every
+
+INTERVAL = 0.1
+
+
+class Job:
+    def __init__(self, takes: float = 0.0) -> None:
+        self.takes = takes
+        self.starts: list[float] = []
+        self.active = 0
+        self.most_at_once = 0
+
+    async def __call__(self) -> None:
+        self.starts.append(time.monotonic())
+        self.active += 1
+        self.most_at_once = max(self.most_at_once, self.active)
+        try:
+            await asyncio.sleep(self.takes)
+        finally:
+            self.active -= 1
+
+
+async def test_first_run_at_once_then_a_fixed_rate_without_drift() -> None:
+    job = Job(takes=0.03)  # a run's own time must not push the next one later
+    every = Every(job, INTERVAL)
+    t0 = time.monotonic()
+    every.start()
+    await asyncio.sleep(10.5 * INTERVAL)
+    await every.stop()
+    assert job.starts[0] - t0 < timing.within(0.02)
+    assert 10 <= len(job.starts) <= 12
+    # The n-th run is due n intervals after the first: lateness does not accumulate.
+    late = [s - (job.starts[0] + n * INTERVAL) for n, s in enumerate(job.starts)]
+    assert max(late) < timing.within(0.03), late
+
+
+async def test_a_run_that_overruns_is_never_overlapped_and_skips_missed_ticks() -> None:
+    job = Job(takes=2.5 * INTERVAL)
+    every = Every(job, INTERVAL)
+    every.start()
+    await asyncio.sleep(10 * INTERVAL)
+    await every.stop()
+    assert job.most_at_once == 1
+    gaps = [b - a for a, b in zip(job.starts, job.starts[1:], strict=False)]
+    # Each run starts on the first tick after the previous one ended: 3 intervals apart.
+    assert all(2.9 * INTERVAL <= g <= 3 * INTERVAL + timing.within(0.03) for g in gaps), gaps
+
+
+async def test_run_now_runs_at_once_and_the_rate_continues_from_there() -> None:
+    job = Job()
+    every = Every(job, 10 * INTERVAL)
+    every.start()
+    await asyncio.sleep(0.2 * INTERVAL)
+    assert len(job.starts) == 1
+    woken = time.monotonic()
+    every.run_now()
+    await asyncio.sleep(0.2 * INTERVAL)
+    assert len(job.starts) == 2 and job.starts[1] - woken < timing.within(0.02)
+    await asyncio.sleep(12 * INTERVAL)  # next one interval after the woken run
+    await every.stop()
+    assert len(job.starts) == 3
+    assert job.starts[2] - job.starts[1] == pytest.approx(10 * INTERVAL, abs=timing.within(0.03))
+
+
+async def test_run_now_during_a_run_follows_it_without_overlap() -> None:
+    job = Job(takes=3 * INTERVAL)
+    every = Every(job, 100 * INTERVAL)
+    every.start()
+    await asyncio.sleep(INTERVAL)
+    assert every.running
+    every.run_now()
+    every.run_now()  # twice while running: still one run after it
+    await asyncio.sleep(8 * INTERVAL)
+    await every.stop()
+    assert len(job.starts) == 2 and job.most_at_once == 1
+    assert job.starts[1] - job.starts[0] == pytest.approx(3 * INTERVAL, abs=timing.within(0.03))
+
+
+async def test_reschedule_takes_the_new_interval_from_now() -> None:
+    job = Job()
+    every = Every(job, 100 * INTERVAL)
+    every.start()
+    await asyncio.sleep(0.5 * INTERVAL)
+    changed = time.monotonic()
+    every.reschedule(INTERVAL)
+    await asyncio.sleep(3.5 * INTERVAL)
+    await every.stop()
+    assert len(job.starts) == 4
+    assert job.starts[1] - changed == pytest.approx(INTERVAL, abs=timing.within(0.03))
+
+
+async def test_stop_cancels_a_run_in_progress_and_ends_the_schedule() -> None:
+    job = Job(takes=100 * INTERVAL)
+    every = Every(job, INTERVAL)
+    every.start()
+    await asyncio.sleep(INTERVAL)
+    await every.stop()
+    assert job.active == 0 and not every.running
+    await asyncio.sleep(2 * INTERVAL)
+    assert len(job.starts) == 1
+
+
+async def test_a_job_that_raises_does_not_end_the_schedule() -> None:
+    runs: list[int] = []
+
+    async def broken() -> None:
+        runs.append(1)
+        raise RuntimeError("boom")
+
+    every = Every(broken, INTERVAL)
+    every.start()
+    await asyncio.sleep(2.5 * INTERVAL)
+    await every.stop()
+    assert len(runs) == 3
+
+
+def test_a_bad_interval_is_refused() -> None:
+    with pytest.raises(ValueError, match="interval must be positive"):
+        Every(Job(), 0)
