@@ -5,6 +5,8 @@ and tuned link settings."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,10 @@ import pytest
 
 from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
 from tests.support import mysql as support
-from watchdogd.core.model import DatabaseConfig
+from watchdogd import config
+from watchdogd.actions.builtin import rejoin_method
+from watchdogd.config import ConfigError
+from watchdogd.core.model import Config, DatabaseConfig
 from watchdogd.core.section import Section
 from watchdogd.engines import EngineError
 from watchdogd.engines import mysql as engine_mod
@@ -98,16 +103,147 @@ async def test_diverged_transactions_are_named_and_not_silently_kept(
     assert report.items == written
     assert "3 transaction(s)" in report.detail and written[0] in report.detail
 
-    # SQL cannot take a committed transaction back, so the engine refuses to leave
-    # them in place under a replica that would then disagree with its primary.
+    # SQL cannot take a committed transaction back, so without rejoin_fallback: dump
+    # the engine refuses to leave them in place under a replica that would then
+    # disagree with its primary, and says which option resyncs it instead.
+    new_where = rf"127\.0\.0\.1:{pair.replica.port}"
     refusal = (
         r"rejoin: old primary wrote 3 transaction\(s\) .*SQL cannot take transactions back:"
-        r" rebuild this server from a backup of 127\.0\.0\.1:\d+, then rejoin$"
+        rf" set rejoin_fallback: dump on this node to resync it from {new_where} with"
+        rf" mariadb-dump, or rebuild it from a backup of {new_where}, then rejoin$"
     )
     with pytest.raises(EngineError, match=refusal):
         await old.rejoin(new, 10)
+    # Nothing changed: no channel, still writable, the diverged rows and GTIDs kept.
     assert support.replica_status(pair.primary) == {}
+    assert int(pair.primary.sql("SELECT @@read_only AS ro")[0]["ro"]) == 0
     assert {f"split-{i}" for i in range(3)} <= values(pair.primary)
+    assert binlog_pos(pair.primary) == written[-1]
+
+
+def split(pair: support.MariaDBPair) -> tuple[str, ...]:
+    """Three transactions on the old primary after the split: two rows and a schema
+    the new primary never had; their GTIDs."""
+    domain, server_id, seq = binlog_pos(pair.primary).split("-")
+    pair.primary.sql("INSERT INTO app.t (v) VALUES ('split-0')")
+    pair.primary.sql("INSERT INTO app.t (v) VALUES ('split-1')")
+    pair.primary.sql("CREATE DATABASE split_only")
+    return tuple(f"{domain}-{server_id}-{int(seq) + i}" for i in (1, 2, 3))
+
+
+def schemas(server: support.MariaDB) -> set[str]:
+    return {next(iter(r.values())) for r in server.sql("SHOW DATABASES")}
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the resync's private option files go, to see that none is left behind."""
+    where = tmp_path / "tmp"
+    where.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(where))
+    return where
+
+
+async def test_diverged_old_primary_is_resynced_with_mariadb_dump(
+    pair: support.MariaDBPair, private_tmp: Path
+) -> None:
+    """rejoin_fallback: dump: the diverged transactions are thrown away by replacing the
+    old primary's data with a dump of the new one; it then replicates from the dump's
+    GTID position, and can take over again with every acknowledged write."""
+    old = make_engine(pair, pair.primary, rejoin_fallback="dump")
+    new = make_engine(pair, pair.replica)
+    pair.grant_resync()
+    # A view and a routine (definer root) travel with the dump as well as rows.
+    pair.primary.script(
+        "INSERT INTO app.t (v) VALUES ('before')",
+        "CREATE VIEW app.v AS SELECT v FROM app.t",
+        "CREATE PROCEDURE app.p() SELECT COUNT(*) FROM app.t",
+    )
+    pair.wait_replica_caught_up()
+    try:
+        await new.promote(5)
+        pair.replica.sql("INSERT INTO app.t (v) VALUES ('on-new')")
+        written = split(pair)
+        report = await old.divergence(new, 2)
+        assert report.lost == 3 and report.items == written, report
+
+        done = await old.rejoin(new, 30)
+        assert done.startswith("resynced: 3 diverged transaction(s) thrown away"), done
+        assert "dropped schema(s) the new primary lacks: split_only" in done
+        assert f"copied 2 schema(s) from 127.0.0.1:{pair.replica.port} with mariadb-dump" in done
+        assert "binary log reset" in done
+        assert done.endswith(
+            f"now a replica of 127.0.0.1:{pair.replica.port} as repl (GTID slave_pos), replicating"
+        )
+        assert pair.password not in done and pair.repl_password not in done
+        assert os.listdir(private_tmp) == []  # the option files are gone
+
+        # The diverged rows, schema and GTIDs are gone; the view and routine came over.
+        assert values(pair.primary) == values(pair.replica) == {"before", "on-new"}
+        assert "split_only" not in schemas(pair.primary)
+        assert binlog_pos(pair.primary) == ""
+        assert pair.primary.sql("SELECT COUNT(*) AS n FROM app.v")[0]["n"] == 2
+        assert pair.primary.sql("SHOW PROCEDURE STATUS WHERE Db = 'app'")[0]["Name"] == "p"
+        assert int(pair.primary.sql("SELECT @@read_only AS ro")[0]["ro"]) == 1
+        assert "replica of" in await wait_replica_of(old, new)
+        after = await old.divergence(new, 2)
+        assert after.known and after.lost == 0, after
+
+        # Every write acknowledged by the new primary reaches the old one, which can
+        # then take over again with all of them.
+        acked = {f"after-{i}" for i in range(20)}
+        for key in sorted(acked):
+            pair.replica.sql("INSERT INTO app.t (v) VALUES (%s)", (key,))
+        await wait_replica_of(old, new)
+        await eventually_true(lambda: acked <= values(pair.primary))
+        assert "promoted" in await old.promote(10)
+        assert values(pair.primary) >= acked | {"before", "on-new"}
+        assert not {"split-0", "split-1"} & values(pair.primary)
+
+        # And the GTID state it was left with lets the other node rejoin it plainly.
+        back = await new.divergence(old, 2)
+        assert back.known and back.lost == 0, back
+        await new.rejoin(old, 10)
+        pair.primary.sql("INSERT INTO app.t (v) VALUES ('back-on-old')")
+        await wait_replica_of(new, old)
+        await eventually_true(lambda: "back-on-old" in values(pair.replica))
+    finally:
+        await old.close()
+        await new.close()
+
+
+def mysql_config(**options: Any) -> Config:
+    def node(name: str, port: int) -> dict[str, Any]:
+        dsn = f"mysql://watchdogd:a-long-secret@127.0.0.1:{port}/"
+        return {"name": name, "database": {"engine": "mysql", "dsn": dsn, **options}}
+
+    return config.parse(
+        {
+            "cluster": "orders",
+            "primary": node("main", 3306),
+            "standby": node("failover", 3307),
+            "failover": {"steps": [{"name": "back", "action": "rejoin"}]},
+        }
+    )
+
+
+def test_rejoin_fallback_is_a_checked_key_and_shows_in_the_method() -> None:
+    with pytest.raises(ConfigError) as caught:
+        mysql_config(rejoin_fallback="rsync")
+    assert caught.value.problems == [
+        "primary.database.rejoin_fallback: expected one of dump, none, got 'rsync'",
+        "standby.database.rejoin_fallback: expected one of dump, none, got 'rsync'",
+    ]
+    plain = (
+        "CHANGE MASTER TO the new primary with GTID auto-positioning, START REPLICA, read_only=ON"
+    )
+    assert rejoin_method(mysql_config().primary) == plain
+    assert rejoin_method(mysql_config(rejoin_fallback="none").primary) == plain
+    resync = mysql_config(rejoin_fallback="dump")
+    assert resync.primary.database.options["rejoin_fallback"] == "dump"
+    assert rejoin_method(resync.primary) == (
+        f"{plain}; if transactions diverged: resync with mariadb-dump (divergent)"
+    )
 
 
 def test_replication_credentials_are_validated() -> None:
