@@ -6,7 +6,9 @@ and tuned link settings."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 
 from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
 from tests.support import mysql as support
+from tests.support import timing
 from watchdogd import config
 from watchdogd.actions.builtin import rejoin_method
 from watchdogd.config import ConfigError
@@ -207,6 +210,105 @@ async def test_diverged_old_primary_is_resynced_with_mariadb_dump(
         pair.primary.sql("INSERT INTO app.t (v) VALUES ('back-on-old')")
         await wait_replica_of(new, old)
         await eventually_true(lambda: "back-on-old" in values(pair.replica))
+    finally:
+        await old.close()
+        await new.close()
+
+
+async def diverged_pair(pair: support.MariaDBPair, **options: Any) -> Engines:
+    """(old primary with ``options``, new primary) after a failover with 'on-new' written
+    on the new primary and ``split()`` on the old one."""
+    old = make_engine(pair, pair.primary, **options)
+    new = make_engine(pair, pair.replica)
+    pair.primary.sql("INSERT INTO app.t (v) VALUES ('before')")
+    pair.wait_replica_caught_up()
+    await new.promote(5)
+    pair.replica.sql("INSERT INTO app.t (v) VALUES ('on-new')")
+    split(pair)
+    return old, new
+
+
+def running_from(where: Path) -> list[str]:
+    """Command lines of live processes that name a path under ``where``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(where) in cmdline:
+                found.append(cmdline)
+    return found
+
+
+async def test_a_resync_cut_short_is_bounded_and_redone_by_the_next_rejoin(
+    pair: support.MariaDBPair, private_tmp: Path
+) -> None:
+    """The dump hangs on a table lock: the rejoin fails at its timeout with one line,
+    mariadb-dump and mariadb are killed, the option files are gone; the old primary
+    still counts as diverged, so the next rejoin resyncs it from the start."""
+    pair.grant_resync()
+    old, new = await diverged_pair(pair, rejoin_fallback="dump")
+    lock = pair.replica.connect()
+    try:
+        with lock.cursor() as cur:
+            cur.execute("LOCK TABLES app.t WRITE")
+        started = time.monotonic()
+        with pytest.raises(EngineError) as caught:
+            await old.rejoin(new, 3)
+        took = time.monotonic() - started
+        lock.close()
+        timed_out = rf"mysql 127\.0\.0\.1:{pair.primary.port}: rejoin timed out after [\d.]+s"
+        assert re.fullmatch(timed_out, str(caught.value)), caught.value
+        assert took < timing.within(4), took
+        await eventually_true(lambda: running_from(private_tmp) == [])
+        assert os.listdir(private_tmp) == []
+        report = await old.divergence(new, 2)
+        assert report.known and report.lost == 3, report
+
+        done = await old.rejoin(new, 30)
+        assert done.startswith("resynced: 3 diverged transaction(s) thrown away"), done
+        assert values(pair.primary) == {"before", "on-new"}
+        assert "replica of" in await wait_replica_of(old, new)
+    finally:
+        if lock.open:
+            lock.close()
+        await old.close()
+        await new.close()
+
+
+async def test_a_failed_load_is_one_clear_line_and_a_retry_resyncs(
+    pair: support.MariaDBPair, private_tmp: Path
+) -> None:
+    """Without CREATE ROUTINE on the old primary the load stops at the routine: the
+    error is the mariadb client's own line (no password); granted, a retry resyncs."""
+    pair.grant_resync()
+    pair.primary.script(
+        "SET SESSION sql_log_bin = 0",
+        "REVOKE CREATE ROUTINE ON *.* FROM watchdogd@'127.0.0.1'",
+    )
+    pair.primary.sql("CREATE PROCEDURE app.p() SELECT 1")
+    old, new = await diverged_pair(pair, rejoin_fallback="dump")
+    try:
+        with pytest.raises(EngineError) as caught:
+            await old.rejoin(new, 30)
+        line = str(caught.value)
+        prefix = (
+            f"mysql 127.0.0.1:{pair.primary.port}: rejoin: loading the dump into"
+            f" 127.0.0.1:{pair.primary.port} with "
+        )
+        assert line.startswith(prefix) and "failed (exit 1): ERROR 1044 (42000)" in line, line
+        assert "\n" not in line and pair.password not in line
+        assert os.listdir(private_tmp) == []
+        assert (await old.divergence(new, 2)).lost == 3  # still diverged: redo it all
+
+        pair.grant_resync(pair.primary, grants="CREATE ROUTINE ON *.*")
+        done = await old.rejoin(new, 30)
+        assert done.startswith("resynced: 3 diverged transaction(s) thrown away"), done
+        assert values(pair.primary) == {"before", "on-new"}
+        assert "replica of" in await wait_replica_of(old, new)
     finally:
         await old.close()
         await new.close()
