@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -312,6 +313,27 @@ async def test_a_failed_load_is_one_clear_line_and_a_retry_resyncs(
     finally:
         await old.close()
         await new.close()
+
+
+def test_the_option_files_log_in_with_any_password(
+    pair: support.MariaDBPair, tmp_path: Path
+) -> None:
+    """The logins the resync hands to mariadb-dump and mariadb: quoted so the real
+    client reads back exactly the password, whatever it holds; 0600."""
+    password = "a\"b\\c#d'e;f g\\n=[x]"
+    pair.primary.sql("CREATE USER tricky@'127.0.0.1' IDENTIFIED BY %s", (password,))
+    dsn = engine_mod.parse_dsn(f"mysql://tricky@127.0.0.1:{pair.primary.port}/")
+    path = engine_mod._option_file(str(tmp_path), "login.cnf", dsn, password)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    client = subprocess.run(
+        ["mariadb", f"--defaults-extra-file={path}", "-N", "-e", "SELECT CURRENT_USER()"],
+        capture_output=True,
+        text=True,
+        timeout=timing.within(10),
+        check=False,
+    )
+    assert (client.returncode, client.stdout.strip()) == (0, "tricky@127.0.0.1"), client.stderr
+    assert password not in " ".join(client.args)
 
 
 def mysql_config(**options: Any) -> Config:
