@@ -315,6 +315,49 @@ async def test_a_failed_load_is_one_clear_line_and_a_retry_resyncs(
         await new.close()
 
 
+async def test_purged_binlogs_fall_back_to_the_resync_too(
+    pair: support.MariaDBPair, failed_over: Engines, private_tmp: Path
+) -> None:
+    """Nothing diverged, but the new primary purged the binary log the old one needs:
+    GTID positioning is refused (error 1236). Without the option the error says which
+    option resyncs; with it the old primary is resynced and has the purged write."""
+    old, new = failed_over
+    pair.grant_resync()
+    pair.replica.sql("INSERT INTO app.t (v) VALUES ('purged')")
+    pair.replica.sql("FLUSH BINARY LOGS")
+    head = pair.replica.sql("SHOW MASTER STATUS")[0]["File"]
+
+    def purged() -> bool:
+        # PURGE keeps a log InnoDB still needs for crash recovery (its binlog
+        # checkpoint moves on within about a second here): ask until it is gone.
+        pair.replica.sql(f"PURGE BINARY LOGS TO '{head}'")
+        return [r["Log_name"] for r in pair.replica.sql("SHOW BINARY LOGS")] == [head]
+
+    await eventually_true(purged)
+    assert (await old.divergence(new, 2)).lost == 0
+
+    with pytest.raises(EngineError) as caught:
+        await old.rejoin(new, 10)
+    assert "Got fatal error 1236 from master" in str(caught.value)
+    assert str(caught.value).endswith(
+        f"; set rejoin_fallback: dump on this node to resync it from"
+        f" 127.0.0.1:{pair.replica.port} with mariadb-dump"
+    )
+
+    resync = make_engine(pair, pair.primary, rejoin_fallback="dump")
+    try:
+        done = await resync.rejoin(new, 30)
+        assert done.startswith(
+            "resynced: the new primary refused this server's GTID position (error 1236)"
+        ), done
+        assert "replica of" in await wait_replica_of(resync, new)
+        assert values(pair.primary) == {"before", "purged"}
+        pair.replica.sql("INSERT INTO app.t (v) VALUES ('after')")
+        await eventually_true(lambda: "after" in values(pair.primary))
+    finally:
+        await resync.close()
+
+
 def test_the_option_files_log_in_with_any_password(
     pair: support.MariaDBPair, tmp_path: Path
 ) -> None:

@@ -71,9 +71,11 @@ schema but ``SYSTEM_SCHEMAS`` streamed through the watcher into the ``mariadb``
 client (``sql_log_bin=0``; logins in 0600 option files in a private directory,
 removed after), then ``gtid_slave_pos`` set to the dump's position, ``RESET
 MASTER`` (the diverged GTIDs go), and replication with ``MASTER_USE_GTID =
-slave_pos``. The ``mysql`` schema is not copied: the old primary keeps its own
-accounts (the one loading the dump, the replication account) and replication
-state. The account then needs ``RESYNC_GRANTS`` of the docs as well.
+slave_pos``. The same fallback applies when the new primary refuses the GTID
+position of a rejoin that diverged in nothing known (error 1236: its binary logs
+from there are purged). The ``mysql`` schema is not copied: the old primary
+keeps its own accounts (the one loading the dump, the replication account) and
+replication state. The account then needs the grants the docs list for it.
 
 On MariaDB, accounts holding ``READ_ONLY ADMIN`` (``ALL PRIVILEGES`` includes
 it) may still write under ``read_only``: applications must not use them. The
@@ -394,6 +396,7 @@ class Channel:
     sql_error: str
     io_error: str
     heartbeats: int | None
+    io_errno: int = 0
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Channel:
@@ -423,6 +426,7 @@ class Channel:
             sql_error=_one_line(_col(row, "Last_SQL_Error")),
             io_error=_one_line(_col(row, "Last_IO_Error")),
             heartbeats=num("Slave_received_heartbeats"),
+            io_errno=num("Last_IO_Errno") or 0,
         )
 
     @property
@@ -1034,7 +1038,8 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
                 )
             )
         if report.diverged:
-            return await self._resync_from(new, report, deadline)
+            why = f"{report.lost} diverged transaction(s) thrown away"
+            return await self._resync_from(new, why, deadline)
         user, password = self._replication_login(new)
 
         async def action(conn: _Conn, deadline: float) -> str:
@@ -1064,12 +1069,24 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
             done.append(f"now a replica of {new.where} as {user} ({mode}), replicating")
             return "; ".join(done)
 
-        return await self._admin("rejoin", self._remaining(deadline), action)
+        try:
+            return await self._admin("rejoin", self._remaining(deadline), action)
+        except _GtidRefused as exc:
+            # Nothing (known to have) diverged, yet the new primary cannot serve this
+            # server's GTID position: its binary logs from there are purged, or the
+            # divergence could not be told. The same fallback applies.
+            if not self._resync:
+                raise EngineError(
+                    f"{exc}; set rejoin_fallback: dump on this node to resync it from"
+                    f" {new.where} with mariadb-dump"
+                ) from None
+            why = "the new primary refused this server's GTID position (error 1236)"
+            return await self._resync_from(new, why, deadline)
 
     def _replication_login(self, new: MySQLEngine) -> tuple[str, str | None]:
         return self._replication or new._replication or (new.dsn.user, new._password)
 
-    async def _resync_from(self, new: MySQLEngine, report: Divergence, deadline: float) -> str:
+    async def _resync_from(self, new: MySQLEngine, why: str, deadline: float) -> str:
         """rejoin_fallback: dump. This server diverged, so GTID positioning cannot take
         it back: replace its data with a consistent dump of the new primary, streamed
         from mariadb-dump into the mariadb client, and replicate from the dump's GTID
@@ -1097,7 +1114,7 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
                         " then rejoin"
                     )
                 )
-            done = [f"{report.lost} diverged transaction(s) thrown away"]
+            done = [why]
             if await self._read_only(conn) != (True, f.super_read_only):
                 await self._set_read_only(conn)
                 done.append("read_only turned on")
@@ -1213,11 +1230,17 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         if ch is None or not _same_source(ch, dsn):
             return f"not a replica of {dsn.where}"
         if ch.io == "No" and ch.io_error:
-            raise EngineError(self._line(f"replication from {dsn.where} failed: {ch.io_error}"))
+            refused = _GtidRefused if ch.io_errno == _GTID_REFUSED else EngineError
+            raise refused(self._line(f"replication from {dsn.where} failed: {ch.io_error}"))
         self._check_sql_error(ch, "replication")
         if ch.io != "Yes" or ch.sql != "Yes":
             why = f"replication from {dsn.where} not running: IO {ch.io}, SQL {ch.sql}"
             return why + (f" ({ch.io_error})" if ch.io_error else "")
+        if not ch.recv_file:
+            # The IO thread shows Yes while the source still checks the position it
+            # asked for (and may refuse it, error 1236); the source's first event
+            # (a rotate naming its binary log) says it accepted.
+            return f"connected to {dsn.where}, waiting for its first event"
         return None
 
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:
@@ -1247,6 +1270,12 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
 
 
 TRANSACTIONS = "transactions"
+# ER_MASTER_FATAL_ERROR_READING_BINLOG: the source cannot serve the requested position.
+_GTID_REFUSED = 1236
+
+
+class _GtidRefused(EngineError):
+    """The new primary refused the replica's GTID position (error 1236)."""
 
 
 def _tool(*names: str) -> str | None:
