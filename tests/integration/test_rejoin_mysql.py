@@ -283,15 +283,13 @@ async def test_a_resync_cut_short_is_bounded_and_redone_by_the_next_rejoin(
 async def test_a_failed_load_is_one_clear_line_and_a_retry_resyncs(
     pair: support.MariaDBPair, private_tmp: Path
 ) -> None:
-    """Without CREATE ROUTINE on the old primary the load stops at the routine: the
-    error is the mariadb client's own line (no password); granted, a retry resyncs."""
+    """The old primary fails a statement of the dump (DROP DATABASE app, on a stray
+    file in its directory): the error is the mariadb client's own line, without a
+    password; the old primary still counts as diverged, and a retry resyncs it."""
     pair.grant_resync()
-    pair.primary.script(
-        "SET SESSION sql_log_bin = 0",
-        "REVOKE CREATE ROUTINE ON *.* FROM watchdogd@'127.0.0.1'",
-    )
-    pair.primary.sql("CREATE PROCEDURE app.p() SELECT 1")
     old, new = await diverged_pair(pair, rejoin_fallback="dump")
+    stray = pair.primary.base / "data" / "app" / "stray.txt"
+    stray.write_text("not a table\n")
     try:
         with pytest.raises(EngineError) as caught:
             await old.rejoin(new, 30)
@@ -300,16 +298,52 @@ async def test_a_failed_load_is_one_clear_line_and_a_retry_resyncs(
             f"mysql 127.0.0.1:{pair.primary.port}: rejoin: loading the dump into"
             f" 127.0.0.1:{pair.primary.port} with "
         )
-        assert line.startswith(prefix) and "failed (exit 1): ERROR 1044 (42000)" in line, line
+        assert line.startswith(prefix), line
+        assert re.search(r" failed \(exit 1\): ERROR \d+ \(\w+\) at line \d+: ", line), line
         assert "\n" not in line and pair.password not in line
         assert os.listdir(private_tmp) == []
         assert (await old.divergence(new, 2)).lost == 3  # still diverged: redo it all
 
-        pair.grant_resync(pair.primary, grants="CREATE ROUTINE ON *.*")
+        assert "app" in line
+        stray.unlink()
         done = await old.rejoin(new, 30)
         assert done.startswith("resynced: 3 diverged transaction(s) thrown away"), done
         assert values(pair.primary) == {"before", "on-new"}
         assert "replica of" in await wait_replica_of(old, new)
+    finally:
+        await old.close()
+        await new.close()
+
+
+async def test_missing_grants_refuse_the_resync_before_anything_changes(
+    pair: support.MariaDBPair, private_tmp: Path
+) -> None:
+    """A dump that cannot see every schema would leave diverged ones behind (or drop
+    what it cannot copy): the account's grants are checked on both servers first."""
+    old, new = await diverged_pair(pair, rejoin_fallback="dump")
+    where = f"mysql 127.0.0.1:{pair.primary.port}: rejoin: rejoin_fallback: dump needs"
+    try:
+        with pytest.raises(EngineError) as caught:
+            await old.rejoin(new, 10)
+        assert str(caught.value) == (
+            f"{where} SELECT, SHOW VIEW, TRIGGER, EVENT, SHOW DATABASES ON *.* for the"
+            f" watchdogd account on 127.0.0.1:{pair.replica.port} to dump it;"
+            " nothing was changed"
+        )
+        pair.grant_resync(pair.replica)
+        with pytest.raises(EngineError) as caught:
+            await old.rejoin(new, 10)
+        assert str(caught.value) == (
+            f"{where} SELECT, SHOW VIEW, TRIGGER, EVENT, SHOW DATABASES, INSERT, UPDATE,"
+            " DELETE, CREATE, DROP, ALTER, INDEX, REFERENCES, CREATE VIEW, CREATE ROUTINE,"
+            " ALTER ROUTINE, LOCK TABLES, BINLOG ADMIN, SET USER ON *.* for the watchdogd"
+            f" account on 127.0.0.1:{pair.primary.port} to load the dump; nothing was changed"
+        )
+        assert support.replica_status(pair.primary) == {}
+        assert int(pair.primary.sql("SELECT @@read_only AS ro")[0]["ro"]) == 0
+        assert {"split-0", "split-1"} <= values(pair.primary)
+        assert "split_only" in schemas(pair.primary)
+        assert (await old.divergence(new, 2)).lost == 3
     finally:
         await old.close()
         await new.close()

@@ -171,6 +171,22 @@ SYSTEM_SCHEMAS = frozenset({"mysql", "information_schema", "performance_schema",
 # The dump's last bytes kept while streaming: mariadb-dump prints its (commented)
 # GTID position after the data, a few hundred bytes before the end.
 _DUMP_TAIL = 16384
+# Global privileges a resync needs of the dsn account (docs/engines/mysql.md#grants),
+# checked before anything changes: on the new primary to dump every schema, on the
+# old one to load it under read_only (views and routines of other definers, outside
+# the binary log) on top of the failover grants.
+DUMP_PRIVILEGES = ("SELECT", "SHOW VIEW", "TRIGGER", "EVENT", "SHOW DATABASES")
+LOAD_PRIVILEGES = (
+    *DUMP_PRIVILEGES,
+    *("INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "INDEX", "REFERENCES"),
+    *("CREATE VIEW", "CREATE ROUTINE", "ALTER ROUTINE", "LOCK TABLES", "BINLOG ADMIN"),
+    "SET USER",
+)
+_OWN_PRIVILEGES_SQL = (
+    "SELECT PRIVILEGE_TYPE AS p FROM information_schema.USER_PRIVILEGES WHERE GRANTEE ="
+    " CONCAT(QUOTE(SUBSTRING_INDEX(CURRENT_USER(), '@', 1)), '@',"
+    " QUOTE(SUBSTRING_INDEX(CURRENT_USER(), '@', -1)))"
+)
 _DUMP_GTID = re.compile(rb"^-- SET GLOBAL gtid_slave_pos='([0-9,\- ]*)';\s*$", re.MULTILINE)
 
 
@@ -1099,6 +1115,7 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
             )
 
         async def theirs(conn: _Conn, _: float) -> set[str]:
+            await self._check_privileges(conn, DUMP_PRIVILEGES, new.where, "dump it")
             return await _schemas(conn)
 
         keep = await new._probe("listing schemas to copy", self._remaining(deadline), theirs)
@@ -1114,6 +1131,7 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
                         " then rejoin"
                     )
                 )
+            await self._check_privileges(conn, LOAD_PRIVILEGES, self.where, "load the dump")
             done = [why]
             if await self._read_only(conn) != (True, f.super_read_only):
                 await self._set_read_only(conn)
@@ -1156,6 +1174,21 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
             return "resynced: " + "; ".join(done)
 
         return await self._admin("rejoin", self._remaining(deadline), action)
+
+    async def _check_privileges(
+        self, conn: _Conn, needed: tuple[str, ...], where: str, what: str
+    ) -> None:
+        """Global privileges the account lacks become one line, before anything changed:
+        a dump that cannot see every schema would leave the rest behind or dropped."""
+        have = {str(r["p"]) for r in await conn.rows(_OWN_PRIVILEGES_SQL)}
+        missing = [p for p in needed if p not in have]
+        if missing:
+            raise EngineError(
+                self._line(
+                    f"rejoin: rejoin_fallback: dump needs {', '.join(missing)} ON *.* for"
+                    f" the watchdogd account on {where} to {what}; nothing was changed"
+                )
+            )
 
     async def _stream_dump(self, new: MySQLEngine, dump: str, client: str, deadline: float) -> str:
         """``mariadb-dump`` of ``new`` piped through us into ``mariadb`` on this server
