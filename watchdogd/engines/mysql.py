@@ -1103,10 +1103,11 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         return self._replication or new._replication or (new.dsn.user, new._password)
 
     async def _resync_from(self, new: MySQLEngine, why: str, deadline: float) -> str:
-        """rejoin_fallback: dump. This server diverged, so GTID positioning cannot take
-        it back: replace its data with a consistent dump of the new primary, streamed
-        from mariadb-dump into the mariadb client, and replicate from the dump's GTID
-        position. Read-only first; every schema but SYSTEM_SCHEMAS is replaced."""
+        """rejoin_fallback: dump. GTID positioning cannot take this server back (it
+        diverged, or the new primary refused its position): replace its data with a
+        consistent dump of the new primary, streamed from mariadb-dump into the mariadb
+        client, and replicate from the dump's GTID position. Read-only first; every
+        schema but SYSTEM_SCHEMAS is replaced. MariaDB only, checked first."""
         dump, client = _tool("mariadb-dump", "mysqldump"), _tool("mariadb", "mysql")
         if dump is None or client is None:
             missing = "mariadb-dump" if dump is None else "the mariadb client"
@@ -1115,6 +1116,7 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
             )
 
         async def theirs(conn: _Conn, _: float) -> set[str]:
+            self._check_mariadb(conn.flavour, new)
             await self._check_privileges(conn, DUMP_PRIVILEGES, new.where, "dump it")
             return await _schemas(conn)
 
@@ -1123,14 +1125,7 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
 
         async def action(conn: _Conn, deadline: float) -> str:
             f = conn.flavour
-            if not f.mariadb:
-                raise EngineError(
-                    self._line(
-                        f"rejoin: rejoin_fallback: dump is implemented for MariaDB only (this"
-                        f" is {f.label}): rebuild this server from a backup of {new.where},"
-                        " then rejoin"
-                    )
-                )
+            self._check_mariadb(f, new)
             await self._check_privileges(conn, LOAD_PRIVILEGES, self.where, "load the dump")
             done = [why]
             if await self._read_only(conn) != (True, f.super_read_only):
@@ -1174,6 +1169,16 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
             return "resynced: " + "; ".join(done)
 
         return await self._admin("rejoin", self._remaining(deadline), action)
+
+    def _check_mariadb(self, flavour: Flavour, new: MySQLEngine) -> None:
+        if not flavour.mariadb:
+            raise EngineError(
+                self._line(
+                    f"rejoin: rejoin_fallback: dump is implemented for MariaDB only (this is"
+                    f" {flavour.label}): rebuild this server from a backup of {new.where},"
+                    " then rejoin"
+                )
+            )
 
     async def _check_privileges(
         self, conn: _Conn, needed: tuple[str, ...], where: str, what: str
