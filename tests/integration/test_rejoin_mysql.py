@@ -1,7 +1,8 @@
 """Rejoin on MariaDB (issue 16): after a failover by hand through the engine API, the
 old primary's divergence report (the GTIDs the new primary never got), its rejoin as
 a GTID replica of the new primary, and the verification, on a real pair with stock
-and tuned link settings."""
+and tuned link settings. A divergent (or GTID-refused) old primary is resynced with
+mariadb-dump only under ``rejoin_fallback: dump``, and refused otherwise."""
 
 from __future__ import annotations
 
