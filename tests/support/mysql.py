@@ -52,6 +52,13 @@ WATCHDOGD_GRANTS = (
     " CONNECTION ADMIN, PROCESS ON *.*",
     "ALL PRIVILEGES ON watchdogd.*",
 )
+# What ``rejoin_fallback: dump`` needs on top (docs/engines/mysql.md#grants): dump any
+# schema of the new primary, and load it into the old one under read_only.
+RESYNC_GRANTS = (
+    "SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, INDEX, REFERENCES, CREATE VIEW,"
+    " SHOW VIEW, CREATE ROUTINE, ALTER ROUTINE, EVENT, TRIGGER, LOCK TABLES, SHOW DATABASES,"
+    " BINLOG ADMIN, SET USER ON *.*"
+)
 START_TIMEOUT = 20.0
 STOCK, TUNED, LAB = "stock", "tuned", "lab"
 # Per profile: the replica's extra server options and its CHANGE MASTER options.
@@ -305,6 +312,12 @@ class MariaDBPair:
         st = replica_status(self.replica)
         if st.get("Master_Port") != port:
             raise RuntimeError(f"replica follows port {st.get('Master_Port')}, not {port}")
+
+    def grant_resync(self, *servers: MariaDB, grants: str = RESYNC_GRANTS) -> None:
+        """``grants`` to the watchdogd account on each server, outside the binary log
+        (no GTID of its own: a split pair stays split by exactly what a test wrote)."""
+        for server in servers or (self.primary, self.replica):
+            server.script("SET SESSION sql_log_bin = 0", f"GRANT {grants} TO watchdogd@'127.0.0.1'")
 
     def dsn(self, server: MariaDB, password: str | None = None) -> str:
         pw = self.password if password is None else password

@@ -138,10 +138,13 @@ def rejoin_method(node: NodeConfig) -> str:
             method += "; a fresh pg_basebackup if pg_rewind cannot"
         return method
     if db.engine == "mysql":
-        return (
+        method = (
             "CHANGE MASTER TO the new primary with GTID auto-positioning, START REPLICA,"
             " read_only=ON"
         )
+        if db.options.get("rejoin_fallback") == "dump":
+            method += "; if transactions diverged: resync with mariadb-dump (divergent)"
+        return method
     if db.engine == "redis":
         return "REPLICAOF the new primary, wait for the link and the sync"
     return f"the {db.engine} engine's rejoin"

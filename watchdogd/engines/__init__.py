@@ -160,7 +160,8 @@ class Engine(Protocol):
         of it is verified and returned. Waits until the link is up. Returns what
         was done; EngineError with one clear line otherwise. An engine that cannot
         throw diverged writes away refuses with EngineError saying so, accepted or
-        not: MySQL/MariaDB (SQL cannot take a committed transaction back)."""
+        not: MySQL/MariaDB (SQL cannot take a committed transaction back) unless
+        its ``rejoin_fallback: dump`` resyncs the server from the new primary."""
         ...
 
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:

@@ -62,8 +62,20 @@ Rejoin (the old primary, after a failover): ``divergence`` is the GTID
 difference (MariaDB: the old primary's binlog GTIDs past the new primary's
 ``gtid_slave_pos``; MySQL: ``GTID_SUBTRACT``); ``rejoin`` turns ``read_only`` on
 and replicates from the new primary with GTID positioning (MariaDB
-``current_pos``, MySQL auto-positioning), as ``replication_user`` when given. It
-refuses when transactions diverged: SQL cannot take them back.
+``current_pos``, MySQL auto-positioning), as ``replication_user`` when given. When
+transactions diverged, SQL cannot take them back: it refuses, naming the option
+``rejoin_fallback: dump`` (MariaDB), with which it resyncs instead: ``read_only``
+on, client sessions ended, replication stopped, the schemas the new primary lacks
+dropped, a ``mariadb-dump --single-transaction --master-data=2 --gtid`` of every
+schema but ``SYSTEM_SCHEMAS`` streamed through the watcher into the ``mariadb``
+client (``sql_log_bin=0``; logins in 0600 option files in a private directory,
+removed after), then ``gtid_slave_pos`` set to the dump's position, ``RESET
+MASTER`` (the diverged GTIDs go), and replication with ``MASTER_USE_GTID =
+slave_pos``. The same fallback applies when the new primary refuses the GTID
+position of a rejoin that diverged in nothing known (error 1236: its binary logs
+from there are purged). The ``mysql`` schema is not copied: the old primary
+keeps its own accounts (the one loading the dump, the replication account) and
+replication state. The account then needs the grants the docs list for it.
 
 On MariaDB, accounts holding ``READ_ONLY ADMIN`` (``ALL PRIVILEGES`` includes
 it) may still write under ``read_only``: applications must not use them. The
@@ -84,9 +96,14 @@ the connection and becomes one EngineError line without secrets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -94,6 +111,7 @@ from urllib.parse import unquote
 
 import aiomysql
 
+from watchdogd.core.secrets import mask
 from watchdogd.engines import DIVERGENCE_ITEMS_CAP, DbStatus, Divergence, Engine, EngineError
 from watchdogd.engines._common import (
     ConnectionTemplate,
@@ -143,6 +161,33 @@ _POLL = 0.05
 # How long an idle SQL thread must stay put before a relay log that ends inside
 # a transaction counts as fully applied (see MySQLEngine._drain).
 IDLE_SETTLE = 1.0
+# rejoin_fallback values: "dump" resyncs a divergent old primary with mariadb-dump.
+REJOIN_FALLBACKS = ("dump", "none")
+# Schemas a resync neither copies nor drops. ``mysql`` holds this server's own
+# accounts (the one loading the dump, the replication account) and its replication
+# state (mysql.gtid_slave_pos, set with SET GLOBAL instead); the others are views of
+# the running server.
+SYSTEM_SCHEMAS = frozenset({"mysql", "information_schema", "performance_schema", "sys"})
+# The dump's last bytes kept while streaming: mariadb-dump prints its (commented)
+# GTID position after the data, a few hundred bytes before the end.
+_DUMP_TAIL = 16384
+# Global privileges a resync needs of the dsn account (docs/engines/mysql.md#grants),
+# checked before anything changes: on the new primary to dump every schema, on the
+# old one to load it under read_only (views and routines of other definers, outside
+# the binary log) on top of the failover grants.
+DUMP_PRIVILEGES = ("SELECT", "SHOW VIEW", "TRIGGER", "EVENT", "SHOW DATABASES")
+LOAD_PRIVILEGES = (
+    *DUMP_PRIVILEGES,
+    *("INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "INDEX", "REFERENCES"),
+    *("CREATE VIEW", "CREATE ROUTINE", "ALTER ROUTINE", "LOCK TABLES", "BINLOG ADMIN"),
+    "SET USER",
+)
+_OWN_PRIVILEGES_SQL = (
+    "SELECT PRIVILEGE_TYPE AS p FROM information_schema.USER_PRIVILEGES WHERE GRANTEE ="
+    " CONCAT(QUOTE(SUBSTRING_INDEX(CURRENT_USER(), '@', 1)), '@',"
+    " QUOTE(SUBSTRING_INDEX(CURRENT_USER(), '@', -1)))"
+)
+_DUMP_GTID = re.compile(rb"^-- SET GLOBAL gtid_slave_pos='([0-9,\- ]*)';\s*$", re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- DSN
@@ -198,6 +243,10 @@ def validate(section: Section) -> Mapping[str, Any]:
         options["replication_user"] = user
     if password:
         options["replication_password"] = Secret(password)
+    # Named like PostgreSQL's rewind_fallback: what a rejoin falls back to when its
+    # own method (here GTID positioning) cannot take this server back.
+    if section.choice("rejoin_fallback", REJOIN_FALLBACKS, "none") == "dump":
+        options["rejoin_fallback"] = "dump"
     return options
 
 
@@ -218,6 +267,7 @@ def create(db: DatabaseConfig, secrets: set[str]) -> MySQLEngine:
         replication=(str(repl_user), str(repl_password) if repl_password else None)
         if repl_user
         else None,
+        resync=db.options.get("rejoin_fallback") == "dump",
     )
 
 
@@ -290,11 +340,16 @@ class Flavour:
         )
 
     def change_source_sql(
-        self, dsn: MySQLDsn, user: str, password: str | None, heartbeat: int | None
+        self,
+        dsn: MySQLDsn,
+        user: str,
+        password: str | None,
+        heartbeat: int | None,
+        maria_gtid: str = "current_pos",
     ) -> tuple[str, tuple[Any, ...]]:
         """Point the default channel at ``dsn`` with GTID positioning: MariaDB from
         ``current_pos`` (its own binlog's GTIDs, which a never-replica's slave_pos
-        lacks), MySQL with auto-positioning."""
+        lacks) or ``slave_pos`` (after a resync), MySQL with auto-positioning."""
         new = not self.mariadb and self.version >= (8, 0, 23)
         word = "SOURCE" if new else "MASTER"
         head = "CHANGE REPLICATION SOURCE TO" if new else "CHANGE MASTER TO"
@@ -306,7 +361,7 @@ class Flavour:
         ]
         args: list[Any] = [dsn.host, dsn.port, user, password or ""]
         parts.append(
-            "MASTER_USE_GTID = current_pos" if self.mariadb else f"{word}_AUTO_POSITION = 1"
+            f"MASTER_USE_GTID = {maria_gtid}" if self.mariadb else f"{word}_AUTO_POSITION = 1"
         )
         if heartbeat:
             parts.append(f"{word}_HEARTBEAT_PERIOD = %s")
@@ -357,6 +412,7 @@ class Channel:
     sql_error: str
     io_error: str
     heartbeats: int | None
+    io_errno: int = 0
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Channel:
@@ -386,6 +442,7 @@ class Channel:
             sql_error=_one_line(_col(row, "Last_SQL_Error")),
             io_error=_one_line(_col(row, "Last_IO_Error")),
             heartbeats=num("Slave_received_heartbeats"),
+            io_errno=num("Last_IO_Errno") or 0,
         )
 
     @property
@@ -474,6 +531,7 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         password: str | None = None,
         secrets: set[str] | frozenset[str] = frozenset(),
         replication: tuple[str, str | None] | None = None,
+        resync: bool = False,
     ) -> None:
         self._password = password if password is not None else dsn.password
         super().__init__(
@@ -481,6 +539,8 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         )
         self.dsn = dsn
         self._replication = replication
+        # rejoin_fallback: dump: a divergent rejoin resyncs from the new primary.
+        self._resync = resync
         # last_receive_age bookkeeping: the receive state last seen and when it changed.
         self._receive_state: tuple[Any, ...] | None = None
         self._receive_changed: float | None = None
@@ -989,14 +1049,18 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         new = self._peer(new_primary, "rejoin")
         deadline = asyncio.get_running_loop().time() + timeout
         report = await self.divergence(new, timeout / 2)
-        if report.diverged:
+        if report.diverged and not self._resync:
             raise EngineError(
                 self._line(
-                    f"rejoin: {report.detail}; SQL cannot take transactions back: rebuild this "
-                    f"server from a backup of {new.where}, then rejoin"
+                    f"rejoin: {report.detail}; SQL cannot take transactions back: set "
+                    f"rejoin_fallback: dump on this node to resync it from {new.where} with "
+                    f"mariadb-dump, or rebuild it from a backup of {new.where}, then rejoin"
                 )
             )
-        user, password = self._replication or new._replication or (new.dsn.user, new._password)
+        if report.diverged:
+            why = f"{report.lost} diverged transaction(s) thrown away"
+            return await self._resync_from(new, why, deadline)
+        user, password = self._replication_login(new)
 
         async def action(conn: _Conn, deadline: float) -> str:
             f = conn.flavour
@@ -1025,7 +1089,181 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
             done.append(f"now a replica of {new.where} as {user} ({mode}), replicating")
             return "; ".join(done)
 
+        try:
+            return await self._admin("rejoin", self._remaining(deadline), action)
+        except _GtidRefused as exc:
+            # Nothing (known to have) diverged, yet the new primary cannot serve this
+            # server's GTID position: its binary logs from there are purged, or the
+            # divergence could not be told. The same fallback applies.
+            if not self._resync:
+                raise EngineError(
+                    f"{exc}; set rejoin_fallback: dump on this node to resync it from"
+                    f" {new.where} with mariadb-dump"
+                ) from None
+            why = "the new primary refused this server's GTID position (error 1236)"
+            return await self._resync_from(new, why, deadline)
+
+    def _replication_login(self, new: MySQLEngine) -> tuple[str, str | None]:
+        return self._replication or new._replication or (new.dsn.user, new._password)
+
+    async def _resync_from(self, new: MySQLEngine, why: str, deadline: float) -> str:
+        """rejoin_fallback: dump. GTID positioning cannot take this server back (it
+        diverged, or the new primary refused its position): replace its data with a
+        consistent dump of the new primary, streamed from mariadb-dump into the mariadb
+        client, and replicate from the dump's GTID position. Read-only first; every
+        schema but SYSTEM_SCHEMAS is replaced. MariaDB only, checked first."""
+        dump, client = _tool("mariadb-dump", "mysqldump"), _tool("mariadb", "mysql")
+        if dump is None or client is None:
+            missing = "mariadb-dump" if dump is None else "the mariadb client"
+            raise EngineError(
+                self._line(f"rejoin: rejoin_fallback: dump needs {missing} on this host (PATH)")
+            )
+
+        async def theirs(conn: _Conn, _: float) -> set[str]:
+            self._check_mariadb(conn.flavour, new)
+            await self._check_privileges(conn, DUMP_PRIVILEGES, new.where, "dump it")
+            return await _schemas(conn)
+
+        keep = await new._probe("listing schemas to copy", self._remaining(deadline), theirs)
+        user, password = self._replication_login(new)
+
+        async def action(conn: _Conn, deadline: float) -> str:
+            f = conn.flavour
+            self._check_mariadb(f, new)
+            await self._check_privileges(conn, LOAD_PRIVILEGES, self.where, "load the dump")
+            done = [why]
+            if await self._read_only(conn) != (True, f.super_read_only):
+                await self._set_read_only(conn)
+                done.append("read_only turned on")
+            killed = await self._kill_clients(conn)
+            if killed:
+                done.append(f"{killed} client connection(s) ended")
+            ch = await self._channel(conn)
+            if ch is not None:
+                await conn.execute(f.channel_sql("STOP", ch.name))
+                await conn.execute(f.channel_sql("RESET", ch.name, tail="ALL"))
+                done.append(f"left {ch.source}")
+            # Nothing of the resync goes to this server's binary log: the diverged
+            # GTIDs stay there until RESET MASTER, so an interrupted resync is seen
+            # as diverged again and redone from the start.
+            await conn.execute("SET SESSION sql_log_bin = 0")
+            dropped = sorted((await _schemas(conn)) - keep)
+            for schema in dropped:
+                await conn.execute(f"DROP DATABASE {_ident(schema)}")
+            if dropped:
+                done.append(f"dropped schema(s) the new primary lacks: {', '.join(dropped)}")
+            gtid = await self._stream_dump(new, dump, client, deadline)
+            done.append(
+                f"copied {len(keep)} schema(s) from {new.where} with mariadb-dump"
+                f" (GTID position {gtid or 'empty'})"
+            )
+            # The position first, then the binary log: until RESET MASTER the diverged
+            # GTIDs still count (a retry resyncs again); after it, gtid_current_pos
+            # is the dump's position (a retry is a plain GTID rejoin from there).
+            await conn.execute("SET GLOBAL gtid_slave_pos = %s", (gtid,))
+            await conn.execute("RESET MASTER")
+            done.append("binary log reset")
+            net_timeout = await self._net_timeout(conn)
+            heartbeat = keepalive_for(net_timeout) if net_timeout else None
+            sql, args = f.change_source_sql(new.dsn, user, password, heartbeat, "slave_pos")
+            await conn.execute(sql, args)
+            await conn.execute(f.channel_sql("START", ""))
+            await self._until("rejoin", deadline, lambda: self._not_replicating(conn, new.dsn))
+            done.append(f"now a replica of {new.where} as {user} (GTID slave_pos), replicating")
+            return "resynced: " + "; ".join(done)
+
         return await self._admin("rejoin", self._remaining(deadline), action)
+
+    def _check_mariadb(self, flavour: Flavour, new: MySQLEngine) -> None:
+        if not flavour.mariadb:
+            raise EngineError(
+                self._line(
+                    f"rejoin: rejoin_fallback: dump is implemented for MariaDB only (this is"
+                    f" {flavour.label}): rebuild this server from a backup of {new.where},"
+                    " then rejoin"
+                )
+            )
+
+    async def _check_privileges(
+        self, conn: _Conn, needed: tuple[str, ...], where: str, what: str
+    ) -> None:
+        """Global privileges the account lacks become one line, before anything changed:
+        a dump that cannot see every schema would leave the rest behind or dropped."""
+        have = {str(r["p"]) for r in await conn.rows(_OWN_PRIVILEGES_SQL)}
+        missing = [p for p in needed if p not in have]
+        if missing:
+            raise EngineError(
+                self._line(
+                    f"rejoin: rejoin_fallback: dump needs {', '.join(missing)} ON *.* for"
+                    f" the watchdogd account on {where} to {what}; nothing was changed"
+                )
+            )
+
+    async def _stream_dump(self, new: MySQLEngine, dump: str, client: str, deadline: float) -> str:
+        """``mariadb-dump`` of ``new`` piped through us into ``mariadb`` on this server
+        (no copy of the data on disk); the dump's GTID position. Logins go in option
+        files in a private directory, removed after: never on a command line."""
+        secrets = self._secrets | new._secrets
+        with tempfile.TemporaryDirectory(prefix="watchdogd-resync-") as private:
+            source = _option_file(private, "source.cnf", new.dsn, new._password)
+            target = _option_file(
+                private,
+                "target.cnf",
+                self.dsn,
+                self._password,
+                init_command="SET SESSION sql_log_bin = 0",
+            )
+            dump_argv = [
+                dump, f"--defaults-extra-file={source}", "--single-transaction",
+                "--master-data=2", "--gtid", "--all-databases", "--add-drop-database",
+                *(f"--ignore-database={s}" for s in sorted(SYSTEM_SCHEMAS)),
+                "--routines", "--events", "--triggers",
+            ]  # fmt: skip
+            load_argv = [client, f"--defaults-extra-file={target}", "--batch"]
+            procs: list[asyncio.subprocess.Process] = []
+            errors: list[asyncio.Future[str]] = []
+            try:
+                dumper = await _spawn(dump_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+                procs.append(dumper)
+                loader = await _spawn(load_argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                procs.append(loader)
+                assert dumper.stdout and dumper.stderr and loader.stdin and loader.stderr
+                errors += [
+                    asyncio.ensure_future(_tail(dumper.stderr)),
+                    asyncio.ensure_future(_tail(loader.stderr)),
+                ]
+                tail = await _relay(dumper.stdout, loader.stdin)
+                if tail is None:  # the loader stopped reading: it failed
+                    dumper.kill()
+                dump_code, load_code = await dumper.wait(), await loader.wait()
+                dump_err, load_err = [await e for e in errors]
+            except OSError as exc:
+                raise EngineError(
+                    self._line(f"rejoin: cannot run {exc.filename or dump}: {exc.strerror}")
+                ) from None
+            finally:
+                for proc in procs:
+                    if proc.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.kill()
+                for error in errors:
+                    error.cancel()
+
+        def failed(what: str, code: int, err: str) -> EngineError:
+            return EngineError(
+                self._line(f"rejoin: {what} failed (exit {code}): {mask(err, secrets) or '?'}")
+            )
+
+        if load_code != 0:
+            raise failed(f"loading the dump into {self.where} with {client}", load_code, load_err)
+        if dump_code != 0 or tail is None:
+            raise failed(f"mariadb-dump of {new.where}", dump_code, dump_err)
+        found = _DUMP_GTID.findall(tail)
+        if not found:
+            raise EngineError(
+                self._line(f"rejoin: the dump of {new.where} did not say its GTID position")
+            )
+        return str(found[-1].decode().replace(" ", ""))
 
     async def _not_replicating(self, conn: _Conn, dsn: MySQLDsn) -> str | None:
         """None when replicating from ``dsn``; why not otherwise. A stopped thread
@@ -1034,11 +1272,17 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         if ch is None or not _same_source(ch, dsn):
             return f"not a replica of {dsn.where}"
         if ch.io == "No" and ch.io_error:
-            raise EngineError(self._line(f"replication from {dsn.where} failed: {ch.io_error}"))
+            refused = _GtidRefused if ch.io_errno == _GTID_REFUSED else EngineError
+            raise refused(self._line(f"replication from {dsn.where} failed: {ch.io_error}"))
         self._check_sql_error(ch, "replication")
         if ch.io != "Yes" or ch.sql != "Yes":
             why = f"replication from {dsn.where} not running: IO {ch.io}, SQL {ch.sql}"
             return why + (f" ({ch.io_error})" if ch.io_error else "")
+        if not ch.recv_file:
+            # The IO thread shows Yes while the source still checks the position it
+            # asked for (and may refuse it, error 1236); the source's first event
+            # (a rotate naming its binary log) says it accepted.
+            return f"connected to {dsn.where}, waiting for its first event"
         return None
 
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:
@@ -1068,6 +1312,87 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
 
 
 TRANSACTIONS = "transactions"
+# ER_MASTER_FATAL_ERROR_READING_BINLOG: the source cannot serve the requested position.
+_GTID_REFUSED = 1236
+
+
+class _GtidRefused(EngineError):
+    """The new primary refused the replica's GTID position (error 1236)."""
+
+
+def _tool(*names: str) -> str | None:
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _ident(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+async def _schemas(conn: _Conn) -> set[str]:
+    """The server's schemas but SYSTEM_SCHEMAS."""
+    rows = await conn.rows("SHOW DATABASES")
+    return {str(next(iter(r.values()))) for r in rows} - SYSTEM_SCHEMAS
+
+
+def _option_value(value: str) -> str:
+    """A value of a MySQL option file, quoted (the readers unescape these)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"'
+
+
+def _option_file(
+    directory: str, name: str, dsn: MySQLDsn, password: str | None, **extra: str
+) -> str:
+    """A ``[client]`` option file with a login, mode 0600: the password never
+    appears in a command line (``ps``) or the environment."""
+    lines = [
+        "[client]",
+        f"host={_option_value(dsn.host)}",
+        f"port={dsn.port}",
+        "protocol=TCP",
+        f"user={_option_value(dsn.user)}",
+    ]
+    if password:
+        lines.append(f"password={_option_value(password)}")
+    lines += [f"{key.replace('_', '-')}={_option_value(v)}" for key, v in extra.items()]
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+async def _spawn(argv: list[str], **streams: Any) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *argv, stderr=subprocess.PIPE, start_new_session=True, **streams
+    )
+
+
+async def _tail(stream: asyncio.StreamReader) -> str:
+    """A program's stderr, read to the end; its last non-empty line."""
+    data = await stream.read()
+    lines = [ln.strip() for ln in data.decode(errors="replace").splitlines() if ln.strip()]
+    return _one_line(lines[-1], 300) if lines else ""
+
+
+async def _relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> bytes | None:
+    """Copy ``src`` into ``dst`` until ``src`` ends; the last bytes copied, or None when
+    ``dst`` stopped reading first (its program ended)."""
+    tail = b""
+    try:
+        while chunk := await src.read(65536):
+            tail = (tail + chunk)[-_DUMP_TAIL:]
+            dst.write(chunk)
+            await dst.drain()
+        dst.close()
+        await dst.wait_closed()
+    except (BrokenPipeError, ConnectionResetError):
+        return None
+    return tail
 
 
 @dataclass(frozen=True)
