@@ -16,10 +16,9 @@ The second pass writes on the old primary where the replica cannot see it (the l
 cut first): the divergence report names those writes (bytes on Redis, GTIDs on
 MariaDB, bytes of WAL and the xids on PostgreSQL), the rejoin is refused
 without ``--accept-divergence`` and accepted with it, and the report is in
-``status``, the journal and a webhook. Accepted, Redis resyncs and PostgreSQL rewinds
-the diverged writes away and the loop goes on; the MariaDB engine refuses to keep
-diverged transactions under a replica, so there the rejoin fails and nothing is
-re-armed.
+``status``, the journal and a webhook. Accepted, Redis resyncs, PostgreSQL rewinds and
+MariaDB resyncs from a dump of the new primary (``rejoin_fallback: dump``), throwing the
+diverged writes away, and the loop goes on.
 
 ``auto_rejoin`` is proven on Redis (rejoined by itself on a zero report, left alone and
 reported once otherwise), and each engine's rejoin also runs on the servers' shipped
@@ -455,10 +454,12 @@ def maria(mariadb_template_dir: Path) -> Iterator[mysql_support.MariaDBPair]:
 
 
 def maria_db(pair: mysql_support.MariaDBPair, server: mysql_support.MariaDB) -> dict[str, Any]:
+    # A diverged old primary can only be rejoined by a resync from the new one.
     return {
         "dsn": pair.dsn(server),
         "replication_user": "repl",
         "replication_password": pair.repl_password,
+        "rejoin_fallback": "dump",
     }
 
 
@@ -496,36 +497,28 @@ async def maria_loop(pair: mysql_support.MariaDBPair, d: DaemonProcess, diverged
 
     report = (await rejoin_dry_run(d))["divergence"]
     assert report["known"] is True and report["unit"] == "transactions"
-    if not diverged:
+    if diverged:
+        assert report["diverged"] is True and report["lost"] == 3, report
+        assert (
+            report["items"] == lost and report["summary"] == f"3 transactions ({', '.join(lost)})"
+        )
+        await refused_without_acceptance(d, report)
+        await rejoined(d, "--accept-divergence")
+        journaled_as_accepted(d, report)
+        assert not {f"lost-{i}" for i in range(3)} & rows(primary)  # thrown away
+    else:
         assert report["lost"] == 0 and report["diverged"] is False, report
         await rejoined(d)
-        assert maria_follows(primary, replica)
-        app_write(pair, replica, "after-rejoin")
-        await eventually(lambda: "after-rejoin" in rows(primary))
-        kept.add("after-rejoin")
-        await watched_afresh(d)
-        replica.kill()
-        await failed_back(d)
-        app_write(pair, primary, "after-fail-back")  # writable again
-        assert kept <= rows(primary)
-        return
-    assert report["diverged"] is True and report["lost"] == 3 and report["items"] == lost, report
-    assert report["summary"] == f"3 transactions ({', '.join(lost)})"
-    await refused_without_acceptance(d, report)
-    # Accepted, the rejoin starts and is journaled with the report; the MariaDB engine
-    # itself refuses to keep diverged transactions under a replica, so the rejoin fails,
-    # the state is failed and nothing is re-armed.
-    ran = await ctl("--socket", d.socket, "rejoin", "--yes", "--accept-divergence")
-    assert ran.code == 0, ran
-    await eventually(lambda: bool(records(d, "rejoin_finished")), within=30)
-    journaled_as_accepted(d, report)
-    (finished,) = records(d, "rejoin_finished")
-    assert finished["outcome"] == "failed" and lost[0] in finished["error"], finished
-    status = await d.wait_state("failed", within=10)
-    assert status["armed"] is False and status["awaiting_ack"] is True
-    assert status["roles"] == {"primary": "failover", "standby": "main"}
-    assert records(d, "ack") == []
-    assert {f"lost-{i}" for i in range(3)} <= rows(primary)  # nothing was thrown away
+    assert maria_follows(primary, replica)
+    app_write(pair, replica, "after-rejoin")
+    await eventually(lambda: "after-rejoin" in rows(primary))
+    kept.add("after-rejoin")
+    await watched_afresh(d)
+    replica.kill()
+    await failed_back(d)
+    app_write(pair, primary, "after-fail-back")  # writable again
+    assert kept <= rows(primary)
+    assert not {f"lost-{i}" for i in range(3)} & rows(primary)
 
 
 @pytest.mark.parametrize("diverged", [False, True], ids=["zero", "diverged"])
@@ -538,11 +531,11 @@ async def test_mariadb_loop_around_the_pair(
             tmp_path, "mysql", maria_db(maria, maria.primary), maria_db(maria, maria.replica), port
         )
         d = daemon_factory(cfg)
+        maria.grant_resync()
         await d.start()
         await d.wait_state("watching")
         await maria_loop(maria, d, diverged)
-        # Diverged, the rejoin fails (the engine's refusal): no failover back.
-        report = await told_by_webhook(received, diverged, failovers=1 if diverged else 2)
+        report = await told_by_webhook(received, diverged, failovers=2)
         assert report is None or (report["lost"], len(report["items"])) == (3, 3)
         for secret in (maria.password, maria.repl_password):
             assert secret not in d.logs()
