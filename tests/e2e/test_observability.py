@@ -75,7 +75,11 @@ async def test_metrics_follow_a_real_failover(
     assert value(text, "watchdogd_automatic_failover_armed") == 1
     assert value(text, "watchdogd_probe_success", node="main", probe="database") == 1
 
-    seen: list[str] = []
+    # The state before the kill comes from the scrape above: a crash is noticed at once
+    # (the closed connection wakes the cycle), so the first scrape after the kill may
+    # already read suspect.
+    before = current_state(text)
+    seen = [before] if before else []
     pg_pair.primary.kill()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
