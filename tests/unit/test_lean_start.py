@@ -15,7 +15,6 @@ import yaml
 
 MUST_NOT_LOAD = (
     "aiohttp",
-    "apscheduler",
     "redis",
     "aiomysql",
     "pymysql",
