@@ -165,10 +165,12 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> tuple[float, int] 
     return stamp, count
 
 
-def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(config: Path, log: Path, venv: str | None = None) -> subprocess.Popen[bytes]:
+    # --venv: the daemon as deployed (`pip install .`, no test extras), not this venv's.
+    cmd = [f"{venv}/bin/watchdogd"] if venv else [sys.executable, "-m", "watchdogd.cli"]
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "watchdogd.cli", "run", "--config", str(config)],
+            [*cmd, "run", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -181,7 +183,7 @@ async def measure(
     path = tmp / f"{cfg['cluster']}-{probes}.yml"
     path.write_text(yaml.safe_dump(cfg))
     log = tmp / f"watchdogd-{probes}.log"
-    proc = start_daemon(path, log)
+    proc = start_daemon(path, log, args.venv)
     url = "http://{}/metrics".format(cfg["metrics"]["listen"])
     interval = args.interval
     try:
@@ -326,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         "--postgres-only",
         action="store_true",
         help="measure one config: the pair's two database probes, no app, metrics on",
+    )
+    p.add_argument(
+        "--venv", metavar="PATH", help="run PATH/bin/watchdogd (a runtime-only virtualenv)"
     )
     args = p.parse_args(argv)
     try:

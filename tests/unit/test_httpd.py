@@ -46,12 +46,12 @@ def head_and_body(reply: bytes) -> tuple[list[str], bytes]:
 
 async def test_get_head_404_405_and_500(port: int) -> None:
     lines, body = head_and_body(
-        await exchange(port, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     )
     assert lines[0] == "HTTP/1.1 200 OK" and body == b"ok fine\n"
     assert "Content-Type: text/plain; charset=utf-8" in lines and "Content-Length: 8" in lines
     lines, body = head_and_body(
-        await exchange(port, b"HEAD /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        await exchange(port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     )
     assert lines[0] == "HTTP/1.1 200 OK" and "Content-Length: 8" in lines and body == b""
     lines, _ = head_and_body(await exchange(port, b"GET /nope HTTP/1.0\r\n\r\n"))
@@ -65,8 +65,8 @@ async def test_get_head_404_405_and_500(port: int) -> None:
 async def test_keep_alive_serves_several_requests_on_one_connection(port: int) -> None:
     reply = await exchange(
         port,
-        b"GET /healthz HTTP/1.1\r\n\r\n"
-        b"GET /echo?a=1&a=2&b= HTTP/1.1\r\nUser-Agent: t\r\nConnection: close\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /echo?a=1&a=2&b= HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\nConnection: close\r\n\r\n",
     )
     assert reply.count(b"HTTP/1.1 200 OK") == 2
     assert reply.endswith(b'{"q": {"a": "1", "b": ""}, "ua": "t"}')
@@ -76,7 +76,8 @@ async def test_metrics_negotiate_format_and_compression(port: int) -> None:
     lines, body = head_and_body(
         await exchange(
             port,
-            b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text; version=1.0.0\r\n"
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+            b"Accept: application/openmetrics-text; version=1.0.0\r\n"
             b"Accept-Encoding: gzip\r\nConnection: close\r\n\r\n",
         )
     )
@@ -86,7 +87,9 @@ async def test_metrics_negotiate_format_and_compression(port: int) -> None:
     assert "watchdogd_build_info" in text and text.endswith("# EOF\n")
     lines, body = head_and_body(
         await exchange(
-            port, b"GET /metrics?name[]=watchdogd_build_info HTTP/1.1\r\nConnection: close\r\n\r\n"
+            port,
+            b"GET /metrics?name[]=watchdogd_build_info HTTP/1.1\r\n"
+            b"Host: x\r\nConnection: close\r\n\r\n",
         )
     )
     names = {ln.split("{")[0] for ln in body.decode().splitlines() if not ln.startswith("#")}
@@ -97,12 +100,21 @@ async def test_malformed_oversized_and_bodied_requests_are_refused_and_closed(po
     cases = {
         b"NONSENSE\r\n\r\n": "400 Bad Request",
         b"GET /healthz HTTP/2.0\r\n\r\n": "505 HTTP Version Not Supported",
-        b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n": "400 Bad Request",
-        b"GET /healthz HTTP/1.1\r\nContent-Length: x\r\n\r\n": "400 Bad Request",
-        b"GET /healthz HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n": "413 Request Entity Too Large",
-        b"GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n": "411 Length Required",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n": "400 Bad Request",
+        # RFC 9112 3.2: an HTTP/1.1 request must name its Host.
+        b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n": "400 Bad Request",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n": "400 Bad Request",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 9999999\r\n\r\n": (
+            "413 Request Entity Too Large"
+        ),
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n": (
+            "411 Length Required"
+        ),
         b"GET /healthz HTTP/1.1\r\nX: " + b"a" * (httpd.MAX_HEAD + 10) + b"\r\n\r\n": (
             "431 Request Header Fields Too Large"
+        ),
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + b"a" * httpd.MAX_HEAD + b"\r\n\r\n": (
+            "431 Request Header Fields Too Large"  # complete, and too large all the same
         ),
     }
     for raw, status in cases.items():
@@ -111,8 +123,8 @@ async def test_malformed_oversized_and_bodied_requests_are_refused_and_closed(po
     # A small body is read and dropped, and the connection goes on.
     reply = await exchange(
         port,
-        b"GET /healthz HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
-        b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     assert reply.count(b"HTTP/1.1 200 OK") == 2
 
@@ -120,7 +132,7 @@ async def test_malformed_oversized_and_bodied_requests_are_refused_and_closed(po
 async def test_a_slow_sender_is_cut_off_at_the_keepalive_timeout(port: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(b"GET /healthz HTTP/1.1\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         for _ in range(3):  # a header line every half second never completes a request
             await asyncio.sleep(0.5)
             writer.write(b"X: y\r\n")

@@ -15,7 +15,6 @@ import yaml
 
 MUST_NOT_LOAD = (
     "aiohttp",
-    "apscheduler",
     "redis",
     "aiomysql",
     "pymysql",
@@ -31,6 +30,7 @@ MUST_NOT_LOAD = (
     "watchdogd.actions.cloud66",
     "watchdogd.probes.app",
     "watchdogd.probes.witness",
+    "watchdogd.daemon.page",  # the status page: loaded by its first visit
 )
 
 # Build the daemon from the config, start it, let one probe cycle run (the databases are

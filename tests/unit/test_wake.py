@@ -13,7 +13,7 @@ import pytest
 from watchdogd import config
 from watchdogd.core.events import Event
 from watchdogd.daemon import Daemon
-from watchdogd.daemon.schedule import Every
+from watchdogd.daemon.schedule import PROBE, Schedule
 
 INTERVAL = 5.0
 
@@ -57,7 +57,8 @@ async def test_a_lost_primary_connection_wakes_the_cycle_once_per_interval(rig: 
         runs.append(d.cycle.lost_at)
         d.cycle.lost_at = None
 
-    d.scheduler = Every(job, INTERVAL)
+    d.scheduler = Schedule()
+    d.scheduler.add(PROBE, job, INTERVAL)
     d.scheduler.start()
     try:
         await asyncio.sleep(0.05)
@@ -92,7 +93,8 @@ async def test_a_loss_noticed_during_a_cycle_is_followed_by_a_cycle_after_it(rig
         await asyncio.sleep(0.2)
 
     d.cycle.run = slow_run  # type: ignore[assignment,method-assign]
-    d.scheduler = Every(d.cycle.job, INTERVAL)  # the real job: bounded, reporting
+    d.scheduler = Schedule()
+    d.scheduler.add(PROBE, d.cycle.job, INTERVAL)  # the real job: bounded, reporting
     d.scheduler.start()
     try:
         await asyncio.sleep(0.05)

@@ -1,24 +1,28 @@
-"""A small HTTP/1.1 server on asyncio: what the metrics port needs (a few small GETs from
-Prometheus, load balancers, witnesses and browsers), and nothing more.
+"""The metrics port's HTTP server: h11 (the HTTP/1.1 protocol: parsing requests, framing
+responses, keep-alive) on asyncio streams, with our routing and limits around it. What
+the port needs: a few small GETs from Prometheus, load balancers, witnesses and browsers.
 
 aiohttp's server would do, but importing aiohttp costs about 10 MiB of resident memory:
-a third of a daemon that watches a pair through its databases alone (issue 13). aiohttp
-stays the client for outbound HTTP (probes, steps, webhooks), loaded when a config uses
-one. The handler API borrows aiohttp.web's names (``Request``, ``Response``,
-``json_response``, ``get``, ``app.router.add_get``), so a route reads the same.
+a third of a daemon that watches a pair through its databases alone (issue 13); h11 is
+pure Python and small. aiohttp stays the client for outbound HTTP (probes, steps,
+webhooks), loaded when a config uses one. The handler API borrows aiohttp.web's names
+(``Request``, ``Response``, ``json_response``, ``get``, ``app.router.add_get``), so a
+route reads the same.
 
 The port is reachable by whoever can reach the host, so every peer is bounded: a request
-head is at most ``MAX_HEAD`` bytes and must be complete within the keep-alive timeout of
-the connection going idle (a slow sender is cut off, as is an idle one); a request body
-(nothing here takes one) is read and dropped up to ``MAX_BODY`` bytes, refused beyond;
-at most ``max_connections`` connections at once, a new one shedding the oldest idle one
-(or itself when all are busy with a request).
+head is at most ``MAX_HEAD`` bytes, and head and body must arrive within the keep-alive
+timeout of the connection going idle (a slow sender is cut off, as is an idle one); a
+request body (nothing here takes one) is read and dropped up to ``MAX_BODY`` bytes,
+refused beyond, and a chunked one is refused; at most ``max_connections`` connections at
+once, a new one shedding the oldest idle one (or itself when all are busy with a
+request). A request h11 cannot parse is answered with its status hint (400; 431 for a
+head too large) and the connection closed; so is an HTTP/1.1 request without ``Host``
+(RFC 9112, section 3.2).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import json
 import logging
@@ -27,9 +31,12 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import h11
+
 MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
 WRITE_TIMEOUT = 10.0  # a peer that does not read its reply is dropped after this
+READ_SIZE = 4096
 
 _log = logging.getLogger(__name__)
 
@@ -150,8 +157,10 @@ def _error(status: HTTPStatus, headers: Mapping[str, str] | None = None) -> Resp
     return Response(status=status, text=f"{status.value}: {status.phrase}", headers=headers)
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: HTTPStatus) -> None:
+class _Refused(Exception):
+    """A request answered with an error status, after which the connection closes."""
+
+    def __init__(self, status: int) -> None:
         self.status = status
 
 
@@ -211,67 +220,69 @@ class Server:
         conn = Connection(writer)
         self.connections.append(conn)
         self._shed(conn)
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             while not writer.is_closing():
-                async with asyncio.timeout(self.keepalive_timeout):
-                    head = await reader.readuntil(b"\r\n\r\n")
-                conn.busy = True
                 try:
-                    request, keep = await self._read(reader, head)
+                    async with asyncio.timeout(self.keepalive_timeout):
+                        request = await self._receive(reader, http, conn)
+                    if request is None:
+                        break  # the peer closed between requests
                     response = await self.app.handle(request)
-                except _BadRequest as bad:
-                    request, keep, response = None, False, _error(bad.status)
-                await self._send(writer, request, response, keep)
+                except _Refused as refused:
+                    request, response = None, _error(HTTPStatus(refused.status))
+                    response.headers["Connection"] = "close"
+                await self._send(writer, http, request, response)
                 conn.busy = False
-                if not keep:
-                    break
-        except asyncio.LimitOverrunError:
-            with contextlib.suppress(Exception):
-                await self._send(writer, None, _error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE))
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            pass  # idle past the keep-alive timeout, or the peer went away
+                if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                    break  # h11 says the connection cannot be reused (close, HTTP/1.0)
+                http.start_next_cycle()
+        except (TimeoutError, ConnectionError, h11.ProtocolError):
+            pass  # idle or slow past the keep-alive timeout, the peer went away, or gave up
         finally:
             self.connections.remove(conn)
             writer.close()
 
-    async def _read(self, reader: asyncio.StreamReader, head: bytes) -> tuple[Request, bool]:
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
-            raise _BadRequest(HTTPStatus.BAD_REQUEST)
-        method, target, version = parts
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise _BadRequest(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if not line:
-                continue
-            name, colon, value = line.partition(":")
-            if not colon or not name or name != name.strip():
-                raise _BadRequest(HTTPStatus.BAD_REQUEST)
-            key = name.lower()
-            value = value.strip()
-            headers[key] = f"{headers[key]},{value}" if key in headers else value
-        if "transfer-encoding" in headers:
-            raise _BadRequest(HTTPStatus.LENGTH_REQUIRED)
-        length = headers.get("content-length", "0")
-        if not length.isdigit():
-            raise _BadRequest(HTTPStatus.BAD_REQUEST)
-        if int(length) > MAX_BODY:
-            raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        if int(length):
-            async with asyncio.timeout(self.keepalive_timeout):
-                await reader.readexactly(int(length))
-        tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-        keep = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
-        return Request(method.upper(), target, headers, version), keep
+    async def _receive(
+        self, reader: asyncio.StreamReader, http: h11.Connection, conn: Connection
+    ) -> Request | None:
+        """The next request, its body read and dropped; None when the peer closed."""
+        buffered, fed = len(http.trailing_data[0]), 0
+        request: Request | None = None
+        while True:
+            try:
+                event = http.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                if buffered + fed - len(http.trailing_data[0]) > MAX_HEAD:
+                    status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+                raise _Refused(status) from None
+            if event is h11.NEED_DATA:
+                data = await reader.read(READ_SIZE)
+                if not data and request is None and not buffered + fed:
+                    return None
+                if not data:
+                    raise ConnectionResetError("the peer closed in the middle of a request")
+                fed += len(data)
+                http.receive_data(data)
+            elif isinstance(event, h11.Request):
+                conn.busy = True
+                if buffered + fed - len(http.trailing_data[0]) > MAX_HEAD:
+                    raise _Refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+                request = _request(event)
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                return request
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+            # h11.Data: a small body, dropped.
 
     async def _send(
         self,
         writer: asyncio.StreamWriter,
+        http: h11.Connection,
         request: Request | None,
         response: Response,
-        keep: bool = False,
     ) -> None:
         body = response.body
         headers = dict(response.headers)
@@ -281,15 +292,32 @@ class Server:
             headers["Content-Encoding"] = "gzip"
         headers.setdefault("Content-Type", "application/octet-stream")
         headers["Content-Length"] = str(len(body))
-        headers["Connection"] = "keep-alive" if keep else "close"
         try:
             phrase = HTTPStatus(response.status).phrase
         except ValueError:
             phrase = ""
-        lines = [f"HTTP/1.1 {response.status} {phrase}"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        if request is None or request.method != "HEAD":
-            writer.write(body)
+        fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        out = http.send(h11.Response(status_code=response.status, headers=fields, reason=phrase))
+        if body and (request is None or request.method != "HEAD"):
+            out += http.send(h11.Data(data=body)) or b""
+        out += http.send(h11.EndOfMessage()) or b""
+        writer.write(out or b"")
         async with asyncio.timeout(WRITE_TIMEOUT):
             await writer.drain()
+
+
+def _request(event: h11.Request) -> Request:
+    """Ours from h11's: a method without body, a GET with a small one, nothing chunked."""
+    version = "HTTP/" + event.http_version.decode("ascii")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise _Refused(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
+    headers: dict[str, str] = {}
+    for name, value in event.headers:
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        headers[key] = f"{headers[key]},{text}" if key in headers else text
+    if "transfer-encoding" in headers:
+        raise _Refused(HTTPStatus.LENGTH_REQUIRED)
+    if int(headers.get("content-length", "0")) > MAX_BODY:  # h11 checked it is a number
+        raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    target = event.target.decode("latin-1")
+    return Request(event.method.decode("ascii").upper(), target, headers, version)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from watchdogd import policy
 from watchdogd.core.model import Config, NodeConfig
+from watchdogd.daemon.schedule import PROBE
 from watchdogd.detector import HEALTHY, Cycle, Detector, Verdict
 from watchdogd.policy import BLOCKED, Decision, StandbyFacts
 from watchdogd.probes import Observation, Probe
@@ -100,7 +101,7 @@ class ProbeCycle:
 
     def _run_now(self) -> None:
         if self.d.scheduler is not None:
-            self.d.scheduler.run_now()
+            self.d.scheduler.run_now(PROBE)
 
     async def run(self) -> Verdict:
         d, cfg = self.d, self.d.config

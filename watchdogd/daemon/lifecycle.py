@@ -27,7 +27,7 @@ from watchdogd.daemon import reload as reloading
 from watchdogd.daemon.commands import Commands
 from watchdogd.daemon.cycle import Latest, ProbeCycle, make_detector
 from watchdogd.daemon.readiness import EXPENSIVE_INTERVAL, ReadinessRunner
-from watchdogd.daemon.schedule import Every
+from watchdogd.daemon.schedule import PROBE, Schedule
 from watchdogd.daemon.sequences import Sequences
 from watchdogd.daemon.subscribers import metrics_subscriber, notify_subscriber
 from watchdogd.daemon.views import Views
@@ -86,8 +86,7 @@ class Daemon:
         self.commands = Commands(self)
         self.views = Views(self)
         self.readiness = ReadinessRunner(self)
-        self.scheduler: Every | None = None
-        self._readiness_every: Every | None = None
+        self.scheduler: Schedule | None = None
         self.session: aiohttp.ClientSession | None = None
         self._http: Any = None
         self._control: ControlServer | None = None
@@ -155,9 +154,9 @@ class Daemon:
             self.sequences.resume(fo)
         self.sequences.resume_rejoin()
         # Never overlapping; a run that overruns skips the ticks it missed.
-        self.scheduler = Every(self.cycle.job, cfg.probe.interval)
-        self._readiness_every = Every(self.readiness.job, EXPENSIVE_INTERVAL, name="readiness")
-        self._readiness_every.start()
+        self.scheduler = Schedule()
+        self.scheduler.add(PROBE, self.cycle.job, cfg.probe.interval)
+        self.scheduler.add("readiness", self.readiness.job, EXPENSIVE_INTERVAL)
         self.scheduler.start()
         self._start_watchdog()
 
@@ -199,9 +198,6 @@ class Daemon:
         if self.scheduler is not None:
             await self.scheduler.stop()
             self.scheduler = None
-        if self._readiness_every is not None:
-            await self._readiness_every.stop()
-            self._readiness_every = None
         self.readiness.close()
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()

@@ -14,15 +14,12 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
 from watchdogd import actions, engines, policy, readiness
 from watchdogd.actions import ActionError, StepContext
 from watchdogd.core.model import Config, NodeConfig
 from watchdogd.engines import Engine
 from watchdogd.policy import Policy
 from watchdogd.probes import Observation, Probe
-from watchdogd.probes.app import AppProbe
 from watchdogd.probes.database import DatabaseProbe
 from watchdogd.readiness import Check, Readiness
 from watchdogd.state.journal import Journal, JournalError, JournalState
@@ -206,6 +203,12 @@ async def check_online(config: Config) -> Readiness:
     primary, standby = config.node(primary_name), config.node(standby_name)
     pol = Policy(config.failover, state)
     opened = {n.name: engines.create(n.database, set(config.secrets)) for n in config.nodes}
+    # Here, not at the top: the daemon imports this module, and a pair watched through
+    # its databases alone must not load an HTTP client (issue 13).
+    import aiohttp
+
+    from watchdogd.probes.app import AppProbe
+
     try:
         async with aiohttp.ClientSession() as session:
             probes: list[Probe] = [

@@ -14,6 +14,7 @@ from watchdogd import policy
 from watchdogd.control import CommandError
 from watchdogd.core.model import Config
 from watchdogd.daemon.cycle import make_detector
+from watchdogd.daemon.schedule import PROBE
 from watchdogd.logging import setup_logging
 from watchdogd.notify import Notifier
 
@@ -75,7 +76,7 @@ async def _reload(d: Daemon, by: str) -> dict[str, Any]:
             d.engines[node.name] = d.make_engine(node, new)
     d.check_roles()
     if d.scheduler is not None and new.probe.interval != old.probe.interval:
-        d.scheduler.reschedule(new.probe.interval)
+        d.scheduler.reschedule(PROBE, new.probe.interval)
     d.secrets.replace(new.secrets)
     if new.log != old.log:
         setup_logging(new.log.format, new.log.level, cluster=new.cluster, secrets=d.secrets)

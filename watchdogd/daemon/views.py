@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from watchdogd import __version__, policy
 from watchdogd.core import httpd as web
-from watchdogd.daemon import page
 from watchdogd.probes import Observation
 from watchdogd.state.journal import FailoverRecord
 
@@ -114,6 +113,10 @@ class Views:
 
     async def page(self, request: web.Request) -> web.Response:
         """``GET /``: the read-only status page (``page.render``), secrets masked."""
+        # Loaded by the first visit: html's entity tables and the page's templates are
+        # not paid for by a daemon nobody looks at (issue 13).
+        from watchdogd.daemon import page
+
         d = self.d
         failovers = [f.as_dict() for f in reversed(d.state.failovers[-page.FAILOVERS_SHOWN :])]
         shown = d.secrets.mask_value({"status": self.status(), "failovers": failovers})
