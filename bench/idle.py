@@ -37,10 +37,14 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +53,16 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from watchdogd.control import ControlUnavailable
+from watchdogd.control import request as control_request
 from watchdogd.core.units import format_duration, parse_duration
 from watchdogd.demo.app import DemoApp
 from watchdogd.demo.lab import PgPair, find_pg_bin, free_port, lab_root
 from watchdogd.demo.run import NO_POSTGRES
+
+# The chaos tests' fault proxy, from the source tree (tests/ is not installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.proxy import BLACKHOLE, PASS, REFUSE, FaultProxy
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WITNESSES = 96
@@ -175,6 +185,15 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 async def measure(
     name: str, probes: int, cfg: dict[str, Any], tmp: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -220,12 +239,7 @@ async def measure(
                 await scrape(session, url)
             per_scrape = (cpu_seconds(proc.pid) - c0) / 20
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
     cycles = sorted(samples)
     offsets = [samples[c] - c * interval for c in cycles]
     base = min(offsets) if offsets else 0.0
@@ -311,17 +325,419 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- soak mode
+#
+# Months in minutes: the daemon (a real process) probes a real pair every
+# ``--soak-interval`` (20 ms: 50x the default cadence, faster than probe.interval
+# allows, so the child reschedules its own probe job after start), while the bench
+# mixes in what a year brings: failing probes (a witness on a closed port, a witness
+# answering 500 now and then, the primary's link reset or blackholed through a fault
+# proxy, so the probing connection is dropped and reopened), the standby restarted,
+# /metrics and /healthz scrapes, control requests (status, history, pause/resume), and
+# reloads (control ``reload`` and SIGHUP, each rewriting the config so the primary's
+# engine is rebuilt). RSS is sampled once a second with the cycle count; the slope is
+# a least-squares fit over the samples after warm-up. The child dumps (SIGUSR1) its
+# asyncio task and handle counts, live objects by type and, with ``--tracemalloc``, a
+# tracemalloc snapshot: the bench prints what grew between the end of warm-up and the
+# end (tracemalloc's own bookkeeping inflates RSS, so take the RSS slope from a run
+# without it).
+
+SOAK_GOAL_KB = 256.0
+SOAK_GOAL_CYCLES = 100_000
+SOAK_FRAMES = 12
+
+
+def soak_child(config: str, interval: float, dump_dir: str, trace: bool) -> int:
+    """The daemon as ``watchdogd run`` runs it, with a faster probe job and a dump hook."""
+    if trace:
+        tracemalloc.start(SOAK_FRAMES)
+    import gc
+    from collections import Counter
+
+    from watchdogd import config as configmod
+    from watchdogd.daemon import Daemon
+
+    class SoakDaemon(Daemon):
+        dumps = 0
+
+        async def start(self) -> None:
+            await super().start()
+            assert self.scheduler is not None
+            self.scheduler.reschedule_job("probe", trigger="interval", seconds=interval)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.dump)
+
+        def dump(self) -> None:
+            gc.collect()
+            loop = asyncio.get_running_loop()
+            types = Counter(type(o).__qualname__ for o in gc.get_objects())
+            facts: dict[str, Any] = {
+                "tasks": len(asyncio.all_tasks()),
+                "timer_handles": len(getattr(loop, "_scheduled", ())),
+                "ready_handles": len(getattr(loop, "_ready", ())),
+                "objects": sum(types.values()),
+                "types": dict(types),
+                "tracemalloc_overhead": tracemalloc.get_tracemalloc_memory() if trace else 0,
+            }
+            base = Path(dump_dir) / f"dump-{self.dumps}"
+            if trace:
+                tracemalloc.take_snapshot().dump(f"{base}.tracemalloc")
+            Path(f"{base}.tmp").write_text(json.dumps(facts))
+            os.replace(f"{base}.tmp", f"{base}.json")  # complete once it exists
+            self.dumps += 1
+
+    cfg = configmod.load(config)
+    asyncio.run(SoakDaemon(cfg).run())
+    return 0
+
+
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+
+
+def tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-800:]
+
+
+class Flaky:
+    """A witness that answers 500 every ``every``-th request (an abstaining witness)."""
+
+    def __init__(self, every: int = 7) -> None:
+        self.every = every
+        self.requests = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        async def primary(request: web.Request) -> web.Response:
+            self.requests += 1
+            if self.requests % self.every == 0:
+                return web.Response(status=500, text="flaky")
+            return web.json_response({"primary_up": True})
+
+        app = web.Application()
+        app.add_routes([web.get("/primary", primary)])
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/primary"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def soak_config(
+    pair: PgPair, apps: list[DemoApp], tmp: Path, proxy_port: int, witnesses: list[str], flip: int
+) -> dict[str, Any]:
+    # probe.interval 50 ms (the least the config takes; the child probes faster) and a
+    # threshold no soak reaches: failing probes make the primary suspect, never failed over.
+    cfg = daemon_config(pair, apps, tmp, 0.05, witnesses)
+    cfg["cluster"] = "soak"
+    # The app name alternates on each reload, so each reload rebuilds the primary's engine.
+    cfg["primary"]["database"]["dsn"] = (
+        f"postgresql://postgres@127.0.0.1:{proxy_port}/postgres?application_name=soak{flip % 2}"
+    )
+    cfg["probe"] = {"interval": "50ms", "timeout": "40ms", "recovery_successes": 2 + flip % 2}
+    cfg["failover"]["outage_threshold"] = "1h"
+    return cfg
+
+
+class Soak:
+    """Drives the workload against the child daemon and samples it."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.flip = 0
+        self.counts: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+
+    async def control(self, sock: str, command: str, args: dict[str, Any] | None = None) -> None:
+        try:
+            reply = await control_request(sock, command, args, timeout=10)
+        except ControlUnavailable as exc:
+            self.errors[f"{command}: {exc}"] += 1
+            return
+        self.counts[command] += 1
+        if not reply.get("ok"):
+            self.errors[f"{command}: {reply.get('error')}"] += 1
+
+    async def dump(self, proc: subprocess.Popen[bytes], dumps: Path, n: int) -> dict[str, Any]:
+        proc.send_signal(signal.SIGUSR1)
+        path = dumps / f"dump-{n}.json"
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("soak: the daemon wrote no dump")
+            await asyncio.sleep(0.1)
+        facts: dict[str, Any] = json.loads(path.read_text())
+        return facts
+
+    async def run(self) -> dict[str, Any]:
+        args, tmp = self.args, self.tmp
+        pair = PgPair.create(tmp / "pg")
+        apps = [DemoApp("site-a", pair.primary.dsn), DemoApp("site-b", pair.standby.dsn)]
+        proxy = FaultProxy(pair.primary.port)
+        flaky = Flaky()
+        dumps = tmp / "dumps"
+        dumps.mkdir()
+        (tmp / "d").mkdir()
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            for app in apps:
+                await app.start()
+            await proxy.start()
+            await flaky.start()
+            refused = f"http://127.0.0.1:{free_port()}/primary"  # nobody listens there
+            witnesses = [flaky.url, refused]
+            path = tmp / "soak.yml"
+
+            def write_config() -> dict[str, Any]:
+                cfg = soak_config(pair, apps, tmp / "d", proxy.port, witnesses, self.flip)
+                path.write_text(yaml.safe_dump(cfg))
+                return cfg
+
+            cfg = write_config()
+            log = tmp / "watchdogd-soak.log"
+            argv = [sys.executable, __file__, "--soak-child", str(path)]
+            argv += [
+                "--soak-interval",
+                format_duration(args.soak_interval),
+                "--dump-dir",
+                str(dumps),
+            ]
+            proc = spawn(argv + (["--tracemalloc"] if args.tracemalloc else []), log)
+            return await self.drive(proc, cfg, pair, proxy, write_config, dumps, log)
+        finally:
+            if proc is not None:
+                stop_process(proc)
+            await proxy.stop()
+            await flaky.stop()
+            for app in apps:
+                await app.stop()
+            pair.destroy()
+
+    async def drive(
+        self,
+        proc: subprocess.Popen[bytes],
+        cfg: dict[str, Any],
+        pair: PgPair,
+        proxy: FaultProxy,
+        write_config: Callable[[], dict[str, Any]],
+        dumps: Path,
+        log: Path,
+    ) -> dict[str, Any]:
+        args = self.args
+        url = "http://{}/metrics".format(cfg["metrics"]["listen"])
+        healthz = "http://{}/healthz".format(cfg["metrics"]["listen"])
+        sock = cfg["control"]["socket"]
+        samples: list[tuple[int, float]] = []  # (cycle, RSS kB) after warm-up
+        restart: asyncio.Task[None] | None = None
+        t_start = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            cycles = 0
+            warm_at: int | None = None
+            before: dict[str, Any] = {}
+            tick = 0
+            t0 = 0.0
+            while True:
+                await asyncio.sleep(1.0)
+                tick += 1
+                if proc.poll() is not None:
+                    raise RuntimeError(f"soak: the daemon exited: {tail(log)}")
+                try:
+                    got = await scrape(session, url)
+                    async with session.get(healthz) as resp:
+                        await resp.read()
+                    self.counts["scrape"] += 1
+                except aiohttp.ClientError as exc:
+                    self.errors[f"scrape: {exc}"] += 1
+                    got = None
+                if got is None:
+                    if time.monotonic() - t_start > 60:
+                        raise RuntimeError(f"soak: no cycles: {tail(log)}")
+                    continue
+                cycles = got[1]
+                rss_kb = memory_mb(proc.pid)[0] * 1024
+                if warm_at is None and cycles >= args.warmup_cycles:
+                    before = await self.dump(proc, dumps, 0)
+                    warm_at, t0 = cycles, time.monotonic()
+                    print(f"soak: warm after {cycles} cycles, RSS {rss_kb:.0f} kB", file=sys.stderr)
+                elif warm_at is not None:
+                    samples.append((cycles, rss_kb))
+                    if tick % 30 == 0:
+                        done = cycles - warm_at
+                        print(
+                            f"soak: {done}/{args.cycles} cycles after warm-up, RSS {rss_kb:.0f} kB",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    if cycles - warm_at >= args.cycles:
+                        break
+                # The workload: one or two things a second, on a fixed rotation.
+                await self.control(sock, "status")
+                if tick % 2 == 0:
+                    await self.control(sock, "history", {"n": 5})
+                if tick % 10 == 5:
+                    await self.control(sock, "pause", {"reason": "soak"})
+                elif tick % 10 == 7:
+                    await self.control(sock, "resume")
+                phase = tick % 20
+                if phase == 3:
+                    proxy.set_mode(REFUSE)  # connection reset, reconnects refused
+                    self.counts["refuse"] += 1
+                elif phase == 13:
+                    proxy.set_mode(BLACKHOLE)  # probes time out
+                    self.counts["blackhole"] += 1
+                elif phase in (4, 14):
+                    proxy.set_mode(PASS)
+                if tick % 60 == 30:
+                    self.flip += 1
+                    write_config()
+                    await self.control(sock, "reload")
+                elif tick % 60 == 50:
+                    self.flip += 1
+                    write_config()
+                    proc.send_signal(signal.SIGHUP)
+                    self.counts["sighup"] += 1
+                if tick % 90 == 45 and (restart is None or restart.done()):
+                    restart = asyncio.create_task(asyncio.to_thread(pair.standby.restart))
+                    self.counts["standby restart"] += 1
+            window = time.monotonic() - t0
+            if restart is not None:
+                await restart
+            after = await self.dump(proc, dumps, 1)
+        assert warm_at is not None
+        return self.summarize(samples, warm_at, cycles, window, before, after, dumps)
+
+    def summarize(
+        self,
+        samples: list[tuple[int, float]],
+        warm_at: int,
+        cycles: int,
+        window: float,
+        before: dict[str, Any],
+        after: dict[str, Any],
+        dumps: Path,
+    ) -> dict[str, Any]:
+        xs = [float(c - warm_at) for c, _ in samples]
+        ys = [kb for _, kb in samples]
+        slope = statistics.linear_regression(xs, ys).slope if len(samples) > 2 else float("nan")
+        grown = {
+            name: after["types"].get(name, 0) - before["types"].get(name, 0)
+            for name in set(after["types"]) | set(before["types"])
+        }
+        top_types = sorted(grown.items(), key=lambda kv: -kv[1])[:12]
+        heap: list[str] = []
+        if self.args.tracemalloc:
+            old = tracemalloc.Snapshot.load(str(dumps / "dump-0.tracemalloc"))
+            new = tracemalloc.Snapshot.load(str(dumps / "dump-1.tracemalloc"))
+            ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
+            old, new = old.filter_traces(ignore), new.filter_traces(ignore)
+            for stat in new.compare_to(old, "traceback")[:10]:
+                frames = [f"{f.filename}:{f.lineno}" for f in stat.traceback][-4:]
+                heap.append(
+                    f"{stat.size_diff / 1024:+9.1f} kB {stat.count_diff:+7d} blocks  "
+                    + " <- ".join(reversed(frames))
+                )
+        return {
+            "soak_interval": self.args.soak_interval,
+            "warmup_cycles": warm_at,
+            "cycles": cycles - warm_at,
+            "window_seconds": window,
+            "cycles_per_second": (cycles - warm_at) / window if window else 0.0,
+            "rss_kb_after_warmup": ys[0] if ys else float("nan"),
+            "rss_kb_end": ys[-1] if ys else float("nan"),
+            "rss_kb_max": max(ys) if ys else float("nan"),
+            "slope_kb_per_10k": slope * 10_000,
+            "projection_kb_per_100k": slope * SOAK_GOAL_CYCLES,
+            "tasks": [before["tasks"], after["tasks"]],
+            "timer_handles": [before["timer_handles"], after["timer_handles"]],
+            "objects": [before["objects"], after["objects"]],
+            "top_types": top_types,
+            "heap_growers": heap,
+            "workload": dict(self.counts),
+            "errors": dict(self.errors),
+        }
+
+
+def soak_table(r: dict[str, Any]) -> str:
+    goal = r["projection_kb_per_100k"] <= SOAK_GOAL_KB
+    lines = [
+        f"watchdogd soak: {r['cycles']} cycles after {r['warmup_cycles']} warm-up cycles, "
+        f"every {format_duration(r['soak_interval'])} ({r['cycles_per_second']:.1f} cycles/s "
+        f"over {r['window_seconds']:.0f}s), Python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} cores",
+        "",
+        f"RSS after warm-up {r['rss_kb_after_warmup']:.0f} kB, at the end "
+        f"{r['rss_kb_end']:.0f} kB, max {r['rss_kb_max']:.0f} kB",
+        f"slope {r['slope_kb_per_10k']:+.1f} kB per 10,000 cycles (least squares over "
+        "1 s samples after warm-up)",
+        f"asyncio tasks {r['tasks'][0]} -> {r['tasks'][1]}, timer handles "
+        f"{r['timer_handles'][0]} -> {r['timer_handles'][1]}, live objects "
+        f"{r['objects'][0]} -> {r['objects'][1]}",
+        "workload: " + ", ".join(f"{k} {v}" for k, v in sorted(r["workload"].items())),
+    ]
+    if r["errors"]:
+        lines.append("workload errors: " + "; ".join(f"{k} x{v}" for k, v in r["errors"].items()))
+    lines.append(
+        "object types grown most: "
+        + ", ".join(f"{name} {n:+d}" for name, n in r["top_types"] if n > 0)
+    )
+    if r["heap_growers"]:
+        lines += ["tracemalloc top growers (end vs warm-up):", *r["heap_growers"]]
+    lines.append(
+        f"goal <= {SOAK_GOAL_KB:g} kB over {SOAK_GOAL_CYCLES:,} cycles: projected "
+        f"{r['projection_kb_per_100k']:+.1f} kB ({'met' if goal else 'NOT met'})"
+    )
+    return "\n".join(lines)
+
+
+def soak_main(args: argparse.Namespace) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="watchdogd-soak-", dir=lab_root()))
+    tmp.chmod(0o755)  # the postgres user must reach the pair inside
+    try:
+        result = asyncio.run(Soak(args, tmp).run())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(soak_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--seconds", type=float, default=60.0, help="measurement window per config")
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--interval", default="1s")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    soak = p.add_argument_group("soak mode (months of cycles in minutes)")
+    soak.add_argument("--soak", action="store_true", help="run the soak instead")
+    soak.add_argument("--cycles", type=int, default=30_000, help="cycles after warm-up")
+    soak.add_argument("--warmup-cycles", type=int, default=3_000)
+    soak.add_argument("--soak-interval", default="20ms", help="probe cycle every (20ms)")
+    soak.add_argument(
+        "--tracemalloc", action="store_true", help="also diff tracemalloc snapshots (inflates RSS)"
+    )
+    p.add_argument("--soak-child", metavar="CONFIG", help=argparse.SUPPRESS)
+    p.add_argument("--dump-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         args.interval = parse_duration(args.interval)
+        args.soak_interval = parse_duration(args.soak_interval)
     except ValueError as exc:
         p.error(f"--interval: {exc}")
+    if args.soak_child:
+        return soak_child(args.soak_child, args.soak_interval, args.dump_dir, args.tracemalloc)
+    if args.soak:
+        if find_pg_bin() is None:
+            print(NO_POSTGRES, file=sys.stderr)
+            return 2
+        return soak_main(args)
     if args.seconds < 2 * args.interval:
         p.error("--seconds: must cover at least two intervals")
     if find_pg_bin() is None:
