@@ -347,12 +347,35 @@ SOAK_GOAL_CYCLES = 100_000
 SOAK_FRAMES = 12
 
 
+def mallinfo_kb() -> dict[str, float]:
+    """glibc's view of the C heap: bytes in use and free inside its arenas, in kB."""
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+            ).split()
+        ]
+
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except AttributeError:  # not glibc >= 2.33
+        return {}
+    fn.restype = Mallinfo2
+    m = fn()
+    return {"in_use": (m.uordblks + m.hblkhd) / 1024, "free": m.fordblks / 1024}
+
+
 def soak_child(config: str, interval: float, dump_dir: str, trace: bool) -> int:
     """The daemon as ``watchdogd run`` runs it, with a faster probe job and a dump hook."""
     if trace:
         tracemalloc.start(SOAK_FRAMES)
+    import abc
     import gc
-    from collections import Counter
+    import types as types_
+    import weakref
 
     from watchdogd import config as configmod
     from watchdogd.daemon import Daemon
@@ -369,13 +392,33 @@ def soak_child(config: str, interval: float, dump_dir: str, trace: bool) -> int:
         def dump(self) -> None:
             gc.collect()
             loop = asyncio.get_running_loop()
-            types = Counter(type(o).__qualname__ for o in gc.get_objects())
+            objects = gc.get_objects()
+            types = Counter(type(o).__qualname__ for o in objects)
+            # What the weak references and bound builtins point at: the usual leakers.
+            detail: Counter[str] = Counter()
+            for o in objects:
+                if isinstance(o, weakref.ref):
+                    cb = getattr(o.__callback__, "__qualname__", o.__callback__)
+                    detail[f"weakref to {type(o()).__qualname__} (callback {cb})"] += 1
+                elif isinstance(o, types_.BuiltinMethodType):
+                    owner = type(getattr(o, "__self__", None)).__qualname__
+                    detail[f"builtin {o.__qualname__} of {owner}"] += 1
+                elif isinstance(o, abc.ABCMeta):
+                    _, cache, negative, _ = abc._get_dump(o)  # type: ignore[attr-defined]
+                    for ref in (*cache, *negative):
+                        detail[
+                            f"ABC cache of {o.__qualname__}: {getattr(ref(), '__qualname__', None)}"
+                        ] += 1
+            del objects
             facts: dict[str, Any] = {
                 "tasks": len(asyncio.all_tasks()),
                 "timer_handles": len(getattr(loop, "_scheduled", ())),
                 "ready_handles": len(getattr(loop, "_ready", ())),
                 "objects": sum(types.values()),
                 "types": dict(types),
+                "detail": dict(detail),
+                "traced_kb": tracemalloc.get_traced_memory()[0] / 1024 if trace else 0,
+                "malloc_kb": mallinfo_kb(),
                 "tracemalloc_overhead": tracemalloc.get_tracemalloc_memory() if trace else 0,
             }
             base = Path(dump_dir) / f"dump-{self.dumps}"
@@ -388,6 +431,24 @@ def soak_child(config: str, interval: float, dump_dir: str, trace: bool) -> int:
     cfg = configmod.load(config)
     asyncio.run(SoakDaemon(cfg).run())
     return 0
+
+
+def smaps(pid: int) -> dict[str, int]:
+    """RSS in kB by mapping: a file's name, [heap], [stack], or [anon] for the rest."""
+    out: Counter[str] = Counter()
+    name = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            name = Path(head[5]).name if len(head) == 6 else "[anon]"
+        elif head[0] == "Rss:":
+            out[name] += int(head[1])
+    return dict(out)
+
+
+def smaps_growth(old: dict[str, int], new: dict[str, int]) -> list[tuple[str, int]]:
+    grown = {k: new.get(k, 0) - old.get(k, 0) for k in set(old) | set(new)}
+    return sorted(grown.items(), key=lambda kv: -abs(kv[1]))[:6]
 
 
 def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -454,6 +515,7 @@ class Soak:
         self.flip = 0
         self.counts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.smaps: list[dict[str, int]] = []
 
     async def control(self, sock: str, command: str, args: dict[str, Any] | None = None) -> None:
         try:
@@ -466,6 +528,7 @@ class Soak:
             self.errors[f"{command}: {reply.get('error')}"] += 1
 
     async def dump(self, proc: subprocess.Popen[bytes], dumps: Path, n: int) -> dict[str, Any]:
+        self.smaps.append(smaps(proc.pid))
         proc.send_signal(signal.SIGUSR1)
         path = dumps / f"dump-{n}.json"
         deadline = time.monotonic() + 120
@@ -563,11 +626,15 @@ class Soak:
                 cycles = got[1]
                 rss_kb = memory_mb(proc.pid)[0] * 1024
                 if warm_at is None and cycles >= args.warmup_cycles:
-                    before = await self.dump(proc, dumps, 0)
+                    await self.dump(proc, dumps, 0)
                     warm_at, t0 = cycles, time.monotonic()
                     print(f"soak: warm after {cycles} cycles, RSS {rss_kb:.0f} kB", file=sys.stderr)
                 elif warm_at is not None:
                     samples.append((cycles, rss_kb))
+                    if not before and cycles - warm_at >= args.cycles // 2:
+                        # Objects and heap are compared from half-way, past one-time
+                        # caches the first reloads and restarts fill.
+                        before = await self.dump(proc, dumps, 1)
                     if tick % 30 == 0:
                         done = cycles - warm_at
                         print(
@@ -609,7 +676,7 @@ class Soak:
             window = time.monotonic() - t0
             if restart is not None:
                 await restart
-            after = await self.dump(proc, dumps, 1)
+            after = await self.dump(proc, dumps, 2)
         assert warm_at is not None
         return self.summarize(samples, warm_at, cycles, window, before, after, dumps)
 
@@ -631,10 +698,13 @@ class Soak:
             for name in set(after["types"]) | set(before["types"])
         }
         top_types = sorted(grown.items(), key=lambda kv: -kv[1])[:12]
+        d0, d1 = before["detail"], after["detail"]
+        detail = {k: d1.get(k, 0) - d0.get(k, 0) for k in set(d0) | set(d1)}
+        top_detail = [kv for kv in sorted(detail.items(), key=lambda kv: -kv[1])[:6] if kv[1] > 0]
         heap: list[str] = []
         if self.args.tracemalloc:
-            old = tracemalloc.Snapshot.load(str(dumps / "dump-0.tracemalloc"))
-            new = tracemalloc.Snapshot.load(str(dumps / "dump-1.tracemalloc"))
+            old = tracemalloc.Snapshot.load(str(dumps / "dump-1.tracemalloc"))
+            new = tracemalloc.Snapshot.load(str(dumps / "dump-2.tracemalloc"))
             ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
             old, new = old.filter_traces(ignore), new.filter_traces(ignore)
             for stat in new.compare_to(old, "traceback")[:10]:
@@ -658,6 +728,10 @@ class Soak:
             "timer_handles": [before["timer_handles"], after["timer_handles"]],
             "objects": [before["objects"], after["objects"]],
             "top_types": top_types,
+            "top_detail": top_detail,
+            "traced_kb": [before["traced_kb"], after["traced_kb"]],
+            "smaps_growth_kb": smaps_growth(self.smaps[0], self.smaps[2]),
+            "malloc_kb": [before["malloc_kb"], after["malloc_kb"]],
             "heap_growers": heap,
             "workload": dict(self.counts),
             "errors": dict(self.errors),
@@ -684,11 +758,25 @@ def soak_table(r: dict[str, Any]) -> str:
     if r["errors"]:
         lines.append("workload errors: " + "; ".join(f"{k} x{v}" for k, v in r["errors"].items()))
     lines.append(
-        "object types grown most: "
+        "object types grown most (half-way -> end): "
         + ", ".join(f"{name} {n:+d}" for name, n in r["top_types"] if n > 0)
     )
+    if r["top_detail"]:
+        lines.append("of which: " + ", ".join(f"{name} {n:+d}" for name, n in r["top_detail"]))
+    m0, m1 = r["malloc_kb"]
+    if m0 and m1:
+        lines.append(
+            f"C heap (glibc, half-way -> end): in use {m0['in_use']:.0f} -> {m1['in_use']:.0f} kB, "
+            f"free inside arenas {m0['free']:.0f} -> {m1['free']:.0f} kB"
+        )
+    lines.append(
+        "RSS grown by mapping (after warm-up -> end): "
+        + ", ".join(f"{name} {kb:+d} kB" for name, kb in r["smaps_growth_kb"] if kb)
+    )
+    if r["traced_kb"][1]:
+        lines.append(f"traced Python heap {r['traced_kb'][0]:.0f} -> {r['traced_kb'][1]:.0f} kB")
     if r["heap_growers"]:
-        lines += ["tracemalloc top growers (end vs warm-up):", *r["heap_growers"]]
+        lines += ["tracemalloc top growers (half-way -> end):", *r["heap_growers"]]
     lines.append(
         f"goal <= {SOAK_GOAL_KB:g} kB over {SOAK_GOAL_CYCLES:,} cycles: projected "
         f"{r['projection_kb_per_100k']:+.1f} kB ({'met' if goal else 'NOT met'})"

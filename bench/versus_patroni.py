@@ -548,6 +548,7 @@ def versions(script: Path, patroni: str, etcd: str, bin_dir: Path) -> dict[str, 
         "machine": f"{os.cpu_count()} vCPUs, {mem:.1f} GiB RAM, Linux {platform.release()}",
         "watchdogd": __version__,
         "python": sys.version.split()[0],
+        "patroni_python": first_line([str(script.parent / "python"), "--version"]).split()[-1],
         "patroni": patroni,
         "etcd": first_line([etcd, "--version"]).removeprefix("etcd Version: "),
         "postgresql": first_line([str(bin_dir / "postgres"), "--version"]),
@@ -577,7 +578,8 @@ def table(runs: list[dict[str, Any]], info: dict[str, str]) -> tuple[str, dict[s
         f"watchdogd: interval {INTERVAL}, threshold {THRESHOLD}, probe timeout {PROBE_TIMEOUT}; "
         f"Patroni: ttl {PATRONI_DCS['ttl']}, loop_wait {PATRONI_DCS['loop_wait']}, "
         f"retry_timeout {PATRONI_DCS['retry_timeout']} (etcd3 DCS, etcd {info['etcd']})",
-        f"{info['postgresql']}; Python {info['python']}; {info['machine']}",
+        f"{info['postgresql']}; Python {info['python']} (Patroni's {info['patroni_python']}); "
+        f"{info['machine']}",
         "",
         f"{'':<42}{'watchdogd':>11}{'Patroni':>11}{'ratio':>9}",
     ]
