@@ -55,6 +55,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from watchdogd.control import ControlUnavailable
 from watchdogd.control import request as control_request
+from watchdogd.core.memory import RELEASE_EVERY
 from watchdogd.core.units import format_duration, parse_duration
 from watchdogd.demo.app import DemoApp
 from watchdogd.demo.lab import PgPair, find_pg_bin, free_port, lab_root
@@ -366,6 +367,11 @@ def mallinfo_kb() -> dict[str, float]:
     fn.restype = Mallinfo2
     m = fn()
     return {"in_use": (m.uordblks + m.hblkhd) / 1024, "free": m.fordblks / 1024}
+
+
+def fit(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope, NaN with fewer than three points."""
+    return statistics.linear_regression(xs, ys).slope if len(xs) > 2 else float("nan")
 
 
 def soak_child(config: str, interval: float, dump_dir: str, trace: bool) -> int:
@@ -692,7 +698,14 @@ class Soak:
     ) -> dict[str, Any]:
         xs = [float(c - warm_at) for c, _ in samples]
         ys = [kb for _, kb in samples]
-        slope = statistics.linear_regression(xs, ys).slope if len(samples) > 2 else float("nan")
+        slope = fit(xs, ys)
+        # The daemon returns free heap pages every memory.RELEASE_EVERY seconds, so RSS
+        # is a sawtooth: fit its peaks and its floors per window of that length too.
+        n = int(RELEASE_EVERY)
+        windows = [samples[i : i + n] for i in range(0, len(samples) - n + 1, n)]
+        mids = [statistics.fmean(c - warm_at for c, _ in w) for w in windows]
+        peak = fit(mids, [max(kb for _, kb in w) for w in windows])
+        floor = fit(mids, [min(kb for _, kb in w) for w in windows])
         grown = {
             name: after["types"].get(name, 0) - before["types"].get(name, 0)
             for name in set(after["types"]) | set(before["types"])
@@ -723,7 +736,11 @@ class Soak:
             "rss_kb_end": ys[-1] if ys else float("nan"),
             "rss_kb_max": max(ys) if ys else float("nan"),
             "slope_kb_per_10k": slope * 10_000,
-            "projection_kb_per_100k": slope * SOAK_GOAL_CYCLES,
+            "peak_slope_kb_per_10k": peak * 10_000,
+            "floor_slope_kb_per_10k": floor * 10_000,
+            "windows": len(windows),
+            # The verdict takes the steepest of the three fits.
+            "projection_kb_per_100k": max(slope, peak, floor) * SOAK_GOAL_CYCLES,
             "tasks": [before["tasks"], after["tasks"]],
             "timer_handles": [before["timer_handles"], after["timer_handles"]],
             "objects": [before["objects"], after["objects"]],
@@ -749,7 +766,9 @@ def soak_table(r: dict[str, Any]) -> str:
         f"RSS after warm-up {r['rss_kb_after_warmup']:.0f} kB, at the end "
         f"{r['rss_kb_end']:.0f} kB, max {r['rss_kb_max']:.0f} kB",
         f"slope {r['slope_kb_per_10k']:+.1f} kB per 10,000 cycles (least squares over "
-        "1 s samples after warm-up)",
+        f"1 s samples after warm-up); of the per-{RELEASE_EVERY:g}s peaks "
+        f"{r['peak_slope_kb_per_10k']:+.1f}, of the floors {r['floor_slope_kb_per_10k']:+.1f} "
+        f"({r['windows']} windows)",
         f"asyncio tasks {r['tasks'][0]} -> {r['tasks'][1]}, timer handles "
         f"{r['timer_handles'][0]} -> {r['timer_handles'][1]}, live objects "
         f"{r['objects'][0]} -> {r['objects'][1]}",

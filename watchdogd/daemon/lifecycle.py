@@ -24,6 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchdogd import __version__, engines, policy
 from watchdogd.control import ControlServer, Peer
+from watchdogd.core import memory
 from watchdogd.core.events import Bus, log_subscriber
 from watchdogd.core.model import Config, NodeConfig
 from watchdogd.core.secrets import Secrets
@@ -86,6 +87,7 @@ class Daemon:
         self._http: Any = None
         self._control: ControlServer | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
+        self._release_task: asyncio.Task[None] | None = None  # see watchdogd.core.memory
         self._stopping = asyncio.Event()
         self.background: set[asyncio.Task[Any]] = set()  # e.g. SIGHUP reloads
 
@@ -160,6 +162,9 @@ class Daemon:
         )
         self.scheduler.start()
         self._start_watchdog()
+        self._release_task = asyncio.create_task(
+            memory.release_periodically(), name="release-memory"
+        )
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop. SIGHUP reloads the config."""
@@ -193,6 +198,9 @@ class Daemon:
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()
             self._watchdog_task = None
+        if self._release_task is not None:
+            self._release_task.cancel()
+            self._release_task = None
         # Let a running step finish and be journaled (a retry delay ends at once); the
         # next start resumes a failover, and fences again if still needed.
         await self.sequences.interrupt()
