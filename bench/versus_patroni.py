@@ -233,7 +233,10 @@ def patroni_venv(venv: Path) -> tuple[Path | None, str]:
     # The system's Python: the postgres user must be able to run the venv, and an
     # interpreter under /root (pyenv) is out of its reach.
     base = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
-    venv.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        venv.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return None, f"cannot create {venv.parent}: {exc.strerror}"
     done = subprocess.run(
         [base, "-m", "venv", "--clear", str(venv)], capture_output=True, text=True
     )
