@@ -606,7 +606,8 @@ class Soak:
         samples: list[tuple[int, float]] = []  # (cycle, RSS kB) after warm-up
         restart: asyncio.Task[None] | None = None
         t_start = time.monotonic()
-        async with aiohttp.ClientSession() as session:
+        # Bounded: a daemon slowed by --tracemalloc must not stall the workload.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             cycles = 0
             warm_at: int | None = None
             before: dict[str, Any] = {}
@@ -622,8 +623,8 @@ class Soak:
                     async with session.get(healthz) as resp:
                         await resp.read()
                     self.counts["scrape"] += 1
-                except aiohttp.ClientError as exc:
-                    self.errors[f"scrape: {exc}"] += 1
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    self.errors[f"scrape: {exc or type(exc).__name__}"] += 1
                     got = None
                 if got is None:
                     if time.monotonic() - t_start > 60:
