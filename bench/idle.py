@@ -624,7 +624,8 @@ class Soak:
                         await resp.read()
                     self.counts["scrape"] += 1
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    self.errors[f"scrape: {exc or type(exc).__name__}"] += 1
+                    if cycles:  # before the first answer the daemon is still starting
+                        self.errors[f"scrape: {exc or type(exc).__name__}"] += 1
                     got = None
                 if got is None:
                     if time.monotonic() - t_start > 60:
@@ -752,6 +753,7 @@ class Soak:
             "malloc_kb": [before["malloc_kb"], after["malloc_kb"]],
             "heap_growers": heap,
             "workload": dict(self.counts),
+            "rss_samples": samples,  # (cycle, RSS kB), for fits of one's own
             "errors": dict(self.errors),
         }
 
