@@ -98,6 +98,7 @@ class Daemon:
         # Before anything opens a descriptor: systemd's soft limit of 1024 is what a
         # flood of HTTP connections would otherwise exhaust (journal, probes, socket).
         raise_fd_limit()
+        memory.tune()  # before the servers and drivers allocate their buffers
         self.journal.lock()
         self.state = self.journal.load()
         # Found out now, not when the first failover cannot record its first step.
