@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from watchdogd import __version__, engines, policy
 from watchdogd.control import ControlServer, Peer
 from watchdogd.core import httpd as web
+from watchdogd.core import memory
 from watchdogd.core.events import Bus, log_subscriber
 from watchdogd.core.feed import EventFeed
 from watchdogd.core.model import Config, NodeConfig
@@ -91,6 +92,7 @@ class Daemon:
         self._http: Any = None
         self._control: ControlServer | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
+        self._release_task: asyncio.Task[None] | None = None  # see watchdogd.core.memory
         self._stopping = asyncio.Event()
         self.background: set[asyncio.Task[Any]] = set()  # e.g. SIGHUP reloads
 
@@ -101,6 +103,7 @@ class Daemon:
         # Before anything opens a descriptor: systemd's soft limit of 1024 is what a
         # flood of HTTP connections would otherwise exhaust (journal, probes, socket).
         raise_fd_limit()
+        memory.tune()  # before the servers and drivers allocate their buffers
         self.journal.lock()
         self.state = self.journal.load()
         # Found out now, not when the first failover cannot record its first step.
@@ -159,6 +162,9 @@ class Daemon:
         self.scheduler.add("readiness", self.readiness.job, EXPENSIVE_INTERVAL)
         self.scheduler.start()
         self._start_watchdog()
+        self._release_task = asyncio.create_task(
+            memory.release_periodically(), name="release-memory"
+        )
 
     def http_session(self) -> aiohttp.ClientSession:
         """The client session of the app and witness probes, opened on first use: a
@@ -202,6 +208,9 @@ class Daemon:
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()
             self._watchdog_task = None
+        if self._release_task is not None:
+            self._release_task.cancel()
+            self._release_task = None
         # Let a running step finish and be journaled (a retry delay ends at once); the
         # next start resumes a failover, and fences again if still needed.
         await self.sequences.interrupt()
