@@ -23,9 +23,11 @@ from watchdogd.logging import reset_logging
 
 pytestmark = pytest.mark.integration
 
-# How soon after the kill the loss must be noticed (the kernel closes the sockets of a
-# killed process at once; the rest is the event loop's turn).
-NOTICED_WITHIN = 0.1
+# How soon after the kill the loss must be noticed: the kill lands mid-interval, so the
+# next scheduled probe is half an interval (0.5 s) away; noticing within half of that
+# is "at once" (a killed postmaster's backend exits and its socket closes in
+# milliseconds; the rest is the event loop's turn, slower on a loaded CI machine).
+NOTICED_WITHIN = 0.25
 
 
 @pytest.fixture(params=[STOCK, TUNED])
