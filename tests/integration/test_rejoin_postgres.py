@@ -9,7 +9,10 @@ sets wal_log_hints = on, as the docs recommend."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -200,6 +203,38 @@ async def test_rejoin_needs_the_data_dir(tuned: PgPair, closing: list[PostgresEn
     with pytest.raises(LabError):  # never touched: still a writable primary
         tuned.primary.execute("SELECT 1/0")
     assert not tuned.primary.is_in_recovery()
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory any user can write (pytest's tmp_path is not reachable by nobody)."""
+    with tempfile.TemporaryDirectory() as where:
+        Path(where).chmod(0o777)
+        yield Path(where)
+
+
+async def test_a_host_program_cut_off_by_its_timeout_ends_with_all_it_started(
+    open_dir: Path,
+) -> None:
+    # As root the program runs under runuser, which cannot pass SIGKILL on: the whole
+    # process group goes, even children that ignore SIGTERM, before run() returns.
+    pids = open_dir / "pids"
+    script = f"trap '' TERM; sleep 60 & echo $! >> {pids}; echo $$ >> {pids}; wait"
+    runuser = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    host = engine_mod.HostSide(open_dir, start_command=(*runuser, "sh", "-c", script))
+    with pytest.raises(TimeoutError):
+        await host.run(host.start(0.5), "start", 0.5)
+    started = [int(line) for line in pids.read_text().split()]
+    assert len(started) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+
+    assert [pid for pid in started if alive(pid)] == []
 
 
 def test_host_side_options_are_validated() -> None:

@@ -35,6 +35,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -141,6 +142,39 @@ def parse_history(text: str) -> dict[int, int]:
     return switches
 
 
+GROUP_GRACE = 2.0  # seconds a host program's group has to end on SIGTERM before SIGKILL
+
+
+async def _end_group(proc: asyncio.subprocess.Process) -> None:
+    """End a host program cut off by a timeout, with everything it started: its whole
+    process group (its own session), not only the direct child. As root that child is
+    ``runuser``, which cannot pass SIGKILL on: pg_rewind or pg_basebackup would go on
+    writing the data directory while a retry starts on it. SIGTERM, a short grace, then
+    SIGKILL; the child is always reaped. (A server started by ``pg_ctl start`` is in a
+    session of its own and is not touched.)"""
+
+    def signal_group(sig: int) -> bool:
+        """Whether any process of the group is left (signal 0 only asks)."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        signal_group(sig)
+        until = loop.time() + GROUP_GRACE
+        while (proc.returncode is None or signal_group(0)) and loop.time() < until:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proc.wait()), 0.05)
+        if proc.returncode is not None and not signal_group(0):
+            break
+    await proc.wait()
+
+
 class HostError(Exception):
     """A program on the server's host (pg_ctl, pg_rewind, ...) failed; one line."""
 
@@ -244,8 +278,7 @@ class HostSide:
                 async with asyncio.timeout(timeout):
                     code = await proc.wait()
             except BaseException:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                await _end_group(proc)
                 raise
             out.seek(0)
             text = out.read().decode(errors="replace")
