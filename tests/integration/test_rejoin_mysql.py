@@ -17,7 +17,12 @@ from typing import Any
 
 import pytest
 
-from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
+from tests.integration.rejoin_checks import (
+    eventually_true,
+    refused_as_same_server,
+    twice_around,
+    wait_replica_of,
+)
 from tests.support import mysql as support
 from tests.support import timing
 from watchdogd import config
@@ -90,6 +95,31 @@ async def test_nothing_diverged_then_rejoin(
     # Idempotent: a second rejoin only checks, and the report says nothing to lose.
     assert (await old.rejoin(new, 5)).startswith("already a replica of")
     assert (await old.divergence(new, 2)).lost == 0
+
+
+async def test_an_old_primary_dsn_that_reaches_the_new_primary_is_refused(
+    pair: support.MariaDBPair, failed_over: Engines
+) -> None:
+    # The node's DSN names the new primary under another name (localhost for 127.0.0.1,
+    # as a VIP or DNS name moved to it would): GTID_SUBTRACT(x, x) would report nothing
+    # lost, and the rejoin (or the dump fallback, which drops schemas) act on it.
+    _, new = failed_over
+    same = engine_mod.create(
+        DatabaseConfig(
+            "mysql",
+            pair.dsn(pair.replica).replace("127.0.0.1", "localhost"),
+            {
+                "replication_user": "repl",
+                "replication_password": pair.repl_password,
+                "rejoin_fallback": "dump",
+            },
+        ),
+        set(),
+    )
+    await refused_as_same_server(same, new, "server_id")
+    assert int(pair.replica.sql("SELECT @@read_only AS ro")[0]["ro"]) == 0
+    assert pair.replica.sql("SHOW SLAVE STATUS") == []
+    pair.replica.sql("INSERT INTO app.t (v) VALUES ('still-writable')")
 
 
 async def test_diverged_transactions_are_named_and_not_silently_kept(

@@ -17,7 +17,12 @@ from typing import Any
 
 import pytest
 
-from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
+from tests.integration.rejoin_checks import (
+    eventually_true,
+    refused_as_same_server,
+    twice_around,
+    wait_replica_of,
+)
 from tests.support import pg as support
 from tests.support.cluster import pg_cluster
 from watchdogd.core.model import DatabaseConfig
@@ -101,6 +106,29 @@ async def test_nothing_diverged_then_rewind(tuned: PgPair, closing: list[Postgre
     # Idempotent: a second rejoin only checks, and the report says nothing to lose.
     assert (await old.rejoin(new, 10)).startswith("already a replica of")
     assert (await old.divergence(new, 5)).lost == 0
+
+
+async def test_an_old_primary_dsn_that_reaches_the_new_primary_is_refused(
+    tuned: PgPair, closing: list[PostgresEngine]
+) -> None:
+    # The node's DSN names the new primary under another name (localhost for 127.0.0.1,
+    # as a VIP or DNS name moved to it would): neither divergence nor rejoin act on it.
+    _, new = await fail_over(tuned)
+    same = engine_mod.create(
+        DatabaseConfig(
+            "postgres",
+            tuned.standby.dsn.replace("127.0.0.1", "localhost"),
+            {
+                "data_dir": str(tuned.primary.data_dir),
+                "start_command": support.start_command(tuned, tuned.primary),
+            },
+        ),
+        set(),
+    )
+    closing.append(new)
+    await refused_as_same_server(same, new, "port")
+    assert not tuned.standby.is_in_recovery() and not tuned.primary.is_in_recovery()
+    tuned.standby.execute("INSERT INTO notes VALUES ('still-writable')")
 
 
 async def test_diverged_transactions_are_named_then_rewound_away(

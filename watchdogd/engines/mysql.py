@@ -950,8 +950,21 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         row = (await conn.rows("SELECT @@global.gtid_executed AS e, @@server_id AS id"))[0]
         return GtidState(f, channel, str(row["e"] or "").replace("\n", ""), "", int(row["id"]))
 
+    async def _identity(self, timeout: float) -> str:
+        # MariaDB has no @@server_uuid: server_id (unique in a replication set) with
+        # where the server says it is.
+        async def query(conn: _Conn, _: float) -> str:
+            row = (
+                await conn.rows(
+                    "SELECT @@server_id AS id, @@hostname AS h, @@port AS p, @@datadir AS d"
+                )
+            )[0]
+            return f"server_id {row['id']} on {row['h']}:{row['p']} in {row['d']}"
+
+        return await self._probe("reading its server_id", timeout, query)
+
     async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
-        new = self._peer(new_primary, "divergence")
+        new = await self._distinct_peer(new_primary, "divergence", min(timeout / 4, 2.0))
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             mine = await self._probe("divergence", timeout, self._gtid_state)
@@ -1046,7 +1059,7 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         return _gtid_report(mysql_gtid_count(diff), items, "the new primary's gtid_executed", "")
 
     async def rejoin(self, new_primary: Engine, timeout: float) -> str:
-        new = self._peer(new_primary, "rejoin")
+        new = await self._distinct_peer(new_primary, "rejoin", min(timeout / 4, 2.0))
         deadline = asyncio.get_running_loop().time() + timeout
         report = await self.divergence(new, timeout / 2)
         if report.diverged and not self._resync:

@@ -905,8 +905,21 @@ class PostgresEngine(ConnectionTemplate[Any]):
         host = parts.hostname or dict(parse_qsl(parts.query)).get("host") or "localhost"
         return host, parts.port or 5432
 
+    async def _identity(self, timeout: float) -> str:
+        # The system identifier is shared with every physical replica: the postmaster's
+        # start time (to the microsecond) and port tell two servers apart instead.
+        async def query(conn: asyncpg.Connection, deadline: float) -> str:
+            row = await conn.fetchrow(
+                "SELECT current_setting('port') AS port, pg_postmaster_start_time() AS up",
+                timeout=self._remaining(deadline),
+            )
+            assert row is not None
+            return f"port {row['port']}, up since {row['up'].isoformat()}"
+
+        return await self._probe("reading its identity", timeout, query)
+
     async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
-        new = self._peer(new_primary, "divergence")
+        new = await self._distinct_peer(new_primary, "divergence", min(timeout / 4, 2.0))
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             mine = await self._where_now(timeout)
@@ -1015,7 +1028,7 @@ class PostgresEngine(ConnectionTemplate[Any]):
         return xids, f"{len(xids)} transaction(s) committed{capped}"
 
     async def rejoin(self, new_primary: Engine, timeout: float) -> str:
-        new = self._peer(new_primary, "rejoin")
+        new = await self._distinct_peer(new_primary, "rejoin", min(timeout / 4, 2.0))
         if self._host is None:
             raise EngineError(
                 self._line(
