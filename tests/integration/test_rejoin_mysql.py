@@ -122,6 +122,17 @@ async def test_an_old_primary_dsn_that_reaches_the_new_primary_is_refused(
     pair.replica.sql("INSERT INTO app.t (v) VALUES ('still-writable')")
 
 
+async def test_a_replica_with_read_only_off_fails_the_verification(
+    pair: support.MariaDBPair, failed_over: Engines
+) -> None:
+    old, new = failed_over
+    await old.rejoin(new, 10)
+    assert "replica of" in await wait_replica_of(old, new)
+    pair.primary.sql("SET GLOBAL read_only = OFF")
+    with pytest.raises(EngineError, match=r"replica_of: replicating from .* read_only is off"):
+        await old.replica_of(new, 5)
+
+
 async def test_diverged_transactions_are_named_and_not_silently_kept(
     pair: support.MariaDBPair, failed_over: Engines
 ) -> None:

@@ -1077,6 +1077,14 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
 
         async def action(conn: _Conn, deadline: float) -> str:
             f = conn.flavour
+            if report.diverged is None and not f.mariadb:
+                # MySQL has no dump fallback here: an unknown divergence is not a zero one.
+                raise EngineError(
+                    self._line(
+                        f"rejoin: divergence unknown ({report.detail}); refusing to rejoin"
+                        f" blind: rebuild it from a backup of {new.where}, then rejoin"
+                    )
+                )
             ch = await self._channel(conn)
             if ch is not None and _same_source(ch, new.dsn):
                 if ch.io != "Yes" or ch.sql != "Yes":
@@ -1317,9 +1325,15 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
                         f" {format_pos(target)}"
                     )
                 )
-            read_only, _ = await self._read_only(conn)
-            note = "" if read_only else "; read_only is OFF on it"
-            return f"replica of {new.where}, applied up to {format_pos(applied)}{note}"
+            read_only, super_ro = await self._read_only(conn)
+            if not (read_only or super_ro):
+                raise EngineError(
+                    self._line(
+                        f"replica_of: replicating from {new.where} but read_only is off:"
+                        " clients can still write to it"
+                    )
+                )
+            return f"replica of {new.where}, applied up to {format_pos(applied)}"
 
         return await self._probe("replica_of", self._remaining(deadline), query)
 
