@@ -133,6 +133,21 @@ async def test_a_replica_with_read_only_off_fails_the_verification(
         await old.replica_of(new, 5)
 
 
+async def test_the_binlog_scan_reads_a_page_at_a_time(
+    pair: support.MariaDBPair, failed_over: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pages of 3 events (a transaction is several): every page boundary falls inside
+    # one, and the scan still names each diverged transaction once, in order.
+    monkeypatch.setattr(engine_mod, "BINLOG_PAGE", 3)
+    old, new = failed_over
+    domain, server_id, seq = binlog_pos(pair.primary).split("-")
+    for i in range(5):
+        pair.primary.sql(f"INSERT INTO app.t (v) VALUES ('paged-{i}')")
+    report = await old.divergence(new, 4)
+    assert report.items == tuple(f"{domain}-{server_id}-{int(seq) + i}" for i in range(1, 6))
+    assert report.lost == 5
+
+
 async def test_diverged_transactions_are_named_and_not_silently_kept(
     pair: support.MariaDBPair, failed_over: Engines
 ) -> None:

@@ -104,7 +104,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
@@ -1448,6 +1448,27 @@ def maria_pos(text: str) -> dict[int, tuple[int, int]]:
     return out
 
 
+BINLOG_PAGE = 1000  # events per SHOW BINLOG EVENTS: a whole binary log can be 1 GB
+
+
+async def _binlog_events(conn: _Conn, name: str) -> AsyncIterator[dict[str, Any]]:
+    """The events of binary log ``name``, read a page at a time (``FROM`` the end of
+    the last one read, ``LIMIT BINLOG_PAGE``), not the whole file into memory."""
+    pos: int | None = None
+    while True:
+        if pos is None:
+            rows = await conn.rows("SHOW BINLOG EVENTS IN %s LIMIT %s", (name, BINLOG_PAGE))
+        else:
+            rows = await conn.rows(
+                "SHOW BINLOG EVENTS IN %s FROM %s LIMIT %s", (name, pos, BINLOG_PAGE)
+            )
+        for row in rows:
+            yield row
+        if len(rows) < BINLOG_PAGE:
+            return
+        pos = int(rows[-1]["End_log_pos"])
+
+
 async def _maria_gtids_after(
     conn: _Conn, fork: Mapping[int, tuple[int, int]]
 ) -> tuple[list[str], bool]:
@@ -1459,7 +1480,7 @@ async def _maria_gtids_after(
     for name in reversed(files):
         gtids: list[str] = []
         start: dict[int, tuple[int, int]] | None = None
-        for row in await conn.rows("SHOW BINLOG EVENTS IN %s", (name,)):
+        async for row in _binlog_events(conn, name):
             if row["Event_type"] == "Gtid_list" and start is None:
                 start = maria_pos(str(row["Info"]).strip("[]"))
             elif row["Event_type"] == "Gtid":
