@@ -153,7 +153,7 @@ class Detector:
         at = cycle.at
         stalled = self._last_at is not None and at - self._last_at > 2 * self.interval
         gap = 0.0 if self._last_at is None else at - self._last_at
-        since = _loss_start(cycle.primary_lost_at, self._last_at, at)
+        since = _loss_start(cycle.primary_lost_at, self._last_at, at, self.interval)
         self._last_at = at
 
         n = self.recovery_successes
@@ -291,12 +291,17 @@ class Detector:
         )
 
 
-def _loss_start(lost_at: float | None, previous: float | None, at: float) -> float | None:
+def _loss_start(
+    lost_at: float | None, previous: float | None, at: float, interval: float
+) -> float | None:
     """When a noticed connection loss says the outage began: not before the previous
-    cycle (which saw the primary as it was then), not after this one."""
+    cycle (which saw the primary as it was then), not after this one. Without a previous
+    cycle (the first one, after reset() or a reload) not before one interval ago: a stale
+    notice must not backdate the outage past what one cycle could have missed."""
     if lost_at is None:
         return None
-    return min(at, lost_at if previous is None else max(lost_at, previous))
+    floor = at - interval if previous is None else previous
+    return min(at, max(lost_at, floor))
 
 
 def _link_note(standby: Observation) -> str:

@@ -7,6 +7,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import pytest
+
 from tests.support import timing
 from watchdogd.engines import Engine, EngineError
 
@@ -50,3 +52,16 @@ async def twice_around(
         write(key)
         await wait_replica_of(old, new)  # replayed up to the write
         await old.promote(10)  # the next failure: the rejoined node takes over again
+
+
+async def refused_as_same_server(same: Engine, new: Engine, identity: str) -> None:
+    """Through ``same`` (a DSN that reaches the new primary under another name) both the
+    divergence report and the rejoin are refused, naming the shared ``identity``; then
+    ``same`` is closed."""
+    try:
+        for call in (same.divergence, same.rejoin):
+            with pytest.raises(EngineError, match=rf"are the same server \({identity}") as caught:
+                await call(new, 10)
+            assert "\n" not in str(caught.value)
+    finally:
+        await same.close()

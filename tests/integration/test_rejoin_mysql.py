@@ -17,7 +17,12 @@ from typing import Any
 
 import pytest
 
-from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
+from tests.integration.rejoin_checks import (
+    eventually_true,
+    refused_as_same_server,
+    twice_around,
+    wait_replica_of,
+)
 from tests.support import mysql as support
 from tests.support import timing
 from watchdogd import config
@@ -90,6 +95,57 @@ async def test_nothing_diverged_then_rejoin(
     # Idempotent: a second rejoin only checks, and the report says nothing to lose.
     assert (await old.rejoin(new, 5)).startswith("already a replica of")
     assert (await old.divergence(new, 2)).lost == 0
+
+
+async def test_an_old_primary_dsn_that_reaches_the_new_primary_is_refused(
+    pair: support.MariaDBPair, failed_over: Engines
+) -> None:
+    # The node's DSN names the new primary under another name (localhost for 127.0.0.1,
+    # as a VIP or DNS name moved to it would): GTID_SUBTRACT(x, x) would report nothing
+    # lost, and the rejoin (or the dump fallback, which drops schemas) act on it.
+    _, new = failed_over
+    same = engine_mod.create(
+        DatabaseConfig(
+            "mysql",
+            pair.dsn(pair.replica).replace("127.0.0.1", "localhost"),
+            {
+                "replication_user": "repl",
+                "replication_password": pair.repl_password,
+                "rejoin_fallback": "dump",
+            },
+        ),
+        set(),
+    )
+    await refused_as_same_server(same, new, "server_id")
+    assert int(pair.replica.sql("SELECT @@read_only AS ro")[0]["ro"]) == 0
+    assert pair.replica.sql("SHOW SLAVE STATUS") == []
+    pair.replica.sql("INSERT INTO app.t (v) VALUES ('still-writable')")
+
+
+async def test_a_replica_with_read_only_off_fails_the_verification(
+    pair: support.MariaDBPair, failed_over: Engines
+) -> None:
+    old, new = failed_over
+    await old.rejoin(new, 10)
+    assert "replica of" in await wait_replica_of(old, new)
+    pair.primary.sql("SET GLOBAL read_only = OFF")
+    with pytest.raises(EngineError, match=r"replica_of: replicating from .* read_only is off"):
+        await old.replica_of(new, 5)
+
+
+async def test_the_binlog_scan_reads_a_page_at_a_time(
+    pair: support.MariaDBPair, failed_over: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pages of 3 events (a transaction is several): every page boundary falls inside
+    # one, and the scan still names each diverged transaction once, in order.
+    monkeypatch.setattr(engine_mod, "BINLOG_PAGE", 3)
+    old, new = failed_over
+    domain, server_id, seq = binlog_pos(pair.primary).split("-")
+    for i in range(5):
+        pair.primary.sql(f"INSERT INTO app.t (v) VALUES ('paged-{i}')")
+    report = await old.divergence(new, 4)
+    assert report.items == tuple(f"{domain}-{server_id}-{int(seq) + i}" for i in range(1, 6))
+    assert report.lost == 5
 
 
 async def test_diverged_transactions_are_named_and_not_silently_kept(

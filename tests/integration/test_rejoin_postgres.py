@@ -9,12 +9,20 @@ sets wal_log_hints = on, as the docs recommend."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
+from tests.integration.rejoin_checks import (
+    eventually_true,
+    refused_as_same_server,
+    twice_around,
+    wait_replica_of,
+)
 from tests.support import pg as support
 from tests.support.cluster import pg_cluster
 from watchdogd.core.model import DatabaseConfig
@@ -98,6 +106,29 @@ async def test_nothing_diverged_then_rewind(tuned: PgPair, closing: list[Postgre
     # Idempotent: a second rejoin only checks, and the report says nothing to lose.
     assert (await old.rejoin(new, 10)).startswith("already a replica of")
     assert (await old.divergence(new, 5)).lost == 0
+
+
+async def test_an_old_primary_dsn_that_reaches_the_new_primary_is_refused(
+    tuned: PgPair, closing: list[PostgresEngine]
+) -> None:
+    # The node's DSN names the new primary under another name (localhost for 127.0.0.1,
+    # as a VIP or DNS name moved to it would): neither divergence nor rejoin act on it.
+    _, new = await fail_over(tuned)
+    same = engine_mod.create(
+        DatabaseConfig(
+            "postgres",
+            tuned.standby.dsn.replace("127.0.0.1", "localhost"),
+            {
+                "data_dir": str(tuned.primary.data_dir),
+                "start_command": support.start_command(tuned, tuned.primary),
+            },
+        ),
+        set(),
+    )
+    closing.append(new)
+    await refused_as_same_server(same, new, "port")
+    assert not tuned.standby.is_in_recovery() and not tuned.primary.is_in_recovery()
+    tuned.standby.execute("INSERT INTO notes VALUES ('still-writable')")
 
 
 async def test_diverged_transactions_are_named_then_rewound_away(
@@ -200,6 +231,38 @@ async def test_rejoin_needs_the_data_dir(tuned: PgPair, closing: list[PostgresEn
     with pytest.raises(LabError):  # never touched: still a writable primary
         tuned.primary.execute("SELECT 1/0")
     assert not tuned.primary.is_in_recovery()
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory any user can write (pytest's tmp_path is not reachable by nobody)."""
+    with tempfile.TemporaryDirectory() as where:
+        Path(where).chmod(0o777)
+        yield Path(where)
+
+
+async def test_a_host_program_cut_off_by_its_timeout_ends_with_all_it_started(
+    open_dir: Path,
+) -> None:
+    # As root the program runs under runuser, which cannot pass SIGKILL on: the whole
+    # process group goes, even children that ignore SIGTERM, before run() returns.
+    pids = open_dir / "pids"
+    script = f"trap '' TERM; sleep 60 & echo $! >> {pids}; echo $$ >> {pids}; wait"
+    runuser = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    host = engine_mod.HostSide(open_dir, start_command=(*runuser, "sh", "-c", script))
+    with pytest.raises(TimeoutError):
+        await host.run(host.start(0.5), "start", 0.5)
+    started = [int(line) for line in pids.read_text().split()]
+    assert len(started) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+
+    assert [pid for pid in started if alive(pid)] == []
 
 
 def test_host_side_options_are_validated() -> None:

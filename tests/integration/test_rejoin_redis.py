@@ -9,7 +9,12 @@ from typing import Any
 
 import pytest
 
-from tests.integration.rejoin_checks import eventually_true, twice_around, wait_replica_of
+from tests.integration.rejoin_checks import (
+    eventually_true,
+    refused_as_same_server,
+    twice_around,
+    wait_replica_of,
+)
 from tests.support import redis as support
 from watchdogd import actions, config
 from watchdogd.actions import ActionError, StepContext
@@ -68,6 +73,18 @@ async def test_nothing_diverged_then_rejoin(pair: support.RedisPair, failed_over
     assert (await old.rejoin(new, 5)).startswith("already a replica of")
     again = await old.divergence(new, 2)
     assert again.lost == 0 and "already a replica" in again.detail
+
+
+async def test_an_old_primary_dsn_that_reaches_the_new_primary_is_refused(
+    pair: support.RedisPair, failed_over: Engines
+) -> None:
+    # The node's DSN names the new primary under another name (localhost for 127.0.0.1,
+    # as a VIP or DNS name moved to it would): the rejoin would make it a replica of itself.
+    _, new = failed_over
+    same = make_engine(pair.dsn(pair.replica).replace("127.0.0.1", "localhost"))
+    await refused_as_same_server(same, new, "run_id")
+    assert pair.replica.call("ROLE")[0] == "master"
+    pair.replica.call("SET", "still-writable", "1")
 
 
 async def test_diverged_writes_are_named_then_thrown_away(

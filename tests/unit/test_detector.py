@@ -254,6 +254,20 @@ def test_an_early_start_never_predates_the_previous_cycle() -> None:
     assert v.outage_seconds == 0.0
 
 
+def test_an_early_start_without_a_previous_cycle_goes_back_one_interval_at_most() -> None:
+    # The first cycle (and the first after reset(), as after a failover) has no previous
+    # cycle to bound a stale notice: it is bounded by one interval before this cycle.
+    d = make(threshold=3)
+    v = d.update(lost(cycle(10.0, primary_ok=False), -100.0))
+    assert v.status == SUSPECT and v.outage_seconds == pytest.approx(1.0)
+    for t in (11.0, 11.9):
+        assert d.update(cycle(t, primary_ok=False)).status == SUSPECT
+    assert d.update(cycle(12.0, primary_ok=False)).status == DOWN  # 3 s since 9.0
+    d.reset()
+    v = d.update(lost(cycle(20.0, primary_ok=False), 19.6))  # within the interval: kept
+    assert v.outage_seconds == pytest.approx(0.4)
+
+
 def test_a_loss_the_cycle_does_not_confirm_is_ignored() -> None:
     # The woken cycle finds the primary answering (a reconnect worked): no outage begins,
     # and a failure seen later is timed from its own cycle, not from the old notice.

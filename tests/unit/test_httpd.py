@@ -104,6 +104,8 @@ async def test_malformed_oversized_and_bodied_requests_are_refused_and_closed(po
         # RFC 9112 3.2: an HTTP/1.1 request must name its Host.
         b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n": "400 Bad Request",
         b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n": "400 Bad Request",
+        # urlsplit raises ValueError on an unbalanced IPv6 bracket in the target.
+        b"GET http://[/x HTTP/1.1\r\nHost: x\r\n\r\n": "400 Bad Request",
         b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 9999999\r\n\r\n": (
             "413 Request Entity Too Large"
         ),

@@ -161,3 +161,18 @@ def test_a_bad_interval_is_refused() -> None:
     sched = every(Job(), INTERVAL)
     with pytest.raises(ValueError, match="interval must be positive"):
         sched.reschedule(NAME, -1)
+
+
+async def test_a_run_now_just_before_stop_does_not_run_after_it() -> None:
+    # run_now's wakeup may hand APScheduler's executor a run that only starts as a task
+    # after stop() returned: that run must not call the job.
+    job = Job()
+    sched = every(job, 100 * INTERVAL)
+    sched.start()
+    await asyncio.sleep(INTERVAL)
+    assert len(job.starts) == 1
+    sched.run_now(NAME)
+    await asyncio.sleep(0)  # the wakeup submits the run: its task starts inside stop()
+    await sched.stop()
+    await asyncio.sleep(2 * INTERVAL)
+    assert len(job.starts) == 1 and not sched.running(NAME)

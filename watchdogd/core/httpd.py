@@ -320,4 +320,7 @@ def _request(event: h11.Request) -> Request:
     if int(headers.get("content-length", "0")) > MAX_BODY:  # h11 checked it is a number
         raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     target = event.target.decode("latin-1")
-    return Request(event.method.decode("ascii").upper(), target, headers, version)
+    try:
+        return Request(event.method.decode("ascii").upper(), target, headers, version)
+    except ValueError:  # urlsplit: a target such as ``http://[/x`` (unbalanced bracket)
+        raise _Refused(HTTPStatus.BAD_REQUEST) from None

@@ -60,6 +60,8 @@ class _Job:
         self.stopping = False
 
     async def run(self) -> None:
+        if self.stopping:
+            return  # a wakeup queued by run_now() before stop() submitted this run late
         self.running, self.task = True, asyncio.current_task()
         try:
             while True:

@@ -331,6 +331,28 @@ class ConnectionTemplate(ABC, Generic[C]):
             raise EngineError(self._line(f"{op}: the new primary is this same server"))
         return new_primary
 
+    async def _identity(self, timeout: float) -> str:
+        """What tells this server from every other (per engine); EngineError when it
+        cannot be read."""
+        raise NotImplementedError
+
+    async def _distinct_peer(self: S, new_primary: object, op: str, timeout: float) -> S:
+        """``_peer``, and not the same server under another name either: a DSN that is a
+        VIP or DNS name now pointing at the new primary, or localhost for 127.0.0.1,
+        would make every destructive rejoin step act on the new primary itself. An old
+        primary that does not answer is not the new primary (which answers)."""
+        new = self._peer(new_primary, op)
+        try:
+            mine = await self._identity(timeout / 2)
+            theirs = await new._identity(timeout / 2)
+        except EngineError:
+            return new
+        if mine == theirs:
+            raise EngineError(
+                self._line(f"{op}: {self.where} and {new.where} are the same server ({mine})")
+            )
+        return new
+
     async def _replica_target(
         self: S, new_primary: object, timeout: float, what: str = "a primary"
     ) -> tuple[S, int, float]:

@@ -104,7 +104,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
@@ -950,8 +950,21 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         row = (await conn.rows("SELECT @@global.gtid_executed AS e, @@server_id AS id"))[0]
         return GtidState(f, channel, str(row["e"] or "").replace("\n", ""), "", int(row["id"]))
 
+    async def _identity(self, timeout: float) -> str:
+        # MariaDB has no @@server_uuid: server_id (unique in a replication set) with
+        # where the server says it is.
+        async def query(conn: _Conn, _: float) -> str:
+            row = (
+                await conn.rows(
+                    "SELECT @@server_id AS id, @@hostname AS h, @@port AS p, @@datadir AS d"
+                )
+            )[0]
+            return f"server_id {row['id']} on {row['h']}:{row['p']} in {row['d']}"
+
+        return await self._probe("reading its server_id", timeout, query)
+
     async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
-        new = self._peer(new_primary, "divergence")
+        new = await self._distinct_peer(new_primary, "divergence", min(timeout / 4, 2.0))
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             mine = await self._probe("divergence", timeout, self._gtid_state)
@@ -1046,7 +1059,7 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
         return _gtid_report(mysql_gtid_count(diff), items, "the new primary's gtid_executed", "")
 
     async def rejoin(self, new_primary: Engine, timeout: float) -> str:
-        new = self._peer(new_primary, "rejoin")
+        new = await self._distinct_peer(new_primary, "rejoin", min(timeout / 4, 2.0))
         deadline = asyncio.get_running_loop().time() + timeout
         report = await self.divergence(new, timeout / 2)
         if report.diverged and not self._resync:
@@ -1064,6 +1077,14 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
 
         async def action(conn: _Conn, deadline: float) -> str:
             f = conn.flavour
+            if report.diverged is None and not f.mariadb:
+                # MySQL has no dump fallback here: an unknown divergence is not a zero one.
+                raise EngineError(
+                    self._line(
+                        f"rejoin: divergence unknown ({report.detail}); refusing to rejoin"
+                        f" blind: rebuild it from a backup of {new.where}, then rejoin"
+                    )
+                )
             ch = await self._channel(conn)
             if ch is not None and _same_source(ch, new.dsn):
                 if ch.io != "Yes" or ch.sql != "Yes":
@@ -1304,9 +1325,15 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
                         f" {format_pos(target)}"
                     )
                 )
-            read_only, _ = await self._read_only(conn)
-            note = "" if read_only else "; read_only is OFF on it"
-            return f"replica of {new.where}, applied up to {format_pos(applied)}{note}"
+            read_only, super_ro = await self._read_only(conn)
+            if not (read_only or super_ro):
+                raise EngineError(
+                    self._line(
+                        f"replica_of: replicating from {new.where} but read_only is off:"
+                        " clients can still write to it"
+                    )
+                )
+            return f"replica of {new.where}, applied up to {format_pos(applied)}"
 
         return await self._probe("replica_of", self._remaining(deadline), query)
 
@@ -1421,6 +1448,27 @@ def maria_pos(text: str) -> dict[int, tuple[int, int]]:
     return out
 
 
+BINLOG_PAGE = 1000  # events per SHOW BINLOG EVENTS: a whole binary log can be 1 GB
+
+
+async def _binlog_events(conn: _Conn, name: str) -> AsyncIterator[dict[str, Any]]:
+    """The events of binary log ``name``, read a page at a time (``FROM`` the end of
+    the last one read, ``LIMIT BINLOG_PAGE``), not the whole file into memory."""
+    pos: int | None = None
+    while True:
+        if pos is None:
+            rows = await conn.rows("SHOW BINLOG EVENTS IN %s LIMIT %s", (name, BINLOG_PAGE))
+        else:
+            rows = await conn.rows(
+                "SHOW BINLOG EVENTS IN %s FROM %s LIMIT %s", (name, pos, BINLOG_PAGE)
+            )
+        for row in rows:
+            yield row
+        if len(rows) < BINLOG_PAGE:
+            return
+        pos = int(rows[-1]["End_log_pos"])
+
+
 async def _maria_gtids_after(
     conn: _Conn, fork: Mapping[int, tuple[int, int]]
 ) -> tuple[list[str], bool]:
@@ -1432,7 +1480,7 @@ async def _maria_gtids_after(
     for name in reversed(files):
         gtids: list[str] = []
         start: dict[int, tuple[int, int]] | None = None
-        for row in await conn.rows("SHOW BINLOG EVENTS IN %s", (name,)):
+        async for row in _binlog_events(conn, name):
             if row["Event_type"] == "Gtid_list" and start is None:
                 start = maria_pos(str(row["Info"]).strip("[]"))
             elif row["Event_type"] == "Gtid":

@@ -35,6 +35,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -141,6 +142,39 @@ def parse_history(text: str) -> dict[int, int]:
     return switches
 
 
+GROUP_GRACE = 2.0  # seconds a host program's group has to end on SIGTERM before SIGKILL
+
+
+async def _end_group(proc: asyncio.subprocess.Process) -> None:
+    """End a host program cut off by a timeout, with everything it started: its whole
+    process group (its own session), not only the direct child. As root that child is
+    ``runuser``, which cannot pass SIGKILL on: pg_rewind or pg_basebackup would go on
+    writing the data directory while a retry starts on it. SIGTERM, a short grace, then
+    SIGKILL; the child is always reaped. (A server started by ``pg_ctl start`` is in a
+    session of its own and is not touched.)"""
+
+    def signal_group(sig: int) -> bool:
+        """Whether any process of the group is left (signal 0 only asks)."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        signal_group(sig)
+        until = loop.time() + GROUP_GRACE
+        while (proc.returncode is None or signal_group(0)) and loop.time() < until:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proc.wait()), 0.05)
+        if proc.returncode is not None and not signal_group(0):
+            break
+    await proc.wait()
+
+
 class HostError(Exception):
     """A program on the server's host (pg_ctl, pg_rewind, ...) failed; one line."""
 
@@ -244,8 +278,7 @@ class HostSide:
                 async with asyncio.timeout(timeout):
                     code = await proc.wait()
             except BaseException:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                await _end_group(proc)
                 raise
             out.seek(0)
             text = out.read().decode(errors="replace")
@@ -872,8 +905,21 @@ class PostgresEngine(ConnectionTemplate[Any]):
         host = parts.hostname or dict(parse_qsl(parts.query)).get("host") or "localhost"
         return host, parts.port or 5432
 
+    async def _identity(self, timeout: float) -> str:
+        # The system identifier is shared with every physical replica: the postmaster's
+        # start time (to the microsecond) and port tell two servers apart instead.
+        async def query(conn: asyncpg.Connection, deadline: float) -> str:
+            row = await conn.fetchrow(
+                "SELECT current_setting('port') AS port, pg_postmaster_start_time() AS up",
+                timeout=self._remaining(deadline),
+            )
+            assert row is not None
+            return f"port {row['port']}, up since {row['up'].isoformat()}"
+
+        return await self._probe("reading its identity", timeout, query)
+
     async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
-        new = self._peer(new_primary, "divergence")
+        new = await self._distinct_peer(new_primary, "divergence", min(timeout / 4, 2.0))
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             mine = await self._where_now(timeout)
@@ -982,7 +1028,7 @@ class PostgresEngine(ConnectionTemplate[Any]):
         return xids, f"{len(xids)} transaction(s) committed{capped}"
 
     async def rejoin(self, new_primary: Engine, timeout: float) -> str:
-        new = self._peer(new_primary, "rejoin")
+        new = await self._distinct_peer(new_primary, "rejoin", min(timeout / 4, 2.0))
         if self._host is None:
             raise EngineError(
                 self._line(

@@ -464,8 +464,15 @@ class RedisEngine(ConnectionTemplate[aioredis.Redis]):
 
     # -- Engine: rejoin (self is the old primary)
 
+    async def _identity(self, timeout: float) -> str:
+        async def query(client: aioredis.Redis, _: float) -> str:
+            info: dict[str, Any] = await client.info("server")
+            return f"run_id {info.get('run_id')}"
+
+        return await self._probe("reading its run_id", timeout, query)
+
     async def divergence(self, new_primary: Engine, timeout: float) -> Divergence:
-        new = self._peer(new_primary, "divergence")
+        new = await self._distinct_peer(new_primary, "divergence", min(timeout / 4, 2.0))
         deadline = asyncio.get_running_loop().time() + timeout
 
         async def info(client: aioredis.Redis, _: float) -> dict[str, Any]:
@@ -479,7 +486,7 @@ class RedisEngine(ConnectionTemplate[aioredis.Redis]):
         return offset_divergence(mine, theirs, new.dsn)
 
     async def rejoin(self, new_primary: Engine, timeout: float) -> str:
-        new = self._peer(new_primary, "rejoin")
+        new = await self._distinct_peer(new_primary, "rejoin", min(timeout / 4, 2.0))
 
         async def action(client: aioredis.Redis, deadline: float) -> str:
             info = await self._info(client)
