@@ -373,6 +373,7 @@ async def test_dry_run_shows_the_report_and_the_steps_and_changes_nothing(
         ("verify_rejoin", "replica_of", "main"),
     ]
     assert plan["steps"][1]["timeout"] == 120.0
+    assert reply["note"].startswith("the real run fences main first")
     # One writes_diverged for the report, not one per command.
     (told,) = rig.log.named("writes_diverged")
     assert told["lost"] == 3 and told["items"] == list(GTIDS) and told["trigger"] == "dry_run"
@@ -429,6 +430,47 @@ async def test_diverged_writes_refuse_the_rejoin_until_accepted(
     assert len(rig.log.named("writes_diverged")) == 1
     assert [e["rejoin_id"] for e in rig.log.named("rejoin_completed")] == [reply["started"]]
     assert rig.log.named("acked")[0]["by"] == f"rejoin {reply['started']}"
+
+
+async def test_a_real_rejoin_fences_the_old_primary_before_it_measures(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig = Rig(tmp_path, RejoinEngine("main", ZERO))
+    made.append(rig)
+    await rig.cmd("rejoin")
+    await rig.finished()
+    # Fenced first: no write lands between the report and the rewind.
+    assert rig.old.calls[:3] == [
+        ("fence", "main"),
+        ("divergence", "failover"),
+        ("rejoin", "failover"),
+    ]
+
+
+async def test_a_fence_that_fails_refuses_the_rejoin_and_journals_nothing(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig = Rig(tmp_path, RejoinEngine("main", ZERO, fence_error="connection refused"))
+    made.append(rig)
+    before = rig.path.read_bytes()
+    with pytest.raises(CommandError) as refused:
+        await rig.cmd("rejoin", accept_divergence=True)
+    assert str(refused.value) == "rejoin refused: main could not be fenced: connection refused"
+    assert rig.old.calls == [("fence", "main")]  # never measured, never rewound
+    assert rig.path.read_bytes() == before
+    assert not rig.d.sequences.rejoin_running
+    # auto_rejoin: waits for an operator, saying why.
+    (tmp_path / "auto").mkdir()
+    rig2 = Rig(
+        tmp_path / "auto", RejoinEngine("main", ZERO, fence_error="timed out"), auto_rejoin=True
+    )
+    made.append(rig2)
+    observe(rig2, "failover", "main")
+    rig2.d.cycle.check_auto_rejoin()
+    await asyncio.gather(*rig2.d.background)
+    assert rig2.old.calls == [("fence", "main")] and rig2.records("rejoin") == []
+    (waiting,) = rig2.log.named("rejoin_waiting")
+    assert waiting["reason"] == "main could not be fenced: timed out"
 
 
 async def test_an_unknown_divergence_is_refused_unless_accepted(
@@ -596,7 +638,7 @@ async def test_auto_rejoin_waits_for_an_operator_and_says_so_once(
     for _ in range(3):  # three cycles
         rig.d.cycle.check_auto_rejoin()
         await asyncio.gather(*rig.d.background)
-    assert rig.old.calls == [("divergence", "failover")]
+    assert rig.old.calls == [("fence", "main"), ("divergence", "failover")]
     assert rig.records("rejoin") == []
     (waiting,) = rig.log.named("rejoin_waiting")
     assert waiting["failover_id"] == "F1"

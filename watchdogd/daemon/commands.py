@@ -220,9 +220,14 @@ class Commands:
             raise CommandError(f"rejoin refused: {refusal}")
         seq.rejoin_starting = True
         try:
-            div = await seq.divergence(fo)
+            # A real rejoin fences the old primary first: a write landing between the
+            # report and the rewind would be thrown away unreported. A dry run only looks.
+            unfenced = None if dry_run else await seq.fence_old(fo)
+            div = await seq.divergence(fo) if unfenced is None else None
         finally:
             seq.rejoin_starting = False
+        if unfenced is not None or div is None:
+            raise CommandError(f"rejoin refused: {unfenced}")
         if d.state.awaiting_ack is not fo or seq.rejoin_running:
             raise CommandError("rejoin refused: the failover was acked or rejoined meanwhile")
         report = seq.report_divergence(fo, div, "dry_run" if dry_run else "manual")
@@ -234,6 +239,8 @@ class Commands:
             plan = seq.rejoin_plan(fo, "manual", reason)
             return {
                 "dry_run": True,
+                "note": f"the real run fences {fo.from_node} first (read-only, client "
+                "sessions ended), then measures the divergence again",
                 "divergence": report,
                 "refused": blocked,
                 "plan": seq.describe(plan, failover_id=fo.id),

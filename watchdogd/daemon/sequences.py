@@ -320,6 +320,20 @@ class Sequences:
         """A rejoin runs, or its divergence report is being computed, in this process."""
         return self.rejoin_task is not None or self.rejoin_starting
 
+    async def fence_old(self, fo: FailoverRecord) -> str | None:
+        """Fence ``fo``'s old primary (read-only, client sessions ended; idempotent) before a
+        real rejoin measures its divergence, so that no write lands between the report and
+        the rewind. Why it failed, in one line, or None once fenced."""
+        d = self.d
+        try:
+            async with asyncio.timeout(DIVERGENCE_TIMEOUT + 1.0):
+                await d.engines[fo.from_node].fence(DIVERGENCE_TIMEOUT)
+        except TimeoutError:
+            return f"{fo.from_node} could not be fenced: no answer within {DIVERGENCE_TIMEOUT:g}s"
+        except Exception as exc:  # an engine error or a bug: the rejoin must not go ahead
+            return d.config.mask(f"{fo.from_node} could not be fenced: {exc}")
+        return None
+
     async def divergence(self, fo: FailoverRecord) -> Divergence:
         """What ``fo``'s old primary holds that its new primary lacks; never raises (a
         report that cannot be made is ``known=False`` with the reason)."""
@@ -458,6 +472,10 @@ class Sequences:
         d = self.d
         self.rejoin_starting = True
         try:
+            unfenced = await self.fence_old(fo)
+            if unfenced is not None:
+                self._wait_for_operator(fo, unfenced)
+                return
             div = await self.divergence(fo)
             report = self.report_divergence(fo, div, "automatic")
             if d.state.awaiting_ack is not fo or d.state.unfinished_rejoin is not None:
@@ -466,17 +484,7 @@ class Sequences:
                 why = (
                     "writes diverged" if div.diverged else "divergence unknown"
                 ) + f": {report['summary']}"
-                self.rejoin_waiting = {"failover_id": fo.id, "reason": why}
-                d.emit(
-                    "rejoin_waiting",
-                    failover_id=fo.id,
-                    old_primary=fo.from_node,
-                    new_primary=fo.to_node,
-                    reason=why,
-                    note="auto_rejoin rejoins only with a known zero divergence: run "
-                    "watchdogctl rejoin (--accept-divergence to throw those writes away)",
-                )
-                d.metrics.set_rejoin_waiting(True)
+                self._wait_for_operator(fo, why)
                 return
             with contextlib.suppress(JournalError):  # reported by record(); retried by hand
                 self.start_rejoin(
@@ -488,6 +496,20 @@ class Sequences:
                 )
         finally:
             self.rejoin_starting = False
+
+    def _wait_for_operator(self, fo: FailoverRecord, why: str) -> None:
+        d = self.d
+        self.rejoin_waiting = {"failover_id": fo.id, "reason": why}
+        d.emit(
+            "rejoin_waiting",
+            failover_id=fo.id,
+            old_primary=fo.from_node,
+            new_primary=fo.to_node,
+            reason=why,
+            note="auto_rejoin rejoins only with a known zero divergence: run "
+            "watchdogctl rejoin (--accept-divergence to throw those writes away)",
+        )
+        d.metrics.set_rejoin_waiting(True)
 
     # ------------------------------------------------------------------ shutdown
 
