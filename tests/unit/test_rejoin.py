@@ -473,6 +473,74 @@ async def test_a_fence_that_fails_refuses_the_rejoin_and_journals_nothing(
     assert waiting["reason"] == "main could not be fenced: timed out"
 
 
+class SlowReport(RejoinEngine):
+    """Its divergence report waits until ``go`` is set, so the test acts meanwhile."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, ZERO)
+        self.asked, self.go = asyncio.Event(), asyncio.Event()
+
+    async def divergence(self, new_primary: Any, timeout: float) -> Divergence:
+        self.asked.set()
+        await self.go.wait()
+        return await super().divergence(new_primary, timeout)
+
+
+async def fence_held(until: asyncio.Event) -> str:
+    """A fence task that runs until ``until`` is set."""
+    await until.wait()
+    return "completed"
+
+
+def fence_steps() -> list[dict[str, Any]]:
+    return [{"name": "fence_old_primary", "action": "fence"}]
+
+
+async def test_a_fence_during_the_report_refuses_the_rejoin_and_no_fence_during_one(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    slow = SlowReport("main")
+    rig = Rig(tmp_path, slow, fence_steps=fence_steps())
+    made.append(rig)
+    fo = rig.d.state.awaiting_ack
+    assert fo is not None
+    command = asyncio.create_task(rig.cmd("rejoin"))
+    await asyncio.wait_for(slow.asked.wait(), 5)
+    # The split-brain check fires during the report: no fence while a rejoin starts.
+    rig.d.sequences.start_fence(fo)
+    assert rig.d.sequences.fence_task is None and rig.records("fence") == []
+    (skipped,) = rig.log.named("fence_skipped")
+    assert skipped["failover_id"] == "F1" and "rejoin" in skipped["reason"]
+    # A fence that slipped in anyway (it ran before this check existed) still refuses.
+    blocker = asyncio.Event()
+    rig.d.sequences.fence_task = asyncio.create_task(fence_held(blocker))
+    slow.go.set()
+    with pytest.raises(CommandError, match=r"^rejoin refused: the old primary is being fenced"):
+        await command
+    assert rig.records("rejoin") == [] and ("rejoin", "failover") not in rig.old.calls
+    blocker.set()
+    await rig.d.sequences.fence_task
+
+
+async def test_auto_rejoin_refused_after_its_report_when_a_fence_started(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    slow = SlowReport("main")
+    rig = Rig(tmp_path, slow, auto_rejoin=True)
+    made.append(rig)
+    observe(rig, "failover", "main")
+    rig.d.cycle.check_auto_rejoin()
+    await asyncio.wait_for(slow.asked.wait(), 5)
+    blocker = asyncio.Event()
+    rig.d.sequences.fence_task = asyncio.create_task(fence_held(blocker))
+    slow.go.set()
+    await asyncio.gather(*rig.d.background)
+    assert rig.records("rejoin") == [] and rig.d.sequences.rejoin_task is None
+    assert rig.d.cycle.rejoin_checked is None  # looked at again once the fence is done
+    blocker.set()
+    await rig.d.sequences.fence_task
+
+
 async def test_an_unknown_divergence_is_refused_unless_accepted(
     tmp_path: Path, made: list[Rig]
 ) -> None:

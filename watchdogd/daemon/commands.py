@@ -230,6 +230,10 @@ class Commands:
             raise CommandError(f"rejoin refused: {unfenced}")
         if d.state.awaiting_ack is not fo or seq.rejoin_running:
             raise CommandError("rejoin refused: the failover was acked or rejoined meanwhile")
+        # A fence or a failover may have started during the report: the same rules again.
+        refusal = policy.refuse_rejoin(d.state, seq.rejoin_running, seq.fencing)
+        if refusal is not None:
+            raise CommandError(f"rejoin refused: {refusal}")
         report = seq.report_divergence(fo, div, "dry_run" if dry_run else "manual")
         blocked = policy.refuse_divergence(div, accept, fo.from_node, fo.to_node)
         reason = f"rejoin by {who(peer)}"

@@ -250,7 +250,16 @@ class Sequences:
         journaled as a fence, never as a failover)."""
         d = self.d
         steps = d.config.failover.fence_steps
-        if not steps or (self.fence_task is not None and not self.fence_task.done()):
+        if not steps or self.fencing:
+            return
+        if self.rejoin_running:
+            # Both act on the old primary; a rejoin fences it itself before it measures.
+            d.emit(
+                "fence_skipped",
+                failover_id=fo.id,
+                old_primary=fo.from_node,
+                reason="a rejoin of the old primary is running or starting (it fences first)",
+            )
             return
         plan = Plan(
             id=f"fence-{self.new_id()}",
@@ -480,6 +489,9 @@ class Sequences:
             report = self.report_divergence(fo, div, "automatic")
             if d.state.awaiting_ack is not fo or d.state.unfinished_rejoin is not None:
                 return  # an operator acted meanwhile
+            if policy.refuse_rejoin(d.state, self.rejoin_task is not None, self.fencing):
+                d.cycle.rejoin_checked = None  # a fence or a failover started meanwhile:
+                return  # looked at again once they are done
             if not policy.auto_rejoin_starts(div):
                 why = (
                     "writes diverged" if div.diverged else "divergence unknown"
