@@ -22,7 +22,7 @@ from watchdogd import config, ctl, policy
 from watchdogd.control import CommandError
 from watchdogd.core.model import FailoverConfig, StepConfig
 from watchdogd.daemon import Daemon
-from watchdogd.detector import HEALTHY, Verdict
+from watchdogd.detector import DOWN, HEALTHY, Verdict
 from watchdogd.engines import Divergence, EngineError
 from watchdogd.policy import FAILED, FAILED_OVER, WATCHING, Policy
 from watchdogd.probes import Observation
@@ -121,6 +121,26 @@ def test_a_rejoin_needs_a_failover_that_promoted_and_nothing_running() -> None:
     assert policy.refuse_rejoin(state, False) == "rejoin R1 of main is already running"
     apply(state, journal.ack(id="F1", primary="failover", standby="main", at=20))
     assert policy.refuse_rejoin(state, False) is not None
+
+
+def test_no_manual_failover_or_switchover_while_a_rejoin_is_unfinished_or_running() -> None:
+    from watchdogd.policy import StandbyFacts
+
+    good = StandbyFacts(reachable=True, is_standby=True, lag_bytes=0, lag_seconds=0.0)
+    down = Verdict(DOWN, "primary database down", outage_seconds=6, trigger="database")
+    # F1 promoted, then failed a later step: --force used to let a failover through.
+    state = fo_state("failed", promoted=True)
+    p = Policy(FailoverConfig(), state)
+    assert p.refuse_manual_failover(down, good, force=True) is None
+    assert p.refuse_manual_failover(down, good, force=True, rejoining=True) == (
+        "a rejoin is running or starting: let it finish first"
+    )
+    apply(state, rejoin_started())
+    unfinished = "rejoin R1 of main is unfinished: let it finish first (watchdogctl status)"
+    assert p.refuse_manual_failover(down, good, force=True) == unfinished
+    assert p.refuse_manual_failover(down, good, force=False) == unfinished
+    assert p.refuse_switchover(True, good) == unfinished
+    assert p.refuse_switchover(True, good, rejoining=True) == unfinished
 
 
 def test_the_divergence_report_decides_whether_a_rejoin_may_throw_writes_away() -> None:
@@ -539,6 +559,53 @@ async def test_auto_rejoin_refused_after_its_report_when_a_fence_started(
     assert rig.d.cycle.rejoin_checked is None  # looked at again once the fence is done
     blocker.set()
     await rig.d.sequences.fence_task
+
+
+async def test_a_forced_failover_or_a_switchover_is_refused_while_a_rejoin_starts(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    slow = SlowReport("main")
+    rig = Rig(tmp_path, slow)
+    made.append(rig)
+    command = asyncio.create_task(rig.cmd("rejoin"))
+    await asyncio.wait_for(slow.asked.wait(), 5)
+    with pytest.raises(CommandError, match=r"^failover refused: a rejoin is running or starting"):
+        await rig.cmd("failover", force=True)
+    with pytest.raises(CommandError, match=r"^switchover refused: a rejoin is running or"):
+        await rig.cmd("switchover")
+    slow.go.set()
+    await command
+    await rig.finished()
+    assert [r["id"] for r in rig.records("failover_started")] == ["F1"]  # none started
+    assert rig.records("ack")[0]["rejoin_id"] == rig.records("rejoin_started")[0]["id"]
+
+
+class AckedMeanwhile(RejoinEngine):
+    """Its verification finds the failover acked meanwhile (another path wrote the ack)."""
+
+    rig: Rig | None = None
+
+    async def replica_of(self, new_primary: Any, timeout: float) -> str:
+        done = await super().replica_of(new_primary, timeout)
+        assert self.rig is not None
+        d = self.rig.d
+        d.record(journal.ack(id="F1", primary="failover", standby="main", at=d.wall(), by="x"))
+        return done
+
+
+async def test_a_verified_rejoin_acks_only_the_failover_it_rejoined_for(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    old = AckedMeanwhile("main", ZERO)
+    rig = Rig(tmp_path, old)
+    made.append(rig)
+    old.rig = rig
+    await rig.cmd("rejoin")
+    task = rig.d.sequences.rejoin_task
+    assert task is not None
+    assert await asyncio.wait_for(task, 10) == "completed"  # no AssertionError from the ack
+    assert [r["by"] for r in rig.records("ack")] == ["x"]  # not acked a second time
+    assert rig.log.named("acked") == []
 
 
 async def test_an_unknown_divergence_is_refused_unless_accepted(

@@ -69,7 +69,9 @@ class Commands:
     async def _cmd_failover(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         d = self.d
         force, dry_run = bool(args.get("force")), bool(args.get("dry_run"))
-        refusal = d.policy.refuse_manual_failover(self._verdict(), d.cycle.standby_facts(), force)
+        refusal = d.policy.refuse_manual_failover(
+            self._verdict(), d.cycle.standby_facts(), force, d.sequences.rejoin_running
+        )
         if refusal is not None:
             raise CommandError(f"failover refused: {refusal}")
         reason = args.get("reason") or f"manual failover by {who(peer)}" + (
@@ -82,7 +84,9 @@ class Commands:
     async def _cmd_switchover(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         d = self.d
         pdb = d.latest.primary_db
-        refusal = d.policy.refuse_switchover(bool(pdb and pdb.ok), d.cycle.standby_facts())
+        refusal = d.policy.refuse_switchover(
+            bool(pdb and pdb.ok), d.cycle.standby_facts(), d.sequences.rejoin_running
+        )
         if refusal is not None:
             raise CommandError(f"switchover refused: {refusal}")
         timeout = args.get("timeout")

@@ -464,8 +464,14 @@ class Sequences:
             outcome = await self._guarded(runner)
         finally:
             self.rejoin_runner, self.rejoin_task = None, None
-        rj = d.state.last_rejoin
-        if outcome == COMPLETED and rj is not None and rj.id == runner.plan.id:
+        rj, fo = d.state.last_rejoin, d.state.awaiting_ack
+        if (
+            outcome == COMPLETED
+            and rj is not None
+            and rj.id == runner.plan.id
+            and fo is not None
+            and fo.id == rj.failover_id  # the failover it rejoined for still awaits its ack
+        ):
             with contextlib.suppress(JournalError):  # reported; acked at the next start
                 self.rearm(rj)
         d.cycle.refresh_state()
