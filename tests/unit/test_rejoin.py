@@ -22,6 +22,7 @@ from watchdogd import config, ctl, policy
 from watchdogd.control import CommandError
 from watchdogd.core.model import FailoverConfig, StepConfig
 from watchdogd.daemon import Daemon
+from watchdogd.daemon.sequences import StoppingError
 from watchdogd.detector import DOWN, HEALTHY, Verdict
 from watchdogd.engines import Divergence, EngineError
 from watchdogd.policy import FAILED, FAILED_OVER, WATCHING, Policy
@@ -542,15 +543,23 @@ async def test_a_fence_during_the_report_refuses_the_rejoin_and_no_fence_during_
     await rig.d.sequences.fence_task
 
 
-async def test_auto_rejoin_refused_after_its_report_when_a_fence_started(
-    tmp_path: Path, made: list[Rig]
-) -> None:
+async def auto_rejoin_in_report(
+    tmp_path: Path, made: list[Rig], **failover: Any
+) -> tuple[Rig, SlowReport]:
+    """A Rig whose auto_rejoin has started and waits in its divergence report."""
     slow = SlowReport("main")
-    rig = Rig(tmp_path, slow, auto_rejoin=True)
+    rig = Rig(tmp_path, slow, auto_rejoin=True, **failover)
     made.append(rig)
     observe(rig, "failover", "main")
     rig.d.cycle.check_auto_rejoin()
     await asyncio.wait_for(slow.asked.wait(), 5)
+    return rig, slow
+
+
+async def test_auto_rejoin_refused_after_its_report_when_a_fence_started(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig, slow = await auto_rejoin_in_report(tmp_path, made)
     blocker = asyncio.Event()
     rig.d.sequences.fence_task = asyncio.create_task(fence_held(blocker))
     slow.go.set()
@@ -578,6 +587,35 @@ async def test_a_forced_failover_or_a_switchover_is_refused_while_a_rejoin_start
     await rig.finished()
     assert [r["id"] for r in rig.records("failover_started")] == ["F1"]  # none started
     assert rig.records("ack")[0]["rejoin_id"] == rig.records("rejoin_started")[0]["id"]
+
+
+async def test_stop_ends_a_background_auto_rejoin_before_it_can_start_one(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig, _ = await auto_rejoin_in_report(tmp_path, made, fence_steps=fence_steps())
+    (task,) = rig.d.background
+    await asyncio.wait_for(rig.d.stop(quiet=True), 10)
+    assert task.cancelled() and rig.d.background == set()
+    assert rig.d.sequences.rejoin_task is None and rig.records("rejoin") == []
+    # Nothing new starts after stop: not a fence, not a rejoin, not a failover.
+    fo = rig.d.state.awaiting_ack
+    assert fo is not None
+    rig.d.sequences.start_fence(fo)
+    assert rig.d.sequences.fence_task is None
+    with pytest.raises(StoppingError):
+        rig.d.sequences.start_rejoin(fo, {}, accepted=False, trigger="manual", reason="r")
+    with pytest.raises(StoppingError):
+        rig.d.sequences.start_failover("failover", "manual", "r", forced=True)
+
+
+async def test_an_auto_rejoin_whose_report_ends_while_stopping_starts_nothing(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig, slow = await auto_rejoin_in_report(tmp_path, made)
+    rig.d.sequences.stopping = True
+    slow.go.set()
+    await asyncio.gather(*rig.d.background)
+    assert rig.d.sequences.rejoin_task is None and rig.records("rejoin") == []
 
 
 class AckedMeanwhile(RejoinEngine):

@@ -112,6 +112,8 @@ class Commands:
         if dry_run:
             plan = seq.plan(kind, trigger, reason, forced=forced, catchup_timeout=catchup_timeout)
             return {"dry_run": True, "plan": seq.describe(plan)}
+        if seq.stopping:
+            raise CommandError(f"{kind} refused: watchdogd is stopping")
         if (fo := d.state.awaiting_ack) is not None:
             # A failed failover being retried by hand: the new one supersedes it.
             primary, standby = d.base_roles()
@@ -236,6 +238,8 @@ class Commands:
             raise CommandError("rejoin refused: the failover was acked or rejoined meanwhile")
         # A fence or a failover may have started during the report: the same rules again.
         refusal = policy.refuse_rejoin(d.state, seq.rejoin_running, seq.fencing)
+        if seq.stopping and not dry_run:
+            refusal = "watchdogd is stopping"
         if refusal is not None:
             raise CommandError(f"rejoin refused: {refusal}")
         report = seq.report_divergence(fo, div, "dry_run" if dry_run else "manual")

@@ -38,6 +38,13 @@ if TYPE_CHECKING:
 DIVERGENCE_TIMEOUT = 10.0
 
 
+class StoppingError(RuntimeError):
+    """watchdogd is stopping: no failover, rejoin or fence starts any more."""
+
+    def __init__(self) -> None:
+        super().__init__("watchdogd is stopping: nothing new starts")
+
+
 @dataclass
 class VerifyRejoin:
     """A rejoin's last step: ``replica_of`` asked again until it says yes or the step's
@@ -84,6 +91,8 @@ class Sequences:
         self._diverged_reported: tuple[str, int | None] | None = None
         # Why auto_rejoin waits for an operator (None: it does not).
         self.rejoin_waiting: dict[str, Any] | None = None
+        # Set by stop(): nothing new starts (a background auto_rejoin included).
+        self.stopping = False
 
     @property
     def running(self) -> bool:
@@ -200,6 +209,8 @@ class Sequences:
 
     def _launch(self, plan: Plan, resume: FailoverRecord | None) -> None:
         d = self.d
+        if self.stopping:
+            raise StoppingError
         runner = Runner(
             plan,
             self.context(plan),
@@ -250,7 +261,7 @@ class Sequences:
         journaled as a fence, never as a failover)."""
         d = self.d
         steps = d.config.failover.fence_steps
-        if not steps or self.fencing:
+        if not steps or self.fencing or self.stopping:
             return
         if self.rejoin_running:
             # Both act on the old primary; a rejoin fences it itself before it measures.
@@ -441,6 +452,8 @@ class Sequences:
         started: dict[str, Any],
     ) -> None:
         d = self.d
+        if self.stopping:
+            raise StoppingError
         ctx = self.context(plan)
         ctx.failover_id = fo.id  # step templates name the failover whose old primary rejoins
         runner = Runner(
@@ -504,7 +517,8 @@ class Sequences:
                 ) + f": {report['summary']}"
                 self._wait_for_operator(fo, why)
                 return
-            with contextlib.suppress(JournalError):  # reported by record(); retried by hand
+            # A journal error is reported by record() (retried by hand); stopping: nothing starts.
+            with contextlib.suppress(JournalError, StoppingError):
                 self.start_rejoin(
                     fo,
                     report,
