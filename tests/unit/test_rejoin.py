@@ -28,7 +28,7 @@ from watchdogd.engines import Divergence, EngineError
 from watchdogd.policy import FAILED, FAILED_OVER, WATCHING, Policy
 from watchdogd.probes import Observation
 from watchdogd.state import journal
-from watchdogd.state.journal import JournalState, apply, replay
+from watchdogd.state.journal import JournalState, JournalWriteError, apply, replay
 
 GTIDS = ("0-1-7", "0-1-8", "0-1-9")
 DIVERGED = Divergence(known=True, lost=3, unit="transactions", items=GTIDS, detail="3 GTIDs")
@@ -761,6 +761,40 @@ async def test_a_rejoin_the_config_no_longer_describes_is_closed_not_guessed(
     restarted.d.cycle.refresh_state()  # as the first probe cycle decides
     status = await restarted.cmd("status")
     assert status["state"] == FAILED and status["armed"] is False
+
+
+def refusing_journal(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(rec: dict[str, Any]) -> None:
+        raise JournalWriteError("journal: a record could not be written (No space left)")
+
+    monkeypatch.setattr(rig.d.journal, "append", full_disk)
+
+
+@pytest.mark.parametrize("left", ["verified", "unfinished", "unresumable"])
+async def test_a_journal_refusing_records_at_start_does_not_stop_the_start(
+    tmp_path: Path, made: list[Rig], monkeypatch: pytest.MonkeyPatch, left: str
+) -> None:
+    rig = Rig(tmp_path, RejoinEngine("main"))
+    made.append(rig)
+    if left == "unresumable":
+        rig.append(rejoin_started(steps=["rewind", "verify_rejoin"]))
+    else:
+        rig.append(rejoin_started(), *rejoin_step("rejoin", "rejoin", "ok"))
+    if left == "verified":
+        rig.append(*rejoin_step("verify_rejoin", "replica_of", "ok"))
+        rig.append(
+            journal.sequence_finished("rejoin", id="R1", outcome="completed", error=None, at=13)
+        )
+    before = rig.path.read_bytes()
+    refusing_journal(rig, monkeypatch)
+    rig.d.state = JournalState()
+    rig.load()  # as start() does: no JournalError out of it
+    # A resumed rejoin stops at its first record, journaling nothing and acking nothing.
+    await rig.finished()
+    assert rig.path.read_bytes() == before and rig.d.sequences.rejoin_task is None
+    (event,) = rig.log.named("journal_write_failed")
+    assert "No space left" in event["error"]
+    assert rig.d.state.awaiting_ack is not None  # nothing acted on what was not journaled
 
 
 async def test_a_verified_rejoin_whose_ack_a_crash_cut_off_is_acked_at_start(

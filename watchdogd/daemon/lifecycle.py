@@ -144,7 +144,8 @@ class Daemon:
             state_dir=cfg.state_dir,
         )
         await self.advise()
-        self.sequences.close_unfinished_fence()
+        with contextlib.suppress(JournalError):  # reported by record(); closed next start
+            self.sequences.close_unfinished_fence()
         self.cycle.recall_outage()
         if (fo := self.state.unfinished) is not None:
             self.emit(

@@ -189,10 +189,12 @@ class Sequences:
 
     def resume(self, fo: FailoverRecord) -> None:
         plan = self.plan(fo.kind, fo.trigger, fo.reason, forced=fo.forced, id=fo.id)
-        if not policy.can_resume(plan, fo):
-            self._unresumable("failover", fo.id, "finish it by hand and ack", failover_id=fo.id)
-            return
-        self._launch(plan, resume=fo)
+        # At start: a journal refusing records is reported by record(); start() goes on.
+        with contextlib.suppress(JournalError):
+            if not policy.can_resume(plan, fo):
+                self._unresumable("failover", fo.id, "finish it by hand and ack", failover_id=fo.id)
+                return
+            self._launch(plan, resume=fo)
 
     def _unresumable(self, sequence: str, id: str, what_now: str, **ids: Any) -> None:
         """Close an unfinished failover (rejoin) that the config no longer describes:
@@ -431,18 +433,24 @@ class Sequences:
             return
         self.last_divergence = rj.divergence
         fo = next((f for f in d.state.failovers if f.id == rj.failover_id), None)
+        # A journal refusing records is reported by record() (failed state, /healthz 503);
+        # it must not stop start() (systemd would restart it in a loop): the next start
+        # with a writable journal does it.
         if not rj.unfinished:
             if rj.outcome == COMPLETED and fo is not None and fo is d.state.awaiting_ack:
-                self.rearm(rj)
+                with contextlib.suppress(JournalError, ValueError):
+                    self.rearm(rj)
             return
         ids = {"rejoin_id": rj.id, "failover_id": rj.failover_id}
         d.emit("rejoin_unfinished", **ids, note="resuming from the first unfinished step")
         plan = None if fo is None else self.rejoin_plan(fo, rj.trigger, rj.reason, id=rj.id)
         if fo is None or plan is None or not policy.can_resume(plan, rj):
             what_now = "check the old primary by hand, then run watchdogctl rejoin again"
-            self._unresumable("rejoin", rj.id, what_now, **ids)
+            with contextlib.suppress(JournalError):
+                self._unresumable("rejoin", rj.id, what_now, **ids)
             return
-        self._launch_rejoin(plan, fo, rj, {})
+        with contextlib.suppress(JournalError):
+            self._launch_rejoin(plan, fo, rj, {})
 
     def _launch_rejoin(
         self,
