@@ -18,7 +18,7 @@ import yaml
 
 from tests.support.fakes import RejoinEngine
 from tests.unit.test_commands import ROOT, Log, raw_config
-from watchdogd import config, ctl, policy
+from watchdogd import config, ctl, policy, readiness
 from watchdogd.control import CommandError
 from watchdogd.core.model import FailoverConfig, StepConfig
 from watchdogd.daemon import Daemon
@@ -570,14 +570,23 @@ async def test_auto_rejoin_refused_after_its_report_when_a_fence_started(
     await rig.d.sequences.fence_task
 
 
-async def test_a_forced_failover_or_a_switchover_is_refused_while_a_rejoin_starts(
+async def rejoin_in_report(
     tmp_path: Path, made: list[Rig]
-) -> None:
+) -> tuple[Rig, SlowReport, asyncio.Task[dict[str, Any]]]:
+    """A Rig whose ``watchdogctl rejoin`` waits in its divergence report."""
     slow = SlowReport("main")
     rig = Rig(tmp_path, slow)
     made.append(rig)
+    assert not rig.d.readiness._busy()
     command = asyncio.create_task(rig.cmd("rejoin"))
     await asyncio.wait_for(slow.asked.wait(), 5)
+    return rig, slow, command
+
+
+async def test_a_forced_failover_or_a_switchover_is_refused_while_a_rejoin_starts(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig, slow, command = await rejoin_in_report(tmp_path, made)
     with pytest.raises(CommandError, match=r"^failover refused: a rejoin is running or starting"):
         await rig.cmd("failover", force=True)
     with pytest.raises(CommandError, match=r"^switchover refused: a rejoin is running or"):
@@ -616,6 +625,38 @@ async def test_an_auto_rejoin_whose_report_ends_while_stopping_starts_nothing(
     slow.go.set()
     await asyncio.gather(*rig.d.background)
     assert rig.d.sequences.rejoin_task is None and rig.records("rejoin") == []
+
+
+def test_rejoin_steps_are_checked_with_the_whole_config_and_by_readiness(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "rewind"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)
+    raw = raw_config(tmp_path)
+    raw["failover"]["rejoin_steps"] = [
+        {"name": "rewind", "action": "command", "argv": [str(script)]},
+        {"name": "notify", "action": "command", "argv": ["true"], "required": False},
+    ]
+    with pytest.raises(config.ConfigError) as bad:
+        config.parse(raw)
+    assert bad.value.problems == [f"failover.rejoin_steps[0].argv[0]: {script} is not executable"]
+    script.chmod(0o755)
+    cfg = config.parse(raw)
+    pending = {c.name: c for c in readiness.pending(cfg)}
+    assert pending["rejoin_step:rewind"].severity == readiness.ERROR
+    assert pending["rejoin_step:notify"].severity == readiness.WARNING
+
+
+async def test_readiness_waits_while_a_rejoin_starts_or_runs(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig, slow, command = await rejoin_in_report(tmp_path, made)
+    assert rig.d.readiness._busy()  # the divergence report
+    slow.go.set()
+    await command
+    await rig.finished()
+    assert not rig.d.readiness._busy()
 
 
 class AckedMeanwhile(RejoinEngine):
