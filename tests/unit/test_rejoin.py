@@ -648,6 +648,30 @@ def test_rejoin_steps_are_checked_with_the_whole_config_and_by_readiness(
     assert pending["rejoin_step:notify"].severity == readiness.WARNING
 
 
+def test_rejoin_steps_never_target_the_new_primary_with_a_rejoin_or_the_old_with_promote(
+    tmp_path: Path,
+) -> None:
+    raw = raw_config(tmp_path)
+    raw["failover"]["rejoin_steps"] = [
+        {"name": "rewind", "action": "rejoin", "target": "standby"},
+        {"name": "up", "action": "promote", "target": "primary"},
+        {"name": "ok_rejoin", "action": "rejoin", "target": "primary"},
+        {"name": "ok_promote", "action": "promote"},
+    ]
+    with pytest.raises(config.ConfigError) as bad:
+        config.parse(raw)
+    assert bad.value.problems == [
+        "failover.rejoin_steps[0].target: 'standby' would rewind the new primary: a rejoin "
+        "step rejoins the old primary (target: primary, the default)",
+        "failover.rejoin_steps[1].target: 'primary' would promote the old primary beside the "
+        "new one (split brain): in rejoin_steps, promote only the standby (the new primary)",
+    ]
+    # The same targets elsewhere are not a rejoin's business.
+    raw["failover"]["rejoin_steps"] = raw["failover"]["rejoin_steps"][2:]
+    raw["failover"]["fence_steps"] = [{"name": "f", "action": "rejoin", "target": "standby"}]
+    config.parse(raw)
+
+
 async def test_readiness_waits_while_a_rejoin_starts_or_runs(
     tmp_path: Path, made: list[Rig]
 ) -> None:
