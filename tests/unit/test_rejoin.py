@@ -672,6 +672,17 @@ def test_rejoin_steps_never_target_the_new_primary_with_a_rejoin_or_the_old_with
     config.parse(raw)
 
 
+async def test_no_reload_while_a_rejoin_starts(tmp_path: Path, made: list[Rig]) -> None:
+    rig, slow, command = await rejoin_in_report(tmp_path, made)
+    engines = dict(rig.d.engines)
+    with pytest.raises(CommandError, match=r"^reload refused: a rejoin is starting \(its"):
+        await rig.cmd("reload")
+    assert rig.d.engines == engines  # the report's engines were not replaced under it
+    slow.go.set()
+    await command
+    await rig.finished()
+
+
 async def test_readiness_waits_while_a_rejoin_starts_or_runs(
     tmp_path: Path, made: list[Rig]
 ) -> None:
