@@ -468,30 +468,45 @@ async def test_a_real_rejoin_fences_the_old_primary_before_it_measures(
     ]
 
 
-async def test_a_fence_that_fails_refuses_the_rejoin_and_journals_nothing(
+async def test_a_fence_that_fails_refuses_the_rejoin_unless_the_unknown_is_accepted(
     tmp_path: Path, made: list[Rig]
 ) -> None:
     rig = Rig(tmp_path, RejoinEngine("main", ZERO, fence_error="connection refused"))
     made.append(rig)
     before = rig.path.read_bytes()
     with pytest.raises(CommandError) as refused:
-        await rig.cmd("rejoin", accept_divergence=True)
-    assert str(refused.value) == "rejoin refused: main could not be fenced: connection refused"
-    assert rig.old.calls == [("fence", "main")]  # never measured, never rewound
-    assert rig.path.read_bytes() == before
-    assert not rig.d.sequences.rejoin_running
-    # auto_rejoin: waits for an operator, saying why.
-    (tmp_path / "auto").mkdir()
-    rig2 = Rig(
-        tmp_path / "auto", RejoinEngine("main", ZERO, fence_error="timed out"), auto_rejoin=True
+        await rig.cmd("rejoin")
+    assert str(refused.value).startswith(
+        "rejoin refused: divergence unknown (main could not be fenced: connection refused; "
+        "writes may still land on it): nothing proves that main holds no writes"
     )
-    made.append(rig2)
-    observe(rig2, "failover", "main")
-    rig2.d.cycle.check_auto_rejoin()
-    await asyncio.gather(*rig2.d.background)
-    assert rig2.old.calls == [("fence", "main")] and rig2.records("rejoin") == []
-    (waiting,) = rig2.log.named("rejoin_waiting")
-    assert waiting["reason"] == "main could not be fenced: timed out"
+    assert "\n" not in str(refused.value)
+    assert rig.old.calls == [("fence", "main")]  # not measured: the number would be stale
+    assert rig.path.read_bytes() == before  # nothing journaled
+    assert not rig.d.sequences.rejoin_running
+    # An old primary that is down cannot be fenced: the operator accepts the unknown.
+    reply = await rig.cmd("rejoin", accept_divergence=True)
+    await rig.finished()
+    assert reply["divergence"]["diverged"] is None
+    started = rig.records("rejoin_started")[0]
+    assert started["accepted"] is True and started["divergence"]["known"] is False
+    assert "could not be fenced" in started["divergence"]["detail"]
+
+
+async def test_auto_rejoin_waits_for_an_operator_when_the_fence_fails(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig = Rig(tmp_path, RejoinEngine("main", ZERO, fence_error="timed out"), auto_rejoin=True)
+    made.append(rig)
+    observe(rig, "failover", "main")
+    rig.d.cycle.check_auto_rejoin()
+    await asyncio.gather(*rig.d.background)
+    assert rig.old.calls == [("fence", "main")] and rig.records("rejoin") == []
+    (waiting,) = rig.log.named("rejoin_waiting")
+    assert waiting["reason"] == (
+        "divergence unknown: unknown (main could not be fenced: timed out; "
+        "writes may still land on it)"
+    )
 
 
 class SlowReport(RejoinEngine):

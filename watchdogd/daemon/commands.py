@@ -228,12 +228,9 @@ class Commands:
         try:
             # A real rejoin fences the old primary first: a write landing between the
             # report and the rewind would be thrown away unreported. A dry run only looks.
-            unfenced = None if dry_run else await seq.fence_old(fo)
-            div = await seq.divergence(fo) if unfenced is None else None
+            div = await seq.measure(fo, fence=not dry_run)
         finally:
             seq.rejoin_starting = False
-        if unfenced is not None or div is None:
-            raise CommandError(f"rejoin refused: {unfenced}")
         if d.state.awaiting_ack is not fo or seq.rejoin_running:
             raise CommandError("rejoin refused: the failover was acked or rejoined meanwhile")
         # A fence or a failover may have started during the report: the same rules again.

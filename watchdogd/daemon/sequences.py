@@ -356,6 +356,16 @@ class Sequences:
             return d.config.mask(f"{fo.from_node} could not be fenced: {exc}")
         return None
 
+    async def measure(self, fo: FailoverRecord, *, fence: bool) -> Divergence:
+        """The divergence report of a rejoin: fenced first unless ``fence`` is False (a dry
+        run). A fence that fails makes the report unknown without measuring (writes may
+        still land): refused unless the operator accepts it, as any unknown report (an
+        old primary that is down cannot be fenced, and is rejoined only so)."""
+        unfenced = await self.fence_old(fo) if fence else None
+        if unfenced is not None:
+            return policy.unknown_divergence(f"{unfenced}; writes may still land on it")
+        return await self.divergence(fo)
+
     async def divergence(self, fo: FailoverRecord) -> Divergence:
         """What ``fo``'s old primary holds that its new primary lacks; never raises (a
         report that cannot be made is ``known=False`` with the reason)."""
@@ -508,11 +518,7 @@ class Sequences:
         d = self.d
         self.rejoin_starting = True
         try:
-            unfenced = await self.fence_old(fo)
-            if unfenced is not None:
-                self._wait_for_operator(fo, unfenced)
-                return
-            div = await self.divergence(fo)
+            div = await self.measure(fo, fence=True)
             report = self.report_divergence(fo, div, "automatic")
             if d.state.awaiting_ack is not fo or d.state.unfinished_rejoin is not None:
                 return  # an operator acted meanwhile
