@@ -325,6 +325,10 @@ def _failover(
                 f"{VERIFY_STEP!r} is the rejoin's own last step: pick another name",
                 f"rejoin_steps[{i}].name",
             )
+        # In a rejoin, "primary" is the old primary and "standby" the new primary.
+        wrong = REJOIN_WRONG_TARGET.get(step.action)
+        if wrong is not None and step.params.get("target") == wrong[0]:
+            f.error(wrong[1], f"rejoin_steps[{i}].target")
     cfg = FailoverConfig(
         mode=f.choice("mode", ("automatic", "manual"), "automatic"),
         outage_threshold=f.duration("outage_threshold", 30.0, minimum=0.1),
@@ -351,6 +355,22 @@ def _default_rejoin_steps(
         for i, d in enumerate(DEFAULT_REJOIN_STEPS)
     )
     return tuple(step for step in built if step)
+
+
+# Targets that would turn a rejoin step against the new primary (in a rejoin, target
+# "standby" is the new primary): the action, the target refused, and why.
+REJOIN_WRONG_TARGET = {
+    "rejoin": (
+        "standby",
+        "'standby' would rewind the new primary: a rejoin step rejoins the old primary "
+        "(target: primary, the default)",
+    ),
+    "promote": (
+        "primary",
+        "'primary' would promote the old primary beside the new one (split brain): in "
+        "rejoin_steps, promote only the standby (the new primary)",
+    ),
+}
 
 
 def _steps(

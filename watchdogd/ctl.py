@@ -635,6 +635,8 @@ def render_rejoin(result: Mapping[str, Any]) -> str:
     lines = [head, f"divergence: {_divergence(result.get('divergence'))}"]
     if result.get("refused"):
         lines.append(f"would be REFUSED: {_text(result['refused'])}")
+    if result.get("note"):
+        lines.append(f"note: {_text(result['note'])}")
     if not result.get("dry_run"):
         lines.append("follow it with: watchdogctl status (re-armed once verified)")
         return "\n".join(lines)

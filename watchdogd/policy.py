@@ -186,11 +186,14 @@ class Policy:
     # ------------------------------------------------------------------ operators
 
     def refuse_manual_failover(
-        self, verdict: Verdict, standby: StandbyFacts, force: bool
+        self, verdict: Verdict, standby: StandbyFacts, force: bool, rejoining: bool = False
     ) -> str | None:
         j = self.journal
         if j.unfinished is not None:
             return f"failover {j.unfinished.id} is already in progress"
+        rejoin = self.refuse_during_rejoin(rejoining)
+        if rejoin is not None:
+            return rejoin  # even with --force: the rejoin acts on the same pair
         done = j.awaiting_ack
         if done is not None and done.outcome == Outcome.COMPLETED:
             return (
@@ -207,10 +210,28 @@ class Policy:
         refusal = self.refuse(standby)
         return None if refusal is None else f"{refusal} (use --force to override)"
 
-    def refuse_switchover(self, primary_db_ok: bool, standby: StandbyFacts) -> str | None:
+    def refuse_during_rejoin(self, rejoining: bool) -> str | None:
+        """A rejoin unfinished in the journal, or running or starting in this process
+        (``rejoining``), refuses a manual failover or switchover, forced or not."""
+        rj = self.journal.unfinished_rejoin
+        if rj is not None:
+            return (
+                f"rejoin {rj.id} of {rj.from_node} is unfinished: let it finish first "
+                "(watchdogctl status)"
+            )
+        if rejoining:
+            return "a rejoin is running or starting: let it finish first"
+        return None
+
+    def refuse_switchover(
+        self, primary_db_ok: bool, standby: StandbyFacts, rejoining: bool = False
+    ) -> str | None:
         j = self.journal
         if j.unfinished is not None:
             return f"failover {j.unfinished.id} is already in progress"
+        rejoin = self.refuse_during_rejoin(rejoining)
+        if rejoin is not None:
+            return rejoin
         if j.awaiting_ack is not None:
             return f"failover {j.awaiting_ack.id} awaits an ack"
         if not primary_db_ok:

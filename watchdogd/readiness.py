@@ -7,7 +7,8 @@ once a minute by ``watchdogd.daemon.readiness``).
 
 Check names are fixed by the config (they are metric labels): ``standby_database``,
 ``replication``, ``lag``, ``standby_app`` (when the standby has an app), ``armed``,
-``step:NAME`` per failover step, ``fence_step:NAME`` per fence step and
+``step:NAME`` per failover step, ``fence_step:NAME`` per fence step,
+``rejoin_step:NAME`` per rejoin step and
 ``settings:NODE`` per node. A failed ``error`` check makes the pair not ready; a failed
 ``warning`` (a step that is not ``required``, a setting that slows detection) is shown
 but never does.
@@ -165,7 +166,8 @@ def armed_check(policy: Policy, now: float) -> Check:
 
 
 def step_check_name(kind: str, step: StepConfig) -> str:
-    """``step:NAME`` for a failover step, ``fence_step:NAME`` for a fence step."""
+    """``step:NAME`` for a failover step, ``fence_step:NAME`` for a fence step,
+    ``rejoin_step:NAME`` for a rejoin step."""
     return f"{kind}:{step.name}"
 
 
@@ -175,8 +177,11 @@ def step_severity(step: StepConfig) -> str:
 
 
 def configured_steps(config: Config) -> list[tuple[str, StepConfig]]:
-    return [("step", s) for s in config.failover.steps] + [
-        ("fence_step", s) for s in config.failover.fence_steps
+    f = config.failover
+    return [
+        *(("step", s) for s in f.steps),
+        *(("fence_step", s) for s in f.fence_steps),
+        *(("rejoin_step", s) for s in f.rejoin_steps),
     ]
 
 

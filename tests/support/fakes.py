@@ -150,8 +150,10 @@ class RejoinEngine:
         *,
         not_caught_up: int = 0,
         rejoin_error: str | None = None,
+        fence_error: str | None = None,
     ) -> None:
         self.name = name
+        self.fence_error = fence_error
         self.report = report or Divergence(known=True, lost=0, unit="bytes")
         self.not_caught_up = not_caught_up
         self.rejoin_error = rejoin_error
@@ -190,7 +192,10 @@ class RejoinEngine:
         raise EngineError("not in a rejoin")
 
     async def fence(self, timeout: float) -> str:
-        raise EngineError("not in a rejoin")
+        self.calls.append(("fence", self.name))
+        if self.fence_error is not None:
+            raise EngineError(self.fence_error)
+        return f"{self.name} read-only"
 
     async def advise(self, outage_threshold: float, timeout: float) -> list[str]:
         return []

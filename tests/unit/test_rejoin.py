@@ -18,16 +18,17 @@ import yaml
 
 from tests.support.fakes import RejoinEngine
 from tests.unit.test_commands import ROOT, Log, raw_config
-from watchdogd import config, ctl, policy
+from watchdogd import config, ctl, policy, readiness
 from watchdogd.control import CommandError
 from watchdogd.core.model import FailoverConfig, StepConfig
 from watchdogd.daemon import Daemon
-from watchdogd.detector import HEALTHY, Verdict
+from watchdogd.daemon.sequences import StoppingError
+from watchdogd.detector import DOWN, HEALTHY, Verdict
 from watchdogd.engines import Divergence, EngineError
 from watchdogd.policy import FAILED, FAILED_OVER, WATCHING, Policy
 from watchdogd.probes import Observation
 from watchdogd.state import journal
-from watchdogd.state.journal import JournalState, apply, replay
+from watchdogd.state.journal import JournalState, JournalWriteError, apply, replay
 
 GTIDS = ("0-1-7", "0-1-8", "0-1-9")
 DIVERGED = Divergence(known=True, lost=3, unit="transactions", items=GTIDS, detail="3 GTIDs")
@@ -121,6 +122,26 @@ def test_a_rejoin_needs_a_failover_that_promoted_and_nothing_running() -> None:
     assert policy.refuse_rejoin(state, False) == "rejoin R1 of main is already running"
     apply(state, journal.ack(id="F1", primary="failover", standby="main", at=20))
     assert policy.refuse_rejoin(state, False) is not None
+
+
+def test_no_manual_failover_or_switchover_while_a_rejoin_is_unfinished_or_running() -> None:
+    from watchdogd.policy import StandbyFacts
+
+    good = StandbyFacts(reachable=True, is_standby=True, lag_bytes=0, lag_seconds=0.0)
+    down = Verdict(DOWN, "primary database down", outage_seconds=6, trigger="database")
+    # F1 promoted, then failed a later step: --force used to let a failover through.
+    state = fo_state("failed", promoted=True)
+    p = Policy(FailoverConfig(), state)
+    assert p.refuse_manual_failover(down, good, force=True) is None
+    assert p.refuse_manual_failover(down, good, force=True, rejoining=True) == (
+        "a rejoin is running or starting: let it finish first"
+    )
+    apply(state, rejoin_started())
+    unfinished = "rejoin R1 of main is unfinished: let it finish first (watchdogctl status)"
+    assert p.refuse_manual_failover(down, good, force=True) == unfinished
+    assert p.refuse_manual_failover(down, good, force=False) == unfinished
+    assert p.refuse_switchover(True, good) == unfinished
+    assert p.refuse_switchover(True, good, rejoining=True) == unfinished
 
 
 def test_the_divergence_report_decides_whether_a_rejoin_may_throw_writes_away() -> None:
@@ -373,6 +394,7 @@ async def test_dry_run_shows_the_report_and_the_steps_and_changes_nothing(
         ("verify_rejoin", "replica_of", "main"),
     ]
     assert plan["steps"][1]["timeout"] == 120.0
+    assert reply["note"].startswith("the real run fences main first")
     # One writes_diverged for the report, not one per command.
     (told,) = rig.log.named("writes_diverged")
     assert told["lost"] == 3 and told["items"] == list(GTIDS) and told["trigger"] == "dry_run"
@@ -429,6 +451,290 @@ async def test_diverged_writes_refuse_the_rejoin_until_accepted(
     assert len(rig.log.named("writes_diverged")) == 1
     assert [e["rejoin_id"] for e in rig.log.named("rejoin_completed")] == [reply["started"]]
     assert rig.log.named("acked")[0]["by"] == f"rejoin {reply['started']}"
+
+
+async def test_a_real_rejoin_fences_the_old_primary_before_it_measures(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig = Rig(tmp_path, RejoinEngine("main", ZERO))
+    made.append(rig)
+    await rig.cmd("rejoin")
+    await rig.finished()
+    # Fenced first: no write lands between the report and the rewind.
+    assert rig.old.calls[:3] == [
+        ("fence", "main"),
+        ("divergence", "failover"),
+        ("rejoin", "failover"),
+    ]
+
+
+async def test_a_fence_that_fails_refuses_the_rejoin_unless_the_unknown_is_accepted(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig = Rig(tmp_path, RejoinEngine("main", ZERO, fence_error="connection refused"))
+    made.append(rig)
+    before = rig.path.read_bytes()
+    with pytest.raises(CommandError) as refused:
+        await rig.cmd("rejoin")
+    assert str(refused.value).startswith(
+        "rejoin refused: divergence unknown (main could not be fenced: connection refused; "
+        "writes may still land on it): nothing proves that main holds no writes"
+    )
+    assert "\n" not in str(refused.value)
+    assert rig.old.calls == [("fence", "main")]  # not measured: the number would be stale
+    assert rig.path.read_bytes() == before  # nothing journaled
+    assert not rig.d.sequences.rejoin_running
+    # An old primary that is down cannot be fenced: the operator accepts the unknown.
+    reply = await rig.cmd("rejoin", accept_divergence=True)
+    await rig.finished()
+    assert reply["divergence"]["diverged"] is None
+    started = rig.records("rejoin_started")[0]
+    assert started["accepted"] is True and started["divergence"]["known"] is False
+    assert "could not be fenced" in started["divergence"]["detail"]
+
+
+async def test_auto_rejoin_waits_for_an_operator_when_the_fence_fails(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig = Rig(tmp_path, RejoinEngine("main", ZERO, fence_error="timed out"), auto_rejoin=True)
+    made.append(rig)
+    observe(rig, "failover", "main")
+    rig.d.cycle.check_auto_rejoin()
+    await asyncio.gather(*rig.d.background)
+    assert rig.old.calls == [("fence", "main")] and rig.records("rejoin") == []
+    (waiting,) = rig.log.named("rejoin_waiting")
+    assert waiting["reason"] == (
+        "divergence unknown: unknown (main could not be fenced: timed out; "
+        "writes may still land on it)"
+    )
+
+
+class SlowReport(RejoinEngine):
+    """Its divergence report waits until ``go`` is set, so the test acts meanwhile."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, ZERO)
+        self.asked, self.go = asyncio.Event(), asyncio.Event()
+
+    async def divergence(self, new_primary: Any, timeout: float) -> Divergence:
+        self.asked.set()
+        await self.go.wait()
+        return await super().divergence(new_primary, timeout)
+
+
+async def fence_held(until: asyncio.Event) -> str:
+    """A fence task that runs until ``until`` is set."""
+    await until.wait()
+    return "completed"
+
+
+def fence_steps() -> list[dict[str, Any]]:
+    return [{"name": "fence_old_primary", "action": "fence"}]
+
+
+async def test_a_fence_during_the_report_refuses_the_rejoin_and_no_fence_during_one(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    slow = SlowReport("main")
+    rig = Rig(tmp_path, slow, fence_steps=fence_steps())
+    made.append(rig)
+    fo = rig.d.state.awaiting_ack
+    assert fo is not None
+    command = asyncio.create_task(rig.cmd("rejoin"))
+    await asyncio.wait_for(slow.asked.wait(), 5)
+    # The split-brain check fires during the report: no fence while a rejoin starts.
+    rig.d.sequences.start_fence(fo)
+    assert rig.d.sequences.fence_task is None and rig.records("fence") == []
+    (skipped,) = rig.log.named("fence_skipped")
+    assert skipped["failover_id"] == "F1" and "rejoin" in skipped["reason"]
+    # A fence that slipped in anyway (it ran before this check existed) still refuses.
+    blocker = asyncio.Event()
+    rig.d.sequences.fence_task = asyncio.create_task(fence_held(blocker))
+    slow.go.set()
+    with pytest.raises(CommandError, match=r"^rejoin refused: the old primary is being fenced"):
+        await command
+    assert rig.records("rejoin") == [] and ("rejoin", "failover") not in rig.old.calls
+    blocker.set()
+    await rig.d.sequences.fence_task
+
+
+async def auto_rejoin_in_report(
+    tmp_path: Path, made: list[Rig], **failover: Any
+) -> tuple[Rig, SlowReport]:
+    """A Rig whose auto_rejoin has started and waits in its divergence report."""
+    slow = SlowReport("main")
+    rig = Rig(tmp_path, slow, auto_rejoin=True, **failover)
+    made.append(rig)
+    observe(rig, "failover", "main")
+    rig.d.cycle.check_auto_rejoin()
+    await asyncio.wait_for(slow.asked.wait(), 5)
+    return rig, slow
+
+
+async def test_auto_rejoin_refused_after_its_report_when_a_fence_started(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig, slow = await auto_rejoin_in_report(tmp_path, made)
+    blocker = asyncio.Event()
+    rig.d.sequences.fence_task = asyncio.create_task(fence_held(blocker))
+    slow.go.set()
+    await asyncio.gather(*rig.d.background)
+    assert rig.records("rejoin") == [] and rig.d.sequences.rejoin_task is None
+    assert rig.d.cycle.rejoin_checked is None  # looked at again once the fence is done
+    blocker.set()
+    await rig.d.sequences.fence_task
+
+
+async def rejoin_in_report(
+    tmp_path: Path, made: list[Rig]
+) -> tuple[Rig, SlowReport, asyncio.Task[dict[str, Any]]]:
+    """A Rig whose ``watchdogctl rejoin`` waits in its divergence report."""
+    slow = SlowReport("main")
+    rig = Rig(tmp_path, slow)
+    made.append(rig)
+    assert not rig.d.readiness._busy()
+    command = asyncio.create_task(rig.cmd("rejoin"))
+    await asyncio.wait_for(slow.asked.wait(), 5)
+    return rig, slow, command
+
+
+async def test_a_forced_failover_or_a_switchover_is_refused_while_a_rejoin_starts(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig, slow, command = await rejoin_in_report(tmp_path, made)
+    with pytest.raises(CommandError, match=r"^failover refused: a rejoin is running or starting"):
+        await rig.cmd("failover", force=True)
+    with pytest.raises(CommandError, match=r"^switchover refused: a rejoin is running or"):
+        await rig.cmd("switchover")
+    slow.go.set()
+    await command
+    await rig.finished()
+    assert [r["id"] for r in rig.records("failover_started")] == ["F1"]  # none started
+    assert rig.records("ack")[0]["rejoin_id"] == rig.records("rejoin_started")[0]["id"]
+
+
+async def test_stop_ends_a_background_auto_rejoin_before_it_can_start_one(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig, _ = await auto_rejoin_in_report(tmp_path, made, fence_steps=fence_steps())
+    (task,) = rig.d.background
+    await asyncio.wait_for(rig.d.stop(quiet=True), 10)
+    assert task.cancelled() and rig.d.background == set()
+    assert rig.d.sequences.rejoin_task is None and rig.records("rejoin") == []
+    # Nothing new starts after stop: not a fence, not a rejoin, not a failover.
+    fo = rig.d.state.awaiting_ack
+    assert fo is not None
+    rig.d.sequences.start_fence(fo)
+    assert rig.d.sequences.fence_task is None
+    with pytest.raises(StoppingError):
+        rig.d.sequences.start_rejoin(fo, {}, accepted=False, trigger="manual", reason="r")
+    with pytest.raises(StoppingError):
+        rig.d.sequences.start_failover("failover", "manual", "r", forced=True)
+
+
+async def test_an_auto_rejoin_whose_report_ends_while_stopping_starts_nothing(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig, slow = await auto_rejoin_in_report(tmp_path, made)
+    rig.d.sequences.stopping = True
+    slow.go.set()
+    await asyncio.gather(*rig.d.background)
+    assert rig.d.sequences.rejoin_task is None and rig.records("rejoin") == []
+
+
+def test_rejoin_steps_are_checked_with_the_whole_config_and_by_readiness(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "rewind"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)
+    raw = raw_config(tmp_path)
+    raw["failover"]["rejoin_steps"] = [
+        {"name": "rewind", "action": "command", "argv": [str(script)]},
+        {"name": "notify", "action": "command", "argv": ["true"], "required": False},
+    ]
+    with pytest.raises(config.ConfigError) as bad:
+        config.parse(raw)
+    assert bad.value.problems == [f"failover.rejoin_steps[0].argv[0]: {script} is not executable"]
+    script.chmod(0o755)
+    cfg = config.parse(raw)
+    pending = {c.name: c for c in readiness.pending(cfg)}
+    assert pending["rejoin_step:rewind"].severity == readiness.ERROR
+    assert pending["rejoin_step:notify"].severity == readiness.WARNING
+
+
+def test_rejoin_steps_never_target_the_new_primary_with_a_rejoin_or_the_old_with_promote(
+    tmp_path: Path,
+) -> None:
+    raw = raw_config(tmp_path)
+    raw["failover"]["rejoin_steps"] = [
+        {"name": "rewind", "action": "rejoin", "target": "standby"},
+        {"name": "up", "action": "promote", "target": "primary"},
+        {"name": "ok_rejoin", "action": "rejoin", "target": "primary"},
+        {"name": "ok_promote", "action": "promote"},
+    ]
+    with pytest.raises(config.ConfigError) as bad:
+        config.parse(raw)
+    assert bad.value.problems == [
+        "failover.rejoin_steps[0].target: 'standby' would rewind the new primary: a rejoin "
+        "step rejoins the old primary (target: primary, the default)",
+        "failover.rejoin_steps[1].target: 'primary' would promote the old primary beside the "
+        "new one (split brain): in rejoin_steps, promote only the standby (the new primary)",
+    ]
+    # The same targets elsewhere are not a rejoin's business.
+    raw["failover"]["rejoin_steps"] = raw["failover"]["rejoin_steps"][2:]
+    raw["failover"]["fence_steps"] = [{"name": "f", "action": "rejoin", "target": "standby"}]
+    config.parse(raw)
+
+
+async def test_no_reload_while_a_rejoin_starts(tmp_path: Path, made: list[Rig]) -> None:
+    rig, slow, command = await rejoin_in_report(tmp_path, made)
+    engines = dict(rig.d.engines)
+    with pytest.raises(CommandError, match=r"^reload refused: a rejoin is starting \(its"):
+        await rig.cmd("reload")
+    assert rig.d.engines == engines  # the report's engines were not replaced under it
+    slow.go.set()
+    await command
+    await rig.finished()
+
+
+async def test_readiness_waits_while_a_rejoin_starts_or_runs(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig, slow, command = await rejoin_in_report(tmp_path, made)
+    assert rig.d.readiness._busy()  # the divergence report
+    slow.go.set()
+    await command
+    await rig.finished()
+    assert not rig.d.readiness._busy()
+
+
+class AckedMeanwhile(RejoinEngine):
+    """Its verification finds the failover acked meanwhile (another path wrote the ack)."""
+
+    rig: Rig | None = None
+
+    async def replica_of(self, new_primary: Any, timeout: float) -> str:
+        done = await super().replica_of(new_primary, timeout)
+        assert self.rig is not None
+        d = self.rig.d
+        d.record(journal.ack(id="F1", primary="failover", standby="main", at=d.wall(), by="x"))
+        return done
+
+
+async def test_a_verified_rejoin_acks_only_the_failover_it_rejoined_for(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    old = AckedMeanwhile("main", ZERO)
+    rig = Rig(tmp_path, old)
+    made.append(rig)
+    old.rig = rig
+    await rig.cmd("rejoin")
+    task = rig.d.sequences.rejoin_task
+    assert task is not None
+    assert await asyncio.wait_for(task, 10) == "completed"  # no AssertionError from the ack
+    assert [r["by"] for r in rig.records("ack")] == ["x"]  # not acked a second time
+    assert rig.log.named("acked") == []
 
 
 async def test_an_unknown_divergence_is_refused_unless_accepted(
@@ -548,6 +854,40 @@ async def test_a_rejoin_the_config_no_longer_describes_is_closed_not_guessed(
     assert status["state"] == FAILED and status["armed"] is False
 
 
+def refusing_journal(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(rec: dict[str, Any]) -> None:
+        raise JournalWriteError("journal: a record could not be written (No space left)")
+
+    monkeypatch.setattr(rig.d.journal, "append", full_disk)
+
+
+@pytest.mark.parametrize("left", ["verified", "unfinished", "unresumable"])
+async def test_a_journal_refusing_records_at_start_does_not_stop_the_start(
+    tmp_path: Path, made: list[Rig], monkeypatch: pytest.MonkeyPatch, left: str
+) -> None:
+    rig = Rig(tmp_path, RejoinEngine("main"))
+    made.append(rig)
+    if left == "unresumable":
+        rig.append(rejoin_started(steps=["rewind", "verify_rejoin"]))
+    else:
+        rig.append(rejoin_started(), *rejoin_step("rejoin", "rejoin", "ok"))
+    if left == "verified":
+        rig.append(*rejoin_step("verify_rejoin", "replica_of", "ok"))
+        rig.append(
+            journal.sequence_finished("rejoin", id="R1", outcome="completed", error=None, at=13)
+        )
+    before = rig.path.read_bytes()
+    refusing_journal(rig, monkeypatch)
+    rig.d.state = JournalState()
+    rig.load()  # as start() does: no JournalError out of it
+    # A resumed rejoin stops at its first record, journaling nothing and acking nothing.
+    await rig.finished()
+    assert rig.path.read_bytes() == before and rig.d.sequences.rejoin_task is None
+    (event,) = rig.log.named("journal_write_failed")
+    assert "No space left" in event["error"]
+    assert rig.d.state.awaiting_ack is not None  # nothing acted on what was not journaled
+
+
 async def test_a_verified_rejoin_whose_ack_a_crash_cut_off_is_acked_at_start(
     tmp_path: Path, made: list[Rig]
 ) -> None:
@@ -596,7 +936,7 @@ async def test_auto_rejoin_waits_for_an_operator_and_says_so_once(
     for _ in range(3):  # three cycles
         rig.d.cycle.check_auto_rejoin()
         await asyncio.gather(*rig.d.background)
-    assert rig.old.calls == [("divergence", "failover")]
+    assert rig.old.calls == [("fence", "main"), ("divergence", "failover")]
     assert rig.records("rejoin") == []
     (waiting,) = rig.log.named("rejoin_waiting")
     assert waiting["failover_id"] == "F1"

@@ -279,7 +279,8 @@ def check_config(config: Config) -> list[str]:
     section), one path-named line each: from the modules of the steps and sections the
     config uses."""
     kinds = _kinds()
-    used = {kinds.get(s.action) for s in (*config.failover.steps, *config.failover.fence_steps)}
+    f = config.failover
+    used = {kinds.get(s.action) for s in (*f.steps, *f.fence_steps, *f.rejoin_steps)}
     problems: list[str] = []
     for name, declared in _index().items():
         if declared.has_check and (name in used or declared.section in config.providers):

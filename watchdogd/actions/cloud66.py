@@ -457,6 +457,7 @@ def check(config: Config) -> list[str]:
     for key, steps in (
         ("steps", config.failover.steps),
         ("fence_steps", config.failover.fence_steps),
+        ("rejoin_steps", config.failover.rejoin_steps),
     ):
         for i, step in enumerate(steps):
             if step.action == "cloud66":

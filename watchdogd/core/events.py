@@ -105,6 +105,7 @@ SPECS: Mapping[str, Spec] = MappingProxyType(
         "fence_interrupted": _I,
         "fence_unfinished": _W,
         "fence_crashed": _CRASH,
+        "fence_skipped": _I,
         # rejoins: the old primary back as the standby (the runner's twins of the failover
         # events), and the divergence report
         "writes_diverged": Spec(Level.WARNING, Notify.YES),

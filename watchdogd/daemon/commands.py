@@ -69,7 +69,9 @@ class Commands:
     async def _cmd_failover(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         d = self.d
         force, dry_run = bool(args.get("force")), bool(args.get("dry_run"))
-        refusal = d.policy.refuse_manual_failover(self._verdict(), d.cycle.standby_facts(), force)
+        refusal = d.policy.refuse_manual_failover(
+            self._verdict(), d.cycle.standby_facts(), force, d.sequences.rejoin_running
+        )
         if refusal is not None:
             raise CommandError(f"failover refused: {refusal}")
         reason = args.get("reason") or f"manual failover by {who(peer)}" + (
@@ -82,7 +84,9 @@ class Commands:
     async def _cmd_switchover(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         d = self.d
         pdb = d.latest.primary_db
-        refusal = d.policy.refuse_switchover(bool(pdb and pdb.ok), d.cycle.standby_facts())
+        refusal = d.policy.refuse_switchover(
+            bool(pdb and pdb.ok), d.cycle.standby_facts(), d.sequences.rejoin_running
+        )
         if refusal is not None:
             raise CommandError(f"switchover refused: {refusal}")
         timeout = args.get("timeout")
@@ -108,6 +112,8 @@ class Commands:
         if dry_run:
             plan = seq.plan(kind, trigger, reason, forced=forced, catchup_timeout=catchup_timeout)
             return {"dry_run": True, "plan": seq.describe(plan)}
+        if seq.stopping:
+            raise CommandError(f"{kind} refused: watchdogd is stopping")
         if (fo := d.state.awaiting_ack) is not None:
             # A failed failover being retried by hand: the new one supersedes it.
             primary, standby = d.base_roles()
@@ -220,11 +226,19 @@ class Commands:
             raise CommandError(f"rejoin refused: {refusal}")
         seq.rejoin_starting = True
         try:
-            div = await seq.divergence(fo)
+            # A real rejoin fences the old primary first: a write landing between the
+            # report and the rewind would be thrown away unreported. A dry run only looks.
+            div = await seq.measure(fo, fence=not dry_run)
         finally:
             seq.rejoin_starting = False
         if d.state.awaiting_ack is not fo or seq.rejoin_running:
             raise CommandError("rejoin refused: the failover was acked or rejoined meanwhile")
+        # A fence or a failover may have started during the report: the same rules again.
+        refusal = policy.refuse_rejoin(d.state, seq.rejoin_running, seq.fencing)
+        if seq.stopping and not dry_run:
+            refusal = "watchdogd is stopping"
+        if refusal is not None:
+            raise CommandError(f"rejoin refused: {refusal}")
         report = seq.report_divergence(fo, div, "dry_run" if dry_run else "manual")
         blocked = policy.refuse_divergence(div, accept, fo.from_node, fo.to_node)
         reason = f"rejoin by {who(peer)}"
@@ -234,6 +248,8 @@ class Commands:
             plan = seq.rejoin_plan(fo, "manual", reason)
             return {
                 "dry_run": True,
+                "note": f"the real run fences {fo.from_node} first (read-only, client "
+                "sessions ended), then measures the divergence again",
                 "divergence": report,
                 "refused": blocked,
                 "plan": seq.describe(plan, failover_id=fo.id),

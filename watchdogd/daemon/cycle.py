@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from watchdogd import policy
 from watchdogd.core.model import Config, NodeConfig
 from watchdogd.daemon.schedule import PROBE
+from watchdogd.daemon.sequences import StoppingError
 from watchdogd.detector import HEALTHY, Cycle, Detector, Verdict
 from watchdogd.policy import BLOCKED, Decision, StandbyFacts
 from watchdogd.probes import Observation, Probe
@@ -164,7 +165,7 @@ class ProbeCycle:
         if decision.start is not None and not d.sequences.running:
             # A journal that refuses the start is reported by record(); the next cycle
             # tries again, and nothing was acted on.
-            with contextlib.suppress(JournalError):
+            with contextlib.suppress(JournalError, StoppingError):
                 d.sequences.start_failover(
                     decision.start, "automatic", verdict.reason, forced=False
                 )

@@ -144,7 +144,8 @@ class Daemon:
             state_dir=cfg.state_dir,
         )
         await self.advise()
-        self.sequences.close_unfinished_fence()
+        with contextlib.suppress(JournalError):  # reported by record(); closed next start
+            self.sequences.close_unfinished_fence()
         self.cycle.recall_outage()
         if (fo := self.state.unfinished) is not None:
             self.emit(
@@ -211,6 +212,13 @@ class Daemon:
         if self._release_task is not None:
             self._release_task.cancel()
             self._release_task = None
+        # Nothing new starts from here on, and background work (an auto_rejoin's report,
+        # a reload) ends first: it could otherwise start a rejoin after the interrupt.
+        self.sequences.stopping = True
+        background = list(self.background)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         # Let a running step finish and be journaled (a retry delay ends at once); the
         # next start resumes a failover, and fences again if still needed.
         await self.sequences.interrupt()

@@ -104,10 +104,10 @@ class ReadinessRunner:
         return self.d.config, primary.name, standby.name
 
     def _busy(self) -> bool:
-        """A failover or a fence is running: its steps own their targets until it ends
-        (and the roles it changes are checked afterwards)."""
+        """A failover, a fence or a rejoin (its report included) is running: its steps own
+        their targets until it ends (and the roles it changes are checked afterwards)."""
         s = self.d.sequences
-        return s.running or (s.fence_task is not None and not s.fence_task.done())
+        return s.running or s.fencing or s.rejoin_running
 
     async def job(self) -> None:
         """The scheduled run of the expensive checks (never raises)."""

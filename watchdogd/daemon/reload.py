@@ -64,6 +64,10 @@ async def _reload(d: Daemon, by: str) -> dict[str, Any]:
         raise CommandError("reload refused: a failover is running; reload when it ends")
     if d.sequences.rejoin_runner is not None:  # its steps use the engines a reload replaces
         raise CommandError("reload refused: a rejoin is running; reload when it ends")
+    if d.sequences.rejoin_running:  # its divergence report too, and it may start the rejoin
+        raise CommandError(
+            "reload refused: a rejoin is starting (its divergence report); reload when it ends"
+        )
     changed = policy.restart_needed_for(d.config, new)
     old = d.config
     d.config = new

@@ -38,6 +38,13 @@ if TYPE_CHECKING:
 DIVERGENCE_TIMEOUT = 10.0
 
 
+class StoppingError(RuntimeError):
+    """watchdogd is stopping: no failover, rejoin or fence starts any more."""
+
+    def __init__(self) -> None:
+        super().__init__("watchdogd is stopping: nothing new starts")
+
+
 @dataclass
 class VerifyRejoin:
     """A rejoin's last step: ``replica_of`` asked again until it says yes or the step's
@@ -84,6 +91,8 @@ class Sequences:
         self._diverged_reported: tuple[str, int | None] | None = None
         # Why auto_rejoin waits for an operator (None: it does not).
         self.rejoin_waiting: dict[str, Any] | None = None
+        # Set by stop(): nothing new starts (a background auto_rejoin included).
+        self.stopping = False
 
     @property
     def running(self) -> bool:
@@ -180,10 +189,12 @@ class Sequences:
 
     def resume(self, fo: FailoverRecord) -> None:
         plan = self.plan(fo.kind, fo.trigger, fo.reason, forced=fo.forced, id=fo.id)
-        if not policy.can_resume(plan, fo):
-            self._unresumable("failover", fo.id, "finish it by hand and ack", failover_id=fo.id)
-            return
-        self._launch(plan, resume=fo)
+        # At start: a journal refusing records is reported by record(); start() goes on.
+        with contextlib.suppress(JournalError):
+            if not policy.can_resume(plan, fo):
+                self._unresumable("failover", fo.id, "finish it by hand and ack", failover_id=fo.id)
+                return
+            self._launch(plan, resume=fo)
 
     def _unresumable(self, sequence: str, id: str, what_now: str, **ids: Any) -> None:
         """Close an unfinished failover (rejoin) that the config no longer describes:
@@ -200,6 +211,8 @@ class Sequences:
 
     def _launch(self, plan: Plan, resume: FailoverRecord | None) -> None:
         d = self.d
+        if self.stopping:
+            raise StoppingError
         runner = Runner(
             plan,
             self.context(plan),
@@ -250,7 +263,16 @@ class Sequences:
         journaled as a fence, never as a failover)."""
         d = self.d
         steps = d.config.failover.fence_steps
-        if not steps or (self.fence_task is not None and not self.fence_task.done()):
+        if not steps or self.fencing or self.stopping:
+            return
+        if self.rejoin_running:
+            # Both act on the old primary; a rejoin fences it itself before it measures.
+            d.emit(
+                "fence_skipped",
+                failover_id=fo.id,
+                old_primary=fo.from_node,
+                reason="a rejoin of the old primary is running or starting (it fences first)",
+            )
             return
         plan = Plan(
             id=f"fence-{self.new_id()}",
@@ -319,6 +341,30 @@ class Sequences:
     def rejoin_running(self) -> bool:
         """A rejoin runs, or its divergence report is being computed, in this process."""
         return self.rejoin_task is not None or self.rejoin_starting
+
+    async def fence_old(self, fo: FailoverRecord) -> str | None:
+        """Fence ``fo``'s old primary (read-only, client sessions ended; idempotent) before a
+        real rejoin measures its divergence, so that no write lands between the report and
+        the rewind. Why it failed, in one line, or None once fenced."""
+        d = self.d
+        try:
+            async with asyncio.timeout(DIVERGENCE_TIMEOUT + 1.0):
+                await d.engines[fo.from_node].fence(DIVERGENCE_TIMEOUT)
+        except TimeoutError:
+            return f"{fo.from_node} could not be fenced: no answer within {DIVERGENCE_TIMEOUT:g}s"
+        except Exception as exc:  # an engine error or a bug: the rejoin must not go ahead
+            return d.config.mask(f"{fo.from_node} could not be fenced: {exc}")
+        return None
+
+    async def measure(self, fo: FailoverRecord, *, fence: bool) -> Divergence:
+        """The divergence report of a rejoin: fenced first unless ``fence`` is False (a dry
+        run). A fence that fails makes the report unknown without measuring (writes may
+        still land): refused unless the operator accepts it, as any unknown report (an
+        old primary that is down cannot be fenced, and is rejoined only so)."""
+        unfenced = await self.fence_old(fo) if fence else None
+        if unfenced is not None:
+            return policy.unknown_divergence(f"{unfenced}; writes may still land on it")
+        return await self.divergence(fo)
 
     async def divergence(self, fo: FailoverRecord) -> Divergence:
         """What ``fo``'s old primary holds that its new primary lacks; never raises (a
@@ -397,18 +443,24 @@ class Sequences:
             return
         self.last_divergence = rj.divergence
         fo = next((f for f in d.state.failovers if f.id == rj.failover_id), None)
+        # A journal refusing records is reported by record() (failed state, /healthz 503);
+        # it must not stop start() (systemd would restart it in a loop): the next start
+        # with a writable journal does it.
         if not rj.unfinished:
             if rj.outcome == COMPLETED and fo is not None and fo is d.state.awaiting_ack:
-                self.rearm(rj)
+                with contextlib.suppress(JournalError, ValueError):
+                    self.rearm(rj)
             return
         ids = {"rejoin_id": rj.id, "failover_id": rj.failover_id}
         d.emit("rejoin_unfinished", **ids, note="resuming from the first unfinished step")
         plan = None if fo is None else self.rejoin_plan(fo, rj.trigger, rj.reason, id=rj.id)
         if fo is None or plan is None or not policy.can_resume(plan, rj):
             what_now = "check the old primary by hand, then run watchdogctl rejoin again"
-            self._unresumable("rejoin", rj.id, what_now, **ids)
+            with contextlib.suppress(JournalError):
+                self._unresumable("rejoin", rj.id, what_now, **ids)
             return
-        self._launch_rejoin(plan, fo, rj, {})
+        with contextlib.suppress(JournalError):
+            self._launch_rejoin(plan, fo, rj, {})
 
     def _launch_rejoin(
         self,
@@ -418,6 +470,8 @@ class Sequences:
         started: dict[str, Any],
     ) -> None:
         d = self.d
+        if self.stopping:
+            raise StoppingError
         ctx = self.context(plan)
         ctx.failover_id = fo.id  # step templates name the failover whose old primary rejoins
         runner = Runner(
@@ -441,8 +495,14 @@ class Sequences:
             outcome = await self._guarded(runner)
         finally:
             self.rejoin_runner, self.rejoin_task = None, None
-        rj = d.state.last_rejoin
-        if outcome == COMPLETED and rj is not None and rj.id == runner.plan.id:
+        rj, fo = d.state.last_rejoin, d.state.awaiting_ack
+        if (
+            outcome == COMPLETED
+            and rj is not None
+            and rj.id == runner.plan.id
+            and fo is not None
+            and fo.id == rj.failover_id  # the failover it rejoined for still awaits its ack
+        ):
             with contextlib.suppress(JournalError):  # reported; acked at the next start
                 self.rearm(rj)
         d.cycle.refresh_state()
@@ -458,27 +518,21 @@ class Sequences:
         d = self.d
         self.rejoin_starting = True
         try:
-            div = await self.divergence(fo)
+            div = await self.measure(fo, fence=True)
             report = self.report_divergence(fo, div, "automatic")
             if d.state.awaiting_ack is not fo or d.state.unfinished_rejoin is not None:
                 return  # an operator acted meanwhile
+            if policy.refuse_rejoin(d.state, self.rejoin_task is not None, self.fencing):
+                d.cycle.rejoin_checked = None  # a fence or a failover started meanwhile:
+                return  # looked at again once they are done
             if not policy.auto_rejoin_starts(div):
                 why = (
                     "writes diverged" if div.diverged else "divergence unknown"
                 ) + f": {report['summary']}"
-                self.rejoin_waiting = {"failover_id": fo.id, "reason": why}
-                d.emit(
-                    "rejoin_waiting",
-                    failover_id=fo.id,
-                    old_primary=fo.from_node,
-                    new_primary=fo.to_node,
-                    reason=why,
-                    note="auto_rejoin rejoins only with a known zero divergence: run "
-                    "watchdogctl rejoin (--accept-divergence to throw those writes away)",
-                )
-                d.metrics.set_rejoin_waiting(True)
+                self._wait_for_operator(fo, why)
                 return
-            with contextlib.suppress(JournalError):  # reported by record(); retried by hand
+            # A journal error is reported by record() (retried by hand); stopping: nothing starts.
+            with contextlib.suppress(JournalError, StoppingError):
                 self.start_rejoin(
                     fo,
                     report,
@@ -488,6 +542,20 @@ class Sequences:
                 )
         finally:
             self.rejoin_starting = False
+
+    def _wait_for_operator(self, fo: FailoverRecord, why: str) -> None:
+        d = self.d
+        self.rejoin_waiting = {"failover_id": fo.id, "reason": why}
+        d.emit(
+            "rejoin_waiting",
+            failover_id=fo.id,
+            old_primary=fo.from_node,
+            new_primary=fo.to_node,
+            reason=why,
+            note="auto_rejoin rejoins only with a known zero divergence: run "
+            "watchdogctl rejoin (--accept-divergence to throw those writes away)",
+        )
+        d.metrics.set_rejoin_waiting(True)
 
     # ------------------------------------------------------------------ shutdown
 
