@@ -26,7 +26,9 @@ def config(cluster: Cluster, tmp: Path) -> dict[str, Any]:
         "primary": {"name": "main", "database": cluster.database(cluster.primary)},
         "standby": {"name": "failover", "database": cluster.database(cluster.standby)},
         "probe": {"interval": "1s", "timeout": "500ms"},
-        "failover": {"outage_threshold": f"{THRESHOLD:g}s"},  # the default two steps
+        # The default two steps and the default rejoin step: with the pair's four checks
+        # and one settings check per node, nine in all.
+        "failover": {"outage_threshold": f"{THRESHOLD:g}s"},
         "metrics": {"enabled": False},
         "control": {"socket": str(tmp / "run" / "control.sock")},
         "state_dir": str(tmp / "state"),
@@ -51,10 +53,10 @@ async def test_readiness_on_each_engine_and_profile(
     if profile == STOCK:
         assert len(warnings) == 1, lines
         assert warnings[0].startswith(f"warning settings:failover: {SETTING[engine]} is "), lines
-        assert lines[1] == "ready: 7 of 8 checks passed, the others warn"
+        assert lines[1] == "ready: 8 of 9 checks passed, the others warn"
     else:
         assert warnings == [], lines
-        assert lines[1] == "ready: 8 checks passed"
+        assert lines[1] == "ready: 9 checks passed"
 
     await asyncio.to_thread(cluster.primary.kill)
 
