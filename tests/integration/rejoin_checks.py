@@ -55,11 +55,11 @@ async def twice_around(
 
 
 async def refused_as_same_server(same: Engine, new: Engine, identity: str) -> None:
-    """Through ``same`` (a DSN that reaches the new primary under another name) both the
-    divergence report and the rejoin are refused, naming the shared ``identity``; then
-    ``same`` is closed."""
+    """Through ``same`` (a DSN that reaches the new primary under another name) the
+    check made before the rejoin's fence, the divergence report and the rejoin are all
+    refused, naming the shared ``identity``; then ``same`` is closed."""
     try:
-        for call in (same.divergence, same.rejoin):
+        for call in (same.distinct_from, same.divergence, same.rejoin):
             with pytest.raises(EngineError, match=rf"are the same server \({identity}") as caught:
                 await call(new, 10)
             assert "\n" not in str(caught.value)

@@ -151,9 +151,12 @@ class RejoinEngine:
         not_caught_up: int = 0,
         rejoin_error: str | None = None,
         fence_error: str | None = None,
+        same_server_as: str | None = None,
     ) -> None:
         self.name = name
         self.fence_error = fence_error
+        # The name of the node whose server this one's DSN really reaches (a VIP, say).
+        self.same_server_as = same_server_as
         self.report = report or Divergence(known=True, lost=0, unit="bytes")
         self.not_caught_up = not_caught_up
         self.rejoin_error = rejoin_error
@@ -172,6 +175,11 @@ class RejoinEngine:
             raise EngineError(self.rejoin_error)
         self.follows = new_primary.name
         return f"{self.name} follows {new_primary.name}"
+
+    async def distinct_from(self, new_primary: Engine, timeout: float) -> None:
+        self.calls.append(("distinct_from", new_primary.name))
+        if self.same_server_as == new_primary.name:
+            raise EngineError(f"{self.name} and {new_primary.name} are the same server")
 
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:
         self.calls.append(("replica_of", new_primary.name))

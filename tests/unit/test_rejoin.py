@@ -461,7 +461,8 @@ async def test_a_real_rejoin_fences_the_old_primary_before_it_measures(
     await rig.cmd("rejoin")
     await rig.finished()
     # Fenced first: no write lands between the report and the rewind.
-    assert rig.old.calls[:3] == [
+    assert rig.old.calls[:4] == [
+        ("distinct_from", "failover"),
         ("fence", "main"),
         ("divergence", "failover"),
         ("rejoin", "failover"),
@@ -481,7 +482,10 @@ async def test_a_fence_that_fails_refuses_the_rejoin_unless_the_unknown_is_accep
         "writes may still land on it): nothing proves that main holds no writes"
     )
     assert "\n" not in str(refused.value)
-    assert rig.old.calls == [("fence", "main")]  # not measured: the number would be stale
+    assert rig.old.calls == [
+        ("distinct_from", "failover"),
+        ("fence", "main"),
+    ]  # not measured: the number would be stale
     assert rig.path.read_bytes() == before  # nothing journaled
     assert not rig.d.sequences.rejoin_running
     # An old primary that is down cannot be fenced: the operator accepts the unknown.
@@ -493,6 +497,19 @@ async def test_a_fence_that_fails_refuses_the_rejoin_unless_the_unknown_is_accep
     assert "could not be fenced" in started["divergence"]["detail"]
 
 
+async def test_a_dsn_that_reaches_the_new_primary_never_fences_it(
+    tmp_path: Path, made: list[Rig]
+) -> None:
+    rig = Rig(tmp_path, RejoinEngine("main", ZERO, same_server_as="failover"))
+    made.append(rig)
+    before = rig.path.read_bytes()
+    with pytest.raises(CommandError) as refused:
+        await rig.cmd("rejoin")
+    assert "main and failover are the same server" in str(refused.value)
+    assert rig.old.calls == [("distinct_from", "failover")]  # no fence, no report
+    assert rig.path.read_bytes() == before  # nothing journaled
+
+
 async def test_auto_rejoin_waits_for_an_operator_when_the_fence_fails(
     tmp_path: Path, made: list[Rig]
 ) -> None:
@@ -501,7 +518,10 @@ async def test_auto_rejoin_waits_for_an_operator_when_the_fence_fails(
     observe(rig, "failover", "main")
     rig.d.cycle.check_auto_rejoin()
     await asyncio.gather(*rig.d.background)
-    assert rig.old.calls == [("fence", "main")] and rig.records("rejoin") == []
+    assert (
+        rig.old.calls == [("distinct_from", "failover"), ("fence", "main")]
+        and rig.records("rejoin") == []
+    )
     (waiting,) = rig.log.named("rejoin_waiting")
     assert waiting["reason"] == (
         "divergence unknown: unknown (main could not be fenced: timed out; "
@@ -936,7 +956,11 @@ async def test_auto_rejoin_waits_for_an_operator_and_says_so_once(
     for _ in range(3):  # three cycles
         rig.d.cycle.check_auto_rejoin()
         await asyncio.gather(*rig.d.background)
-    assert rig.old.calls == [("fence", "main"), ("divergence", "failover")]
+    assert rig.old.calls == [
+        ("distinct_from", "failover"),
+        ("fence", "main"),
+        ("divergence", "failover"),
+    ]
     assert rig.records("rejoin") == []
     (waiting,) = rig.log.named("rejoin_waiting")
     assert waiting["failover_id"] == "F1"

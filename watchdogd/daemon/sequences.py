@@ -347,9 +347,12 @@ class Sequences:
         real rejoin measures its divergence, so that no write lands between the report and
         the rewind. Why it failed, in one line, or None once fenced."""
         d = self.d
+        old, new = d.engines[fo.from_node], d.engines[fo.to_node]
         try:
-            async with asyncio.timeout(DIVERGENCE_TIMEOUT + 1.0):
-                await d.engines[fo.from_node].fence(DIVERGENCE_TIMEOUT)
+            async with asyncio.timeout(2 * DIVERGENCE_TIMEOUT + 1.0):
+                # A DSN that reaches the new primary must never fence it.
+                await old.distinct_from(new, DIVERGENCE_TIMEOUT)
+                await old.fence(DIVERGENCE_TIMEOUT)
         except TimeoutError:
             return f"{fo.from_node} could not be fenced: no answer within {DIVERGENCE_TIMEOUT:g}s"
         except Exception as exc:  # an engine error or a bug: the rejoin must not go ahead

@@ -164,6 +164,12 @@ class Engine(Protocol):
         its ``rejoin_fallback: dump`` resyncs the server from the new primary."""
         ...
 
+    async def distinct_from(self, new_primary: Engine, timeout: float) -> None:
+        """EngineError when new_primary is this very server under another name (a VIP,
+        localhost for 127.0.0.1): asked before the old primary is fenced for a rejoin.
+        A server that cannot tell (it does not answer) is taken as distinct."""
+        ...
+
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:
         """Verification: a detail when self is a replica connected to new_primary
         (that very server, not just any primary) and has replayed up to

@@ -353,6 +353,12 @@ class ConnectionTemplate(ABC, Generic[C]):
             )
         return new
 
+    async def distinct_from(self, new_primary: object, timeout: float) -> None:
+        """EngineError when ``new_primary`` is this very server (see ``_distinct_peer``):
+        checked before the old primary is fenced for a rejoin, so that a DSN reaching
+        the new primary never makes it read-only."""
+        await self._distinct_peer(new_primary, "fence before rejoin", timeout)
+
     async def _replica_target(
         self: S, new_primary: object, timeout: float, what: str = "a primary"
     ) -> tuple[S, int, float]:
