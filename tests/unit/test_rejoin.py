@@ -469,24 +469,29 @@ async def test_a_real_rejoin_fences_the_old_primary_before_it_measures(
     ]
 
 
+async def refused_without_a_record(rig: Rig) -> str:
+    """``watchdogctl rejoin``'s refusal: one line, and nothing journaled."""
+    before = rig.path.read_bytes()
+    with pytest.raises(CommandError) as refused:
+        await rig.cmd("rejoin")
+    assert "\n" not in str(refused.value)
+    assert rig.path.read_bytes() == before
+    return str(refused.value)
+
+
 async def test_a_fence_that_fails_refuses_the_rejoin_unless_the_unknown_is_accepted(
     tmp_path: Path, made: list[Rig]
 ) -> None:
     rig = Rig(tmp_path, RejoinEngine("main", ZERO, fence_error="connection refused"))
     made.append(rig)
-    before = rig.path.read_bytes()
-    with pytest.raises(CommandError) as refused:
-        await rig.cmd("rejoin")
-    assert str(refused.value).startswith(
+    assert (await refused_without_a_record(rig)).startswith(
         "rejoin refused: divergence unknown (main could not be fenced: connection refused; "
         "writes may still land on it): nothing proves that main holds no writes"
     )
-    assert "\n" not in str(refused.value)
     assert rig.old.calls == [
         ("distinct_from", "failover"),
         ("fence", "main"),
     ]  # not measured: the number would be stale
-    assert rig.path.read_bytes() == before  # nothing journaled
     assert not rig.d.sequences.rejoin_running
     # An old primary that is down cannot be fenced: the operator accepts the unknown.
     reply = await rig.cmd("rejoin", accept_divergence=True)
@@ -502,12 +507,8 @@ async def test_a_dsn_that_reaches_the_new_primary_never_fences_it(
 ) -> None:
     rig = Rig(tmp_path, RejoinEngine("main", ZERO, same_server_as="failover"))
     made.append(rig)
-    before = rig.path.read_bytes()
-    with pytest.raises(CommandError) as refused:
-        await rig.cmd("rejoin")
-    assert "main and failover are the same server" in str(refused.value)
+    assert "main and failover are the same server" in await refused_without_a_record(rig)
     assert rig.old.calls == [("distinct_from", "failover")]  # no fence, no report
-    assert rig.path.read_bytes() == before  # nothing journaled
 
 
 async def test_auto_rejoin_waits_for_an_operator_when_the_fence_fails(
