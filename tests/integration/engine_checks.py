@@ -8,6 +8,7 @@ import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,25 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+def wait_stopped(pid: int, within: float = 5.0) -> None:
+    """Until every thread of ``pid`` is stopped: kill() returns before a thread running
+    on another core has stopped, and such a thread can still answer a query sent at
+    once (seen on a loaded two-core CI machine)."""
+    deadline = time.monotonic() + within
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except FileNotFoundError:  # a thread that just ended
+                continue
+            states.append(stat[stat.rindex(")") + 2])
+        if states and all(state in "tT" for state in states):
+            return
+        assert time.monotonic() < deadline, f"pid {pid} not stopped after {within}s: {states}"
+        time.sleep(0.005)
+
+
 async def check_bounded_when_sigstopped(
     pid: int,
     probing: Engine,
@@ -50,6 +70,7 @@ async def check_bounded_when_sigstopped(
     (``timeout`` bounds the calls outside the hang)."""
     await probing.status(timeout)  # the probing connection is open
     os.kill(pid, signal.SIGSTOP)
+    wait_stopped(pid)
     try:
         calls: list[tuple[str, Callable[[float], Awaitable[object]]]] = [
             ("status", probing.status),
