@@ -19,7 +19,15 @@ import pytest_asyncio
 from tests.support.apps import DemoApps
 from tests.support.pg import eventually, pg_template, require_pg_bin
 from watchdogd.demo.app import DemoApp
-from watchdogd.demo.lab import LabError, PgPair, child_pids, find_pg_bin, pid_alive
+from watchdogd.demo.lab import (
+    LabError,
+    PgPair,
+    child_pids,
+    find_pg_bin,
+    pid_alive,
+    pid_file_segment,
+    shm_attached,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -154,6 +162,25 @@ def test_destroy_kills_everything_and_is_safe_twice(pg_pair: PgPair) -> None:
     assert not pg_pair.base.exists()
     assert not any(pid_alive(pid) for pid in pids)
     assert refuses(pg_pair.primary.port) and refuses(pg_pair.standby.port)
+
+
+def test_a_crashed_server_leaks_no_shared_memory(pg_pair: PgPair) -> None:
+    """A SIGKILLed postmaster leaves its System V segment; a lab that then removes
+    the data dir leaked one per crash until shmget() failed machine-wide."""
+    segments = {}
+    for server in (pg_pair.primary, pg_pair.standby):
+        segment = pid_file_segment(server.data_dir)
+        assert segment is not None and shm_attached(*segment), server.name
+        segments[server.name] = segment
+    pg_pair.primary.kill()  # a crash mid-test: gone at once, and a restart still works
+    assert shm_attached(*segments["primary"]) is None
+    pg_pair.primary.start()
+    assert pg_pair.primary.execute("SELECT 1") == "1"
+    restarted = pid_file_segment(pg_pair.primary.data_dir)
+    assert restarted is not None and shm_attached(*restarted)
+    pg_pair.destroy()
+    assert shm_attached(*restarted) is None
+    assert shm_attached(*segments["standby"]) is None
 
 
 def test_bad_settings_fail_with_one_line_and_leave_nothing_behind(

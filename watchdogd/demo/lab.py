@@ -39,6 +39,7 @@ SERVICE_USER = "postgres"
 PASSWORD_ROLE = "watchdogd"
 
 _PR_SET_PDEATHSIG = 1
+_IPC_RMID = 0
 
 # Server profiles (issue 10). ``stock``: PostgreSQL's shipped defaults for everything
 # that times the replication link (wal_receiver_timeout 60s, wal_sender_timeout 60s,
@@ -365,6 +366,7 @@ class PgServer:
                 # Not our children: wait until init has reaped them too, or a restart
                 # finds the zombie postmaster's pid alive and refuses its lock file.
                 _wait(lambda: not any(Path(f"/proc/{p}").exists() for p in (pid, *children)), 5.0)
+            self.release_shared_memory()
             return
         if proc.poll() is None:
             # Stop it first so it forks nothing new while we collect its children.
@@ -380,6 +382,21 @@ class PgServer:
             _wait(lambda: not any(pid_alive(c) for c in children), 5.0)
         self._proc = None
         self._stopped = False
+        self.release_shared_memory()
+
+    def release_shared_memory(self) -> bool:
+        """Remove the System V segment a killed postmaster leaves behind, as a power
+        cut would. PostgreSQL removes it itself on a clean stop, or on the next
+        start in the same data dir; a lab removes the data dir instead, so every
+        crashed server leaked one, until shmget() failed with "No space left on
+        device" (kernel.shmmni) for every later server on the machine. Only the
+        segment postmaster.pid names, and only once nothing is attached to it.
+        True when one was removed."""
+        segment = pid_file_segment(self.data_dir)
+        if segment is None or shm_attached(*segment) != 0:
+            return False
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.shmctl(segment[1], _IPC_RMID, None) == 0)
 
     def sigstop(self) -> None:
         """Hang the server (postmaster and every backend), like a frozen machine:
@@ -442,6 +459,30 @@ class PgServer:
 
 class _Exited(Exception):
     pass
+
+
+def pid_file_segment(data_dir: Path) -> tuple[int, int] | None:
+    """(key, shmid) of the System V segment from postmaster.pid's seventh line."""
+    try:
+        line = (data_dir / "postmaster.pid").read_text().splitlines()[6]
+        key, shmid = (int(field) for field in line.split())
+    except (OSError, IndexError, ValueError):
+        return None
+    return key, shmid
+
+
+def shm_attached(key: int, shmid: int) -> int | None:
+    """How many processes are attached to System V segment ``shmid`` with ``key``
+    (from /proc/sysvipc/shm), or None when there is no such segment."""
+    try:
+        rows = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for row in rows:
+        cols = row.split()
+        if len(cols) > 6 and cols[0] == str(key) and cols[1] == str(shmid):
+            return int(cols[6])
+    return None
 
 
 def _die_with_parent() -> Callable[[], None] | None:
