@@ -245,7 +245,7 @@ async def test_a_lost_token_stops_the_leader_at_once(fleet: Fleet) -> None:
     await fleet.lead("dc1", "dc2", "dc3")
     d1 = fleet.d["dc1"]
     # A running sequence (here: a stand-in task) is cancelled, and journals nothing.
-    d1.sequences.runner_task = asyncio.create_task(asyncio.sleep(60))
+    d1.sequences.runner_task = asyncio.create_task(asyncio.sleep(60, "never"))
     task = d1.sequences.runner_task
     fleet.clock.advance(16.0)  # dc1's lease ran out in the store (it was frozen)
     await fleet.lead("dc2")
