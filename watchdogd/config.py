@@ -220,6 +220,8 @@ def parse(data: Any, source: str | None = None) -> Config:
         root.error(f"use letters, digits, '.', '_' or '-', got {instance!r}", "instance")
         instance = "local"
     store = _store(root, instance)
+    if store is not None and store.etcd.endpoints:
+        _steps_fit(root, store, failover)
     guard = None
     if (g := root.section("guard")) is not None:
         guard = GuardConfig(isolation_timeout=g.duration("isolation_timeout", 20.0, minimum=1.0))
@@ -365,6 +367,23 @@ def _store(root: Section, instance: str) -> StoreConfig | None:
             f"{problem} (store.etcd.timeout {format_duration(etcd.timeout)} per endpoint)", "ttl"
         )
     return StoreConfig(etcd=etcd, voters=tuple(voters))
+
+
+def _steps_fit(root: Section, store: StoreConfig, failover: FailoverConfig) -> None:
+    """In a fleet every failover and fence step must fit in the leader's authority right
+    after a renewal: ``timeout + 1s + retry budget <= ttl - margin``. A longer step
+    would never start (it stays unfinished for a leader that cannot run it either)."""
+    timing = fleet_timing(store.etcd)
+    room = timing.ttl - timing.margin - timing.budget - 1.0
+    for key, steps in (("steps", failover.steps), ("fence_steps", failover.fence_steps)):
+        for i, step in enumerate(steps):
+            if step.timeout > room:
+                root.error(
+                    f"{format_duration(step.timeout)} does not fit in a fleet leader's "
+                    f"authority: at most {format_duration(max(0.0, room))} with store.etcd.ttl "
+                    f"{format_duration(timing.ttl)} (raise the ttl or shorten the step)",
+                    f"failover.{key}[{i}].timeout",
+                )
 
 
 def _endpoint_problem(text: str) -> str | None:

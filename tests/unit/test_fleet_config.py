@@ -26,6 +26,12 @@ def raw(**extra: Any) -> dict[str, Any]:
             "name": "failover",
             "database": {"engine": "postgres", "dsn": "postgresql://u@127.0.0.1:2/x"},
         },
+        "failover": {
+            "steps": [
+                {"name": "stop_replication", "action": "stop_replication", "timeout": "3s"},
+                {"name": "promote_standby", "action": "promote", "timeout": "3s"},
+            ]
+        },
         **extra,
     }
 
@@ -143,10 +149,26 @@ def test_check_config_reports_the_timing_rule(tmp_path: Path) -> None:
     from watchdogd.cli import check_config
 
     path = tmp_path / "w.yml"
-    path.write_text(yaml.safe_dump(fleet(ttl="6s")))
+    path.write_text(yaml.safe_dump(fleet(ttl="8s")))
     assert check_config(str(path)) == 2
-    path.write_text(yaml.safe_dump(fleet(ttl="6s", timeout="400ms")))
+    path.write_text(yaml.safe_dump(fleet(ttl="8s", timeout="400ms")))
     assert check_config(str(path)) == 0
+
+
+def test_every_step_must_fit_in_the_leaders_authority() -> None:
+    data = fleet(ttl="15s")
+    data["failover"]["steps"][1]["timeout"] = "30s"
+    data["failover"]["fence_steps"] = [{"name": "f", "action": "fence", "timeout": "10s"}]
+    found = problems(data)
+    # ttl 15s - margin 1.5s - retry budget 3s - 1s backstop: 9.5s.
+    assert found == [
+        "failover.steps[1].timeout: 30s does not fit in a fleet leader's authority: at most "
+        "9.5s with store.etcd.ttl 15s (raise the ttl or shorten the step)",
+        "failover.fence_steps[0].timeout: 10s does not fit in a fleet leader's authority: "
+        "at most 9.5s with store.etcd.ttl 15s (raise the ttl or shorten the step)",
+    ]
+    # Without a store the same steps are fine.
+    config.parse(raw(failover=data["failover"]))
 
 
 def test_a_reload_cannot_change_the_fleet() -> None:

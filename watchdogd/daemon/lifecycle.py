@@ -192,6 +192,11 @@ class Daemon:
         leader's authority (0 for a follower)."""
         return None if self.fleet is None else self.fleet.authority_left()
 
+    def authority_wait(self) -> float:
+        """How long a fleet leader's step may wait for a renewal (one renew interval and
+        one store call); 0 for one watcher."""
+        return 0.0 if self.fleet is None else self.fleet.timing.renew + self.fleet.timing.budget
+
     def http_session(self) -> aiohttp.ClientSession:
         """The client session of the app and witness probes, opened on first use: a
         pair watched through its databases alone never loads an HTTP client."""

@@ -229,6 +229,7 @@ class Sequences:
             resume=resume,
             wall=d.wall,
             authority=d.authority_left,
+            authority_wait=d.authority_wait(),
         )
         self._launching = True
         try:
@@ -307,6 +308,7 @@ class Sequences:
             wall=d.wall,
             failover_id=fo.id,
             authority=d.authority_left,
+            authority_wait=d.authority_wait(),
         )
         try:
             await runner.begin()
@@ -507,6 +509,7 @@ class Sequences:
             failover_id=fo.id,
             started=started,
             authority=d.authority_left,
+            authority_wait=d.authority_wait(),
         )
         await runner.begin()  # journaled, with the divergence report, before any step runs
         self.rejoin_runner = runner

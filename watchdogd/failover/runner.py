@@ -78,6 +78,7 @@ class Runner:
         failover_id: str | None = None,
         started: Mapping[str, Any] | None = None,
         authority: Authority | None = None,
+        authority_wait: float = 0.0,
     ) -> None:
         self.plan = plan
         self.ctx = ctx
@@ -92,6 +93,8 @@ class Runner:
         # Extra facts of the start record and event (a rejoin's divergence report).
         self.started = dict(started or {})
         self.authority = authority
+        # How long a step may wait for a renewal that leaves it enough authority.
+        self.authority_wait = authority_wait
         self.current_step: str | None = None
         self.current_step_started: float | None = None
         self._abort = asyncio.Event()
@@ -243,8 +246,7 @@ class Runner:
         seconds = 0.0
         last = attempts + budget
         for attempt in range(attempts + 1, last + 1):
-            left = self._authority_left()
-            if left is not None and left < step.timeout + 1.0:
+            if not await self._authority_for(step.timeout + 1.0):
                 # It could not finish before the leader's authority ends: it does not
                 # start; the failover stays unfinished for whoever leads next.
                 return _Stop.NO_AUTHORITY
@@ -312,6 +314,19 @@ class Runner:
                 return stop
         await self._step_finished(step, "failed", seconds, error=error)
         return error
+
+    async def _authority_for(self, need: float) -> bool:
+        """Whether ``need`` seconds of authority are left, waiting up to
+        ``authority_wait`` for a renewal that gives them."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.authority_wait
+        while True:
+            left = self._authority_left()
+            if left is None or left >= need:
+                return True
+            if loop.time() >= until or (left <= 0 and self.authority_wait <= 0):
+                return False
+            await asyncio.sleep(0.05)
 
     def _authority_left(self) -> float | None:
         return None if self.authority is None else self.authority()
