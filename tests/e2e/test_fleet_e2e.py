@@ -1,0 +1,116 @@
+"""A watcher fleet end to end (issue 12): three ``watchdogd run`` processes, three etcd
+members, a real PostgreSQL pair. Promotions are counted from the database (the standby's
+timeline) and from the journal in etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from tests.support.fleet import NAMES, FleetRig, fleet_config, fleet_rig, timeline
+from tests.support.pg import eventually
+
+__all__ = ["fleet_rig"]
+
+
+async def test_killing_the_primary_promotes_exactly_once(fleet_rig: FleetRig) -> None:
+    rig = fleet_rig
+    shared = fleet_config(rig.pair, rig.tmp, rig.etcd)
+    for name in NAMES:
+        rig.add(name, shared)
+    await rig.start()
+    leader = await rig.leader()
+    await rig.wait_all(lambda s: s["state"] == "watching", 15, "watching")
+    rig.pair.wait_replayed()
+    assert timeline(rig.pair.standby) == 1
+    rig.pair.primary.kill()
+    killed = time.monotonic()
+    statuses = await rig.wait_all(lambda s: s["state"] == "failed_over", 20, "failed over")
+    took = time.monotonic() - killed
+    assert took < 2 + 6, took  # threshold 2 s, two vote rounds, the steps
+    assert timeline(rig.pair.standby) == 2
+    assert not rig.pair.standby.is_in_recovery()
+    records = await rig.store_journal()
+    assert [r["type"] for r in records].count("failover_started") == 1
+    assert await rig.promotions_in_store() == 1
+    # Every watcher follows the journal: the same failover, roles swapped everywhere.
+    ids = {s["last_failover"]["id"] for s in statuses.values()}
+    assert len(ids) == 1
+    assert {s["roles"]["primary"] for s in statuses.values()} == {"failover"}
+    # Only the leader ran it.
+    started = [n for n, d in rig.watchers.items() if '"failover_started"' in d.logs()]
+    assert started == [leader], rig.logs()
+    await asyncio.sleep(2.0)  # and nobody promotes again
+    assert timeline(rig.pair.standby) == 2
+
+
+async def test_the_store_down_is_no_reason_to_fail_over(fleet_rig: FleetRig) -> None:
+    rig = fleet_rig
+    shared = fleet_config(rig.pair, rig.tmp, rig.etcd)
+    for name in NAMES:
+        rig.add(name, shared)
+    await rig.start()
+    await rig.leader()
+    await rig.wait_all(lambda s: s["state"] == "watching", 15, "watching")
+    rig.pair.wait_replayed()
+    for member in rig.etcd.members:
+        member.sigstop()
+    await rig.wait_all(lambda s: s["state"] == "store_unavailable", 10, "store_unavailable")
+    rig.pair.primary.kill()
+    await asyncio.sleep(2 + 5)  # the threshold and several seconds more
+    assert rig.pair.standby.is_in_recovery() and timeline(rig.pair.standby) == 1
+    statuses = await rig.statuses()
+    for name, status in statuses.items():
+        assert status["state"] == "store_unavailable", (name, status["reason"])
+        assert status["store"]["up"] is False
+        metrics = await rig.watchers[name].metrics()
+        assert 'watchdogd_store_up{cluster="orders"} 0.0' in metrics
+    # The store answers again: the fleet fails over, once.
+    for member in rig.etcd.members:
+        member.sigcont()
+    await rig.wait_all(lambda s: s["state"] == "failed_over", 30, "failed over")
+    assert timeline(rig.pair.standby) == 2
+    assert await rig.promotions_in_store() == 1
+
+
+async def test_a_new_leader_resumes_and_runs_no_step_twice(
+    fleet_rig: FleetRig, tmp_path: Path
+) -> None:
+    rig = fleet_rig
+    ran = tmp_path / "slow-step.log"
+    steps = [
+        {
+            # Not idempotent and not required: interrupted, it is not run again and the
+            # failover goes on to the promotion.
+            "name": "slow",
+            "action": "command",
+            "timeout": "3s",
+            "required": False,
+            "argv": ["sh", "-c", f"echo {{failover_id}} >> {ran}; sleep 2.5"],
+        },
+        {"name": "stop_replication", "action": "stop_replication", "timeout": "2s"},
+        {"name": "promote_standby", "action": "promote", "timeout": "2s"},
+    ]
+    shared = fleet_config(rig.pair, rig.tmp, rig.etcd, ttl="6s", steps=steps)
+    for name in NAMES:
+        rig.add(name, shared)
+    await rig.start()
+    leader = await rig.leader()
+    await rig.wait_all(lambda s: s["state"] == "watching", 15, "watching")
+    rig.pair.wait_replayed()
+    rig.pair.primary.kill()
+    await eventually(lambda: ran.exists(), within=15)
+    rig.watchers[leader].kill()  # SIGKILL mid-step
+    del rig.watchers[leader]
+    successor = await rig.leader(within=20, other_than=leader)
+    assert successor != leader
+    await rig.wait_all(lambda s: s["state"] == "failed_over", 25, "failed over")
+    assert timeline(rig.pair.standby) == 2
+    assert len(ran.read_text().splitlines()) == 1  # the slow step ran once
+    records = await rig.store_journal()
+    assert [r["type"] for r in records].count("failover_started") == 1
+    slow = [r for r in records if r["type"] == "step_finished" and r["step"] == "slow"]
+    assert [r["outcome"] for r in slow] == ["interrupted"]
+    assert await rig.promotions_in_store() == 1
+    assert '"failover_resumed"' in rig.watchers[successor].logs()
