@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.support.fleet import NAMES, FleetRig, fleet_config, fleet_rig, timeline
 from tests.support.pg import eventually
@@ -79,7 +80,7 @@ async def test_a_new_leader_resumes_and_runs_no_step_twice(
 ) -> None:
     rig = fleet_rig
     ran = tmp_path / "slow-step.log"
-    steps = [
+    steps: list[dict[str, Any]] = [
         {
             # Not idempotent and not required: interrupted, it is not run again and the
             # failover goes on to the promotion.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -165,8 +166,7 @@ async def fleet_rig(pg_pair: PgPair, tmp_path: Path) -> AsyncIterator[FleetRig]:
         finally:
             for d in rig.watchers.values():
                 if d.proc is not None and d.proc.poll() is None:
-                    with_cont = d.proc
-                    with_cont.send_signal(18)  # SIGCONT: a stopped watcher dies too
+                    d.proc.send_signal(signal.SIGCONT)  # a stopped watcher dies too
                 d.kill()
             for member in cluster.members:
                 member.sigcont()
