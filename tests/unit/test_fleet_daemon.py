@@ -385,3 +385,17 @@ async def _run(started: Any, d: Daemon) -> str:
     assert task is not None
     outcome: str = await task
     return outcome
+
+
+async def test_watchdogctl_status_shows_a_short_fleet_block(fleet: Fleet) -> None:
+    from watchdogd.ctl import render_status
+
+    await fleet.lead("dc1", "dc2", "dc3")
+    await fleet.two_rounds({"dc1": DOWN_V, "dc2": DOWN_V, "dc3": UP_V})
+    leader = render_status(fleet.d["dc1"].status())
+    assert "fleet leader   dc1 (this watcher), authority " in leader
+    assert "dc2: sees the primary down, 0.0s ago" in leader
+    assert "dc3: sees the primary up" in leader
+    follower = render_status(fleet.d["dc2"].status())
+    assert "fleet leader   dc1 (this is dc2)" in follower and "store          up" in follower
+    assert "commands here: not the leader: dc1 leads; run it there" in follower
