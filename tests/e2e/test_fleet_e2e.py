@@ -5,6 +5,7 @@ timeline) and from the journal in etcd."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,33 @@ async def test_a_new_leader_resumes_and_runs_no_step_twice(
     assert [r["outcome"] for r in slow] == ["interrupted"]
     assert await rig.promotions_in_store() == 1
     assert '"failover_resumed"' in rig.watchers[successor].logs()
+
+
+async def test_voters_with_different_configs_refuse_an_automatic_failover(
+    fleet_rig: FleetRig,
+) -> None:
+    rig = fleet_rig
+    shared = fleet_config(rig.pair, rig.tmp, rig.etcd)
+    for name in NAMES:
+        cfg = copy.deepcopy(shared)
+        if name == "dc3":
+            cfg["failover"]["outage_threshold"] = "3s"  # a decision-relevant difference
+        rig.add(name, cfg)
+    await rig.start()
+    leader = await rig.leader()
+    await rig.wait_all(lambda s: s["state"] == "watching", 15, "watching")
+    rig.pair.wait_replayed()
+    rig.pair.primary.kill()
+    deadline = time.monotonic() + 3 + 5
+    while time.monotonic() < deadline:
+        status = await rig.watchers[leader].status()
+        if "different configs" in status["reason"]:
+            break
+        await asyncio.sleep(0.2)
+    assert status["state"] == "blocked", status["reason"]
+    assert "automatic failover refused: voters run different configs" in status["reason"]
+    mismatched = {n for n, v in status["store"]["voters"].items() if v["config_matches"] is False}
+    assert mismatched == ({"dc3"} if leader != "dc3" else {"dc1", "dc2"})
+    await asyncio.sleep(3.0)
+    assert rig.pair.standby.is_in_recovery() and timeline(rig.pair.standby) == 1
+    assert await rig.promotions_in_store() == 0

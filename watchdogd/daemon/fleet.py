@@ -219,7 +219,11 @@ class Fleet:
         for problem in state.problems:
             self.d.emit("journal_problem", problem=problem, path="store")
         self.synced = True
-        await self.d.take_over()
+        seq = self.d.sequences
+        if seq.runner_task is None and seq.fence_task is None and seq.rejoin_task is None:
+            # A new leader (or one that re-read the journal after an ambiguous append
+            # while nothing ran): act on the journal as a restart would.
+            await self.d.take_over()
         self.d.cycle.refresh_state()
 
     async def _lost(self, why: str) -> None:
