@@ -210,3 +210,57 @@ async def test_quorum_loss_is_unavailable_in_bounded_time(
     assert View.decode(ballots["dc1"].data).seq == 3 and "dc2" in ballots
     await box.close()
     await fresh.close()
+
+
+async def test_an_etcd_leader_change_loses_no_vote(
+    etcd: EtcdCluster, clients: list[EtcdClient]
+) -> None:
+    """Watchers keep publishing through ``etcdctl move-leader``: every read that
+    succeeds shows all three views (etcd keeps leases alive across a leader change),
+    and publishing goes on afterwards."""
+    ttl = 3
+    boxes = [EtcdVoteBox(c, PREFIX, ttl) for c in clients]
+    names = ["dc1", "dc2", "dc3"]
+    stop = asyncio.Event()
+    failures: list[str] = []
+
+    async def watcher(box: EtcdVoteBox, name: str) -> None:
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            try:
+                await box.publish(name, view(name, seq=seq))
+            except StoreUnavailable as exc:
+                failures.append(str(exc))
+            await asyncio.sleep(0.2)
+
+    for box, name in zip(boxes, names, strict=True):
+        await box.publish(name, view(name))
+    tasks = [asyncio.create_task(watcher(b, n)) for b, n in zip(boxes, names, strict=True)]
+    try:
+        reads = 0
+        old = etcd.leader()
+        target = next(m for m in etcd.members if m is not old)
+        mover = asyncio.create_task(asyncio.to_thread(etcd.move_leader, target))
+        end = time.monotonic() + 2 * ttl
+        while not mover.done() or time.monotonic() < end:
+            try:
+                ballots = await boxes[0].ballots()
+            except StoreUnavailable:
+                continue
+            reads += 1
+            assert sorted(ballots) == names, f"a vote was lost: {sorted(ballots)}"
+            await asyncio.sleep(0.1)
+        await mover
+        assert reads >= 10
+        assert etcd.leader() is target
+        # Under the new etcd leader every watcher's publishes still land.
+        before = {n: View.decode(b.data).seq for n, b in (await boxes[1].ballots()).items()}
+        await asyncio.sleep(1.0)
+        after = {n: View.decode(b.data).seq for n, b in (await boxes[1].ballots()).items()}
+        assert all(after[n] > before[n] for n in names), (before, after)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    for box in boxes:
+        await box.close()
