@@ -184,6 +184,8 @@ class Votes(RuleBasedStateMachine):
                 {"instance": "dc1", "seq": 1, "primary": "main", "primary_down": "yes",
                  "primary_writable": None, "outage": 1.0, "standby_ok": None,
                  "config": OURS},
+                # A well-formed DOWN view filed under another watcher's name.
+                View("impostor", 1, PRIMARY, True, False, 99.0, True, OURS).encode(),
             ]
         ),
     )  # fmt: skip
@@ -255,7 +257,11 @@ class Votes(RuleBasedStateMachine):
         now: float,
     ) -> None:
         self.tallies += 1
-        fresh = tuple(n for n in self.voters if n in views and self.model_fresh(n, now))
+        fresh = tuple(
+            n
+            for n in self.voters
+            if n in views and views[n].instance == n and self.model_fresh(n, now)
+        )
         assert result.fresh == fresh
         assert result.needed == len(self.voters) // 2 + 1 and result.voters == self.voters
         assert OUTSIDER not in (*result.fresh, *result.down, *result.vetoes)
@@ -301,7 +307,7 @@ class Votes(RuleBasedStateMachine):
                 assert age == max(0.0, now - first_seen)
 
 
-Votes.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+Votes.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
 TestVotes = Votes.TestCase
 
 
