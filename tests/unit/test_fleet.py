@@ -180,6 +180,10 @@ def test_a_down_vote_about_another_primary_is_not_counted() -> None:
     assert result.down == ("dc1", "dc3") and result.refusal() is None
     views["dc3"] = view("dc3", primary="standby")
     assert tally(views, seen(*VOTERS), VOTERS, DIGEST, 100.0, primary="main").refusal()
+    # Seeing the other node up and writable is still a veto.
+    views["dc3"] = view("dc3", down=False, writable=True, primary="standby")
+    result = tally(views, seen(*VOTERS), VOTERS, DIGEST, 100.0, primary="main")
+    assert result.vetoes == ("dc3",) and (result.refusal() or "").startswith("vetoed")
 
 
 def test_voters_with_another_config_refuse_automatic_failover() -> None:
