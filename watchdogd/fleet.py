@@ -191,7 +191,9 @@ def tally(
 ) -> Tally:
     """The fleet's verdict on failing over now. ``views`` maps instance to its latest
     decoded view (the leader's own included); a view filed under another instance's name
-    is ignored. With ``primary``, a view about another primary does not count as down."""
+    is ignored. With ``primary``, a view about another primary does not count as down;
+    a fresh voter that sees its primary up and writable vetoes whichever node it names
+    (the fleet disagreeing on roles is no time to promote)."""
     configured = tuple(dict.fromkeys(voters))
     fresh: list[str] = []
     down: list[str] = []

@@ -26,8 +26,9 @@ from watchdogd.fleet import (
     tally,
     timing_problem,
 )
+from watchdogd.state.etcd import EtcdClient
 from watchdogd.state.store import StoreUnavailable, VirtualClock
-from watchdogd.state.votes import MemoryVoteBox
+from watchdogd.state.votes import EtcdVoteBox, MemoryVoteBox
 
 VOTERS = ("dc1", "dc2", "dc3")
 DIGEST = "abc123abc123"
@@ -179,6 +180,10 @@ def test_a_down_vote_about_another_primary_is_not_counted() -> None:
     assert result.down == ("dc1", "dc3") and result.refusal() is None
     views["dc3"] = view("dc3", primary="standby")
     assert tally(views, seen(*VOTERS), VOTERS, DIGEST, 100.0, primary="main").refusal()
+    # Seeing the other node up and writable is still a veto.
+    views["dc3"] = view("dc3", down=False, writable=True, primary="standby")
+    result = tally(views, seen(*VOTERS), VOTERS, DIGEST, 100.0, primary="main")
+    assert result.vetoes == ("dc3",) and (result.refusal() or "").startswith("vetoed")
 
 
 def test_voters_with_another_config_refuse_automatic_failover() -> None:
@@ -388,3 +393,19 @@ async def test_a_view_that_is_not_json_is_refused() -> None:
         await MemoryVoteBox(VirtualClock(), 5.0).publish("dc1", {"x": object()})
     with pytest.raises(ValueError, match="ttl"):
         MemoryVoteBox(VirtualClock(), 0.0)
+
+
+# --------------------------------------------------------------------------- etcd box
+
+
+async def test_the_etcd_box_keys_and_lease_ttl() -> None:
+    async with EtcdClient(["http://127.0.0.1:2379"]) as client:
+        box = EtcdVoteBox(client, "/watchdogd/shop/", 1.2)
+        assert box.ttl == 2 and box.key("dc1") == b"/watchdogd/shop/views/dc1"
+        assert EtcdVoteBox(client, "/watchdogd/shop", 0.3).ttl == 1
+        assert EtcdVoteBox(client, "/watchdogd/shop", 15).ttl == 15
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="ttl"):
+                EtcdVoteBox(client, "/watchdogd/shop", bad)
+        with pytest.raises(ValueError, match="instance name"):
+            await box.publish("a/b", view("dc1").encode())  # refused before any I/O

@@ -108,7 +108,11 @@ class EtcdVoteBox:
                 # on a new lease.
                 self.lease = None
                 lease = await self._fresh_lease()
-                await self.client.put(self.key(instance), value, lease=lease.id)
+                try:
+                    await self.client.put(self.key(instance), value, lease=lease.id)
+                except LeaseNotFound as exc:  # a lease granted a moment ago: not an answer
+                    self.lease = None
+                    raise StoreUnavailable(f"etcd: a new lease vanished at once ({exc})") from None
 
     async def _fresh_lease(self) -> Lease:
         lease = self.lease
