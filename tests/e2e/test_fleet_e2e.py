@@ -12,6 +12,7 @@ from typing import Any
 
 from tests.support.fleet import NAMES, FleetRig, fleet_config, fleet_rig, timeline
 from tests.support.pg import eventually
+from tests.support.proxy import BLACKHOLE, FaultProxy
 
 __all__ = ["fleet_rig"]
 
@@ -146,3 +147,33 @@ async def test_voters_with_different_configs_refuse_an_automatic_failover(
     await asyncio.sleep(3.0)
     assert rig.pair.standby.is_in_recovery() and timeline(rig.pair.standby) == 1
     assert await rig.promotions_in_store() == 0
+
+
+async def test_a_watcher_cut_from_the_primary_fails_nothing_over(fleet_rig: FleetRig) -> None:
+    """The leader's own link to the primary is cut (its DSN through the fault proxy);
+    the other two watchers see the primary up and writable: their views veto, and a
+    minority sees nothing down. No promotion."""
+    rig = fleet_rig
+    shared = fleet_config(rig.pair, rig.tmp, rig.etcd)
+    async with FaultProxy(rig.pair.primary.port) as proxy:
+        cut = rig.add("dc1", shared, primary_port=proxy.port)
+        await rig.start("dc1")
+        assert await rig.leader() == "dc1"  # alone: it leads
+        for name in ("dc2", "dc3"):
+            rig.add(name, shared)
+        await rig.start("dc2", "dc3")
+        await rig.wait_all(lambda s: s["state"] == "watching", 15, "watching")
+        assert await rig.leader() == "dc1"
+        proxy.set_mode(BLACKHOLE)
+        await asyncio.sleep(2 + 4)  # the threshold and more
+        status = await cut.status()
+        assert status["store"]["is_leader"] and status["state"] != "failing_over"
+        voters = status["store"]["voters"]
+        for name in ("dc2", "dc3"):
+            assert voters[name]["fresh"] and voters[name]["primary_writable"] is True, voters
+            assert voters[name]["primary_down"] is False
+        # A veto, whatever dc1 itself sees.
+        assert status["store"]["refusal"].startswith("vetoed: the primary is up and writable")
+        assert rig.pair.standby.is_in_recovery()
+        assert timeline(rig.pair.standby) == 1
+        assert await rig.promotions_in_store() == 0
