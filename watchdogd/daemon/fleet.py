@@ -168,15 +168,27 @@ class Fleet:
         retry = min(self.timing.renew, 0.25)  # an unanswered renewal is retried soon
         sent = self.d.clock()
         if self.token is None:
+            # A read first: a campaign grants (and drops) a lease, which a follower
+            # need not cost the store every round while a leader holds the key.
+            token = None
             try:
-                token = await self.store.campaign(self.instance, ttl)
+                holder = await self.store.leader()
+                if holder is None:
+                    sent = self.d.clock()
+                    token = await self.store.campaign(self.instance, ttl)
+                    if token is None:
+                        holder = await self.store.leader()
                 if token is None:
-                    holder = await self.store.leader()
                     self._set_leader(holder.holder if holder is not None else None)
             except StoreUnavailable as exc:
                 self._down(str(exc))
                 return retry
             self._up()
+            if token is None:
+                # A follower looks again soon: a leader's key that expired is taken
+                # over within about a second, not a renew interval.
+                self._export()
+                return min(self.timing.renew, 1.0)
             if token is not None:
                 self.token, self.synced = token, False
                 self.deadline = votes.authority_deadline(sent, ttl, margin)
