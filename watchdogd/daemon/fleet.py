@@ -232,7 +232,7 @@ class Fleet:
             self.d.emit("journal_problem", problem=problem, path="store")
         self.synced = True
         seq = self.d.sequences
-        if seq.runner_task is None and seq.fence_task is None and seq.rejoin_task is None:
+        if not seq.running and not seq.fencing and seq.rejoin_task is None:
             # A new leader (or one that re-read the journal after an ambiguous append
             # while nothing ran): act on the journal as a restart would.
             await self.d.take_over()
@@ -247,6 +247,10 @@ class Fleet:
         self._set_leader(None)
         await self.d.sequences.abandon()
         self._export()
+
+    def resync(self) -> None:
+        """Re-read the journal and act on it (resume) at the next leadership round."""
+        self.synced = False
 
     def _lost_soon(self, why: str) -> None:
         """``_lost`` from inside a sequence's own task (it cannot await its own end)."""

@@ -248,8 +248,19 @@ class Sequences:
         finally:
             self.runner, self.runner_task = None, None
             d.metrics.set_in_progress(False)
+        self._left_unfinished()
         d.cycle.refresh_state()
         return outcome
+
+    def _left_unfinished(self) -> None:
+        """In a fleet, a sequence that ended without finishing (the store did not take a
+        record, or the leader's authority ran out) is resumed by this watcher once it
+        can act again: it re-reads the journal from the store first, as a new leader."""
+        fleet, state = self.d.fleet, self.d.state
+        if fleet is None or self.stopping:
+            return
+        if state.unfinished or state.unfinished_rejoin or state.unfinished_fence:
+            fleet.resync()
 
     async def _guarded(self, runner: Runner) -> str:
         """Run a failover (or a rejoin). A journal that refuses a record is reported by
@@ -325,6 +336,7 @@ class Sequences:
             return "failed"
         finally:
             self.fence_runner = None
+            self._left_unfinished()
 
     async def close_unfinished_fence(self) -> None:
         """A fence cut off by a crash is closed, not resumed: fencing is idempotent, and if
@@ -521,6 +533,7 @@ class Sequences:
             outcome = await self._guarded(runner)
         finally:
             self.rejoin_runner, self.rejoin_task = None, None
+        self._left_unfinished()
         rj, fo = d.state.last_rejoin, d.state.awaiting_ack
         if (
             outcome == COMPLETED
