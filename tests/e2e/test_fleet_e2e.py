@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,59 @@ async def test_a_watcher_cut_from_the_primary_fails_nothing_over(fleet_rig: Flee
         assert rig.pair.standby.is_in_recovery()
         assert timeline(rig.pair.standby) == 1
         assert await rig.promotions_in_store() == 0
+
+
+async def test_a_leader_frozen_past_its_lease_acts_on_nothing_when_it_wakes(
+    fleet_rig: FleetRig, tmp_path: Path
+) -> None:
+    """SIGSTOP of the leader mid-step, past its lease: another watcher takes over and
+    fails over; the old leader, continued, finds its authority over (its clock says the
+    deadline passed) and its token lost: no further step, no second promotion."""
+    rig = fleet_rig
+    ran = tmp_path / "slow-step.log"
+    steps: list[dict[str, Any]] = [
+        {
+            "name": "slow",
+            "action": "command",
+            "timeout": "3s",
+            "required": False,
+            "argv": ["sh", "-c", f"echo {{failover_id}} >> {ran}; sleep 2.5"],
+        },
+        {"name": "stop_replication", "action": "stop_replication", "timeout": "2s"},
+        {"name": "promote_standby", "action": "promote", "timeout": "2s"},
+    ]
+    shared = fleet_config(rig.pair, rig.tmp, rig.etcd, ttl="6s", steps=steps)
+    for name in NAMES:
+        rig.add(name, shared)
+    await rig.start()
+    leader = await rig.leader()
+    await rig.wait_all(lambda s: s["state"] == "watching", 15, "watching")
+    rig.pair.wait_replayed()
+    rig.pair.primary.kill()
+    await eventually(lambda: ran.exists(), within=15)
+    frozen = rig.watchers.pop(leader)
+    assert frozen.proc is not None
+    frozen.proc.send_signal(signal.SIGSTOP)
+    try:
+        await rig.leader(within=20, other_than=leader)
+        await rig.wait_all(lambda s: s["state"] == "failed_over", 25, "failed over")
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+    assert timeline(rig.pair.standby) == 2
+    before = await rig.store_journal()
+
+    async def stepped_down() -> bool:
+        status = await frozen.status()
+        return not status["store"]["is_leader"]
+
+    await eventually(stepped_down, within=10)
+    await asyncio.sleep(2.0)
+    assert timeline(rig.pair.standby) == 2
+    assert await rig.store_journal() == before  # the old leader wrote nothing more
+    assert len(ran.read_text().splitlines()) == 1
+    assert await rig.promotions_in_store() == 1
+    logs = frozen.logs()
+    assert '"fleet_leadership_lost"' in logs
+    # It never started the next step on its own.
+    started = [e for e in frozen.events() if e.get("event") == "step_started"]
+    assert [e["step"] for e in started] == ["slow"]
