@@ -235,3 +235,25 @@ async def test_a_leader_frozen_past_its_lease_acts_on_nothing_when_it_wakes(
     # It never started the next step on its own.
     started = [e for e in frozen.events() if e.get("event") == "step_started"]
     assert [e["step"] for e in started] == ["slow"]
+
+
+async def test_an_etcd_leader_change_during_the_countdown_promotes_once(
+    fleet_rig: FleetRig,
+) -> None:
+    rig = fleet_rig
+    shared = fleet_config(rig.pair, rig.tmp, rig.etcd)
+    for name in NAMES:
+        rig.add(name, shared)
+    await rig.start()
+    await rig.leader()
+    await rig.wait_all(lambda s: s["state"] == "watching", 15, "watching")
+    rig.pair.wait_replayed()
+    etcd_leader = rig.etcd.leader()
+    other = next(m for m in rig.etcd.members if m is not etcd_leader)
+    rig.pair.primary.kill()
+    await asyncio.to_thread(rig.etcd.move_leader, other)  # leases reset, no vote lost
+    await rig.wait_all(lambda s: s["state"] == "failed_over", 20, "failed over")
+    assert timeline(rig.pair.standby) == 2
+    assert await rig.promotions_in_store() == 1
+    records = await rig.store_journal()
+    assert [r["type"] for r in records].count("failover_started") == 1
