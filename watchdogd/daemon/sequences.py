@@ -269,13 +269,18 @@ class Sequences:
         ids = {f"{runner.sequence}_id": runner.plan.id}
         try:
             return await runner.run()
-        except JournalError:
-            self.d.emit(
-                runner.event_name("failover_stopped"),
-                **ids,
-                note="the journal cannot be written: no further step runs; restart watchdogd "
-                f"once it can, and the {runner.sequence} resumes",
+        except JournalError as exc:
+            note = (
+                "the journal cannot be written: no further step runs; restart watchdogd "
+                f"once it can, and the {runner.sequence} resumes"
             )
+            if self.d.fleet is not None:
+                note = (
+                    f"the fleet's journal did not take a record ({exc}): no further step "
+                    f"runs here; the {runner.sequence} stays unfinished in the store and "
+                    "the leader resumes it once it can act"
+                )
+            self.d.emit(runner.event_name("failover_stopped"), **ids, note=note)
         except Exception as exc:
             self.d.emit(runner.event_name("failover_crashed"), **ids, error=str(exc))
         return "failed"
