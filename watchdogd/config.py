@@ -370,12 +370,25 @@ def _store(root: Section, instance: str) -> StoreConfig | None:
 
 
 def _steps_fit(root: Section, store: StoreConfig, failover: FailoverConfig) -> None:
-    """In a fleet every failover and fence step must fit in the leader's authority right
-    after a renewal: ``timeout + 1s + retry budget <= ttl - margin``. A longer step
-    would never start (it stays unfinished for a leader that cannot run it either)."""
+    """In a fleet every failover, fence and rejoin step (and the rejoin's verification,
+    ``rejoin_timeout``) must fit in the leader's authority right after a renewal:
+    ``timeout + 1s + retry budget <= ttl - margin``. A longer step would never start (it
+    stays unfinished for a leader that cannot run it either)."""
     timing = fleet_timing(store.etcd)
     room = timing.ttl - timing.margin - timing.budget - 1.0
-    for key, steps in (("steps", failover.steps), ("fence_steps", failover.fence_steps)):
+    sequences = (
+        ("steps", failover.steps),
+        ("fence_steps", failover.fence_steps),
+        ("rejoin_steps", failover.rejoin_steps),
+    )
+    if failover.rejoin_timeout > room:  # the rejoin's verification step
+        root.error(
+            f"{format_duration(failover.rejoin_timeout)} does not fit in a fleet leader's "
+            f"authority: at most {format_duration(max(0.0, room))} with store.etcd.ttl "
+            f"{format_duration(timing.ttl)} (raise the ttl or shorten it)",
+            "failover.rejoin_timeout",
+        )
+    for key, steps in sequences:
         for i, step in enumerate(steps):
             if step.timeout > room:
                 root.error(

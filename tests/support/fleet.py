@@ -50,6 +50,8 @@ def fleet_config(
         {"name": "stop_replication", "action": "stop_replication", "timeout": "2s"},
         {"name": "promote_standby", "action": "promote", "timeout": "2s"},
     ]
+    cfg["failover"]["rejoin_steps"] = [{"name": "rejoin", "action": "rejoin", "timeout": "2s"}]
+    cfg["failover"]["rejoin_timeout"] = "2s"
     cfg["store"] = {
         "etcd": {"endpoints": etcd.endpoints, "prefix": PREFIX, "ttl": ttl, "timeout": "300ms"},
         "voters": list(NAMES),

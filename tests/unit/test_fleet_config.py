@@ -30,7 +30,10 @@ def raw(**extra: Any) -> dict[str, Any]:
             "steps": [
                 {"name": "stop_replication", "action": "stop_replication", "timeout": "3s"},
                 {"name": "promote_standby", "action": "promote", "timeout": "3s"},
-            ]
+            ],
+            # In a fleet a rejoin must fit in the leader's authority too.
+            "rejoin_steps": [{"name": "rejoin", "action": "rejoin", "timeout": "3s"}],
+            "rejoin_timeout": "3s",
         },
         **extra,
     }
@@ -159,9 +162,12 @@ def test_every_step_must_fit_in_the_leaders_authority() -> None:
     data = fleet(ttl="15s")
     data["failover"]["steps"][1]["timeout"] = "30s"
     data["failover"]["fence_steps"] = [{"name": "f", "action": "fence", "timeout": "10s"}]
+    data["failover"]["rejoin_timeout"] = "2m"
     found = problems(data)
     # ttl 15s - margin 1.5s - retry budget 3s - 1s backstop: 9.5s.
     assert found == [
+        "failover.rejoin_timeout: 120s does not fit in a fleet leader's authority: at most "
+        "9.5s with store.etcd.ttl 15s (raise the ttl or shorten it)",
         "failover.steps[1].timeout: 30s does not fit in a fleet leader's authority: at most "
         "9.5s with store.etcd.ttl 15s (raise the ttl or shorten the step)",
         "failover.fence_steps[0].timeout: 10s does not fit in a fleet leader's authority: "

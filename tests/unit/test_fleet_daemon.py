@@ -67,7 +67,12 @@ def raw(tmp: Path, instance: str, steps_log: Path) -> dict[str, Any]:
             "database": {"engine": "postgres", "dsn": "postgresql://u@127.0.0.1:2/x"},
         },
         "probe": {"interval": "1s", "timeout": "500ms"},
-        "failover": {"outage_threshold": "3s", "steps": steps},
+        "failover": {
+            "outage_threshold": "3s",
+            "steps": steps,
+            "rejoin_steps": [{"name": "rejoin", "action": "rejoin", "timeout": "2s"}],
+            "rejoin_timeout": "2s",
+        },
         "metrics": {"enabled": False},
         "state_dir": str(tmp / instance),
         "store": {
@@ -334,6 +339,8 @@ async def test_a_running_step_is_cancelled_at_the_deadline(tmp_path: Path) -> No
         raw(tmp_path, "dc1", tmp_path / "log")
         | {
             "failover": {
+                "rejoin_steps": [{"name": "rejoin", "action": "rejoin", "timeout": "2s"}],
+                "rejoin_timeout": "2s",
                 "steps": [
                     {
                         "name": "slow",
@@ -341,7 +348,7 @@ async def test_a_running_step_is_cancelled_at_the_deadline(tmp_path: Path) -> No
                         "timeout": "10s",
                         "argv": ["sh", "-c", f"sleep 3; touch {marker}"],
                     }
-                ]
+                ],
             }
         }
     )
