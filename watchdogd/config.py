@@ -14,24 +14,29 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from watchdogd import actions, engines
+from watchdogd import actions, engines, fleet
 from watchdogd.core.errors import WatchdogdError
 from watchdogd.core.model import (
     AppConfig,
     Config,
     ControlConfig,
     DatabaseConfig,
+    EtcdConfig,
     FailoverConfig,
+    GuardConfig,
     LogConfig,
     MetricsConfig,
     NodeConfig,
     ProbeConfig,
     StepConfig,
+    StoreConfig,
     WebhookConfig,
     WitnessConfig,
 )
@@ -210,6 +215,18 @@ def parse(data: Any, source: str | None = None) -> Config:
 
     state_dir = root.str("state_dir", "/var/lib/watchdogd")
 
+    instance = root.str("instance", _hostname())
+    if isinstance(instance, str) and not re.fullmatch(r"[A-Za-z0-9_.-]+", instance):
+        root.error(f"use letters, digits, '.', '_' or '-', got {instance!r}", "instance")
+        instance = "local"
+    store = _store(root, instance)
+    if store is not None and store.etcd.endpoints:
+        _steps_fit(root, store, failover)
+    guard = None
+    if (g := root.section("guard")) is not None:
+        guard = GuardConfig(isolation_timeout=g.duration("isolation_timeout", 20.0, minimum=1.0))
+        g.finish()
+
     providers: dict[str, Any] = {}
     for name, parser in actions.provider_sections().items():
         if (s := root.section(name)) is not None:
@@ -235,10 +252,159 @@ def parse(data: Any, source: str | None = None) -> Config:
         providers=providers,
         secrets=frozenset(secrets),
         source=source,
+        instance=instance,
+        store=store,
+        guard=guard,
     )
     if problems := actions.check_config(config):
         raise ConfigError(unresolve(problems, env_refs, secrets))
     return config
+
+
+@dataclass(frozen=True)
+class FleetTiming:
+    """The leader's clock, from ``store.etcd``: it renews its lease every ``renew``
+    seconds; one store call takes at most ``budget`` (one attempt per endpoint, as
+    ``EtcdClient.retry_budget``); its authority ends ``margin`` before the lease could
+    (a safety for the scheduling delay between etcd's answer and our acting on it, and
+    the rate difference of two clocks)."""
+
+    ttl: float
+    renew: float
+    budget: float
+    margin: float
+
+    def problem(self) -> str | None:
+        """The timing rule ``renew + 2 x budget + margin <= ttl``: one renewal may fail
+        after a full budget and the next must still land before the lease ends."""
+        return fleet.timing_problem(self.renew, self.budget, self.margin, self.ttl)
+
+
+def fleet_timing(etcd: EtcdConfig) -> FleetTiming:
+    return FleetTiming(
+        ttl=etcd.ttl,
+        renew=etcd.ttl / 3,
+        budget=etcd.timeout * max(1, len(etcd.endpoints)),
+        margin=max(0.5, etcd.ttl / 10),
+    )
+
+
+def _hostname() -> str:
+    name = socket.gethostname().split(".")[0]
+    return name if re.fullmatch(r"[A-Za-z0-9_.-]+", name or "") else "local"
+
+
+def _store(root: Section, instance: str) -> StoreConfig | None:
+    """``store``: the fleet's etcd and its voters. Every problem names its path."""
+    s = root.section("store")
+    if s is None:
+        return None
+    e = s.section("etcd", required=True)
+    voters = s.str_list("voters", None)
+    if voters is None:
+        s.error("is required: the fleet's instance names, e.g. [dc1, dc2, dc3]", "voters")
+        voters = []
+    seen: set[str] = set()
+    for i, v in enumerate(voters):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            s.error(f"use letters, digits, '.', '_' or '-', got {v!r}", f"voters[{i}]")
+        if v in seen:
+            s.error(f"{v!r} is listed twice", f"voters[{i}]")
+        seen.add(v)
+    if s.has("voters") and voters == []:
+        s.error("must name at least one voter", "voters")
+    elif voters and instance not in seen:
+        s.error(f"must include this instance ({instance!r}; set instance: to its name)", "voters")
+    s.finish()
+    if e is None:
+        return None
+    endpoints: list[str] = []
+    raw = e.str_list("endpoints", None)
+    if raw is None:
+        e.error('is required: a list like ["https://10.0.0.1:2379"]', "endpoints")
+    elif not raw:
+        e.error("must list at least one endpoint", "endpoints")
+    for i, text in enumerate(raw or []):
+        problem = _endpoint_problem(text)
+        if problem is not None:
+            e.error(problem, f"endpoints[{i}]")
+        else:
+            endpoints.append(text.rstrip("/"))
+    prefix = e.str("prefix", "/watchdogd")
+    if isinstance(prefix, str) and not re.fullmatch(r"(/[A-Za-z0-9_.-]+)+", prefix):
+        e.error(f"expected a key path like /watchdogd, got {prefix!r}", "prefix")
+    ttl = e.duration("ttl", 15.0, minimum=2.0)
+    timeout = e.duration("timeout", 1.0, minimum=0.05)
+    ca_file = cert_file = key_file = None
+    if (t := e.section("tls")) is not None:
+        ca_file = t.str("ca_file", None)
+        cert_file = t.str("cert_file", None)
+        key_file = t.str("key_file", None)
+        if (cert_file is None) != (key_file is None):
+            t.error("cert_file and key_file go together")
+        for key, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+            if path is not None and not os.access(path, os.R_OK):
+                t.error(f"cannot read {path}", key)
+        t.finish()
+    username = e.str("username", None)
+    password = e.secret("password")
+    if (username is None) != (password is None):
+        e.error("username and password (or password_file) go together")
+    e.finish()
+    etcd = EtcdConfig(
+        endpoints=tuple(endpoints),
+        prefix=prefix if isinstance(prefix, str) else "/watchdogd",
+        ttl=ttl,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        username=username,
+        password=password,
+        timeout=timeout,
+    )
+    if endpoints and (problem := fleet_timing(etcd).problem()) is not None:
+        e.error(
+            f"{problem} (store.etcd.timeout {format_duration(etcd.timeout)} per endpoint)", "ttl"
+        )
+    return StoreConfig(etcd=etcd, voters=tuple(voters))
+
+
+def _steps_fit(root: Section, store: StoreConfig, failover: FailoverConfig) -> None:
+    """In a fleet every failover, fence and rejoin step (and the rejoin's verification,
+    ``rejoin_timeout``) must fit in the leader's authority right after a renewal:
+    ``timeout + 1s + retry budget <= ttl - margin``. A longer step would never start (it
+    stays unfinished for a leader that cannot run it either)."""
+    timing = fleet_timing(store.etcd)
+    room = timing.ttl - timing.margin - timing.budget - 1.0
+    sequences = (
+        ("steps", failover.steps),
+        ("fence_steps", failover.fence_steps),
+        ("rejoin_steps", failover.rejoin_steps),
+    )
+    if failover.rejoin_timeout > room:  # the rejoin's verification step
+        root.error(
+            f"{format_duration(failover.rejoin_timeout)} does not fit in a fleet leader's "
+            f"authority: at most {format_duration(max(0.0, room))} with store.etcd.ttl "
+            f"{format_duration(timing.ttl)} (raise the ttl or shorten it)",
+            "failover.rejoin_timeout",
+        )
+    for key, steps in sequences:
+        for i, step in enumerate(steps):
+            if step.timeout > room:
+                root.error(
+                    f"{format_duration(step.timeout)} does not fit in a fleet leader's "
+                    f"authority: at most {format_duration(max(0.0, room))} with store.etcd.ttl "
+                    f"{format_duration(timing.ttl)} (raise the ttl or shorten the step)",
+                    f"failover.{key}[{i}].timeout",
+                )
+
+
+def _endpoint_problem(text: str) -> str | None:
+    """Why ``text`` is not an etcd endpoint (``http(s)://host:port``), or None."""
+    m = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})/?", text)
+    if m is None or not 0 < int(m.group(3)) <= 65535:
+        return f"expected http(s)://host:port, e.g. https://10.0.0.1:2379, got {text!r}"
+    return None
 
 
 def _node(

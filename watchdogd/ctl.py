@@ -497,6 +497,7 @@ def render_status(s: Mapping[str, Any]) -> str:
         if len(failed) > _READINESS_LINES:
             rows.append(("", f"... and {len(failed) - _READINESS_LINES} more (--json shows all)"))
     rows.extend(_rejoin_rows(s.get("rejoin")))
+    rows.extend(_store_rows(s.get("store")))
     out = _pairs(rows)
     nodes = s.get("nodes")
     if isinstance(nodes, list) and nodes:
@@ -517,6 +518,41 @@ def render_status(s: Mapping[str, Any]) -> str:
             )
         out += "\n\n" + _table(table)
     return out
+
+
+def _store_rows(store: Any) -> list[tuple[str, str]]:
+    """A fleet watcher's block (``store`` in status): who leads, the store, each voter."""
+    if not isinstance(store, dict):
+        return []
+    me = _text(store.get("instance", "?"))
+    leader = store.get("leader")
+    if store.get("is_leader"):
+        lead = f"{me} (this watcher), authority {_number(store.get('deadline_in')) or 0:g}s left"
+    else:
+        lead = f"{_text(leader)} (this is {me})" if leader else f"nobody (this is {me})"
+    rows = [("fleet leader", lead)]
+    up = store.get("up")
+    rows.append(("store", "up" if up else f"UNAVAILABLE: {_text(store.get('error') or '?')}"))
+    voters = store.get("voters")
+    if isinstance(voters, dict) and store.get("is_leader"):
+        for name, v in voters.items():
+            if not isinstance(v, dict):
+                continue
+            if not v.get("fresh"):
+                age = v.get("age")
+                rows.append(
+                    ("", f"{_text(name)}: stale" + (f" ({age}s)" if age is not None else ""))
+                )
+                continue
+            sees = "down" if v.get("primary_down") else "up"
+            if v.get("primary_writable"):
+                sees += " and writable"
+            extra = "" if v.get("config_matches", True) else ", CONFIG DIFFERS"
+            rows.append(("", f"{_text(name)}: sees the primary {sees}, {v.get('age')}s ago{extra}"))
+    if store.get("refusal"):
+        what = "automatic failover" if store.get("is_leader") else "commands here"
+        rows.append(("", f"{what}: {_text(store['refusal'])}"))
+    return rows
 
 
 def _rejoin_rows(rejoin: Any) -> list[tuple[str, str]]:

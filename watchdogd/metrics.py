@@ -57,6 +57,8 @@ from watchdogd.core.secrets import Secrets, as_secrets
 Handler = web.Handler
 
 STATES = ("watching", "suspect", "failing_over", "failed_over", "paused", "blocked", "failed")
+# A fleet watcher's extra state (issue 12): exported only with ``store:`` configured.
+FLEET_STATES = (*STATES, "store_unavailable")
 TRIGGERS = ("automatic", "manual", "switchover")
 OUTCOMES = ("completed", "failed", "aborted", "blocked")
 
@@ -91,8 +93,10 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         *,
         process_metrics: bool = True,
+        fleet: bool = False,
     ) -> None:
         self.cluster = cluster
+        self.states = FLEET_STATES if fleet else STATES
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         if process_metrics:
@@ -260,8 +264,31 @@ class Metrics:
             registry=r,
         )
 
+        if fleet:
+            self.store_up = Gauge(
+                "watchdogd_store_up",
+                "1 while the fleet's store (etcd) answers this watcher, else 0.",
+                c,
+                registry=r,
+            )
+            self.is_leader = Gauge(
+                "watchdogd_is_leader",
+                "1 while this watcher leads the fleet (holds the leader key), else 0.",
+                c,
+                registry=r,
+            )
+            self.voters_fresh = Gauge(
+                "watchdogd_voters_fresh",
+                "Voters whose view the leader received recently (leader only; -1 elsewhere).",
+                c,
+                registry=r,
+            )
+            self.store_up.labels(cluster=cluster).set(0)
+            self.is_leader.labels(cluster=cluster).set(0)
+            self.voters_fresh.labels(cluster=cluster).set(-1)
+
         self.build_info.labels(version=__version__, cluster=cluster).set(1)
-        for state in STATES:
+        for state in self.states:
             self.state.labels(cluster=cluster, state=state).set(0)
         for trigger in TRIGGERS:
             for outcome in OUTCOMES:
@@ -335,10 +362,17 @@ class Metrics:
     # ----------------------------------------------------------------------- decide / act
 
     def set_state(self, state: str) -> None:
-        if state not in STATES:
-            raise ValueError(f"unknown state {state!r}; known: {', '.join(STATES)}")
-        for s in STATES:
+        if state not in self.states:
+            raise ValueError(f"unknown state {state!r}; known: {', '.join(self.states)}")
+        for s in self.states:
             self.state.labels(cluster=self.cluster, state=s).set(1 if s == state else 0)
+
+    def set_fleet(self, *, up: bool, leader: bool, fresh: int | None) -> None:
+        """The fleet's gauges (only with ``store:``): store reachable, leading, and how
+        many voters the leader counts fresh (-1: not the leader, it does not count)."""
+        self.store_up.labels(cluster=self.cluster).set(_flag(up))
+        self.is_leader.labels(cluster=self.cluster).set(_flag(leader))
+        self.voters_fresh.labels(cluster=self.cluster).set(-1 if fresh is None else fresh)
 
     def set_armed(self, armed: bool) -> None:
         self.armed.labels(cluster=self.cluster).set(_flag(armed))

@@ -42,6 +42,9 @@ class State(StrEnum):
     PAUSED = "paused"
     BLOCKED = "blocked"
     FAILED = "failed"
+    # A fleet watcher whose store (etcd) does not answer: nothing is failed over, fenced
+    # or demoted because of it; probing goes on (issue 12).
+    STORE_UNAVAILABLE = "store_unavailable"
 
 
 WATCHING, FAILING_OVER, FAILED_OVER = State.WATCHING, State.FAILING_OVER, State.FAILED_OVER
@@ -643,7 +646,7 @@ def health(
 
 
 # Config sections a reload cannot apply: the sockets and the journal are held open.
-RESTART_ONLY = ("control", "metrics", "state_dir")
+RESTART_ONLY = ("control", "metrics", "state_dir", "instance", "store")
 
 
 def restart_needed_for(old: Config, new: Config) -> list[str]:

@@ -74,7 +74,7 @@ def test_every_alert_is_tested_firing_and_silent(group: str) -> None:
 
 
 def test_rules_are_labelled_annotated_and_use_real_metrics() -> None:
-    families = list(Metrics("c").registry.collect())
+    families = list(Metrics("c", fleet=True).registry.collect())
     exported = {m.name for m in families} | {s.name for m in families for s in m.samples}
     seen = set()
     for group in groups():

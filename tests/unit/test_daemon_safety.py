@@ -198,7 +198,7 @@ async def test_a_restart_mid_fence_closes_the_fence_and_resumes_nothing(tmp_path
     d.policy.journal = d.state
     assert d.state.unfinished is None  # a fence is never an unfinished failover
     assert d.state.unfinished_fence is not None
-    d.sequences.close_unfinished_fence()
+    await d.sequences.close_unfinished_fence()
     (event,) = log.named("fence_unfinished")
     assert event["fence_id"] == "fence-1" and event["failover_id"] == "F1"
     assert event["old_primary"] == "main" and "fences again" in event["note"]
@@ -213,7 +213,7 @@ async def test_a_restart_mid_fence_closes_the_fence_and_resumes_nothing(tmp_path
     # Nothing to close twice.
     d2 = Daemon(cfg, log=Log())
     d2.state = d2.journal.load()
-    d2.sequences.close_unfinished_fence()
+    await d2.sequences.close_unfinished_fence()
     assert d2.journal.path.read_text() == "\n".join(lines) + "\n"
     d2.journal.close()
 
@@ -288,7 +288,7 @@ async def test_a_journal_that_refuses_records_is_a_visible_failed_state(
     assert not d.state.paused  # nothing acted on what was not journaled
     # A failover (here: a manual one) is refused before it starts, not "started" and lost.
     with pytest.raises(JournalError):
-        d.sequences.start_failover("failover", "manual", "test", forced=True)
+        await d.sequences.start_failover("failover", "manual", "test", forced=True)
     assert (
         d.sequences.runner is None and d.sequences.runner_task is None and d.state.failovers == []
     )

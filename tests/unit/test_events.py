@@ -41,6 +41,7 @@ def test_levels_are_as_the_daemon_logged_them() -> None:
         "watchdog_interval", "engine_advice", "abort_requested",
         "writes_diverged", "rejoin_refused", "rejoin_waiting", "rejoin_unfinished",
         "rejoin_step_retry", "rejoin_step_failed", "rejoin_failed", "rejoin_aborted",
+        "fleet_leadership_lost", "fleet_view_refused", "store_unavailable",
     }  # fmt: skip
     error = {
         "journal_write_failed", "cycle_timeout", "failover_stopped", "reload_refused",

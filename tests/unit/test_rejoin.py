@@ -316,15 +316,14 @@ class Rig:
             for rec in failover_lines():
                 j.append(rec)
             j.close()
-        self.load()
 
-    def load(self) -> None:
+    async def load(self) -> None:
         """As start() does, without servers or probes."""
         d = self.d
         d.state = d.journal.load()
         d.policy.journal = d.state
         d.engines.update({"main": self.old, "failover": self.new})
-        d.sequences.resume_rejoin()
+        await d.sequences.resume_rejoin()
 
     async def cmd(self, command: str, **args: Any) -> dict[str, Any]:
         return await self.d.handle_command(command, args, ROOT)
@@ -347,6 +346,13 @@ class Rig:
         return self.d.metrics.registry.get_sample_value(name, {"cluster": "orders"})
 
 
+async def make_rig(tmp: Path, old: RejoinEngine, *, fresh: bool = True, **failover: Any) -> Rig:
+    """A ``Rig``, loaded as start() loads the journal (resuming a rejoin)."""
+    rig = Rig(tmp, old, fresh=fresh, **failover)
+    await rig.load()
+    return rig
+
+
 @pytest.fixture
 async def made(tmp_path: Path) -> AsyncIterator[list[Rig]]:
     rigs: list[Rig] = []
@@ -358,7 +364,7 @@ async def made(tmp_path: Path) -> AsyncIterator[list[Rig]]:
 async def test_nothing_to_rejoin_is_refused_before_any_engine_is_asked(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main"))
+    rig = await make_rig(tmp_path, RejoinEngine("main"))
     made.append(rig)
     await rig.cmd("ack")
     with pytest.raises(CommandError, match=r"^rejoin refused: nothing to rejoin: no failover"):
@@ -369,7 +375,7 @@ async def test_nothing_to_rejoin_is_refused_before_any_engine_is_asked(
 async def test_dry_run_shows_the_report_and_the_steps_and_changes_nothing(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", DIVERGED))
+    rig = await make_rig(tmp_path, RejoinEngine("main", DIVERGED))
     made.append(rig)
     before = rig.path.read_bytes()
     reply = await rig.cmd("rejoin", dry_run=True)
@@ -406,7 +412,7 @@ async def test_dry_run_shows_the_report_and_the_steps_and_changes_nothing(
 async def test_diverged_writes_refuse_the_rejoin_until_accepted(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", DIVERGED))
+    rig = await make_rig(tmp_path, RejoinEngine("main", DIVERGED))
     made.append(rig)
     with pytest.raises(CommandError) as refused:
         await rig.cmd("rejoin")
@@ -456,7 +462,7 @@ async def test_diverged_writes_refuse_the_rejoin_until_accepted(
 async def test_a_real_rejoin_fences_the_old_primary_before_it_measures(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", ZERO))
+    rig = await make_rig(tmp_path, RejoinEngine("main", ZERO))
     made.append(rig)
     await rig.cmd("rejoin")
     await rig.finished()
@@ -482,7 +488,7 @@ async def refused_without_a_record(rig: Rig) -> str:
 async def test_a_fence_that_fails_refuses_the_rejoin_unless_the_unknown_is_accepted(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", ZERO, fence_error="connection refused"))
+    rig = await make_rig(tmp_path, RejoinEngine("main", ZERO, fence_error="connection refused"))
     made.append(rig)
     assert (await refused_without_a_record(rig)).startswith(
         "rejoin refused: divergence unknown (main could not be fenced: connection refused; "
@@ -505,7 +511,7 @@ async def test_a_fence_that_fails_refuses_the_rejoin_unless_the_unknown_is_accep
 async def test_a_dsn_that_reaches_the_new_primary_never_fences_it(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", ZERO, same_server_as="failover"))
+    rig = await make_rig(tmp_path, RejoinEngine("main", ZERO, same_server_as="failover"))
     made.append(rig)
     assert "main and failover are the same server" in await refused_without_a_record(rig)
     assert rig.old.calls == [("distinct_from", "failover")]  # no fence, no report
@@ -514,7 +520,9 @@ async def test_a_dsn_that_reaches_the_new_primary_never_fences_it(
 async def test_auto_rejoin_waits_for_an_operator_when_the_fence_fails(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", ZERO, fence_error="timed out"), auto_rejoin=True)
+    rig = await make_rig(
+        tmp_path, RejoinEngine("main", ZERO, fence_error="timed out"), auto_rejoin=True
+    )
     made.append(rig)
     observe(rig, "failover", "main")
     rig.d.cycle.check_auto_rejoin()
@@ -557,14 +565,14 @@ async def test_a_fence_during_the_report_refuses_the_rejoin_and_no_fence_during_
     tmp_path: Path, made: list[Rig]
 ) -> None:
     slow = SlowReport("main")
-    rig = Rig(tmp_path, slow, fence_steps=fence_steps())
+    rig = await make_rig(tmp_path, slow, fence_steps=fence_steps())
     made.append(rig)
     fo = rig.d.state.awaiting_ack
     assert fo is not None
     command = asyncio.create_task(rig.cmd("rejoin"))
     await asyncio.wait_for(slow.asked.wait(), 5)
     # The split-brain check fires during the report: no fence while a rejoin starts.
-    rig.d.sequences.start_fence(fo)
+    await rig.d.sequences.start_fence(fo)
     assert rig.d.sequences.fence_task is None and rig.records("fence") == []
     (skipped,) = rig.log.named("fence_skipped")
     assert skipped["failover_id"] == "F1" and "rejoin" in skipped["reason"]
@@ -584,7 +592,7 @@ async def auto_rejoin_in_report(
 ) -> tuple[Rig, SlowReport]:
     """A Rig whose auto_rejoin has started and waits in its divergence report."""
     slow = SlowReport("main")
-    rig = Rig(tmp_path, slow, auto_rejoin=True, **failover)
+    rig = await make_rig(tmp_path, slow, auto_rejoin=True, **failover)
     made.append(rig)
     observe(rig, "failover", "main")
     rig.d.cycle.check_auto_rejoin()
@@ -611,7 +619,7 @@ async def rejoin_in_report(
 ) -> tuple[Rig, SlowReport, asyncio.Task[dict[str, Any]]]:
     """A Rig whose ``watchdogctl rejoin`` waits in its divergence report."""
     slow = SlowReport("main")
-    rig = Rig(tmp_path, slow)
+    rig = await make_rig(tmp_path, slow)
     made.append(rig)
     assert not rig.d.readiness._busy()
     command = asyncio.create_task(rig.cmd("rejoin"))
@@ -645,12 +653,12 @@ async def test_stop_ends_a_background_auto_rejoin_before_it_can_start_one(
     # Nothing new starts after stop: not a fence, not a rejoin, not a failover.
     fo = rig.d.state.awaiting_ack
     assert fo is not None
-    rig.d.sequences.start_fence(fo)
+    await rig.d.sequences.start_fence(fo)
     assert rig.d.sequences.fence_task is None
     with pytest.raises(StoppingError):
-        rig.d.sequences.start_rejoin(fo, {}, accepted=False, trigger="manual", reason="r")
+        await rig.d.sequences.start_rejoin(fo, {}, accepted=False, trigger="manual", reason="r")
     with pytest.raises(StoppingError):
-        rig.d.sequences.start_failover("failover", "manual", "r", forced=True)
+        await rig.d.sequences.start_failover("failover", "manual", "r", forced=True)
 
 
 async def test_an_auto_rejoin_whose_report_ends_while_stopping_starts_nothing(
@@ -739,7 +747,9 @@ class AckedMeanwhile(RejoinEngine):
         done = await super().replica_of(new_primary, timeout)
         assert self.rig is not None
         d = self.rig.d
-        d.record(journal.ack(id="F1", primary="failover", standby="main", at=d.wall(), by="x"))
+        await d.record(
+            journal.ack(id="F1", primary="failover", standby="main", at=d.wall(), by="x")
+        )
         return done
 
 
@@ -747,7 +757,7 @@ async def test_a_verified_rejoin_acks_only_the_failover_it_rejoined_for(
     tmp_path: Path, made: list[Rig]
 ) -> None:
     old = AckedMeanwhile("main", ZERO)
-    rig = Rig(tmp_path, old)
+    rig = await make_rig(tmp_path, old)
     made.append(rig)
     old.rig = rig
     await rig.cmd("rejoin")
@@ -761,7 +771,7 @@ async def test_a_verified_rejoin_acks_only_the_failover_it_rejoined_for(
 async def test_an_unknown_divergence_is_refused_unless_accepted(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", EngineError("connection refused")))
+    rig = await make_rig(tmp_path, RejoinEngine("main", EngineError("connection refused")))
     made.append(rig)
     with pytest.raises(CommandError, match=r"divergence unknown \(main: connection refused\)"):
         await rig.cmd("rejoin")
@@ -776,7 +786,7 @@ async def test_an_unknown_divergence_is_refused_unless_accepted(
 async def test_zero_divergence_rejoins_and_waits_for_the_catch_up(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", ZERO, not_caught_up=2))
+    rig = await make_rig(tmp_path, RejoinEngine("main", ZERO, not_caught_up=2))
     made.append(rig)
     await rig.cmd("rejoin")
     await rig.finished()
@@ -789,7 +799,9 @@ async def test_zero_divergence_rejoins_and_waits_for_the_catch_up(
 async def test_a_failed_verification_is_failed_and_nothing_is_rearmed(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", ZERO, not_caught_up=10**6), rejoin_timeout="1s")
+    rig = await make_rig(
+        tmp_path, RejoinEngine("main", ZERO, not_caught_up=10**6), rejoin_timeout="1s"
+    )
     made.append(rig)
     await rig.cmd("rejoin")
     # While it runs: no reload, no second rejoin, no ack.
@@ -826,7 +838,7 @@ async def test_a_failed_verification_is_failed_and_nothing_is_rearmed(
 async def test_a_rejoin_cut_off_by_a_restart_resumes_where_it_was(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", DIVERGED))
+    rig = await make_rig(tmp_path, RejoinEngine("main", DIVERGED))
     made.append(rig)
     # What a daemon killed during the verification left behind.
     rig.append(rejoin_started(), *rejoin_step("rejoin", "rejoin", "ok"))
@@ -834,7 +846,7 @@ async def test_a_rejoin_cut_off_by_a_restart_resumes_where_it_was(
     rig.d.journal.close()
     old = RejoinEngine("main", DIVERGED)
     old.follows = "failover"  # the rejoin step did its work before the kill
-    restarted = Rig(tmp_path, old, fresh=False)
+    restarted = await make_rig(tmp_path, old, fresh=False)
     made.append(restarted)
     await restarted.finished()
 
@@ -856,12 +868,12 @@ async def test_a_rejoin_cut_off_by_a_restart_resumes_where_it_was(
 async def test_a_rejoin_the_config_no_longer_describes_is_closed_not_guessed(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main"))
+    rig = await make_rig(tmp_path, RejoinEngine("main"))
     made.append(rig)
     rig.append(rejoin_started(steps=["rewind", "verify_rejoin"]))
     rig.append(*rejoin_step("rewind", "command", None))
     rig.d.journal.close()
-    restarted = Rig(tmp_path, RejoinEngine("main"), fresh=False)
+    restarted = await make_rig(tmp_path, RejoinEngine("main"), fresh=False)
     made.append(restarted)
     assert restarted.d.sequences.rejoin_task is None and restarted.old.calls == []
     (end,) = restarted.records("rejoin_finished")
@@ -886,7 +898,7 @@ def refusing_journal(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_a_journal_refusing_records_at_start_does_not_stop_the_start(
     tmp_path: Path, made: list[Rig], monkeypatch: pytest.MonkeyPatch, left: str
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main"))
+    rig = await make_rig(tmp_path, RejoinEngine("main"))
     made.append(rig)
     if left == "unresumable":
         rig.append(rejoin_started(steps=["rewind", "verify_rejoin"]))
@@ -900,7 +912,7 @@ async def test_a_journal_refusing_records_at_start_does_not_stop_the_start(
     before = rig.path.read_bytes()
     refusing_journal(rig, monkeypatch)
     rig.d.state = JournalState()
-    rig.load()  # as start() does: no JournalError out of it
+    await rig.load()  # as start() does: no JournalError out of it
     # A resumed rejoin stops at its first record, journaling nothing and acking nothing.
     await rig.finished()
     assert rig.path.read_bytes() == before and rig.d.sequences.rejoin_task is None
@@ -912,13 +924,13 @@ async def test_a_journal_refusing_records_at_start_does_not_stop_the_start(
 async def test_a_verified_rejoin_whose_ack_a_crash_cut_off_is_acked_at_start(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main"))
+    rig = await make_rig(tmp_path, RejoinEngine("main"))
     made.append(rig)
     rig.append(rejoin_started(), *rejoin_step("rejoin", "rejoin", "ok"))
     rig.append(*rejoin_step("verify_rejoin", "replica_of", "ok"))
     rig.append(journal.sequence_finished("rejoin", id="R1", outcome="completed", error=None, at=13))
     rig.d.state = JournalState()
-    rig.load()
+    await rig.load()
     assert rig.records("ack")[0]["rejoin_id"] == "R1" and rig.old.calls == []
     assert rig.d.state.awaiting_ack is None and rig.d.policy.armed(rig.d.wall())
 
@@ -932,7 +944,7 @@ def observe(rig: Rig, *up: str) -> None:
 async def test_auto_rejoin_rejoins_only_with_a_known_zero_divergence(
     tmp_path: Path, made: list[Rig]
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", ZERO), auto_rejoin=True)
+    rig = await make_rig(tmp_path, RejoinEngine("main", ZERO), auto_rejoin=True)
     made.append(rig)
     observe(rig, "failover")  # the old primary is still down
     rig.d.cycle.check_auto_rejoin()
@@ -951,7 +963,7 @@ async def test_auto_rejoin_rejoins_only_with_a_known_zero_divergence(
 async def test_auto_rejoin_waits_for_an_operator_and_says_so_once(
     tmp_path: Path, made: list[Rig], report: Divergence
 ) -> None:
-    rig = Rig(tmp_path, RejoinEngine("main", report), auto_rejoin=True)
+    rig = await make_rig(tmp_path, RejoinEngine("main", report), auto_rejoin=True)
     made.append(rig)
     observe(rig, "failover", "main")
     for _ in range(3):  # three cycles
@@ -985,7 +997,7 @@ async def test_watchdogctl_rejoin_arguments_and_rendering(tmp_path: Path, made: 
     ns = ctl.build_parser().parse_args(["rejoin", "--dry-run", "--accept-divergence"])
     assert ctl.command_args(ns) == {"dry_run": True, "accept_divergence": True}
     assert ctl.command_args(ctl.build_parser().parse_args(["rejoin"])) == {}
-    rig = Rig(tmp_path, RejoinEngine("main", DIVERGED))
+    rig = await make_rig(tmp_path, RejoinEngine("main", DIVERGED))
     made.append(rig)
     dry = ctl.render("rejoin", await rig.cmd("rejoin", dry_run=True))
     lines = dry.splitlines()

@@ -55,7 +55,7 @@ class Harness:
         self.state = self.journal.load()
         self.events: list[tuple[str, dict[str, Any]]] = []
 
-    def record(self, rec: dict[str, Any]) -> None:
+    async def record(self, rec: dict[str, Any]) -> None:
         self.journal.append(rec)
         apply(self.state, rec)
 
@@ -180,7 +180,7 @@ async def test_resume_skips_done_steps_and_reruns_idempotent_interrupted(tmp_pat
     steps = [log_step("a", log), log_step("b", log, idempotent=True), log_step("c", log)]
     h = Harness(tmp_path, steps)
     # A previous daemon got as far as starting b, then died.
-    h.record(
+    await h.record(
         {
             "type": "failover_started",
             "id": "F1",
@@ -191,9 +191,9 @@ async def test_resume_skips_done_steps_and_reruns_idempotent_interrupted(tmp_pat
             "at": 1,
         }
     )
-    h.record({"type": "step_started", "id": "F1", "step": "a", "attempt": 1, "at": 1})
-    h.record({"type": "step_finished", "id": "F1", "step": "a", "outcome": "ok", "at": 2})
-    h.record({"type": "step_started", "id": "F1", "step": "b", "attempt": 1, "at": 3})
+    await h.record({"type": "step_started", "id": "F1", "step": "a", "attempt": 1, "at": 1})
+    await h.record({"type": "step_finished", "id": "F1", "step": "a", "outcome": "ok", "at": 2})
+    await h.record({"type": "step_started", "id": "F1", "step": "b", "attempt": 1, "at": 3})
     assert await h.runner(resume=h.state.unfinished).run() == "completed"
     assert log.read_text().splitlines() == ["b failover F1", "c failover F1"]
     assert h.events[0][0] == "failover_resumed"
@@ -202,7 +202,7 @@ async def test_resume_skips_done_steps_and_reruns_idempotent_interrupted(tmp_pat
 async def test_resume_refuses_to_rerun_non_idempotent_interrupted_step(tmp_path: Path) -> None:
     log = tmp_path / "log"
     h = Harness(tmp_path, [log_step("a", log), log_step("c", log)])
-    h.record(
+    await h.record(
         {
             "type": "failover_started",
             "id": "F1",
@@ -213,7 +213,7 @@ async def test_resume_refuses_to_rerun_non_idempotent_interrupted_step(tmp_path:
             "at": 1,
         }
     )
-    h.record({"type": "step_started", "id": "F1", "step": "a", "attempt": 1, "at": 1})
+    await h.record({"type": "step_started", "id": "F1", "step": "a", "attempt": 1, "at": 1})
     assert await h.runner(resume=h.state.unfinished).run() == "failed"
     assert not log.exists()
     fo = h.state.last
@@ -332,7 +332,7 @@ async def test_required_fence_step_failing_fails_the_fence(tmp_path: Path) -> No
 async def test_a_promote_in_a_fence_never_marks_anything_promoted(tmp_path: Path) -> None:
     # Replay keeps fences apart: even a step named like a promotion cannot make roles swap.
     h = Harness(tmp_path, [log_step("a", tmp_path / "log")])
-    h.record(
+    await h.record(
         {
             "type": "fence_started",
             "id": "fence-1",
@@ -343,10 +343,10 @@ async def test_a_promote_in_a_fence_never_marks_anything_promoted(tmp_path: Path
             "at": 1,
         }
     )
-    h.record(
+    await h.record(
         {"type": "fence_step_started", "id": "fence-1", "step": "p", "action": "promote", "at": 2}
     )
-    h.record(
+    await h.record(
         {
             "type": "fence_step_finished",
             "id": "fence-1",
@@ -446,7 +446,7 @@ async def test_resume_never_reruns_a_settled_optional_step(tmp_path: Path) -> No
     log = tmp_path / "log"
     steps = [log_step("a", log, required=False), log_step("c", log)]
     h = Harness(tmp_path, steps)
-    h.record(
+    await h.record(
         {
             "type": "failover_started",
             "id": "F1",
@@ -457,8 +457,10 @@ async def test_resume_never_reruns_a_settled_optional_step(tmp_path: Path) -> No
             "at": 1,
         }
     )
-    h.record({"type": "step_started", "id": "F1", "step": "a", "attempt": 1, "at": 1})
-    h.record({"type": "step_finished", "id": "F1", "step": "a", "outcome": "interrupted", "at": 2})
+    await h.record({"type": "step_started", "id": "F1", "step": "a", "attempt": 1, "at": 1})
+    await h.record(
+        {"type": "step_finished", "id": "F1", "step": "a", "outcome": "interrupted", "at": 2}
+    )
     assert await h.runner(resume=h.state.unfinished).run() == "completed"
     assert log.read_text().splitlines() == ["c failover F1"]
 
@@ -472,7 +474,7 @@ async def test_resume_never_goes_past_a_required_step_that_already_failed(
     close it as failed, not skip the failed step and run the promotion after it."""
     log = tmp_path / "log"
     h = Harness(tmp_path, [log_step("a", log), log_step("c", log)])
-    h.record(
+    await h.record(
         {
             "type": "failover_started",
             "id": "F1",
@@ -483,8 +485,8 @@ async def test_resume_never_goes_past_a_required_step_that_already_failed(
             "at": 1,
         }
     )
-    h.record({"type": "step_started", "id": "F1", "step": "a", "attempt": 1, "at": 1})
-    h.record(
+    await h.record({"type": "step_started", "id": "F1", "step": "a", "attempt": 1, "at": 1})
+    await h.record(
         {
             "type": "step_finished",
             "id": "F1",

@@ -130,6 +130,13 @@ SPECS: Mapping[str, Spec] = MappingProxyType(
         "resumed": Spec(Level.INFO, Notify.YES),
         "abort_requested": _W,
         "acked": _I,
+        # a fleet of watchers (store:)
+        "fleet_leader": _I,
+        "fleet_leader_seen": _I,
+        "fleet_leadership_lost": _W,
+        "fleet_view_refused": _W,
+        "store_unavailable": _W,
+        "store_available": _I,
     }
 )
 

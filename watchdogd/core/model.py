@@ -115,6 +115,38 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True)
+class EtcdConfig:
+    """``store.etcd``: where the fleet keeps its leader key, journal and views."""
+
+    endpoints: tuple[str, ...]
+    prefix: str = "/watchdogd"
+    ttl: float = 15.0
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    # One request attempt on one endpoint; a call tries each endpoint once, so its
+    # retry budget is timeout x endpoints (see ``watchdogd.state.etcd.EtcdClient``).
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``store``: a fleet of watchers coordinated through etcd (issue 12)."""
+
+    etcd: EtcdConfig
+    voters: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """``guard``: the optional guard beside the primary."""
+
+    isolation_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
 class Config:
     cluster: str
     primary: NodeConfig
@@ -132,6 +164,11 @@ class Config:
     # Every resolved secret value: masked wherever text leaves the daemon.
     secrets: frozenset[str] = frozenset()
     source: str | None = None
+    # This watcher's name in a fleet (default: the host name); ``store`` None: one
+    # watcher with its local journal, exactly as without a fleet.
+    instance: str = "local"
+    store: StoreConfig | None = None
+    guard: GuardConfig | None = None
 
     def node(self, name: str) -> NodeConfig:
         for node in (self.primary, self.standby):

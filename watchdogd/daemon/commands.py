@@ -13,10 +13,14 @@ from watchdogd.control import CommandError, Peer
 from watchdogd.daemon.cycle import Latest
 from watchdogd.detector import HEALTHY, Verdict
 from watchdogd.state import journal as records
-from watchdogd.state.journal import JournalError
+from watchdogd.state.journal import FailoverRecord, JournalError
 
 if TYPE_CHECKING:
     from watchdogd.daemon.lifecycle import Daemon
+
+
+# Commands that change the pair or the journal: in a fleet only the leader runs them.
+MUTATING = frozenset({"pause", "resume", "failover", "switchover", "abort", "ack", "rejoin"})
 
 
 def who(peer: Peer) -> str:
@@ -31,6 +35,11 @@ class Commands:
         handler = getattr(self, f"_cmd_{command}", None)
         if handler is None:
             raise CommandError(f"unknown command {command!r}")
+        fleet = self.d.fleet
+        if fleet is not None and command in MUTATING and not args.get("dry_run"):
+            # Refused with the leader's name rather than forwarded (docs/fleet.md).
+            if (refusal := fleet.command_refusal()) is not None:
+                raise CommandError(f"{command} refused: {refusal}")
         try:
             result: dict[str, Any] = await handler(args, peer)
         except JournalError as exc:
@@ -52,7 +61,7 @@ class Commands:
         d = self.d
         # Masked at intake: the reason is journaled and shown back in status/history.
         reason = d.config.mask(args.get("reason") or f"paused by {who(peer)}")
-        d.record(records.pause(reason=reason, by=who(peer), at=d.wall()))
+        await d.record(records.pause(reason=reason, by=who(peer), at=d.wall()))
         d.emit("paused", reason=reason, by=who(peer))
         d.cycle.refresh_state()
         return {"paused": True, "reason": reason}
@@ -61,7 +70,7 @@ class Commands:
         d = self.d
         if not d.state.paused:
             raise CommandError("automatic failover is not paused")
-        d.record(records.resume(by=who(peer), at=d.wall()))
+        await d.record(records.resume(by=who(peer), at=d.wall()))
         d.emit("resumed", by=who(peer))
         d.cycle.refresh_state()
         return {"paused": False}
@@ -79,7 +88,7 @@ class Commands:
         )
         # Masked at intake: the reason is journaled and shown back in status/history.
         reason = d.config.mask(reason)
-        return self._start_or_describe("failover", "manual", reason, force, dry_run)
+        return await self._start_or_describe("failover", "manual", reason, force, dry_run)
 
     async def _cmd_switchover(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         d = self.d
@@ -90,7 +99,7 @@ class Commands:
         if refusal is not None:
             raise CommandError(f"switchover refused: {refusal}")
         timeout = args.get("timeout")
-        return self._start_or_describe(
+        return await self._start_or_describe(
             "switchover",
             "switchover",
             f"switchover by {who(peer)}",
@@ -99,7 +108,7 @@ class Commands:
             float(timeout) if timeout is not None else None,
         )
 
-    def _start_or_describe(
+    async def _start_or_describe(
         self,
         kind: str,
         trigger: str,
@@ -117,7 +126,7 @@ class Commands:
         if (fo := d.state.awaiting_ack) is not None:
             # A failed failover being retried by hand: the new one supersedes it.
             primary, standby = d.base_roles()
-            d.record(
+            await d.record(
                 records.ack(
                     id=fo.id,
                     primary=primary.name,
@@ -126,7 +135,7 @@ class Commands:
                     note="superseded by a manual retry",
                 )
             )
-        plan = seq.start_failover(
+        plan = await seq.start_failover(
             kind, trigger, reason, forced=forced, catchup_timeout=catchup_timeout
         )
         return {"started": plan.id, "plan": seq.describe(plan)}
@@ -150,7 +159,7 @@ class Commands:
         # none starts until an operator acks.
         primary, standby = d.base_roles()
         fid = d.sequences.new_id()
-        d.record(
+        await d.record(
             records.sequence_started(
                 "failover",
                 id=fid,
@@ -164,7 +173,7 @@ class Commands:
                 pending=True,
             )
         )
-        d.record(
+        await d.record(
             records.sequence_finished(
                 "failover",
                 id=fid,
@@ -185,35 +194,43 @@ class Commands:
 
     async def _cmd_ack(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         try:
-            return self.acknowledge(by=who(peer))
+            return await self.acknowledge(by=who(peer))
         except ValueError as exc:
             raise CommandError(str(exc)) from None
 
-    def acknowledge(self, *, by: str, **extra: Any) -> dict[str, Any]:
+    async def acknowledge(self, *, by: str, **extra: Any) -> dict[str, Any]:
         """The effect of an ack (the operator's, or a verified rejoin's): journal it, swap
         the roles the failover left and re-arm. ValueError when nothing awaits an ack."""
         d = self.d
         primary, standby = d.policy.ack_roles()
         fo = d.state.awaiting_ack
         assert fo is not None
-        d.record(
+        await d.record(
             records.ack(id=fo.id, primary=primary, standby=standby, at=d.wall(), by=by, **extra)
         )
         d.emit("acked", failover_id=fo.id, by=by, primary=primary, standby=standby, **extra)
-        # The pair is watched in its new roles from a clean slate.
-        d.detector.reset()
-        d.latest = Latest(
-            last_primary_pos=policy.kept_primary_pos(primary, fo, d.latest.last_primary_pos)
-        )
-        d.cycle.forget_episode()
-        d.sequences.rejoin_waiting = None
-        d.metrics.set_rejoin_waiting(False)
-        d.cycle.refresh_state()
+        self.watch_afresh(primary, fo)
         return {
             "acked": fo.id,
             "roles": {"primary": primary, "standby": standby},
             "armed": d.policy.armed(d.wall()),
         }
+
+    def watch_afresh(self, primary: str | None = None, fo: FailoverRecord | None = None) -> None:
+        """After an ack (this daemon's, or the fleet leader's read from the store): the
+        pair is watched in its new roles from a clean slate."""
+        d = self.d
+        if primary is None:
+            primary = d.roles()[0].name
+        d.detector.reset()
+        pos = d.latest.last_primary_pos
+        d.latest = Latest(
+            last_primary_pos=policy.kept_primary_pos(primary, fo, pos) if fo else None
+        )
+        d.cycle.forget_episode()
+        d.sequences.rejoin_waiting = None
+        d.metrics.set_rejoin_waiting(False)
+        d.cycle.refresh_state()
 
     async def _cmd_rejoin(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         """Rejoin the node failed away from as the standby: the divergence report first,
@@ -257,7 +274,7 @@ class Commands:
         if blocked is not None:
             d.emit("rejoin_refused", failover_id=fo.id, old_primary=fo.from_node, reason=blocked)
             raise CommandError(f"rejoin refused: {blocked}")
-        plan = seq.start_rejoin(fo, report, accepted=accept, trigger="manual", reason=reason)
+        plan = await seq.start_rejoin(fo, report, accepted=accept, trigger="manual", reason=reason)
         return {
             "started": plan.id,
             "divergence": report,

@@ -160,17 +160,30 @@ class ProbeCycle:
         latest.verdict = verdict
         self.report_verdict(previous, verdict)
 
+        fleet = d.fleet
+        if fleet is not None:
+            # This watcher's view goes out, the leader reads everyone's (and the journal
+            # a follower follows): before the decision, which may need them.
+            await fleet.after_probe(verdict)
         decision = d.policy.evaluate(verdict, self.standby_facts(), d.wall())
+        if fleet is not None:
+            decision = fleet.gate(decision)
+            d.policy.state = decision.state
         self.report_decision(decision)
         if decision.start is not None and not d.sequences.running:
             # A journal that refuses the start is reported by record(); the next cycle
             # tries again, and nothing was acted on.
             with contextlib.suppress(JournalError, StoppingError):
-                d.sequences.start_failover(
+                await d.sequences.start_failover(
                     decision.start, "automatic", verdict.reason, forced=False
                 )
-        self.check_split_brain()
-        self.check_auto_rejoin()
+        if fleet is None or fleet.may_act():
+            # In a fleet only the leader with authority fences or rejoins: never because
+            # the store is down, never from a follower's view alone.
+            await self.check_split_brain()
+            self.check_auto_rejoin()
+        else:
+            d.metrics.set_split_brain(d.latest.writable > 1)
 
         d.metrics.set_armed(d.policy.armed(d.wall()))
         d.metrics.set_primary_down(verdict.outage_seconds)
@@ -284,7 +297,11 @@ class ProbeCycle:
         """Re-decide after the journal changed outside the cycle (a command, a run's end)."""
         d = self.d
         verdict = d.latest.verdict or Verdict(HEALTHY, "not probed yet")
-        self.report_decision(d.policy.evaluate(verdict, self.standby_facts(), d.wall()))
+        decision = d.policy.evaluate(verdict, self.standby_facts(), d.wall())
+        if d.fleet is not None:
+            decision = d.fleet.gate(decision)
+            d.policy.state = decision.state
+        self.report_decision(decision)
         d.metrics.set_armed(d.policy.armed(d.wall()))
         d.readiness.after_cycle()
 
@@ -314,7 +331,7 @@ class ProbeCycle:
 
     # ------------------------------------------------------------------ split brain
 
-    def check_split_brain(self) -> None:
+    async def check_split_brain(self) -> None:
         d = self.d
         writable = d.latest.writable
         judged = policy.judge_split_brain(writable, d.state.last, self.fenced_for)
@@ -339,4 +356,4 @@ class ProbeCycle:
             new_primary=fo.to_node,
             fence_steps=[s.name for s in d.config.failover.fence_steps],
         )
-        d.sequences.start_fence(fo)
+        await d.sequences.start_fence(fo)

@@ -27,6 +27,7 @@ from watchdogd.core.secrets import Secrets
 from watchdogd.daemon import reload as reloading
 from watchdogd.daemon.commands import Commands
 from watchdogd.daemon.cycle import Latest, ProbeCycle, make_detector
+from watchdogd.daemon.fleet import Fleet
 from watchdogd.daemon.readiness import EXPENSIVE_INTERVAL, ReadinessRunner
 from watchdogd.daemon.schedule import PROBE, Schedule
 from watchdogd.daemon.sequences import Sequences
@@ -62,7 +63,7 @@ class Daemon:
                 config.log.format, config.log.level, cluster=config.cluster, secrets=self.secrets
             )
         self.log: Any = log
-        self.metrics = Metrics(config.cluster)
+        self.metrics = Metrics(config.cluster, fleet=config.store is not None)
         self.journal = Journal(config.state_dir)
         self.state: JournalState = JournalState()
         self.policy = Policy(config.failover, self.state)
@@ -87,6 +88,9 @@ class Daemon:
         self.commands = Commands(self)
         self.views = Views(self)
         self.readiness = ReadinessRunner(self)
+        # A fleet of watchers (``store:``): leadership, votes and the journal in etcd.
+        # None: one watcher and its local journal, exactly as before issue 12.
+        self.fleet: Fleet | None = Fleet(self) if config.store is not None else None
         self.scheduler: Schedule | None = None
         self.session: aiohttp.ClientSession | None = None
         self._http: Any = None
@@ -104,13 +108,14 @@ class Daemon:
         # flood of HTTP connections would otherwise exhaust (journal, probes, socket).
         raise_fd_limit()
         memory.tune()  # before the servers and drivers allocate their buffers
-        self.journal.lock()
-        self.state = self.journal.load()
-        # Found out now, not when the first failover cannot record its first step.
-        self.journal.open()
-        self.policy.journal = self.state
-        for problem in self.state.problems:
-            self.emit("journal_problem", problem=problem, path=str(self.journal.path))
+        self.journal.lock()  # one daemon per state_dir, in a fleet too
+        if self.fleet is None:
+            self.state = self.journal.load()
+            # Found out now, not when the first failover cannot record its first step.
+            self.journal.open()
+            self.policy.journal = self.state
+            for problem in self.state.problems:
+                self.emit("journal_problem", problem=problem, path=str(self.journal.path))
         self.check_roles()
         for node in cfg.nodes:
             self.engines[node.name] = self.make_engine(node, cfg)
@@ -144,19 +149,11 @@ class Daemon:
             state_dir=cfg.state_dir,
         )
         await self.advise()
-        with contextlib.suppress(JournalError):  # reported by record(); closed next start
-            self.sequences.close_unfinished_fence()
-        self.cycle.recall_outage()
-        if (fo := self.state.unfinished) is not None:
-            self.emit(
-                "failover_unfinished",
-                failover_id=fo.id,
-                trigger=fo.trigger,
-                steps=[s.as_dict() for s in fo.steps],
-                note="resuming from the first unfinished step",
-            )
-            self.sequences.resume(fo)
-        self.sequences.resume_rejoin()
+        if self.fleet is None:
+            await self.take_over()
+        else:
+            # The journal is in the store: read when this watcher leads (or follows).
+            await self.fleet.start()
         # Never overlapping; a run that overruns skips the ticks it missed.
         self.scheduler = Schedule()
         self.scheduler.add(PROBE, self.cycle.job, cfg.probe.interval)
@@ -166,6 +163,39 @@ class Daemon:
         self._release_task = asyncio.create_task(
             memory.release_periodically(), name="release-memory"
         )
+
+    async def take_over(self) -> None:
+        """Act on the journal as it stands: close a fence a stop cut off, resume an
+        unfinished failover or rejoin with today's rules. At start (one watcher), or when
+        this watcher becomes the fleet's leader."""
+        with contextlib.suppress(JournalError):  # reported by record(); closed next start
+            await self.sequences.close_unfinished_fence()
+        self.cycle.recall_outage()
+        if (fo := self.state.unfinished) is not None:
+            self.emit(
+                "failover_unfinished",
+                failover_id=fo.id,
+                trigger=fo.trigger,
+                steps=[s.as_dict() for s in fo.steps],
+                note="resuming from the first unfinished step",
+            )
+            await self.sequences.resume(fo)
+        await self.sequences.resume_rejoin()
+
+    def adopt(self, state: JournalState) -> None:
+        """Take ``state`` (the fleet's journal, replayed) as this daemon's state."""
+        self.state = state
+        self.policy.journal = state
+
+    def authority_left(self) -> float | None:
+        """Seconds this watcher may still act: None (no limit) for one watcher; a fleet
+        leader's authority (0 for a follower)."""
+        return None if self.fleet is None else self.fleet.authority_left()
+
+    def authority_wait(self) -> float:
+        """How long a fleet leader's step may wait for a renewal (one renew interval and
+        one store call); 0 for one watcher."""
+        return 0.0 if self.fleet is None else self.fleet.timing.renew + self.fleet.timing.budget
 
     def http_session(self) -> aiohttp.ClientSession:
         """The client session of the app and witness probes, opened on first use: a
@@ -222,6 +252,8 @@ class Daemon:
         # Let a running step finish and be journaled (a retry delay ends at once); the
         # next start resumes a failover, and fences again if still needed.
         await self.sequences.interrupt()
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self._control is not None:
             await self._control.stop()
         if self._http is not None:
@@ -319,10 +351,17 @@ class Daemon:
 
     # ------------------------------------------------------------------ journal and events
 
-    def record(self, rec: dict[str, Any]) -> None:
+    async def record(self, rec: dict[str, Any]) -> None:
         """Journal a record durably, then fold it into the live state. A journal that
         refuses it raises JournalError (so the caller does not act) and puts the daemon
-        in a visible failed state: one event, /healthz 503, ``journal_error`` in status."""
+        in a visible failed state: one event, /healthz 503, ``journal_error`` in status.
+        In a fleet the journal is the store's: only the leader appends, guarded by its
+        token; a store that refuses or does not answer is a ``StoreWriteError`` (a
+        JournalError: nothing is acted on) shown as the fleet's state, not the disk's."""
+        if self.fleet is not None:
+            await self.fleet.append(rec)
+            apply(self.state, rec)
+            return
         try:
             self.journal.append(rec)
         except JournalError as exc:

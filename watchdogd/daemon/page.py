@@ -42,6 +42,7 @@ _STATE_TONE = {
     "failing_over": "bad",
     "blocked": "bad",
     "failed": "bad",
+    "store_unavailable": "bad",
 }
 _OUTCOME_TONE = {"ok": "ok", "completed": "ok", "skipped": "muted", "in progress": "warn"}
 

@@ -93,11 +93,14 @@ class Sequences:
         self.rejoin_waiting: dict[str, Any] | None = None
         # Set by stop(): nothing new starts (a background auto_rejoin included).
         self.stopping = False
+        # A failover's start record is being written: with a store that takes time to
+        # answer, a command or a cycle meanwhile must not start a second one.
+        self._launching = False
 
     @property
     def running(self) -> bool:
-        """A failover (or switchover) is running in this process."""
-        return self.runner_task is not None
+        """A failover (or switchover) is running (or starting) in this process."""
+        return self.runner_task is not None or self._launching
 
     def new_id(self) -> str:
         stamp = datetime.fromtimestamp(self.d.wall(), UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -174,7 +177,7 @@ class Sequences:
 
     # ------------------------------------------------------------------ failovers
 
-    def start_failover(
+    async def start_failover(
         self,
         kind: str,
         trigger: str,
@@ -184,19 +187,21 @@ class Sequences:
         catchup_timeout: float | None = None,
     ) -> Plan:
         plan = self.plan(kind, trigger, reason, forced=forced, catchup_timeout=catchup_timeout)
-        self._launch(plan, resume=None)
+        await self._launch(plan, resume=None)
         return plan
 
-    def resume(self, fo: FailoverRecord) -> None:
+    async def resume(self, fo: FailoverRecord) -> None:
         plan = self.plan(fo.kind, fo.trigger, fo.reason, forced=fo.forced, id=fo.id)
         # At start: a journal refusing records is reported by record(); start() goes on.
         with contextlib.suppress(JournalError):
             if not policy.can_resume(plan, fo):
-                self._unresumable("failover", fo.id, "finish it by hand and ack", failover_id=fo.id)
+                await self._unresumable(
+                    "failover", fo.id, "finish it by hand and ack", failover_id=fo.id
+                )
                 return
-            self._launch(plan, resume=fo)
+            await self._launch(plan, resume=fo)
 
-    def _unresumable(self, sequence: str, id: str, what_now: str, **ids: Any) -> None:
+    async def _unresumable(self, sequence: str, id: str, what_now: str, **ids: Any) -> None:
         """Close an unfinished failover (rejoin) that the config no longer describes:
         resuming it under other steps or roles would be a guess."""
         d = self.d
@@ -204,15 +209,17 @@ class Sequences:
             f"cannot resume: the {sequence} steps or roles in the config changed since it "
             f"started; {what_now}"
         )
-        d.record(
+        await d.record(
             records.sequence_finished(sequence, id=id, outcome="failed", error=error, at=d.wall())
         )
         d.emit(f"{sequence}_failed", **ids, error=error)
 
-    def _launch(self, plan: Plan, resume: FailoverRecord | None) -> None:
+    async def _launch(self, plan: Plan, resume: FailoverRecord | None) -> None:
         d = self.d
         if self.stopping:
             raise StoppingError
+        if self.running:
+            raise JournalError("a failover is already starting")
         runner = Runner(
             plan,
             self.context(plan),
@@ -221,8 +228,14 @@ class Sequences:
             d.emit,
             resume=resume,
             wall=d.wall,
+            authority=d.authority_left,
+            authority_wait=d.authority_wait(),
         )
-        runner.begin()  # journaled before anyone is told the failover started
+        self._launching = True
+        try:
+            await runner.begin()  # journaled before anyone is told the failover started
+        finally:
+            self._launching = False
         self.runner = runner
         d.metrics.set_in_progress(True)
         d.metrics.set_state(FAILING_OVER)
@@ -235,8 +248,19 @@ class Sequences:
         finally:
             self.runner, self.runner_task = None, None
             d.metrics.set_in_progress(False)
+        self._left_unfinished()
         d.cycle.refresh_state()
         return outcome
+
+    def _left_unfinished(self) -> None:
+        """In a fleet, a sequence that ended without finishing (the store did not take a
+        record, or the leader's authority ran out) is resumed by this watcher once it
+        can act again: it re-reads the journal from the store first, as a new leader."""
+        fleet, state = self.d.fleet, self.d.state
+        if fleet is None or self.stopping:
+            return
+        if state.unfinished or state.unfinished_rejoin or state.unfinished_fence:
+            fleet.resync()
 
     async def _guarded(self, runner: Runner) -> str:
         """Run a failover (or a rejoin). A journal that refuses a record is reported by
@@ -245,20 +269,25 @@ class Sequences:
         ids = {f"{runner.sequence}_id": runner.plan.id}
         try:
             return await runner.run()
-        except JournalError:
-            self.d.emit(
-                runner.event_name("failover_stopped"),
-                **ids,
-                note="the journal cannot be written: no further step runs; restart watchdogd "
-                f"once it can, and the {runner.sequence} resumes",
+        except JournalError as exc:
+            note = (
+                "the journal cannot be written: no further step runs; restart watchdogd "
+                f"once it can, and the {runner.sequence} resumes"
             )
+            if self.d.fleet is not None:
+                note = (
+                    f"the fleet's journal did not take a record ({exc}): no further step "
+                    f"runs here; the {runner.sequence} stays unfinished in the store and "
+                    "the leader resumes it once it can act"
+                )
+            self.d.emit(runner.event_name("failover_stopped"), **ids, note=note)
         except Exception as exc:
             self.d.emit(runner.event_name("failover_crashed"), **ids, error=str(exc))
         return "failed"
 
     # ------------------------------------------------------------------ fences
 
-    def start_fence(self, fo: FailoverRecord) -> None:
+    async def start_fence(self, fo: FailoverRecord) -> None:
         """Run the fence steps through the runner (retries, timeouts, ``required``,
         journaled as a fence, never as a failover)."""
         d = self.d
@@ -287,10 +316,18 @@ class Sequences:
         # Step templates name the failover ({failover_id}) whose old primary is fenced.
         ctx.failover_id = fo.id
         runner = Runner(
-            plan, ctx, self._actions(steps), d.record, d.emit, wall=d.wall, failover_id=fo.id
+            plan,
+            ctx,
+            self._actions(steps),
+            d.record,
+            d.emit,
+            wall=d.wall,
+            failover_id=fo.id,
+            authority=d.authority_left,
+            authority_wait=d.authority_wait(),
         )
         try:
-            runner.begin()
+            await runner.begin()
         except JournalError:
             return  # reported by record(); fenced again after a restart if still needed
         self.fence_runner = runner
@@ -304,8 +341,9 @@ class Sequences:
             return "failed"
         finally:
             self.fence_runner = None
+            self._left_unfinished()
 
-    def close_unfinished_fence(self) -> None:
+    async def close_unfinished_fence(self) -> None:
         """A fence cut off by a crash is closed, not resumed: fencing is idempotent, and if
         both nodes still accept writes the split-brain check fences again on its own.
         Resuming it as a failover would be wrong in every way (history, cooldown, roles)."""
@@ -317,7 +355,7 @@ class Sequences:
             "the daemon stopped during this fence; fences are not resumed: the split-brain "
             "check fences again if both nodes still accept writes"
         )
-        d.record(
+        await d.record(
             records.sequence_finished(
                 "fence", id=fence.id, outcome="interrupted", error=note, at=d.wall()
             )
@@ -421,7 +459,7 @@ class Sequences:
             fo=fo,
         )
 
-    def start_rejoin(
+    async def start_rejoin(
         self,
         fo: FailoverRecord,
         report: dict[str, Any],
@@ -432,12 +470,12 @@ class Sequences:
     ) -> Plan:
         """Journal the rejoin (with its divergence report) and run it in the background."""
         plan = self.rejoin_plan(fo, trigger, reason)
-        self._launch_rejoin(plan, fo, None, {"divergence": report, "accepted": accepted})
+        await self._launch_rejoin(plan, fo, None, {"divergence": report, "accepted": accepted})
         self.rejoin_waiting = None
         self.d.metrics.set_rejoin_waiting(False)
         return plan
 
-    def resume_rejoin(self) -> None:
+    async def resume_rejoin(self) -> None:
         """At start: resume an unfinished rejoin under today's rules (the steps and roles
         it started with), or finish the ack a restart cut off after a verified rejoin."""
         d = self.d
@@ -452,7 +490,7 @@ class Sequences:
         if not rj.unfinished:
             if rj.outcome == COMPLETED and fo is not None and fo is d.state.awaiting_ack:
                 with contextlib.suppress(JournalError, ValueError):
-                    self.rearm(rj)
+                    await self.rearm(rj)
             return
         ids = {"rejoin_id": rj.id, "failover_id": rj.failover_id}
         d.emit("rejoin_unfinished", **ids, note="resuming from the first unfinished step")
@@ -460,12 +498,12 @@ class Sequences:
         if fo is None or plan is None or not policy.can_resume(plan, rj):
             what_now = "check the old primary by hand, then run watchdogctl rejoin again"
             with contextlib.suppress(JournalError):
-                self._unresumable("rejoin", rj.id, what_now, **ids)
+                await self._unresumable("rejoin", rj.id, what_now, **ids)
             return
         with contextlib.suppress(JournalError):
-            self._launch_rejoin(plan, fo, rj, {})
+            await self._launch_rejoin(plan, fo, rj, {})
 
-    def _launch_rejoin(
+    async def _launch_rejoin(
         self,
         plan: Plan,
         fo: FailoverRecord,
@@ -487,8 +525,10 @@ class Sequences:
             wall=d.wall,
             failover_id=fo.id,
             started=started,
+            authority=d.authority_left,
+            authority_wait=d.authority_wait(),
         )
-        runner.begin()  # journaled, with the divergence report, before any step runs
+        await runner.begin()  # journaled, with the divergence report, before any step runs
         self.rejoin_runner = runner
         self.rejoin_task = asyncio.create_task(self._run_rejoin(runner), name=plan.id)
 
@@ -498,6 +538,7 @@ class Sequences:
             outcome = await self._guarded(runner)
         finally:
             self.rejoin_runner, self.rejoin_task = None, None
+        self._left_unfinished()
         rj, fo = d.state.last_rejoin, d.state.awaiting_ack
         if (
             outcome == COMPLETED
@@ -507,13 +548,13 @@ class Sequences:
             and fo.id == rj.failover_id  # the failover it rejoined for still awaits its ack
         ):
             with contextlib.suppress(JournalError):  # reported; acked at the next start
-                self.rearm(rj)
+                await self.rearm(rj)
         d.cycle.refresh_state()
         return outcome
 
-    def rearm(self, rj: RejoinRecord) -> None:
+    async def rearm(self, rj: RejoinRecord) -> None:
         """A verified rejoin: ack its failover exactly as an operator's ack would."""
-        self.d.commands.acknowledge(by=f"rejoin {rj.id}", rejoin_id=rj.id)
+        await self.d.commands.acknowledge(by=f"rejoin {rj.id}", rejoin_id=rj.id)
 
     async def auto_rejoin(self, fo: FailoverRecord) -> None:
         """``auto_rejoin``: the old primary answers again. Rejoin it only on proof that
@@ -536,7 +577,7 @@ class Sequences:
                 return
             # A journal error is reported by record() (retried by hand); stopping: nothing starts.
             with contextlib.suppress(JournalError, StoppingError):
-                self.start_rejoin(
+                await self.start_rejoin(
                     fo,
                     report,
                     accepted=False,
@@ -561,6 +602,18 @@ class Sequences:
         d.metrics.set_rejoin_waiting(True)
 
     # ------------------------------------------------------------------ shutdown
+
+    async def abandon(self) -> None:
+        """Stop every running sequence at once, journaling nothing more (a fleet leader
+        that lost its leadership): what is unfinished in the store is the next leader's
+        to resume. A command step's process group is killed with its step."""
+        tasks = [t for t in (self.runner_task, self.fence_task, self.rejoin_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.runner = self.fence_runner = self.rejoin_runner = None
+        self.runner_task = self.fence_task = self.rejoin_task = None
+        self.d.metrics.set_in_progress(False)
 
     async def interrupt(self) -> None:
         """Let each running step finish and be journaled (a retry delay ends at once); the

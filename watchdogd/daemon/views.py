@@ -83,6 +83,8 @@ class Views:
             "journal_error": d.journal_error,
             "readiness": d.readiness.view(),
             "rejoin": self.rejoin(),
+            # Only with ``store:``: the fleet as this watcher sees it.
+            **({"store": d.fleet.status()} if d.fleet is not None else {}),
         }
 
     def rejoin(self) -> dict[str, Any]:

@@ -27,9 +27,10 @@ retried: the runner would have retried it anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from watchdogd.actions import Action, ActionError, StepContext
@@ -39,8 +40,10 @@ from watchdogd.policy import Plan
 from watchdogd.state import journal
 from watchdogd.state.journal import FailoverRecord, Outcome, RejoinRecord
 
-Record = Callable[[dict[str, Any]], None]
+Record = Callable[[dict[str, Any]], Awaitable[None]]
 Emit = Callable[..., None]
+# Seconds this watcher may still act (a fleet leader's authority), None: no limit.
+Authority = Callable[[], float | None]
 
 COMPLETED, FAILED, ABORTED = Outcome.COMPLETED, Outcome.FAILED, Outcome.ABORTED
 INTERRUPTED = Outcome.INTERRUPTED
@@ -54,6 +57,11 @@ _SETTLED = frozenset({"ok", "skipped", "failed", "interrupted"})
 class _Stop(enum.Enum):
     ABORTED = "aborted"
     INTERRUPTED = "interrupted"
+    NO_AUTHORITY = "no_authority"
+
+
+class _AuthorityEnded(Exception):
+    """The leader's authority ran out while a step ran: the step was cancelled."""
 
 
 class Runner:
@@ -69,6 +77,8 @@ class Runner:
         wall: Callable[[], float] = time.time,
         failover_id: str | None = None,
         started: Mapping[str, Any] | None = None,
+        authority: Authority | None = None,
+        authority_wait: float = 0.0,
     ) -> None:
         self.plan = plan
         self.ctx = ctx
@@ -82,6 +92,9 @@ class Runner:
         self.failover_id = failover_id
         # Extra facts of the start record and event (a rejoin's divergence report).
         self.started = dict(started or {})
+        self.authority = authority
+        # How long a step may wait for a renewal that leaves it enough authority.
+        self.authority_wait = authority_wait
         self.current_step: str | None = None
         self.current_step_started: float | None = None
         self._abort = asyncio.Event()
@@ -126,16 +139,16 @@ class Runner:
 
     # ------------------------------------------------------------------ the sequence
 
-    def begin(self) -> None:
-        """Journal the start (or announce the resume). Synchronous and called by whoever
-        launches the run, so a journal that cannot be written refuses the run to its
-        caller instead of failing later in a background task."""
+    async def begin(self) -> None:
+        """Journal the start (or announce the resume). Called by whoever launches the
+        run, so a journal that cannot be written refuses the run to its caller instead
+        of failing later in a background task."""
         if self._begun:
             return
         self._begun = True
         plan = self.plan
         if self.resume is None:
-            self.record(
+            await self.record(
                 journal.sequence_started(
                     self.sequence,
                     id=plan.id,
@@ -172,12 +185,14 @@ class Runner:
             )
 
     async def run(self) -> str:
-        self.begin()
+        await self.begin()
         for step in self.plan.steps:
             if self._interrupt:
-                return self._interrupted(f"the daemon stopped before step {step.name}", step)
+                return await self._interrupted(f"the daemon stopped before step {step.name}", step)
             if self._abort.is_set():
-                return self._finish(ABORTED, f"aborted by {self._abort_by} before step {step.name}")
+                return await self._finish(
+                    ABORTED, f"aborted by {self._abort_by} before step {step.name}"
+                )
             prior = self.resume.step(step.name) if self.resume is not None else None
             if prior is not None and prior.outcome in _SETTLED:
                 if step.required and prior.outcome in ("failed", "interrupted"):
@@ -185,7 +200,7 @@ class Runner:
                     # (a crash or a full disk between the two writes). Never go on past
                     # it to the promotion the failure had refused.
                     why = f": {prior.error}" if prior.error else ""
-                    return self._finish(
+                    return await self._finish(
                         FAILED, f"step {step.name} {prior.outcome} before the restart{why}"
                     )
                 continue
@@ -202,23 +217,25 @@ class Runner:
                         "interrupted by a restart while running and not idempotent: "
                         "check its effect by hand"
                     )
-                    self._step_finished(step, "interrupted", 0.0, error=error)
+                    await self._step_finished(step, "interrupted", 0.0, error=error)
                     if step.required:
-                        return self._finish(FAILED, f"step {step.name}: {error}")
+                        return await self._finish(FAILED, f"step {step.name}: {error}")
                     continue
                 attempts = prior.attempts
             outcome = await self._run_step(step, action, attempts, budget)
             if outcome is _Stop.ABORTED:
-                return self._finish(
+                return await self._finish(
                     ABORTED, f"aborted by {self._abort_by} during retries of {step.name}"
                 )
+            if outcome is _Stop.NO_AUTHORITY:
+                return self._no_authority(step)
             if outcome is _Stop.INTERRUPTED:
-                return self._interrupted(
+                return await self._interrupted(
                     f"the daemon stopped during the retry delay of step {step.name}", step
                 )
             if outcome is not None and step.required:
-                return self._finish(FAILED, f"step {step.name} failed: {outcome}")
-        return self._finish(COMPLETED, None)
+                return await self._finish(FAILED, f"step {step.name} failed: {outcome}")
+        return await self._finish(COMPLETED, None)
 
     async def _run_step(
         self, step: StepConfig, action: Action, attempts: int, budget: int
@@ -229,8 +246,12 @@ class Runner:
         seconds = 0.0
         last = attempts + budget
         for attempt in range(attempts + 1, last + 1):
+            if not await self._authority_for(step.timeout + 1.0):
+                # It could not finish before the leader's authority ends: it does not
+                # start; the failover stays unfinished for whoever leads next.
+                return _Stop.NO_AUTHORITY
             self.current_step, self.current_step_started = step.name, self.wall()
-            self.record(
+            await self.record(
                 journal.step_started(
                     self.sequence,
                     id=self.plan.id,
@@ -250,8 +271,9 @@ class Runner:
             t0 = time.monotonic()
             try:
                 # The action bounds itself; this is the backstop for one that doesn't.
-                async with asyncio.timeout(step.timeout + 1.0):
-                    detail = await action.run(self.ctx, step.timeout)
+                detail = await self._bounded(action.run(self.ctx, step.timeout), step.timeout + 1.0)
+            except _AuthorityEnded:
+                return _Stop.NO_AUTHORITY
             except (ActionError, EngineError) as exc:
                 error = self.ctx.config.mask(str(exc))
             except TimeoutError:
@@ -259,7 +281,7 @@ class Runner:
             except Exception as exc:  # a bug in an action must not kill the sequence
                 error = self.ctx.config.mask(f"unexpected {type(exc).__name__}: {exc}")
             else:
-                self._step_finished(
+                await self._step_finished(
                     step, "ok", time.monotonic() - t0, detail=self.ctx.config.mask(str(detail))
                 )
                 return None
@@ -279,7 +301,7 @@ class Runner:
             )
             stop = await self._retry_delay(step.retry_delay)
             if stop is _Stop.ABORTED:
-                self._step_finished(step, "failed", seconds, error=error)
+                await self._step_finished(step, "failed", seconds, error=error)
                 return stop
             if stop is _Stop.INTERRUPTED:
                 # A fence is never resumed, so its step is over; a failover's is owed
@@ -288,10 +310,68 @@ class Runner:
                 note = (
                     f"attempt {attempt} failed ({error}); the daemon stopped during the retry delay"
                 )
-                self._step_finished(step, outcome, seconds, error=note)
+                await self._step_finished(step, outcome, seconds, error=note)
                 return stop
-        self._step_finished(step, "failed", seconds, error=error)
+        await self._step_finished(step, "failed", seconds, error=error)
         return error
+
+    async def _authority_for(self, need: float) -> bool:
+        """Whether ``need`` seconds of authority are left, waiting up to
+        ``authority_wait`` for a renewal that gives them."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.authority_wait
+        while True:
+            left = self._authority_left()
+            if left is None or left >= need:
+                return True
+            if loop.time() >= until or (left <= 0 and self.authority_wait <= 0):
+                return False
+            await asyncio.sleep(0.05)
+
+    def _authority_left(self) -> float | None:
+        return None if self.authority is None else self.authority()
+
+    async def _bounded(self, work: Awaitable[Any], timeout: float) -> Any:
+        """``work`` bounded by ``timeout`` and, in a fleet, by the leader's authority,
+        which renewals may extend while it runs: at its end the step is cancelled (a
+        command step's process group is killed) and nothing more is journaled."""
+        if self.authority is None:
+            async with asyncio.timeout(timeout):
+                return await work
+        task = asyncio.ensure_future(work)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        try:
+            while not task.done():
+                left = self._authority_left()
+                if left is not None and left <= 0:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    raise _AuthorityEnded
+                wait = until - loop.time()
+                if wait <= 0:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    raise TimeoutError
+                await asyncio.wait(
+                    {task}, timeout=min(wait, left if left is not None else wait, 0.1)
+                )
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def _no_authority(self, step: StepConfig) -> str:
+        self.emit(
+            self._event("failover_interrupted"),
+            **self._ids(),
+            next_step=step.name,
+            note="the leader's authority ends before this step could finish: it stays "
+            "unfinished for the next leader",
+        )
+        return INTERRUPTED
 
     async def _retry_delay(self, delay: float) -> _Stop | None:
         """Wait ``delay`` seconds, or less when an abort or a shutdown comes first."""
@@ -302,7 +382,7 @@ class Runner:
             return None
         return _Stop.ABORTED if self._abort.is_set() else _Stop.INTERRUPTED
 
-    def _step_finished(
+    async def _step_finished(
         self,
         step: StepConfig,
         outcome: str,
@@ -311,7 +391,7 @@ class Runner:
         error: str | None = None,
         detail: str | None = None,
     ) -> None:
-        self.record(
+        await self.record(
             journal.step_finished(
                 self.sequence,
                 id=self.plan.id,
@@ -342,16 +422,16 @@ class Runner:
             required=step.required,
         )
 
-    def _interrupted(self, why: str, step: StepConfig) -> str:
+    async def _interrupted(self, why: str, step: StepConfig) -> str:
         if self.is_fence:
             # Nothing resumes a fence: close it, and let the split-brain check fence
             # again after the restart if both nodes still accept writes.
-            return self._finish(INTERRUPTED, why)
+            return await self._finish(INTERRUPTED, why)
         self.emit(self._event("failover_interrupted"), **self._ids(), next_step=step.name, note=why)
         return INTERRUPTED
 
-    def _finish(self, outcome: str, error: str | None) -> str:
-        self.record(
+    async def _finish(self, outcome: str, error: str | None) -> str:
+        await self.record(
             journal.sequence_finished(
                 self.sequence, id=self.plan.id, outcome=outcome, error=error, at=self.wall()
             )

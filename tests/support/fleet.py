@@ -1,0 +1,174 @@
+"""A watcher fleet for end-to-end tests (issue 12): three etcd members on loopback, a real
+PostgreSQL pair from the lab, and three ``watchdogd run`` processes (dc1, dc2, dc3)
+sharing one config apart from ``instance``, ``state_dir``, the control socket and the
+metrics port.
+
+Promotions are counted from the database itself (``timeline``: the standby's timeline
+id, 1 until a promotion, 2 after one, 3 after a second) and from the journal in etcd
+(``store_journal``), never from a watcher's own word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest_asyncio
+
+from tests.support import timing
+from tests.support.daemon import DaemonProcess, lab_config
+from tests.support.etcd import EtcdCluster, etcd_cluster
+from watchdogd.demo.lab import PgPair, PgServer
+from watchdogd.state.etcd import EtcdClient
+from watchdogd.state.etcd_store import EtcdStore
+
+NAMES = ("dc1", "dc2", "dc3")
+PREFIX = "/watchdogd"
+CLUSTER = "orders"
+
+
+def fleet_config(
+    pair: PgPair,
+    tmp: Path,
+    etcd: EtcdCluster,
+    *,
+    ttl: str = "5s",
+    steps: list[dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The shared config: fast probes (0.5 s, threshold 2 s), a 5 s lease, 300 ms per
+    etcd attempt (3 endpoints: a 0.9 s retry budget; 1.7 + 1.8 + 0.5 <= 5), and steps
+    short enough to fit in the leader's authority."""
+    cfg = lab_config(pair, tmp, interval="500ms", timeout="300ms", threshold="2s", **overrides)
+    cfg["failover"]["steps"] = steps or [
+        {"name": "stop_replication", "action": "stop_replication", "timeout": "2s"},
+        {"name": "promote_standby", "action": "promote", "timeout": "2s"},
+    ]
+    cfg["failover"]["rejoin_steps"] = [{"name": "rejoin", "action": "rejoin", "timeout": "2s"}]
+    cfg["failover"]["rejoin_timeout"] = "2s"
+    cfg["store"] = {
+        "etcd": {"endpoints": etcd.endpoints, "prefix": PREFIX, "ttl": ttl, "timeout": "300ms"},
+        "voters": list(NAMES),
+    }
+    return cfg
+
+
+@dataclass
+class FleetRig:
+    etcd: EtcdCluster
+    pair: PgPair
+    tmp: Path
+    watchers: dict[str, DaemonProcess] = field(default_factory=dict)
+
+    def add(self, name: str, shared: dict[str, Any], **dsn_ports: int) -> DaemonProcess:
+        """Watcher ``name`` from the shared config; ``primary_port``/``standby_port`` point
+        its DSNs elsewhere (a fault proxy)."""
+        from tests.support import free_port
+
+        base = self.tmp / name
+        (base / "run").mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(shared)
+        cfg["instance"] = name
+        cfg["state_dir"] = str(base / "state")
+        cfg["control"] = {"socket": str(base / "run" / "control.sock")}
+        cfg["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
+        for role, server in (("primary", self.pair.primary), ("standby", self.pair.standby)):
+            port = dsn_ports.get(f"{role}_port")
+            if port is not None:
+                dsn = cfg[role]["database"]["dsn"]
+                cfg[role]["database"]["dsn"] = dsn.replace(f":{server.port}/", f":{port}/")
+        d = DaemonProcess(cfg, base)
+        self.watchers[name] = d
+        return d
+
+    async def start(self, *names: str) -> None:
+        await asyncio.gather(*(self.watchers[n].start() for n in names or self.watchers))
+
+    async def statuses(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name, d in self.watchers.items():
+            if d.proc is not None and d.proc.poll() is None:
+                out[name] = await d.status()
+        return out
+
+    async def leader(self, within: float = 20.0, *, other_than: str | None = None) -> str:
+        """The watcher every running watcher names as the leader, once they agree."""
+        deadline = time.monotonic() + timing.within(within)
+        seen: Any = None
+        while time.monotonic() < deadline:
+            try:
+                statuses = await self.statuses()
+            except Exception as exc:  # a watcher between starts
+                seen = exc
+            else:
+                named = {s["store"]["leader"] for s in statuses.values()}
+                leaders = [n for n, s in statuses.items() if s["store"]["is_leader"]]
+                seen = (named, leaders)
+                if len(leaders) == 1 and named == {leaders[0]} and leaders[0] != other_than:
+                    return leaders[0]
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"no agreed fleet leader within {within}s: {seen}")
+
+    async def wait_all(
+        self, check: Callable[[dict[str, Any]], bool], within: float, what: str
+    ) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timing.within(within)
+        statuses: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            statuses = await self.statuses()
+            if statuses and all(check(s) for s in statuses.values()):
+                return statuses
+            await asyncio.sleep(0.1)
+        brief = {n: (s["state"], s["reason"]) for n, s in statuses.items()}
+        raise AssertionError(f"not every watcher {what} within {within}s: {brief}")
+
+    async def store_journal(self) -> list[dict[str, Any]]:
+        """Every record of the fleet's journal, read from etcd."""
+        async with EtcdClient(self.etcd.endpoints, timeout=2.0) as client:
+            store = EtcdStore(client, f"{PREFIX}/{CLUSTER}")
+            return [record for _, record in await store.entries()]
+
+    async def promotions_in_store(self) -> int:
+        return sum(
+            1
+            for r in await self.store_journal()
+            if r.get("type") == "step_finished"
+            and r.get("action") == "promote"
+            and r.get("outcome") == "ok"
+        )
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n{d.logs()[-3000:]}" for n, d in self.watchers.items())
+
+
+def timeline(server: PgServer) -> int:
+    """The server's timeline id from its own WAL directory: each promotion writes the
+    next timeline's history file (``00000002.history``). 1: never promoted."""
+    out = server.execute(
+        "SELECT coalesce(max(('x' || substr(name, 1, 8))::bit(32)::int), 1) "
+        "FROM pg_ls_waldir() WHERE name LIKE '%.history'"
+    )
+    return int(out)
+
+
+@pytest_asyncio.fixture
+async def fleet_rig(pg_pair: PgPair, tmp_path: Path) -> AsyncIterator[FleetRig]:
+    """Three etcd members and the lab's pair; watchers are added by the test. Every
+    watcher is SIGKILLed and every member killed at teardown."""
+    with etcd_cluster() as cluster:
+        rig = FleetRig(cluster, pg_pair, tmp_path)
+        try:
+            yield rig
+        finally:
+            for d in rig.watchers.values():
+                if d.proc is not None and d.proc.poll() is None:
+                    d.proc.send_signal(signal.SIGCONT)  # a stopped watcher dies too
+                d.kill()
+            for member in cluster.members:
+                member.sigcont()

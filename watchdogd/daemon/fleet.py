@@ -1,0 +1,481 @@
+"""A fleet of watchers (``store:`` in the config, issue 12): this watcher's part in it.
+
+Built and owned by the ``Daemon`` when ``store:`` is set; without it nothing here runs.
+
+- **Leadership.** A background task campaigns for the leader key when nobody holds it
+  and renews the lease every ttl/3. The leader's *authority* ends at the send time of its
+  last acknowledged renewal plus ttl minus a margin (``fleet.authority_deadline``).
+  ``TokenLost`` (the only "lost") stops it at once: running sequences are cancelled and
+  stay unfinished in the store for the next leader. ``StoreUnavailable`` keeps the token
+  but the authority ends at its deadline.
+- **Votes.** After every probe cycle this watcher publishes its ``View``; the leader
+  reads every ballot (one linearizable read) and tallies them with its own receive times
+  (``fleet.Freshness``); its own view counts as its vote.
+- **The journal** is the store's: the leader appends (guarded by its token) and folds
+  the record into its state; a follower re-reads what was appended since it last looked,
+  every cycle, so pause, cooldown and acks are cluster-wide. A new leader replays the
+  whole journal and resumes an unfinished failover with today's rules.
+- **The gate.** An automatic failover starts only on the leader, with authority left
+  for its first step, and when the tally allows it; otherwise the state is ``blocked``
+  with the refusal. While the store does not answer the state is ``store_unavailable``
+  and nothing is failed over, fenced or rejoined.
+- **Commands** that change anything are refused on a follower, naming the leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from watchdogd import fleet as votes
+from watchdogd.config import fleet_timing
+from watchdogd.detector import DOWN, Verdict
+from watchdogd.fleet import Freshness, Tally, View
+from watchdogd.policy import BLOCKED, Decision, State
+from watchdogd.state.journal import JournalError, JournalState, apply
+from watchdogd.state.store import StoreUnavailable, Token, TokenLost
+
+if TYPE_CHECKING:
+    # The etcd client (aiohttp) is loaded only by a daemon with ``store:``.
+    from watchdogd.daemon.lifecycle import Daemon
+    from watchdogd.state.etcd import EtcdClient
+    from watchdogd.state.store import Entry
+    from watchdogd.state.votes import VoteBox
+
+
+class FleetStore(Protocol):
+    """What the fleet needs of a store: ``EtcdStore`` (or ``MemoryStore`` in tests)."""
+
+    async def campaign(self, holder: str, ttl: float) -> Token | None: ...
+    async def renew(self, token: Token) -> float: ...
+    async def resign(self, token: Token) -> None: ...
+    async def leader(self) -> Token | None: ...
+    async def append(self, token: Token, record: Any) -> int: ...
+    async def entries(self, after: int = 0) -> list[Entry]: ...
+
+
+class StoreWriteError(JournalError):
+    """The fleet's journal did not take a record (not the leader, no authority left,
+    leadership lost, or the store did not answer): nothing is acted on."""
+
+
+class Fleet:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        cfg = daemon.config
+        assert cfg.store is not None
+        self.settings = cfg.store
+        self.instance = cfg.instance
+        self.timing = fleet_timing(cfg.store.etcd)
+        # Built by start() unless a test put in-memory ones here first.
+        self.store: FleetStore | None = None
+        self.box: VoteBox | None = None
+        self.client: EtcdClient | None = None
+        self.token: Token | None = None
+        self.synced = False  # the leader has replayed the store's journal
+        self.deadline: float | None = None  # the leader's authority ends (d.clock)
+        self.leader: str | None = None  # who leads, as last read
+        self.up = False  # the store answered the last call
+        self.error: str | None = "not asked yet"
+        self.position = 0  # the last journal position folded into the state
+        self.seq = 0
+        # A view counts as fresh while the leader saw it change within this: a live
+        # voter republishes every probe interval; a publish may take a retry budget.
+        self.freshness = Freshness(3 * cfg.probe.interval + cfg.probe.timeout + self.timing.budget)
+        self.views: dict[str, View] = {}
+        self.tally: Tally | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lost_tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self.store is None or self.box is None:
+            self._build()
+        self._export()
+        with contextlib.suppress(StoreUnavailable, JournalError):
+            await self.follow()  # a follower's state, when the store answers now
+        self._task = asyncio.create_task(self._lead_loop(), name="fleet-leadership")
+
+    def _build(self) -> None:
+        from watchdogd.state.etcd import EtcdClient, TlsFiles
+        from watchdogd.state.etcd_store import EtcdStore
+        from watchdogd.state.votes import EtcdVoteBox
+
+        etcd = self.settings.etcd
+        self.client = EtcdClient(
+            etcd.endpoints,
+            timeout=etcd.timeout,
+            tls=TlsFiles(etcd.ca_file, etcd.cert_file, etcd.key_file),
+            username=etcd.username,
+            password=etcd.password,
+        )
+        prefix = f"{etcd.prefix.rstrip('/')}/{self.d.config.cluster}"
+        self.store = EtcdStore(self.client, prefix)
+        self.box = EtcdVoteBox(self.client, prefix, etcd.ttl)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+            self._task = None
+        bound = self.timing.budget
+        if self.token is not None and self.store is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(bound):
+                    await self.store.resign(self.token)  # the next leader need not wait
+        self.token = None
+        if self.box is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(bound):
+                    await self.box.close()
+        if self.client is not None:
+            await self.client.close()
+
+    # ------------------------------------------------------------------ leadership
+
+    @property
+    def is_leader(self) -> bool:
+        return self.token is not None
+
+    def authority_left(self) -> float:
+        """Seconds this watcher may still act as the leader (0 when it may not)."""
+        if self.token is None or not self.synced or self.deadline is None:
+            return 0.0
+        return max(0.0, self.deadline - self.d.clock())
+
+    def may_act(self) -> bool:
+        return self.authority_left() > 0 and self.up
+
+    async def _lead_loop(self) -> None:
+        while True:
+            try:
+                pause = await self._lead_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug or a hostile reply must not end leadership work
+                self._down(f"unexpected {type(exc).__name__}: {exc}")
+                pause = self.timing.renew
+            await asyncio.sleep(pause)
+
+    async def _lead_once(self) -> float:
+        """One campaign or renewal; returns how long to wait before the next."""
+        assert self.store is not None
+        ttl, margin = self.timing.ttl, self.timing.margin
+        retry = min(self.timing.renew, 0.25)  # an unanswered renewal is retried soon
+        sent = self.d.clock()
+        if self.token is None:
+            # A read first: a campaign grants (and drops) a lease, which a follower
+            # need not cost the store every round while a leader holds the key.
+            token = None
+            try:
+                holder = await self.store.leader()
+                if holder is None:
+                    sent = self.d.clock()
+                    token = await self.store.campaign(self.instance, ttl)
+                    if token is None:
+                        holder = await self.store.leader()
+                if token is None:
+                    self._set_leader(holder.holder if holder is not None else None)
+            except StoreUnavailable as exc:
+                self._down(str(exc))
+                return retry
+            self._up()
+            if token is None:
+                # A follower looks again soon: a leader's key that expired is taken
+                # over within about a second, not a renew interval.
+                self._export()
+                return min(self.timing.renew, 1.0)
+            if token is not None:
+                self.token, self.synced = token, False
+                self.deadline = votes.authority_deadline(sent, ttl, margin)
+                self._set_leader(self.instance)
+                self.d.emit("fleet_leader", instance=self.instance, token=token.revision)
+        else:
+            try:
+                await self.store.renew(self.token)
+            except TokenLost as exc:
+                await self._lost(str(exc))
+                return 0.0
+            except StoreUnavailable as exc:
+                self._down(str(exc))
+                return retry
+            self._up()
+            renewed = votes.authority_deadline(sent, ttl, margin)
+            self.deadline = max(self.deadline or renewed, renewed)
+        if self.token is not None and not self.synced:
+            await self._take_over()
+        self._export()
+        return max(0.0, self.timing.renew - (self.d.clock() - sent))
+
+    async def _take_over(self) -> None:
+        """A new leader: replay the whole journal from the store, then act on it with
+        today's rules (resume an unfinished failover, close a cut-off fence)."""
+        assert self.store is not None
+        try:
+            entries = await self.store.entries()
+        except StoreUnavailable as exc:
+            self._down(str(exc))
+            return  # not synced: the next round reads again; nothing acts meanwhile
+        state = JournalState()
+        for position, record in entries:
+            try:
+                apply(state, record)
+            except (ValueError, KeyError, TypeError, OverflowError) as exc:
+                state.problems.append(f"record at {position} ignored: {exc}")
+        self.position = max((p for p, _ in entries), default=0)
+        self.d.adopt(state)
+        for problem in state.problems:
+            self.d.emit("journal_problem", problem=problem, path="store")
+        self.synced = True
+        seq = self.d.sequences
+        if not seq.running and not seq.fencing and seq.rejoin_task is None:
+            # A new leader (or one that re-read the journal after an ambiguous append
+            # while nothing ran): act on the journal as a restart would.
+            await self.d.take_over()
+        self.d.cycle.refresh_state()
+
+    async def _lost(self, why: str) -> None:
+        """The store said our token no longer holds: stop acting at once."""
+        if self.token is None:
+            return
+        self.token, self.synced, self.deadline = None, False, None
+        self.d.emit("fleet_leadership_lost", instance=self.instance, reason=why)
+        self._set_leader(None)
+        await self.d.sequences.abandon()
+        self._export()
+
+    def resync(self) -> None:
+        """Re-read the journal and act on it (resume) at the next leadership round."""
+        self.synced = False
+
+    def _lost_soon(self, why: str) -> None:
+        """``_lost`` from inside a sequence's own task (it cannot await its own end)."""
+        task = asyncio.create_task(self._lost(why), name="fleet-lost")
+        self._lost_tasks.add(task)
+        task.add_done_callback(self._lost_tasks.discard)
+
+    def _set_leader(self, holder: str | None) -> None:
+        if holder != self.leader:
+            self.d.emit("fleet_leader_seen", leader=holder, instance=self.instance)
+        self.leader = holder
+
+    def _up(self) -> None:
+        if not self.up:
+            self.d.emit("store_available", instance=self.instance, after=self.error)
+        self.up, self.error = True, None
+        self._export()
+
+    def _down(self, why: str) -> None:
+        why = self.d.config.mask(why)
+        if self.up or self.error is None:
+            self.d.emit("store_unavailable", instance=self.instance, error=why)
+        self.up, self.error = False, why
+        self._export()
+
+    def _export(self) -> None:
+        fresh = len(self.tally.fresh) if self.tally is not None and self.is_leader else None
+        self.d.metrics.set_fleet(up=self.up, leader=self.is_leader, fresh=fresh)
+
+    # ------------------------------------------------------------------ the journal
+
+    async def append(self, record: dict[str, Any]) -> None:
+        """The leader's record into the store, guarded by its token (``Daemon.record``)."""
+        if self.token is None or not self.synced:
+            raise StoreWriteError(self._not_leader())
+        if self.authority_left() <= 0:
+            raise StoreWriteError("the store does not answer and this leader's authority has ended")
+        assert self.store is not None
+        try:
+            position = await self.store.append(self.token, record)
+        except TokenLost as exc:
+            self._lost_soon(str(exc))
+            raise StoreWriteError(f"leadership lost: {exc}") from None
+        except StoreUnavailable as exc:
+            self._down(str(exc))
+            if exc.maybe_applied:
+                self.synced = False  # it may be in the store: replay before acting again
+            raise StoreWriteError(f"the store did not take the record: {exc}") from None
+        self.position = max(self.position, position)
+
+    async def follow(self) -> None:
+        """A follower folds in what the leader appended since it last looked."""
+        if self.is_leader or self.store is None:
+            return
+        entries = await self.store.entries(self.position)
+        acked: dict[str, Any] | None = None
+        for position, record in entries:
+            self.position = max(self.position, position)
+            try:
+                apply(self.d.state, record)
+            except (ValueError, KeyError, TypeError, OverflowError) as exc:
+                self.d.emit("journal_problem", problem=f"record at {position}: {exc}")
+                continue
+            if record.get("type") == "ack":
+                acked = record
+        if acked is not None:
+            # The roles changed: the pair is watched from scratch, as after our own ack.
+            fo = next((f for f in self.d.state.failovers if f.id == acked.get("id")), None)
+            primary = acked.get("primary")
+            self.d.commands.watch_afresh(primary if isinstance(primary, str) else None, fo)
+
+    # ------------------------------------------------------------------ votes
+
+    def view(self, verdict: Verdict) -> View:
+        d = self.d
+        primary = d.roles()[0].name
+        pdb, sdb = d.latest.primary_db, d.latest.standby_db
+        writable: bool | None = None
+        if pdb is not None:
+            writable = bool(pdb.ok and pdb.db is not None and pdb.db.is_primary and pdb.db.writable)
+        standby_ok: bool | None = None
+        if sdb is not None:
+            standby_ok = bool(sdb.ok and sdb.db is not None and not sdb.db.is_primary)
+        self.seq += 1
+        return View(
+            instance=self.instance,
+            seq=self.seq,
+            primary=primary,
+            primary_down=verdict.status == DOWN,
+            primary_writable=writable,
+            outage=round(max(0.0, verdict.outage_seconds), 3),
+            standby_ok=standby_ok,
+            config=votes.config_digest(d.config),
+        )
+
+    async def after_probe(self, verdict: Verdict) -> None:
+        """After a probe cycle: publish this watcher's view; the leader reads every
+        ballot and tallies; a follower follows the journal. Bounded: the probe cycle
+        must not wait longer than a probe interval on the store."""
+        assert self.box is not None
+        own = self.view(verdict)
+        self.tally = None
+        try:
+            async with asyncio.timeout(max(0.2, min(1.5, self.d.config.probe.interval))):
+                await self.box.publish(self.instance, own.encode())
+                if self.is_leader:
+                    ballots = await self.box.ballots()
+                    self._count(own, ballots)
+                else:
+                    await self.follow()
+                    self.views = {}
+        except (StoreUnavailable, TimeoutError) as exc:
+            self._down(str(exc) or "no answer within the probe interval")
+        except JournalError as exc:  # a damaged record in the store's journal
+            self._down(str(exc))
+        else:
+            self._up()
+        self._export()
+
+    def _count(self, own: View, ballots: dict[str, Any]) -> None:
+        now = self.d.clock()
+        views: dict[str, View] = {}
+        for name, ballot in ballots.items():
+            if name == self.instance:
+                continue  # our own view is put in below, as it is now
+            try:
+                views[name] = View.decode(ballot.data)
+            except ValueError as exc:
+                self.d.emit("fleet_view_refused", voter=name, error=str(exc))
+                continue
+            self.freshness.saw(name, ballot.revision, now)
+        for name in list(self.views):
+            if name not in ballots and name != self.instance:
+                self.freshness.forget(name)
+        views[self.instance] = own
+        self.freshness.saw(self.instance, own.seq, now)
+        self.views = views
+        self.tally = votes.tally(
+            views,
+            self.freshness,
+            self.settings.voters,
+            own.config,
+            now,
+            primary=own.primary,
+        )
+
+    # ------------------------------------------------------------------ the gate
+
+    def gate(self, decision: Decision) -> Decision:
+        """The policy's decision as the fleet allows it (see the module docstring)."""
+        running = self.d.sequences.running
+        if not self.up and not running:
+            return Decision(
+                State.STORE_UNAVAILABLE,
+                f"the store does not answer ({self.error}); nothing is failed over or "
+                f"fenced until it does; {decision.reason}",
+            )
+        if decision.start is None:
+            return decision
+        if not self.is_leader:
+            who = self.leader or "no watcher"
+            return Decision(State.SUSPECT, f"{decision.reason}; {who} leads the fleet and decides")
+        refusal = self.refusal()
+        if refusal is not None:
+            return replace(
+                decision, state=BLOCKED, reason=f"{decision.reason}; {refusal}", start=None
+            )
+        return decision
+
+    def refusal(self) -> str | None:
+        """Why the leader may not start an automatic failover now, or None."""
+        steps = self.d.config.failover.steps
+        first = steps[0].timeout + 1.0 if steps else 0.0
+        left = self.authority_left()
+        if not self.synced:
+            return "the leader has not read the fleet's journal yet"
+        if left <= first:
+            return (
+                f"the leader's authority ({left:.1f}s left) would end before the first "
+                "step could finish"
+            )
+        if self.tally is None:
+            return "no fresh read of the fleet's votes this cycle"
+        return self.tally.refusal()
+
+    def command_refusal(self) -> str | None:
+        """Why a command that changes anything is refused here, or None (the leader)."""
+        if self.is_leader:
+            if not self.synced:
+                return "this watcher just became the leader and is reading the journal; retry"
+            if self.authority_left() <= 0:
+                return "the store does not answer: this leader's authority has ended; retry"
+            return None
+        return self._not_leader()
+
+    def _not_leader(self) -> str:
+        if self.leader is None:
+            why = "" if self.up else f" (the store does not answer: {self.error})"
+            return f"not the leader: no watcher leads right now{why}"
+        return f"not the leader: {self.leader} leads; run it there"
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        now = self.d.clock()
+        voters: dict[str, Any] = {}
+        for name in self.settings.voters:
+            view = self.views.get(name)
+            age = self.freshness.age(name, now) if self.is_leader else None
+            voters[name] = {
+                "fresh": self.freshness.fresh(name, now) if self.is_leader else None,
+                "age": None if age is None else round(age, 1),
+                "primary_down": view.primary_down if view else None,
+                "primary_writable": view.primary_writable if view else None,
+                "config_matches": (
+                    view.config == votes.config_digest(self.d.config) if view else None
+                ),
+            }
+        return {
+            "instance": self.instance,
+            "leader": self.leader,
+            "is_leader": self.is_leader,
+            "up": self.up,
+            "error": self.error,
+            "deadline_in": round(self.authority_left(), 1) if self.is_leader else None,
+            "voters": voters,
+            "refusal": self.refusal() if self.is_leader else self._not_leader(),
+        }
