@@ -325,7 +325,7 @@ class Guard:
             else:
                 for problem in snapshot.problems:
                     self._note_ignored(0, problem)
-                order, why = order_verdict(snapshot)
+                order, why = order_verdict(snapshot, self.settings.node)
                 if order is not None:
                     await self.execute(order)
                 elif snapshot.order is not None:

@@ -102,6 +102,15 @@ def test_an_order_is_valid_only_with_the_current_leader_keys_token() -> None:
     assert order_verdict(snap(order=odd))[0] is None
 
 
+def test_an_order_naming_another_node_is_not_for_this_guard() -> None:
+    named = dataclasses.replace(ORDER, node="a")
+    assert Order.decode(named.encode(), 77) == named
+    assert order_verdict(snap(order=named), "a")[0] == named
+    order, why = order_verdict(snap(order=named), "b")
+    assert order is None and "for node 'a'" in why
+    assert order_verdict(snap(order=ORDER), "b")[0] == ORDER  # no node named: any guard
+
+
 def test_an_order_acknowledged_as_fenced_is_not_carried_out_again() -> None:
     done = Ack(order_revision=77, token=42, fenced=True, detail="fenced")
     assert order_verdict(snap(order=ORDER, ack=done))[0] is None

@@ -108,27 +108,32 @@ class Order:
     failover_id: str
     action: str = FENCE
     revision: int = 0
+    node: str | None = None  # the node to fence; None: whichever node the guard guards
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "token": self.token,
-                "holder": self.holder,
-                "failover_id": self.failover_id,
-                "action": self.action,
-            },
-            sort_keys=True,
-        ).encode()
+        data: dict[str, Any] = {
+            "token": self.token,
+            "holder": self.holder,
+            "failover_id": self.failover_id,
+            "action": self.action,
+        }
+        if self.node is not None:
+            data["node"] = self.node
+        return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, raw: bytes, revision: int) -> Order:
         data = _object(raw, "guard order")
+        node = data.get("node")
+        if node is not None and not isinstance(node, str):
+            raise ValueError("guard order: 'node' is not a str")
         return cls(
             token=_get(data, "guard order", "token", int),
             holder=_get(data, "guard order", "holder", str),
             failover_id=_get(data, "guard order", "failover_id", str),
             action=_get(data, "guard order", "action", str),
             revision=revision,
+            node=node,
         )
 
 
@@ -231,18 +236,21 @@ async def read_snapshot(client: EtcdClient, prefix: str) -> GuardSnapshot:
 # --------------------------------------------------------------------------- the guard's rule
 
 
-def order_verdict(snapshot: GuardSnapshot) -> tuple[Order | None, str]:
+def order_verdict(snapshot: GuardSnapshot, node: str | None = None) -> tuple[Order | None, str]:
     """The order the guard must carry out now, or None and why not.
 
     Valid only when the leader key exists and its ``create_revision`` equals the order's
     token, in the same linearizable read: an order from a leader that has since lost its
     key (a stale token) is never executed. An order already acknowledged as fenced is
-    not executed again (a human may have lifted the fence since)."""
+    not executed again (a human may have lifted the fence since). An order naming
+    another node than this guard's ``node`` is not for it."""
     order = snapshot.order
     if order is None:
         return None, "no order"
     if order.action != FENCE:
         return None, f"order {order.revision}: unknown action {order.action!r}"
+    if order.node is not None and node is not None and order.node != node:
+        return None, f"order {order.revision} is for node {order.node!r}, this guard's is {node!r}"
     if snapshot.leader_token is None:
         return None, f"order {order.revision} (token {order.token}) is stale: no leader key"
     if snapshot.leader_token != order.token:
@@ -353,12 +361,15 @@ class ClearanceRule:
 # --------------------------------------------------------------------------- leader I/O
 
 
-async def order_fence(client: EtcdClient, prefix: str, token: Token, failover_id: str) -> int:
+async def order_fence(
+    client: EtcdClient, prefix: str, token: Token, failover_id: str, *, node: str | None = None
+) -> int:
     """Write the fence order, guarded by the leader key's create_revision; returns the
     order's revision. ``TokenLost`` when the compare failed (no longer the leader),
-    ``StoreUnavailable`` when the store gave no answer (perhaps written: ask again)."""
+    ``StoreUnavailable`` when the store gave no answer (perhaps written: ask again).
+    ``node``: the node to fence (the old primary); a guard of another node ignores it."""
     keys = GuardKeys.under(prefix)
-    order = Order(token.revision, token.holder, failover_id)
+    order = Order(token.revision, token.holder, failover_id, node=node)
     try:
         result = await client.txn(
             [Compare(keys.leader, "create", "=", token.revision)],
