@@ -259,6 +259,8 @@ class Guard:
         self._key_written = False
         self._store_down: str | None = None
         self._ignored: set[tuple[int, str]] = set()
+        self._last_ack: Ack | None = None
+        self._isolation_trouble: str | None = None
 
     async def run(self) -> NoReturn:
         self.log.info(
@@ -341,23 +343,30 @@ class Guard:
 
     async def execute(self, order: Order) -> Ack:
         """Fence on a valid order, verify, and acknowledge (the ack is retried by the
-        next poll when the store does not take it: the order is still unacknowledged)."""
-        self.log.warning(
-            "guard fencing on order",
-            node=self.settings.node,
-            order=order.revision,
-            holder=order.holder,
-            token=order.token,
-            failover_id=order.failover_id,
-        )
+        next poll when the store does not take it: the order is still unacknowledged).
+        A failed fence is tried again every poll; the same outcome is logged and
+        acknowledged once."""
+        retry = self._last_ack is not None and self._last_ack.order_revision == order.revision
+        if not retry:
+            self.log.warning(
+                "guard fencing on order",
+                node=self.settings.node,
+                order=order.revision,
+                holder=order.holder,
+                token=order.token,
+                failover_id=order.failover_id,
+            )
         fenced, detail = await self._fence()
         ack = Ack(order.revision, order.token, fenced, detail)
+        if ack == self._last_ack:
+            return ack
         try:
             await self.client.put(self.keys.ack, ack.encode())
         except StoreUnavailable as exc:
             self._store_trouble(str(exc))
             return ack
         self.acks.append(ack)
+        self._last_ack = ack
         self.log.info(
             "guard acknowledged the order", node=self.settings.node, fenced=fenced, detail=detail
         )
@@ -387,6 +396,7 @@ class Guard:
             self.signs.standby_mark(mark, polled_at)
             now = self.clock()
             if not self.signs.isolated(now, timeout):
+                self._isolation_trouble = None
                 if self.self_fenced_at is not None:
                     self.log.info(
                         "guard sees signs of life again; the database stays fenced",
@@ -403,11 +413,7 @@ class Guard:
         try:
             status = await self.engine.status(DB_TIMEOUT)
         except EngineError as exc:
-            self.log.error(
-                "guard isolated but cannot reach its database; retrying",
-                node=self.settings.node,
-                error=str(exc),
-            )
+            self._trouble_once("guard isolated but cannot reach its database; retrying", str(exc))
             return
         if not status.is_primary or not status.writable:
             self.log.warning(
@@ -419,9 +425,7 @@ class Guard:
             return
         fenced, detail = await self._fence()
         if not fenced:
-            self.log.error(
-                "guard isolated; fencing failed, retrying", node=self.settings.node, detail=detail
-            )
+            self._trouble_once("guard isolated; fencing failed, retrying", detail)
             return
         self.self_fenced_at = now
         self.self_fences += 1
@@ -433,6 +437,12 @@ class Guard:
             last_sign=self.signs.source,
             detail=detail,
         )
+
+    def _trouble_once(self, event: str, detail: str) -> None:
+        """One error line per isolation and cause, not one per poll."""
+        if self._isolation_trouble != event:
+            self._isolation_trouble = event
+            self.log.error(event, node=self.settings.node, detail=detail)
 
 
 async def run_guard(settings: GuardSettings, log: Any = None) -> NoReturn:

@@ -277,3 +277,25 @@ async def test_a_dead_guard_clears_the_leader_only_after_its_key_was_gone_the_ti
         assert cleared_at >= gone_at + ISO - 0.3
         assert cleared_at <= gone_at + ISO + timing.within(1.5)
         assert await writable(pg_pair)  # a dead guard fenced nothing
+
+
+async def test_an_order_the_guard_cannot_carry_out_never_clears_and_is_retried(
+    etcd: EtcdCluster, pg_pair: PgPair
+) -> None:
+    async with lab(etcd, pg_pair) as it:
+        _, token = await it.lead("dc1")
+        await asyncio.to_thread(pg_pair.primary.stop)
+        await order_fence(it.client, PREFIX, token, "f1", node="primary")
+        await eventually(lambda: it.guard.acks, within=10)
+        assert not it.guard.acks[0].fenced and "fence failed" in it.guard.acks[0].detail
+        verdict = await guard_clearance(it.client, PREFIX, token, "f1", ISO, time.monotonic, 2.0)
+        assert not verdict.cleared and "could not fence" in verdict.reason
+        assert len(it.guard.acks) == 1  # the same failure is acknowledged once
+
+        # The database comes back: the pending order is carried out at once.
+        await asyncio.to_thread(pg_pair.primary.start)
+        verdict = await guard_clearance(
+            it.client, PREFIX, token, "f1", ISO, time.monotonic, timing.within(10)
+        )
+        assert verdict.cleared and verdict.via == "ack", verdict.reason
+        assert not await writable(pg_pair)
