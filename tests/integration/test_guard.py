@@ -4,14 +4,17 @@ stale one, fences itself when cut from the store with no standby streaming (and 
 before its isolation timeout, nor while a standby streams), and the leader's clearance
 waits for its ack or for its key to have been gone for the isolation timeout.
 
-The guard runs in the test's event loop with its own etcd client; its links to the
-members go through fault proxies where a test cuts them. Cancelling its task is a crash
-as far as etcd can tell (the lease is not revoked)."""
+The guard runs in the test's event loop with its own etcd client (its links to the
+members go through fault proxies where a test cuts them), or as its own process where a
+test kills it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from tests.support import timing
 from tests.support.etcd import EtcdCluster
 from tests.support.pg import eventually
 from tests.support.proxy import BLACKHOLE, FaultProxy
+from tests.support.redis import _die_with_parent
 from watchdogd.demo.lab import PgPair
 from watchdogd.engines.postgres import PostgresEngine
 from watchdogd.guard import Guard, GuardSettings
@@ -79,13 +83,6 @@ class Lab:
             proxy.set_mode(BLACKHOLE)
         return time.monotonic()
 
-    async def kill_guard(self) -> float:
-        assert self.task is not None
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-        return time.monotonic()
-
     async def lead(self, holder: str) -> tuple[EtcdStore, Token]:
         """Become the fleet leader and keep the lease alive for the rest of the test."""
         store = EtcdStore(self.client, PREFIX)
@@ -99,7 +96,11 @@ class Lab:
 
 
 @contextlib.asynccontextmanager
-async def lab(etcd: EtcdCluster, pair: PgPair, *, proxied: bool = False) -> AsyncIterator[Lab]:
+async def lab(
+    etcd: EtcdCluster, pair: PgPair, *, proxied: bool = False, in_process: bool = True
+) -> AsyncIterator[Lab]:
+    """The guard for the primary, running in this event loop (``in_process``) or not
+    at all (the test starts a ``guard_process``)."""
     pair.primary.execute("CREATE TABLE app (x int)")
     proxies: list[FaultProxy] = []
     endpoints = etcd.endpoints
@@ -123,19 +124,50 @@ async def lab(etcd: EtcdCluster, pair: PgPair, *, proxied: bool = False) -> Asyn
     guard_client = settings.client()
     client = EtcdClient(etcd.endpoints, timeout=1.0)
     it = Lab(etcd, pair, client, Guard(settings, guard_client, engine, log=log), log, proxies)
-    it.task = asyncio.create_task(it.guard.run())
+    if in_process:
+        it.task = asyncio.create_task(it.guard.run())
     try:
-        await eventually(it.alive, within=10)
+        if in_process:
+            await eventually(it.alive, within=10)
         yield it
     finally:
-        for task in [it.task, *it.keepers]:
+        tasks = [*it.keepers, *([it.task] if it.task is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(it.task, *it.keepers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for proxy in proxies:
             await proxy.stop()
         await guard_client.close()
         await client.close()
         await engine.close()
+
+
+# The guard as its own process, as `watchdogd guard` runs it (run_guard: the engine from
+# the node's database config), to be killed with SIGKILL.
+_GUARD_MAIN = """
+import asyncio, json, sys
+from watchdogd.core.model import DatabaseConfig
+from watchdogd.guard import GuardSettings, run_guard
+args = json.loads(sys.argv[1])
+settings = GuardSettings(
+    node="primary", endpoints=tuple(args["endpoints"]), prefix=args["prefix"],
+    ttl=args["ttl"], isolation_timeout=args["iso"], poll=args["poll"],
+    database=DatabaseConfig("postgres", args["dsn"]),
+)
+asyncio.run(run_guard(settings))
+"""
+
+
+def guard_process(etcd: EtcdCluster, pair: PgPair) -> subprocess.Popen[bytes]:
+    args = {"endpoints": etcd.endpoints, "prefix": PREFIX, "ttl": TTL, "iso": ISO,
+            "poll": POLL, "dsn": pair.primary.dsn}  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", _GUARD_MAIN, json.dumps(args)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )
 
 
 async def writable(pair: PgPair) -> bool:
@@ -257,9 +289,27 @@ async def test_cut_from_the_store_with_the_standby_streaming_it_does_not_fence(
 async def test_a_dead_guard_clears_the_leader_only_after_its_key_was_gone_the_timeout(
     etcd: EtcdCluster, pg_pair: PgPair
 ) -> None:
-    async with lab(etcd, pg_pair) as it:
-        _, token = await it.lead("dc1")
-        killed_at = await it.kill_guard()
+    async with lab(etcd, pg_pair, in_process=False) as it:
+        process = guard_process(etcd, pg_pair)
+        try:
+            await eventually(it.alive, within=15)
+            _, token = await it.lead("dc1")
+            # It works: a first failover's order is fenced and acknowledged.
+            await order_fence(it.client, PREFIX, token, "f0", node="primary")
+            first = await guard_clearance(
+                it.client, PREFIX, token, "f0", ISO, time.monotonic, timing.within(10)
+            )
+            assert first.cleared and first.via == "ack", first.reason
+            pg_pair.primary.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            pg_pair.primary.execute("SELECT pg_reload_conf()")
+            await eventually(lambda: writable(pg_pair), within=5)
+            process.kill()
+            killed_at = time.monotonic()
+            process.wait(timeout=10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
         await order_fence(it.client, PREFIX, token, "f1")  # nobody will ack it
         clearance = asyncio.create_task(
             guard_clearance(
