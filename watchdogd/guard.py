@@ -301,9 +301,7 @@ class Guard:
             self.lease = await self.client.lease_grant(max(1, math.ceil(self.settings.ttl)))
             self._key_written = False
         if not self._key_written:
-            alive = Alive(
-                self.settings.node, os.getpid(), self.wall(), self.self_fenced_at is not None
-            )
+            alive = Alive(self.settings.node, os.getpid(), self.wall(), self.self_fences > 0)
             await self.client.put(self.keys.alive, alive.encode(), lease=self.lease.id)
             self._key_written = True
             self.signs.store_renewed(self.lease.last.sent_at)

@@ -26,7 +26,7 @@ import pytest
 from tests.support import timing
 from tests.support.etcd import EtcdCluster
 from tests.support.pg import eventually
-from tests.support.proxy import BLACKHOLE, FaultProxy
+from tests.support.proxy import BLACKHOLE, PASS, FaultProxy
 from tests.support.redis import _die_with_parent
 from watchdogd.demo.lab import PgPair
 from watchdogd.engines.postgres import PostgresEngine
@@ -262,6 +262,19 @@ async def test_cut_from_the_store_with_no_standby_it_fences_itself_after_the_tim
         # Once: it stays fenced and quiet while the store is still out of reach.
         await asyncio.sleep(1.0)
         assert it.guard.self_fences == 1 and not await writable(pg_pair)
+
+        # It kept trying: the store back, its key returns saying it fenced itself, and
+        # the database stays fenced (lifting a fence is never the guard's business).
+        for proxy in it.proxies:
+            proxy.set_mode(PASS)
+
+        async def back() -> bool:
+            kv = await it.client.get(KEYS.alive)
+            return kv is not None and b'"self_fenced": true' in kv.value
+
+        await eventually(back, within=10)
+        await eventually(lambda: it.log.named("guard reaches the store again"), within=5)
+        assert not await writable(pg_pair) and it.guard.self_fences == 1
 
 
 async def test_cut_from_the_store_with_the_standby_streaming_it_does_not_fence(
