@@ -263,6 +263,7 @@ class Guard:
         self._isolation_trouble: str | None = None
 
     async def run(self) -> NoReturn:
+        self.signs = SignsOfLife(self.clock())  # the start counts from now, not construction
         self.log.info(
             "guard started",
             node=self.settings.node,
