@@ -15,6 +15,18 @@ It runs on the primary's host with the fleet's config file and fences its local 
   isolation, logs it, and keeps trying to reach the store. A started guard counts its
   start as a sign of life.
 
+On a valid order it cannot carry out because its database is DOWN (not running: every
+address of the node's DSN refuses the connection, or its unix socket is missing, and
+with ``data_dir`` configured no live postmaster holds the data directory; and the
+database did answer this guard before, so a wrong DSN is never "down") it acks
+``{fenced: false, down: true}``: a promise to fence the database the moment it answers
+again. It then tries the fence every ``DOWN_POLL`` and re-acks ``fenced: true`` once it
+holds. For PostgreSQL with ``data_dir`` it first writes
+``default_transaction_read_only = 'on'`` into ``postgresql.auto.conf`` (what the fence's
+ALTER SYSTEM writes), so the server comes back read-only from its first session. A
+database that does not answer in time (a hang: connect or query timeout) is never
+"down": a hung primary may wake up writable.
+
 Its ``guard/alive`` key lives on its own lease (renewed every ttl/3), so the leader sees
 it vanish ttl after the guard's last acknowledged renewal. A guard cut off fences by
 ``last sign + isolation_timeout`` (+ one poll + its fence timeout, both under ttl); the
@@ -29,12 +41,17 @@ runner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import math
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
@@ -62,6 +79,11 @@ from watchdogd.state.store import StoreUnavailable
 
 DEFAULT_POLL = 0.5
 DB_TIMEOUT = 1.0
+DOWN_POLL = 0.1  # how often a database answered "down" is tried again
+_DEFAULT_PORTS = {"postgres": 5432, "mysql": 3306, "redis": 6379}
+_READ_ONLY_LINE = "default_transaction_read_only = 'on'"
+# Errors saying an address does not exist on this host (not a listener, not a hang).
+_NOT_HERE = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT})
 
 
 class GuardConfigError(WatchdogdError):
@@ -225,6 +247,132 @@ class SignsOfLife:
         return self.silent_for(now) >= timeout
 
 
+# --------------------------------------------------------------------------- "down"
+
+
+@dataclass(frozen=True)
+class DbAddress:
+    """Where the database listens, from its DSN: TCP host and port, or a unix socket."""
+
+    host: str | None = None
+    port: int | None = None
+    socket_path: str | None = None
+
+    def __str__(self) -> str:
+        return self.socket_path or f"{self.host}:{self.port}"
+
+
+def address_of(database: DatabaseConfig | None) -> DbAddress | None:
+    """The database's address from its DSN URL; None when it cannot be told (then the
+    guard never answers "down": without an address it cannot tell down from hung)."""
+    if database is None:
+        return None
+    try:
+        parts = urlsplit(database.dsn)
+        port = parts.port or _DEFAULT_PORTS.get(database.engine)
+        query = parse_qs(parts.query)
+    except ValueError:
+        return None
+    if database.engine == "redis" and parts.scheme == "unix":
+        return DbAddress(socket_path=parts.path) if parts.path else None
+    if database.engine == "postgres" and "host" in query and query["host"][0].startswith("/"):
+        return DbAddress(socket_path=f"{query['host'][0]}/.s.PGSQL.{port or 5432}")
+    if database.engine == "mysql" and "unix_socket" in query:
+        return DbAddress(socket_path=query["unix_socket"][0])
+    if not parts.hostname or port is None:
+        return None
+    return DbAddress(host=parts.hostname, port=port)
+
+
+async def refused(address: DbAddress, timeout: float) -> str | None:
+    """Why nothing listens at ``address`` (every resolved address refused the
+    connection, or the unix socket is missing or refuses), else None: it accepted, it
+    did not answer within ``timeout`` (a hang is never "down"), or another error."""
+    try:
+        async with asyncio.timeout(timeout):
+            if address.socket_path is not None:
+                _, writer = await asyncio.open_unix_connection(address.socket_path)
+                writer.close()
+                return None
+            loop = asyncio.get_running_loop()
+            infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+            refusals = 0
+            for family, kind, proto, _, where in infos:
+                try:
+                    sock = socket.socket(family, kind, proto)
+                except OSError as exc:
+                    if exc.errno in _NOT_HERE:
+                        continue
+                    raise
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, where)
+                except ConnectionRefusedError:
+                    refusals += 1
+                    continue
+                except OSError as exc:
+                    if exc.errno in _NOT_HERE:
+                        continue  # e.g. ::1 on a host without IPv6: no listener there
+                    raise
+                finally:
+                    sock.close()
+                return None  # something accepts there
+            return f"connection to {address} refused" if refusals else None
+    except FileNotFoundError:
+        return f"no socket at {address}"
+    except ConnectionRefusedError:
+        return f"connection to {address} refused"
+    except (TimeoutError, OSError):
+        return None
+
+
+def postmaster_running(data_dir: Path) -> bool:
+    """A live (non-zombie) process is named by ``data_dir``'s postmaster.pid. No pid
+    file, or a dead pid: False. Anything unreadable: True (cannot tell: not down)."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, IndexError):
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+
+
+def persist_read_only(data_dir: Path) -> None:
+    """Write ``default_transaction_read_only = 'on'`` into ``postgresql.auto.conf`` of a
+    server that does not run (what ``ALTER SYSTEM`` writes), so it starts read-only: a
+    new file beside it with the old one's owner and mode, flushed, then renamed over it.
+    ``OSError`` when it cannot."""
+    auto = data_dir / "postgresql.auto.conf"
+    try:
+        lines = auto.read_text().splitlines()
+        st = auto.stat()
+    except FileNotFoundError:
+        lines, st = [], data_dir.stat()
+    kept = [ln for ln in lines if not ln.strip().startswith("default_transaction_read_only")]
+    fresh = data_dir / "postgresql.auto.conf.watchdogd-guard"
+    with fresh.open("w") as f:
+        f.writelines(f"{ln}\n" for ln in kept)
+        f.write(f"{_READ_ONLY_LINE}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fresh.chmod(0o600)
+    if os.geteuid() == 0:
+        os.chown(fresh, st.st_uid, st.st_gid)
+    fresh.rename(auto)
+    directory = os.open(data_dir, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 # --------------------------------------------------------------------------- the runner
 
 
@@ -261,6 +409,15 @@ class Guard:
         self._ignored: set[tuple[int, str]] = set()
         self._last_ack: Ack | None = None
         self._isolation_trouble: str | None = None
+        database = settings.database
+        self.address = address_of(database)
+        self.data_dir: Path | None = None
+        if database is not None and database.engine == "postgres":
+            data_dir = database.options.get("data_dir")
+            self.data_dir = Path(data_dir) if data_dir else None
+        self.db_answered = False  # it answered this guard once: its DSN is right
+        self.promise: Order | None = None  # answered "down": fence it when it answers
+        self._lock = asyncio.Lock()  # one fence and ack at a time (orders, promise)
 
     async def run(self) -> NoReturn:
         self.signs = SignsOfLife(self.clock())  # the start counts from now, not construction
@@ -275,6 +432,7 @@ class Guard:
             tasks.create_task(self._keep_alive())
             tasks.create_task(self._follow_orders())
             tasks.create_task(self._watch_isolation())
+            tasks.create_task(self._keep_promise())
         raise AssertionError("the guard's loops never end")  # pragma: no cover
 
     # ----------------------------------------------------------------- the lease
@@ -328,7 +486,11 @@ class Guard:
                     self._note_ignored(0, problem)
                 order, why = order_verdict(snapshot, self.settings.node)
                 if order is not None:
-                    await self.execute(order)
+                    ack = snapshot.ack
+                    promised = (
+                        ack is not None and ack.order_revision == order.revision and ack.promised
+                    )
+                    await self.execute(order, promised=promised)
                 elif snapshot.order is not None:
                     self._note_ignored(snapshot.order.revision, why)
             await asyncio.sleep(self.settings.poll)
@@ -340,13 +502,21 @@ class Guard:
         if "already acknowledged" not in why:
             self.log.warning("guard order ignored", node=self.settings.node, reason=why)
 
-    async def execute(self, order: Order) -> Ack:
+    async def execute(self, order: Order, *, promised: bool = False) -> Ack:
         """Fence on a valid order, verify, and acknowledge (the ack is retried by the
         next poll when the store does not take it: the order is still unacknowledged).
         A failed fence is tried again every poll; the same outcome is logged and
-        acknowledged once."""
+        acknowledged once. A database that is down is answered ``down`` (a promise,
+        kept by ``_keep_promise``); ``promised``: the store already holds that answer
+        for this order, so it stays ``down`` until the fence holds."""
+        async with self._lock:
+            return await self._execute(order, promised)
+
+    async def _execute(self, order: Order, promised: bool) -> Ack:
+        owed = self.promise is not None and self.promise.revision == order.revision
+        promised = promised or owed
         retry = self._last_ack is not None and self._last_ack.order_revision == order.revision
-        if not retry:
+        if not retry and not promised:
             self.log.warning(
                 "guard fencing on order",
                 node=self.settings.node,
@@ -356,8 +526,35 @@ class Guard:
                 failover_id=order.failover_id,
             )
         fenced, detail = await self._fence()
-        ack = Ack(order.revision, order.token, fenced, detail)
-        if ack == self._last_ack:
+        down = False
+        if fenced:
+            self.promise = None
+        else:
+            why = await self._down()
+            if why is not None or promised:
+                down = True
+                if self.promise is None or self.promise.revision != order.revision:
+                    if why is not None:  # it does not run: safe to edit its config
+                        detail = f"database down: {why}; {await self._persist()}"
+                    else:  # answered down before this guard (re)started
+                        detail = f"database still not answering ({detail})"
+                    detail += "; fenced the moment it answers"
+                    self.promise = order
+                    self.log.warning(
+                        "guard: the database is down; it is fenced the moment it answers",
+                        node=self.settings.node,
+                        order=order.revision,
+                        detail=detail,
+                    )
+                elif self._last_ack is not None and self._last_ack.down:
+                    detail = self._last_ack.detail
+        ack = Ack(order.revision, order.token, fenced, detail, down)
+        return await self._acknowledge(ack)
+
+    async def _acknowledge(self, ack: Ack) -> Ack:
+        last = self._last_ack
+        same = (ack.order_revision, ack.token, ack.fenced, ack.down)
+        if last is not None and same == (last.order_revision, last.token, last.fenced, last.down):
             return ack
         try:
             await self.client.put(self.keys.ack, ack.encode())
@@ -367,9 +564,71 @@ class Guard:
         self.acks.append(ack)
         self._last_ack = ack
         self.log.info(
-            "guard acknowledged the order", node=self.settings.node, fenced=fenced, detail=detail
+            "guard acknowledged the order",
+            node=self.settings.node,
+            fenced=ack.fenced,
+            down=ack.down,
+            detail=ack.detail,
         )
         return ack
+
+    async def _down(self) -> str | None:
+        """Why the database is down (not running), or None (it runs, hangs, or the guard
+        cannot tell). Needs: it answered this guard before (the DSN is right), every
+        address refuses, and with ``data_dir`` no live postmaster holds it."""
+        if not self.db_answered or self.address is None:
+            return None
+        why = await refused(self.address, DB_TIMEOUT)
+        if why is None:
+            return None
+        if self.data_dir is not None:
+            if await asyncio.to_thread(postmaster_running, self.data_dir):
+                return None
+            why += f"; no server runs in {self.data_dir}"
+        return why
+
+    async def _persist(self) -> str:
+        """PostgreSQL with ``data_dir``: make the fence survive the restart (see
+        ``persist_read_only``); what was done, for the ack."""
+        if self.data_dir is None:
+            return "no data_dir: it may accept writes until the guard fences it"
+        try:
+            await asyncio.to_thread(persist_read_only, self.data_dir)
+        except OSError as exc:
+            self.log.error(
+                "guard could not make the fence survive the restart",
+                node=self.settings.node,
+                error=str(exc),
+            )
+            return f"could not write postgresql.auto.conf ({exc.strerror or exc})"
+        return "postgresql.auto.conf set read-only: it starts read-only"
+
+    async def _keep_promise(self) -> NoReturn:
+        """While a "down" answer is outstanding, try the fence every ``DOWN_POLL``: the
+        database is fenced as soon as it answers, then the order re-acknowledged."""
+        while True:
+            await asyncio.sleep(DOWN_POLL)
+            if self.promise is None:
+                continue
+            async with self._lock:
+                order = self.promise
+                if order is None:
+                    continue
+                fenced, detail = await self._fence()
+                if not fenced:
+                    continue
+                self.promise = None
+                self.log.warning(
+                    "guard fenced its database as it came back",
+                    node=self.settings.node,
+                    order=order.revision,
+                    detail=detail,
+                )
+                # Not taken by the store: the order follower sees the "down" ack still
+                # there and carries the order out again (already fenced: acks it).
+                await self._acknowledge(
+                    Ack(order.revision, order.token, True, f"back and fenced: {detail}")
+                )
 
     async def _fence(self) -> tuple[bool, str]:
         """The engine's fence, then a probe: fenced only when it no longer accepts writes."""
@@ -378,6 +637,7 @@ class Guard:
             status = await self.engine.status(DB_TIMEOUT)
         except EngineError as exc:
             return False, f"fence failed: {exc}"
+        self.db_answered = True
         if status.writable:
             return False, f"{done}; yet it still accepts writes ({status.detail})"
         return True, f"{done}; verified: {status.detail}"
@@ -387,6 +647,10 @@ class Guard:
     async def _watch_isolation(self) -> NoReturn:
         timeout = self.settings.isolation_timeout
         while True:
+            if not self.db_answered:
+                with contextlib.suppress(EngineError):
+                    await self.engine.status(DB_TIMEOUT)
+                    self.db_answered = True
             polled_at = self.clock()
             try:
                 mark = await engines.standby_reply_mark(self.engine, DB_TIMEOUT)
@@ -411,6 +675,7 @@ class Guard:
         silent = self.signs.silent_for(now)
         try:
             status = await self.engine.status(DB_TIMEOUT)
+            self.db_answered = True
         except EngineError as exc:
             self._trouble_once("guard isolated but cannot reach its database; retrying", str(exc))
             return

@@ -28,12 +28,13 @@ from tests.support.etcd import EtcdCluster
 from tests.support.pg import eventually
 from tests.support.proxy import BLACKHOLE, PASS, FaultProxy
 from tests.support.redis import _die_with_parent
+from watchdogd.core.model import DatabaseConfig
 from watchdogd.demo.lab import PgPair
 from watchdogd.engines.postgres import PostgresEngine
 from watchdogd.guard import Guard, GuardSettings
 from watchdogd.state.etcd import EtcdClient
 from watchdogd.state.etcd_store import EtcdStore
-from watchdogd.state.guard_keys import GuardKeys, Order, guard_clearance, order_fence
+from watchdogd.state.guard_keys import Ack, GuardKeys, Order, guard_clearance, order_fence
 from watchdogd.state.store import Token, TokenLost
 
 pytestmark = pytest.mark.integration
@@ -97,10 +98,16 @@ class Lab:
 
 @contextlib.asynccontextmanager
 async def lab(
-    etcd: EtcdCluster, pair: PgPair, *, proxied: bool = False, in_process: bool = True
+    etcd: EtcdCluster,
+    pair: PgPair,
+    *,
+    proxied: bool = False,
+    in_process: bool = True,
+    data_dir: bool = False,
 ) -> AsyncIterator[Lab]:
     """The guard for the primary, running in this event loop (``in_process``) or not
-    at all (the test starts a ``guard_process``)."""
+    at all (the test starts a ``guard_process``); ``data_dir``: its database config
+    names the primary's data directory."""
     pair.primary.execute("CREATE TABLE app (x int)")
     proxies: list[FaultProxy] = []
     endpoints = etcd.endpoints
@@ -118,6 +125,11 @@ async def lab(
         isolation_timeout=ISO,
         poll=POLL,
         request_timeout=0.5,
+        database=DatabaseConfig(
+            "postgres",
+            pair.primary.dsn,
+            {"data_dir": str(pair.primary.data_dir)} if data_dir else {},
+        ),
     )
     log = RecordingLog()
     engine = PostgresEngine(pair.primary.dsn)
@@ -342,23 +354,65 @@ async def test_a_dead_guard_clears_the_leader_only_after_its_key_was_gone_the_ti
         assert await writable(pg_pair)  # a dead guard fenced nothing
 
 
-async def test_an_order_the_guard_cannot_carry_out_never_clears_and_is_retried(
+async def test_a_hung_primary_is_not_down_never_clears_and_is_fenced_when_it_wakes(
     etcd: EtcdCluster, pg_pair: PgPair
 ) -> None:
     async with lab(etcd, pg_pair) as it:
         _, token = await it.lead("dc1")
-        await asyncio.to_thread(pg_pair.primary.stop)
-        await order_fence(it.client, PREFIX, token, "f1", node="primary")
-        await eventually(lambda: it.guard.acks, within=10)
-        assert not it.guard.acks[0].fenced and "fence failed" in it.guard.acks[0].detail
-        verdict = await guard_clearance(it.client, PREFIX, token, "f1", ISO, time.monotonic, 2.0)
-        assert not verdict.cleared and "could not fence" in verdict.reason
-        assert len(it.guard.acks) == 1  # the same failure is acknowledged once
+        await asyncio.to_thread(pg_pair.primary.sigstop)  # TCP connects still complete
+        try:
+            await order_fence(it.client, PREFIX, token, "f1", node="primary")
+            await eventually(lambda: it.guard.acks, within=10)
+            ack = it.guard.acks[0]
+            assert not ack.fenced and not ack.down and "fence failed" in ack.detail
+            # Longer than the isolation rule would take if the guard were gone: a live
+            # guard with a hung database never clears (it may wake up writable).
+            verdict = await guard_clearance(
+                it.client, PREFIX, token, "f1", ISO, time.monotonic, ISO + 1
+            )
+            assert not verdict.cleared and "could not fence" in verdict.reason
+            assert len(it.guard.acks) == 1  # the same failure is acknowledged once
+        finally:
+            await asyncio.to_thread(pg_pair.primary.sigcont)
 
-        # The database comes back: the pending order is carried out at once.
-        await asyncio.to_thread(pg_pair.primary.start)
+        # It wakes up: the pending order is carried out at once.
         verdict = await guard_clearance(
             it.client, PREFIX, token, "f1", ISO, time.monotonic, timing.within(10)
         )
         assert verdict.cleared and verdict.via == "ack", verdict.reason
         assert not await writable(pg_pair)
+
+
+@pytest.mark.parametrize("data_dir", [True, False], ids=["data_dir", "dsn_only"])
+async def test_a_crashed_primary_is_answered_down_clears_and_comes_back_fenced(
+    etcd: EtcdCluster, pg_pair: PgPair, data_dir: bool
+) -> None:
+    async with lab(etcd, pg_pair, data_dir=data_dir) as it:
+        _, token = await it.lead("dc1")
+        await asyncio.to_thread(pg_pair.primary.kill)  # SIGKILL: a crash, host and guard fine
+        await order_fence(it.client, PREFIX, token, "f1", node="primary")
+        verdict = await guard_clearance(
+            it.client, PREFIX, token, "f1", ISO, time.monotonic, timing.within(5)
+        )
+        assert verdict.cleared and verdict.via == "down", verdict.reason
+        ack = Ack.decode((await it.client.get(KEYS.ack)).value)  # type: ignore[union-attr]
+        assert ack.down and not ack.fenced and "refused" in ack.detail
+        auto = (pg_pair.primary.data_dir / "postgresql.auto.conf").read_text()
+        assert ("default_transaction_read_only = 'on'" in auto) is data_dir
+
+        await asyncio.sleep(1.0)  # the promise holds while it stays down
+        await asyncio.to_thread(pg_pair.primary.start)
+        back = time.monotonic()
+        if data_dir:
+            assert not await writable(pg_pair)  # read-only from its very first session
+        else:  # the short window: refused within one DOWN_POLL and a fence
+            refused_at = await first_refusal(pg_pair, back + timing.within(3))
+            assert refused_at is not None and refused_at - back <= timing.within(2)
+
+        async def acked_fenced() -> bool:
+            kv = await it.client.get(KEYS.ack)
+            return kv is not None and Ack.decode(kv.value).fenced
+
+        await eventually(acked_fenced, within=3)
+        assert not await writable(pg_pair)
+        assert it.guard.promise is None

@@ -3,7 +3,9 @@ carries out, when the leader may promote; and its settings and command line."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +14,18 @@ import yaml
 
 from watchdogd import cli
 from watchdogd.config import parse
-from watchdogd.guard import GuardConfigError, GuardSettings, SignsOfLife, settings_from_config
+from watchdogd.core.model import DatabaseConfig
+from watchdogd.guard import (
+    DbAddress,
+    GuardConfigError,
+    GuardSettings,
+    SignsOfLife,
+    address_of,
+    persist_read_only,
+    postmaster_running,
+    refused,
+    settings_from_config,
+)
 from watchdogd.state.etcd import EtcdClient, KeyValue
 from watchdogd.state.guard_keys import (
     Ack,
@@ -140,7 +153,39 @@ def test_keys_that_do_not_decode_count_as_absent_with_one_line_each() -> None:
     assert Ack.decode(ack.encode()).detail == "x" * 300
 
 
+def test_an_order_answered_down_is_carried_out_even_once_its_token_is_stale() -> None:
+    down = Ack(order_revision=77, token=42, fenced=False, detail="refused", down=True)
+    assert Ack.decode(down.encode()) == down and down.promised
+    # The leader may have failed over on "down": the fence is owed whoever leads now.
+    order, why = order_verdict(snap(leader=50, order=ORDER, ack=down))
+    assert order == ORDER and "answered down" in why
+    assert order_verdict(snap(leader=None, order=ORDER, ack=down))[0] == ORDER
+    # Another order's "down", or a fenced one: the usual rules.
+    other = dataclasses.replace(down, order_revision=70)
+    assert order_verdict(snap(leader=50, order=ORDER, ack=other))[0] is None
+    done = dataclasses.replace(down, fenced=True)
+    assert order_verdict(snap(leader=50, order=ORDER, ack=done))[0] is None
+    with pytest.raises(ValueError, match="'down' is not a bool"):
+        Ack.decode(b'{"order_revision": 1, "token": 1, "fenced": false, "down": "yes"}')
+    assert not Ack.decode(b'{"order_revision": 1, "token": 1, "fenced": false}').down
+
+
 # --------------------------------------------------------------------------- clearance
+
+
+def test_cleared_by_a_down_ack_of_our_own_order_only() -> None:
+    rule = ClearanceRule(TOKEN, "f1", ISO)
+    down = Ack(order_revision=77, token=42, fenced=False, detail="refused", down=True)
+    verdict = rule.observe(snap(order=ORDER, ack=down), now=0.0)
+    assert verdict.cleared and verdict.via == "down" and "refused" in verdict.reason
+    hung = dataclasses.replace(down, down=False, detail="fence timed out")
+    verdict = rule.observe(snap(order=ORDER, ack=hung), now=0.0)
+    assert not verdict.cleared and "could not fence" in verdict.reason
+    other = dataclasses.replace(ORDER, failover_id="f0")
+    assert not rule.observe(snap(order=other, ack=down), now=0.0).cleared
+    assert not rule.observe(snap(order=ORDER, ack=dataclasses.replace(down, token=41)),
+                            now=0.0).cleared  # fmt: skip
+    assert not rule.observe(snap(leader=50, order=ORDER, ack=down), now=0.0).cleared
 
 
 def test_cleared_by_an_ack_of_our_own_order_only() -> None:
@@ -288,3 +333,63 @@ def test_the_guard_command_exits_2_with_one_line_without_a_store(
     bad = tmp_path / "bad.yml"
     bad.write_text("cluster: c\n")
     assert cli.main(["guard", "--config", str(bad), "--node", "a"]) == 2
+
+
+# --------------------------------------------------------------------------- "down"
+
+
+def test_the_database_address_comes_from_its_dsn() -> None:
+    def of(engine: str, dsn: str) -> DbAddress | None:
+        return address_of(DatabaseConfig(engine, dsn))
+
+    assert of("postgres", "postgresql://u@db1:6000/x") == DbAddress("db1", 6000)
+    assert of("postgres", "postgresql://u@127.0.0.1/x") == DbAddress("127.0.0.1", 5432)
+    assert of("postgres", "postgresql://u@/x?host=/run/pg") == DbAddress(
+        socket_path="/run/pg/.s.PGSQL.5432"
+    )
+    assert of("redis", "redis://h/0") == DbAddress("h", 6379)
+    assert of("mysql", "mysql://u@h/x?unix_socket=/s") == DbAddress(socket_path="/s")
+    assert of("postgres", "postgresql://u@/x") is None  # cannot tell: never "down"
+    assert address_of(None) is None
+
+
+async def test_only_a_refused_connection_or_a_missing_socket_is_down(
+    closed_port: int, tmp_path: Path
+) -> None:
+    why = await refused(DbAddress("127.0.0.1", closed_port), 1.0)
+    assert why is not None and "refused" in why
+    assert await refused(DbAddress(socket_path=str(tmp_path / "none")), 1.0) is not None
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert await refused(DbAddress("127.0.0.1", port), 1.0) is None
+    finally:
+        server.close()
+    # No answer in time is a hang, never "down" (even where the port would refuse).
+    assert await refused(DbAddress("127.0.0.1", closed_port), 0.0) is None
+
+
+def test_a_live_postmaster_is_running_a_stale_pid_file_is_not(tmp_path: Path) -> None:
+    assert not postmaster_running(tmp_path)
+    (tmp_path / "postmaster.pid").write_text(f"{os.getpid()}\n/data\n")
+    assert postmaster_running(tmp_path)
+    (tmp_path / "postmaster.pid").write_text("999999999\n")
+    assert not postmaster_running(tmp_path)
+    (tmp_path / "postmaster.pid").write_text("garbage\n")
+    assert postmaster_running(tmp_path)  # cannot tell: not down
+
+
+def test_the_fence_is_written_into_postgresql_auto_conf(tmp_path: Path) -> None:
+    auto = tmp_path / "postgresql.auto.conf"
+    auto.write_text(
+        "# Do not edit\nprimary_conninfo = 'x'\ndefault_transaction_read_only = 'off'\n"
+    )
+    persist_read_only(tmp_path)
+    lines = auto.read_text().splitlines()
+    assert lines == [
+        "# Do not edit",
+        "primary_conninfo = 'x'",
+        "default_transaction_read_only = 'on'",
+    ]
+    assert auto.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["postgresql.auto.conf"]

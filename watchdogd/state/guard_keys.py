@@ -139,10 +139,16 @@ class Order:
 
 @dataclass(frozen=True)
 class Ack:
+    """The guard's answer to one order. ``fenced``: the database now refuses writes.
+    ``down`` (with ``fenced`` false): the database does not run (its address refuses
+    connections, no live server holds its data directory); the guard fences it the
+    moment it answers again, before anything else, and re-acknowledges ``fenced``."""
+
     order_revision: int
     token: int
     fenced: bool
     detail: str
+    down: bool = False
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -150,6 +156,7 @@ class Ack:
                 "order_revision": self.order_revision,
                 "token": self.token,
                 "fenced": self.fenced,
+                "down": self.down,
                 "detail": self.detail[:_DETAIL_CHARS],
             },
             sort_keys=True,
@@ -158,12 +165,21 @@ class Ack:
     @classmethod
     def decode(cls, raw: bytes) -> Ack:
         data = _object(raw, "guard ack")
+        down = data.get("down", False)
+        if not isinstance(down, bool):
+            raise ValueError("guard ack: 'down' is not a bool")
         return cls(
             order_revision=_get(data, "guard ack", "order_revision", int),
             token=_get(data, "guard ack", "token", int),
             fenced=_get(data, "guard ack", "fenced", bool),
             detail=str(data.get("detail", ""))[:_DETAIL_CHARS],
+            down=down,
         )
+
+    @property
+    def promised(self) -> bool:
+        """The guard answered "down": it owes a fence the moment the database answers."""
+        return self.down and not self.fenced
 
 
 @dataclass(frozen=True)
@@ -251,6 +267,12 @@ def order_verdict(snapshot: GuardSnapshot, node: str | None = None) -> tuple[Ord
         return None, f"order {order.revision}: unknown action {order.action!r}"
     if order.node is not None and node is not None and order.node != node:
         return None, f"order {order.revision} is for node {order.node!r}, this guard's is {node!r}"
+    ack = snapshot.ack
+    if ack is not None and ack.order_revision == order.revision and ack.token == order.token:
+        if ack.promised:
+            # The leader may have failed over on this "down" answer: the promise to
+            # fence the database when it answers holds whoever leads now.
+            return order, f"order {order.revision}: answered down, fence when it answers"
     if snapshot.leader_token is None:
         return None, f"order {order.revision} (token {order.token}) is stale: no leader key"
     if snapshot.leader_token != order.token:
@@ -258,7 +280,6 @@ def order_verdict(snapshot: GuardSnapshot, node: str | None = None) -> tuple[Ord
             f"order {order.revision} (token {order.token}) is stale: the leader key has "
             f"token {snapshot.leader_token}"
         )
-    ack = snapshot.ack
     if ack is not None and ack.order_revision == order.revision and ack.fenced:
         return None, f"order {order.revision} already acknowledged as fenced"
     return order, f"order {order.revision} from {order.holder} (token {order.token}) is valid"
@@ -269,12 +290,13 @@ def order_verdict(snapshot: GuardSnapshot, node: str | None = None) -> tuple[Ord
 
 @dataclass(frozen=True)
 class Clearance:
-    """May the leader promote? ``via``: "ack" (the guard fenced on our order) or
+    """May the leader promote? ``via``: "ack" (the guard fenced on our order), "down"
+    (the guard found the database not running and fences it when it answers) or
     "expired" (its key absent long enough); None when not cleared."""
 
     cleared: bool
     reason: str
-    via: Literal["ack", "expired"] | None = None
+    via: Literal["ack", "down", "expired"] | None = None
 
 
 class ClearanceRule:
@@ -282,7 +304,10 @@ class ClearanceRule:
     clock (``now``, taken after each read returned).
 
     Cleared when the guard acknowledged OUR order (the order key holds our token and
-    failover id, the ack names that order's revision) with ``fenced`` true; or when the
+    failover id, the ack names that order's revision) with ``fenced`` true, or with
+    ``down`` true (the database does not run: a refused connection, no live server; the
+    guard fences it before anything else when it answers; a HUNG database is never
+    "down": it may wake up writable, so it waits for the fence or the rule below); or when the
     ``guard/alive`` key was absent in consecutive reads for at least
     ``isolation_timeout``, counted from the first read that saw it absent. Any read that
     failed or saw the key resets that count. Never otherwise.
@@ -328,6 +353,13 @@ class ClearanceRule:
         if ours and ack is not None and order is not None and ack.order_revision == order.revision:
             if ack.fenced and ack.token == self.token.revision:
                 return Clearance(True, f"the guard fenced the primary: {ack.detail}", "ack")
+            if ack.down and ack.token == self.token.revision:
+                return Clearance(
+                    True,
+                    f"the guard found the primary's database down and fences it the moment "
+                    f"it answers: {ack.detail}",
+                    "down",
+                )
             refused = f"; the guard could not fence: {ack.detail}"
         if snapshot.alive:
             self.absent_since = None
