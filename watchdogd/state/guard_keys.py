@@ -11,7 +11,8 @@ takes is that, as for ``EtcdStore``):
   guarded by the leader key's ``create_revision`` (the token), JSON ``{token, holder,
   failover_id, action: "fence"}``. Its ``mod_revision`` names the order.
 - ``guard/ack``: written by the guard after fencing, JSON ``{order_revision, token,
-  fenced, detail}``. Not on a lease: it outlives a guard that dies right after.
+  fenced, down, detail}`` (``down``: the database does not run; the guard fences it the
+  moment it answers). Not on a lease: it outlives a guard that dies right after.
 
 The rules are pure (no I/O, no clock reads) so they are tested with injected clocks:
 ``order_verdict`` (is an order valid for the guard to execute) and ``ClearanceRule`` (may
