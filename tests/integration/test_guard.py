@@ -2,7 +2,10 @@
 and a real PostgreSQL pair: it fences on a valid order and acknowledges, ignores a
 stale one, fences itself when cut from the store with no standby streaming (and not
 before its isolation timeout, nor while a standby streams), and the leader's clearance
-waits for its ack or for its key to have been gone for the isolation timeout.
+waits for its ack or for its key to have been gone for the isolation timeout. A crashed
+(SIGKILLed) primary is answered "down" and clears the leader, and comes back fenced
+(with data_dir: read-only from its first session), also under a restarted guard and a
+stale token; a hung (SIGSTOPped) one never clears while the guard lives.
 
 The guard runs in the test's event loop with its own etcd client (its links to the
 members go through fault proxies where a test cuts them), or as its own process where a
@@ -192,6 +195,12 @@ async def writable(pair: PgPair) -> bool:
         return False
     finally:
         await conn.close(timeout=5)
+
+
+async def acked_fenced(client: EtcdClient) -> bool:
+    """The ack in the store says fenced."""
+    kv = await client.get(KEYS.ack)
+    return kv is not None and Ack.decode(kv.value).fenced
 
 
 async def first_refusal(pair: PgPair, until: float) -> float | None:
@@ -408,11 +417,36 @@ async def test_a_crashed_primary_is_answered_down_clears_and_comes_back_fenced(
         else:  # the short window: refused within one DOWN_POLL and a fence
             refused_at = await first_refusal(pg_pair, back + timing.within(3))
             assert refused_at is not None and refused_at - back <= timing.within(2)
-
-        async def acked_fenced() -> bool:
-            kv = await it.client.get(KEYS.ack)
-            return kv is not None and Ack.decode(kv.value).fenced
-
-        await eventually(acked_fenced, within=3)
+        await eventually(lambda: acked_fenced(it.client), within=3)
         assert not await writable(pg_pair)
         assert it.guard.promise is None
+
+
+async def test_a_restarted_guard_keeps_the_down_promise_of_a_stale_order(
+    etcd: EtcdCluster, pg_pair: PgPair
+) -> None:
+    async with lab(etcd, pg_pair) as it:
+        store, token = await it.lead("dc1")
+        await asyncio.to_thread(pg_pair.primary.kill)
+        await order_fence(it.client, PREFIX, token, "f1", node="primary")
+        verdict = await guard_clearance(
+            it.client, PREFIX, token, "f1", ISO, time.monotonic, timing.within(5)
+        )
+        assert verdict.via == "down", verdict.reason
+        # The leader that failed over on "down" is gone (its token stale), and the
+        # guard restarts while the database is still down.
+        for keeper in it.keepers:
+            keeper.cancel()
+        await store.resign(token)
+        assert it.task is not None
+        it.task.cancel()
+        await asyncio.gather(it.task, return_exceptions=True)
+        it.guard = Guard(it.guard.settings, it.guard.client, it.guard.engine, log=it.log)
+        it.task = asyncio.create_task(it.guard.run())
+        await eventually(lambda: it.guard.promise is not None, within=5)
+
+        await asyncio.to_thread(pg_pair.primary.start)
+        back = time.monotonic()
+        refused_at = await first_refusal(pg_pair, back + timing.within(3))
+        assert refused_at is not None and refused_at - back <= timing.within(2)
+        await eventually(lambda: acked_fenced(it.client), within=3)
