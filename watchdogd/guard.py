@@ -284,10 +284,23 @@ def address_of(database: DatabaseConfig | None) -> DbAddress | None:
     return DbAddress(host=parts.hostname, port=port)
 
 
+def _local(family: int, where: Any) -> bool:
+    """``where`` is an address of this host (binding a socket to it works): a refusal
+    from it means nothing listens here. A remote refusal may be a firewall's."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((where[0], 0, *where[2:]))
+    except OSError:
+        return False
+    return True
+
+
 async def refused(address: DbAddress, timeout: float) -> str | None:
     """Why nothing listens at ``address`` (every resolved address refused the
     connection, or the unix socket is missing or refuses), else None: it accepted, it
-    did not answer within ``timeout`` (a hang is never "down"), or another error."""
+    did not answer within ``timeout`` (a hang is never "down"), an address is not this
+    host's (the guard runs beside its database; a remote refusal proves nothing), or
+    another error."""
     try:
         async with asyncio.timeout(timeout):
             if address.socket_path is not None:
@@ -298,6 +311,8 @@ async def refused(address: DbAddress, timeout: float) -> str | None:
             infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
             refusals = 0
             for family, kind, proto, _, where in infos:
+                if not _local(family, where):
+                    return None
                 try:
                     sock = socket.socket(family, kind, proto)
                 except OSError as exc:

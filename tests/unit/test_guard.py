@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from watchdogd.guard import (
     GuardConfigError,
     GuardSettings,
     SignsOfLife,
+    _local,
     address_of,
     persist_read_only,
     postmaster_running,
@@ -365,6 +367,10 @@ async def test_only_a_refused_connection_or_a_missing_socket_is_down(
         assert await refused(DbAddress("127.0.0.1", port), 1.0) is None
     finally:
         server.close()
+    # Only this host's addresses count: a remote refusal may be a firewall's. (Checked
+    # by binding, so nothing is sent to the remote address.)
+    assert _local(socket.AF_INET, ("127.0.0.1", closed_port))
+    assert not _local(socket.AF_INET, ("192.0.2.1", closed_port))
     # No answer in time is a hang, never "down" (even where the port would refuse).
     assert await refused(DbAddress("127.0.0.1", closed_port), 0.0) is None
 
