@@ -16,9 +16,10 @@ It runs on the primary's host with the fleet's config file and fences its local 
   start as a sign of life.
 
 On a valid order it cannot carry out because its database is DOWN (not running: every
-address of the node's DSN refuses the connection, or its unix socket is missing, and
-with ``data_dir`` configured no live postmaster holds the data directory; and the
-database did answer this guard before, so a wrong DSN is never "down") it acks
+address of the node's DSN is this host's and refuses the connection, or its unix
+socket is missing, and with ``data_dir`` configured no live postmaster holds the data
+directory; and the database did answer this guard before, so a wrong DSN is never
+"down") it acks
 ``{fenced: false, down: true}``: a promise to fence the database the moment it answers
 again. It then tries the fence every ``DOWN_POLL`` and re-acks ``fenced: true`` once it
 holds. For PostgreSQL with ``data_dir`` it first writes
