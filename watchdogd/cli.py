@@ -1,5 +1,5 @@
 """The ``watchdogd`` command: run the daemon, check a config, check or repair the
-journal, run the demo lab."""
+journal, run the demo lab, run the guard beside the primary."""
 
 from __future__ import annotations
 
@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
         help="when a dropped line may have ended a failover, close that failover as "
         "failed (for a human to check and ack) instead of refusing",
     )
+    guard = sub.add_parser(
+        "guard",
+        help="run the guard beside the primary: fence it on a valid order or when isolated",
+    )
+    guard.add_argument("--config", "-c", required=True, help="path to the YAML config")
+    guard.add_argument(
+        "--node", required=True, help="the node whose host this runs on (its database is fenced)"
+    )
     demo = sub.add_parser("demo", help="a complete local lab with a real failover")
     demo.add_argument(
         "--scenario", choices=("interactive", "kill-primary", "hang-primary"), default="interactive"
@@ -71,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.journal_command == "check":
                 return journal_check(args.config)
             return journal_repair(args.config, close_unfinished=args.close_unfinished)
+        if args.command == "guard":
+            return guard(args.config, args.node)
         if args.command == "demo":
             from watchdogd.demo import run as demo
 
@@ -132,6 +142,29 @@ def run(path: str) -> int:
         print(f"watchdogd: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def guard(path: str, node: str) -> int:
+    """Run the guard for ``node``: exit 2 with one line when the config cannot run it."""
+    try:
+        cfg = configmod.load(path)
+    except configmod.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    from watchdogd import guard as guardmod
+    from watchdogd.logging import setup_logging
+
+    try:
+        settings = guardmod.settings_from_config(cfg, node)
+        client = settings.client()  # the TLS files are read here: a bad one is a config error
+    except guardmod.GuardConfigError as exc:
+        print(f"watchdogd guard: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    asyncio.run(client.close())
+    log = setup_logging(cfg.log.format, cfg.log.level, cluster=cfg.cluster, secrets=cfg.secrets)
+    asyncio.run(guardmod.run_guard(settings, log))
+    return EXIT_OK  # pragma: no cover - the guard runs until interrupted
 
 
 def _journal_for(path: str) -> Journal | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -185,6 +185,19 @@ class Engine(Protocol):
         """Call ``callback()`` as soon as the server or the network closes the probing
         connection (a crash does at once); never when the engine closes it itself."""
         ...
+
+
+async def standby_reply_mark(engine: Engine, timeout: float) -> float | None:
+    """A value that grows with every reply a standby streaming from ``engine`` sends
+    (PostgreSQL: the newest ``pg_stat_replication.reply_time``); None when no standby
+    streams from it or the engine cannot tell (only PostgreSQL can today). The guard
+    beside a primary reads it as a sign of life. Raises EngineError when unreachable."""
+    probe: Callable[[float], Awaitable[float | None]] | None = getattr(
+        engine, "standby_reply_mark", None
+    )
+    if probe is None:
+        return None
+    return await probe(timeout)
 
 
 def available() -> list[str]:

@@ -660,6 +660,23 @@ class PostgresEngine(ConnectionTemplate[Any]):
             detail=", ".join(parts),
         )
 
+    async def standby_reply_mark(self, timeout: float) -> float | None:
+        """The guard's sign of life from a standby: the newest ``reply_time`` (epoch
+        seconds, the standby's own clock) among the standbys streaming from this server,
+        None when none streams (or the role cannot see pg_stat_replication's columns).
+        Only compared with itself: a value that grew between two reads proves a reply
+        arrived between them, whatever the clocks of the two hosts say."""
+
+        async def query(conn: Any, deadline: float) -> float | None:
+            value = await conn.fetchval(
+                "SELECT extract(epoch FROM max(reply_time))::float8 FROM pg_stat_replication"
+                " WHERE state = 'streaming'",
+                timeout=self._remaining(deadline),
+            )
+            return None if value is None else float(value)
+
+        return await self._probe("reading pg_stat_replication", timeout, query)
+
     async def setting(self, name: str, timeout: float) -> str:
         """``current_setting(name)`` as the server reports it, e.g. ``'2s'``."""
 
