@@ -280,6 +280,12 @@ class FleetTiming:
         return fleet.timing_problem(self.renew, self.budget, self.margin, self.ttl)
 
 
+def step_room(etcd: EtcdConfig) -> float:
+    """The longest step a fleet leader may start right after a renewal."""
+    timing = fleet_timing(etcd)
+    return timing.ttl - timing.margin - timing.budget - 1.0
+
+
 def fleet_timing(etcd: EtcdConfig) -> FleetTiming:
     return FleetTiming(
         ttl=etcd.ttl,
@@ -372,10 +378,11 @@ def _store(root: Section, instance: str) -> StoreConfig | None:
 def _steps_fit(root: Section, store: StoreConfig, failover: FailoverConfig) -> None:
     """In a fleet every failover, fence and rejoin step (and the rejoin's verification,
     ``rejoin_timeout``) must fit in the leader's authority right after a renewal:
-    ``timeout + 1s + retry budget <= ttl - margin``. A longer step would never start (it
+    ``timeout + 1s + retry budget <= ttl - margin``. (A switchover's own fence and
+    catch-up steps are cut to it by ``policy.build_plan``.) A longer step would never start (it
     stays unfinished for a leader that cannot run it either)."""
     timing = fleet_timing(store.etcd)
-    room = timing.ttl - timing.margin - timing.budget - 1.0
+    room = step_room(store.etcd)
     sequences = (
         ("steps", failover.steps),
         ("fence_steps", failover.fence_steps),

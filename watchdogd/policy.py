@@ -20,7 +20,7 @@ the lag guard.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -276,19 +276,30 @@ def build_plan(
     from_node: str,
     to_node: str,
     forced: bool = False,
+    guard: StepConfig | None = None,
+    step_limit: float | None = None,
 ) -> Plan:
     """The steps to run. A switchover (the old primary still answers) fences it and
     waits until the standby has replayed everything before touching the standby's
-    database: zero data loss."""
+    database: zero data loss. ``guard`` (a fleet with a guard beside the primary): the
+    step that has the guard fence the old primary, before the promotion. ``step_limit``
+    (a fleet): the longest step its leader may start; the switchover's own fence and
+    catch-up steps are cut to it (a longer one would never start)."""
     steps = list(cfg.steps)
+    if guard is not None:
+        steps.insert(guard_position(steps), guard)
     if kind == "switchover":
         cut = next((i for i, s in enumerate(steps) if s.action in _DB_ACTIONS), len(steps))
         extra: list[StepConfig] = []
         if not any(s.action == "fence" for s in steps):
-            extra.append(StepConfig(name="fence_old_primary", action="fence", timeout=30.0))
-        extra.append(
-            StepConfig(name="wait_for_catch_up", action="catch_up", timeout=cfg.catchup_timeout)
+            fence_timeout = 30.0 if step_limit is None else min(30.0, step_limit)
+            extra.append(
+                StepConfig(name="fence_old_primary", action="fence", timeout=fence_timeout)
+            )
+        catchup = (
+            cfg.catchup_timeout if step_limit is None else min(cfg.catchup_timeout, step_limit)
         )
+        extra.append(StepConfig(name="wait_for_catch_up", action="catch_up", timeout=catchup))
         steps[cut:cut] = extra
     return Plan(
         id=id,
@@ -300,6 +311,18 @@ def build_plan(
         steps=tuple(steps),
         forced=forced,
     )
+
+
+def guard_position(steps: Sequence[StepConfig]) -> int:
+    """Where the guard's fence goes: just before the first ``promote``, after replication
+    was stopped (a standby streaming from the old primary is a sign of life that keeps an
+    isolated guard from fencing, so the guard's silence counts only once it stopped);
+    without a promote step, after the last ``stop_replication``, else first."""
+    for i, step in enumerate(steps):
+        if step.action == "promote":
+            return i
+    stops = [i for i, step in enumerate(steps) if step.action == "stop_replication"]
+    return stops[-1] + 1 if stops else 0
 
 
 def build_rejoin_plan(

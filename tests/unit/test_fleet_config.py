@@ -183,3 +183,53 @@ def test_a_reload_cannot_change_the_fleet() -> None:
     old = config.parse(fleet())
     new = config.parse(fleet(ttl="20s") | {"instance": "dc2"})
     assert policy.restart_needed_for(old, new) == ["store"]
+
+
+# --------------------------------------------------------------------------- guard step
+
+
+def test_with_a_guard_every_failover_plan_waits_for_it_before_the_promotion() -> None:
+    from watchdogd.config import step_room
+    from watchdogd.daemon.fleet import GUARD_STEP, guard_step
+    from watchdogd.policy import build_plan
+
+    cfg = config.parse({**fleet(), "guard": {"isolation_timeout": "20s"}})
+    assert cfg.store is not None
+    step = guard_step(cfg)
+    assert step is not None and step.action == GUARD_STEP and step.idempotent
+    # Each attempt fits the leader's authority; all of them outlast the guard's silence
+    # (isolation_timeout after its key expired, plus a ttl to notice and fence).
+    assert step.timeout <= step_room(cfg.store.etcd)
+    timing = fleet_timing(cfg.store.etcd)
+    assert step.retries * (step.timeout + step.retry_delay) >= 20.0 + 2 * timing.ttl
+    for kind in ("failover", "switchover"):
+        plan = build_plan(
+            cfg.failover,
+            id="x",
+            kind=kind,
+            trigger="automatic",
+            reason="r",
+            from_node="main",
+            to_node="failover",
+            guard=step,
+            step_limit=step_room(cfg.store.etcd),
+        )
+        names = [s.name for s in plan.steps]
+        assert names.index("stop_replication") < names.index(GUARD_STEP)
+        assert names.index(GUARD_STEP) + 1 == names.index("promote_standby"), names
+        # The switchover's own fence and catch-up wait fit the authority too.
+        assert all(s.timeout <= step_room(cfg.store.etcd) for s in plan.steps), plan.steps
+    assert guard_step(config.parse(fleet())) is None  # no guard: section
+    assert guard_step(config.parse({**raw(), "guard": {"isolation_timeout": "20s"}})) is None
+
+
+def test_the_guard_step_goes_after_stop_replication_when_there_is_no_promote() -> None:
+    from watchdogd.core.model import StepConfig
+    from watchdogd.policy import guard_position
+
+    def steps(*actions: str) -> list[StepConfig]:
+        return [StepConfig(name=f"s{i}", action=a) for i, a in enumerate(actions)]
+
+    assert guard_position(steps("http", "stop_replication", "promote", "http")) == 2
+    assert guard_position(steps("http", "stop_replication", "command", "http")) == 2
+    assert guard_position(steps("command", "command")) == 0

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from watchdogd.actions import Action, ActionError, StepContext
 from watchdogd.core.model import NodeConfig
@@ -159,6 +159,36 @@ async def _position(engine: Engine, field: str, deadline: float) -> int:
     return result
 
 
+class GuardLink(Protocol):
+    """The fleet leader's side of the guard beside the primary (``guard:``)."""
+
+    async def clear(self, failover_id: str, node: str, timeout: float) -> str: ...
+
+
+@dataclass
+class GuardFence:
+    """Have the old primary's guard fence it, and wait until promoting is safe: the
+    guard fenced it, found its database down (it fences it the moment it answers), or
+    has been silent past its isolation timeout. Not cleared within the step's timeout:
+    the step fails, and its retries ask again (the order stands). The fleet inserts it
+    before the promotion when ``guard:`` is configured."""
+
+    idempotent: bool = True
+
+    async def run(self, ctx: StepContext, timeout: float) -> str:
+        link: GuardLink | None = ctx.extra.get("guard")
+        if link is None:
+            raise ActionError("guard_fence runs only on a fleet's leader with guard: configured")
+        return await link.clear(ctx.failover_id, ctx.primary.name, timeout)
+
+    def describe(self, ctx: StepContext) -> dict[str, Any]:
+        return {"node": ctx.primary.name, "via": "the guard beside it"}
+
+
+def _guard_fence(s: Section) -> Action:
+    return GuardFence()
+
+
 def _engine_call(verb: str, default_target: str) -> Callable[[Section], Action]:
     def parse(s: Section) -> Action:
         target = s.choice("target", ("primary", "standby"), default_target)
@@ -181,4 +211,5 @@ ACTIONS: dict[str, Callable[[Section], Action]] = {
     "fence": _engine_call("fence", "primary"),
     "catch_up": _catch_up,
     "rejoin": _rejoin,
+    "guard_fence": _guard_fence,
 }

@@ -137,6 +137,7 @@ SPECS: Mapping[str, Spec] = MappingProxyType(
         "fleet_view_refused": _W,
         "store_unavailable": _W,
         "store_available": _I,
+        "guard_fence_ordered": _I,
     }
 )
 

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from watchdogd import fleet as votes
-from watchdogd.config import fleet_timing
+from watchdogd.config import fleet_timing, step_room
+from watchdogd.core.model import Config, StepConfig
 from watchdogd.detector import DOWN, Verdict
 from watchdogd.fleet import Freshness, Tally, View
 from watchdogd.policy import BLOCKED, Decision, State
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     # The etcd client (aiohttp) is loaded only by a daemon with ``store:``.
     from watchdogd.daemon.lifecycle import Daemon
     from watchdogd.state.etcd import EtcdClient
+    from watchdogd.state.guard_keys import ClearanceRule
     from watchdogd.state.store import Entry
     from watchdogd.state.votes import VoteBox
 
@@ -59,6 +62,91 @@ class FleetStore(Protocol):
 class StoreWriteError(JournalError):
     """The fleet's journal did not take a record (not the leader, no authority left,
     leadership lost, or the store did not answer): nothing is acted on."""
+
+
+GUARD_STEP = "guard_fence"
+GUARD_POLL = 0.25  # a linearizable read of the guard's keys, well below the lease ttl
+
+
+def guard_step(cfg: Config) -> StepConfig | None:
+    """The step a fleet with ``guard:`` runs before the promotion (``policy.build_plan``):
+    attempts that fit the leader's authority (``check-config``'s step rule), retried for
+    as long as the guard's silence takes to count (its isolation timeout after its key
+    expired, plus a ttl for the guard to notice and fence) and a little more."""
+    if cfg.store is None or cfg.guard is None:
+        return None
+    timing = fleet_timing(cfg.store.etcd)
+    attempt = max(0.5, min(5.0, step_room(cfg.store.etcd) - 0.5))
+    delay = GUARD_POLL
+    needed = cfg.guard.isolation_timeout + 2 * timing.ttl + timing.budget
+    retries = math.ceil(needed / (attempt + delay)) + 1
+    return StepConfig(
+        name=GUARD_STEP,
+        action=GUARD_STEP,
+        timeout=attempt,
+        retries=retries,
+        retry_delay=delay,
+        idempotent=True,
+    )
+
+
+class GuardLink:
+    """The leader's side of the guard (``watchdogd.state.guard_keys``): the first attempt
+    of a failover's ``guard_fence`` step writes the fence order (guarded by the leader's
+    token); every attempt then reads the guard's keys until ``ClearanceRule`` clears or
+    the attempt's time is up. The rule lives across attempts (the guard's silence is
+    counted from the first read that saw its key gone), one per failover and token: a
+    new leader orders afresh with its own token."""
+
+    def __init__(self, fleet: Fleet, isolation_timeout: float) -> None:
+        self.fleet = fleet
+        self.isolation_timeout = isolation_timeout
+        self._rules: dict[tuple[str, int], ClearanceRule] = {}
+
+    async def clear(self, failover_id: str, node: str, timeout: float) -> str:
+        from watchdogd.actions import ActionError
+        from watchdogd.state.guard_keys import ClearanceRule, order_fence, read_snapshot
+
+        fleet = self.fleet
+        token, client = fleet.token, fleet.client
+        if token is None or client is None:
+            raise ActionError(f"guard_fence: {fleet._not_leader()}")
+        clock = fleet.d.clock
+        end = clock() + max(0.0, timeout - GUARD_POLL)
+        key = (failover_id, token.revision)
+        rule = self._rules.get(key)
+        if rule is None:
+            try:
+                await order_fence(client, fleet.prefix, token, failover_id, node=node)
+            except TokenLost as exc:
+                fleet._lost_soon(str(exc))
+                raise ActionError(f"guard_fence: {exc}") from None
+            except StoreUnavailable as exc:
+                raise ActionError(f"guard_fence: the fence order was not written: {exc}") from None
+            # Replication was stopped before this step: the standby's stream, a sign of
+            # life that keeps an isolated guard from fencing, ended at the latest now.
+            rule = ClearanceRule(
+                token,
+                failover_id,
+                self.isolation_timeout,
+                quiet_since=clock(),
+                margin=fleet.timing.ttl,
+            )
+            self._rules = {k: r for k, r in self._rules.items() if k[0] == failover_id}
+            self._rules[key] = rule
+            fleet.d.emit("guard_fence_ordered", failover_id=failover_id, node=node)
+        while True:
+            try:
+                snapshot = await read_snapshot(client, fleet.prefix)
+                why = ""
+            except StoreUnavailable as exc:
+                snapshot, why = None, str(exc)
+            verdict = rule.observe(snapshot, clock(), why)
+            if verdict.cleared:
+                return f"cleared ({verdict.via}): {verdict.reason}"
+            if clock() + GUARD_POLL > end:
+                raise ActionError(f"guard_fence: not cleared yet: {verdict.reason}")
+            await asyncio.sleep(GUARD_POLL)
 
 
 class Fleet:
@@ -88,6 +176,8 @@ class Fleet:
         self.tally: Tally | None = None
         self._task: asyncio.Task[None] | None = None
         self._lost_tasks: set[asyncio.Task[None]] = set()
+        self.prefix = f"{cfg.store.etcd.prefix.rstrip('/')}/{cfg.cluster}"
+        self.guard = GuardLink(self, cfg.guard.isolation_timeout) if cfg.guard else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,9 +202,8 @@ class Fleet:
             username=etcd.username,
             password=etcd.password,
         )
-        prefix = f"{etcd.prefix.rstrip('/')}/{self.d.config.cluster}"
-        self.store = EtcdStore(self.client, prefix)
-        self.box = EtcdVoteBox(self.client, prefix, etcd.ttl)
+        self.store = EtcdStore(self.client, self.prefix)
+        self.box = EtcdVoteBox(self.client, self.prefix, etcd.ttl)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from watchdogd import actions, policy
 from watchdogd.actions import Action, ActionError, StepContext
+from watchdogd.config import step_room
 from watchdogd.core.model import StepConfig
 from watchdogd.core.secrets import mask_value
+from watchdogd.daemon.fleet import guard_step
 from watchdogd.engines import Divergence, EngineError
 from watchdogd.failover.runner import COMPLETED, Runner
 from watchdogd.policy import FAILING_OVER, Plan, build_plan, build_rejoin_plan
@@ -131,6 +133,8 @@ class Sequences:
             from_node=primary.name,
             to_node=standby.name,
             forced=forced,
+            guard=guard_step(self.d.config),
+            step_limit=None if self.d.config.store is None else step_room(self.d.config.store.etcd),
         )
 
     def context(self, plan: Plan) -> StepContext:
@@ -143,6 +147,7 @@ class Sequences:
             failover_id=plan.id,
             reason=plan.reason,
             trigger=plan.trigger,
+            extra={} if self.d.fleet is None else {"guard": self.d.fleet.guard},
         )
 
     def describe(self, plan: Plan, failover_id: str | None = None) -> dict[str, Any]:
