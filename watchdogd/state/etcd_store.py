@@ -16,7 +16,10 @@ lost (success, same position); anything else is ``StoreUnavailable``. After an
 ambiguous append (``maybe_applied``) the next append re-reads where the journal ends.
 
 A campaign whose reply was lost (``maybe_applied``) is settled by the next campaign: a
-linearizable read shows whether the leader key sits on that campaign's lease.
+linearizable read shows whether the leader key sits on that campaign's lease; an adopted
+leadership's deadline counts from that lease's grant, before the lost reply. A campaign
+whose lease ran out before its transaction (a watcher frozen in between) is
+``StoreUnavailable``: nothing of it stands, and nobody else is known to lead.
 
 ``renew`` keeps the lease alive and returns the holder's deadline (monotonic: the send
 time of the last acknowledged renewal plus its ttl). A lease that etcd says is gone is
@@ -81,6 +84,12 @@ class EtcdStore:
         except CompareFailed:
             await self._drop(lease)
             return None
+        except LeaseNotFound:
+            # The lease ran out before the txn (this watcher was frozen or slow): no key
+            # can stand on it. Failed, not lost, and nobody else is known to lead.
+            raise StoreUnavailable(
+                f"etcd: campaign's lease {lease.id:x} expired before its transaction"
+            ) from None
         except StoreUnavailable as exc:
             if exc.maybe_applied:
                 self._pending = (holder, lease)  # perhaps we won: the next campaign reads
