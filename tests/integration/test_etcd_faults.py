@@ -332,3 +332,28 @@ async def test_a_campaign_whose_lease_ran_out_before_its_txn_is_unavailable(
     assert store.lease is None and await store.leader() is None
     token = await store.campaign("dc1", TTL)
     assert token is not None and await store.leader() == token
+
+
+async def test_an_append_whose_reply_was_lost_lands_once(
+    etcd: EtcdCluster, clients: tuple[EtcdClient, EtcdClient]
+) -> None:
+    """The append's txn takes effect and its reply is lost; the retry on the next member
+    finds the record's key taken: unknown (``maybe_applied``), never lost; the next append
+    re-reads where the journal ends and the lost one is there exactly once."""
+    member = etcd.members[0]
+    others = [m.client_url for m in etcd.members[1:]]
+    async with (
+        ReplyFaults(member.client_port) as proxy,
+        EtcdClient([proxy.url, *others], timeout=TIMEOUT) as client,
+    ):
+        store = EtcdStore(client, PREFIX)
+        token = await store.campaign("dc1", TTL)
+        assert token is not None
+        await store.append(token, note(1))
+        proxy.arm("/v3/kv/txn", DROP)
+        with pytest.raises(StoreUnavailable) as unknown:
+            await store.append(token, note(2))
+        assert unknown.value.maybe_applied and proxy.faulted == ["/v3/kv/txn"]
+        await store.append(token, note(3))
+        notes = [r["reason"] for _, r in await EtcdStore(clients[1], PREFIX).entries()]
+        assert notes == ["note 1", "note 2", "note 3"]
