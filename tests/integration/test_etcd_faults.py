@@ -357,3 +357,22 @@ async def test_an_append_whose_reply_was_lost_lands_once(
         await store.append(token, note(3))
         notes = [r["reason"] for _, r in await EtcdStore(clients[1], PREFIX).entries()]
         assert notes == ["note 1", "note 2", "note 3"]
+
+
+async def test_a_new_leader_appends_after_records_written_since_it_last_read(
+    clients: tuple[EtcdClient, EtcdClient],
+) -> None:
+    """A follower read the journal (showing status, say), the leader wrote more and
+    handed over; the follower wins: its first append goes after the end as it is now,
+    not where it was when it last read (that would fail as unavailable for nothing)."""
+    first, second = EtcdStore(clients[0], PREFIX), EtcdStore(clients[1], PREFIX)
+    token1 = await first.campaign("dc1", TTL)
+    assert token1 is not None
+    await first.append(token1, note(1))
+    assert len(await second.entries()) == 1  # the follower's view
+    await first.append(token1, note(2))
+    await first.resign(token1)
+    token2 = await second.campaign("dc2", TTL)
+    assert token2 is not None
+    await second.append(token2, note(3))
+    assert [r["reason"] for _, r in await first.entries()] == ["note 1", "note 2", "note 3"]
