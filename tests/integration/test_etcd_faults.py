@@ -133,12 +133,20 @@ async def test_moving_the_etcd_leader_keeps_the_lease_and_the_appends_go_on(
     written: list[int] = []
     lost: list[BaseException] = []
 
+    checked: list[float] = []
+
     async def lead() -> None:
-        """Renew and append twice a second, as a leader does; unavailable is retried."""
+        """Renew and append twice a second, as a leader does; unavailable is retried.
+        After each renewal, etcd's own count of the lease's time left (whole seconds,
+        rounded down) bounds the holder's deadline: it never trusts a lease past etcd's."""
         n = 0
         while True:
             try:
-                await holder.renew(token)
+                deadline = await holder.renew(token)
+                assert holder.lease is not None
+                left = await clients[0].lease_time_to_live(holder.lease.id)
+                assert deadline < time.monotonic() + left + 1, (deadline, left)
+                checked.append(deadline)
                 n += 1
                 await holder.append(token, note(n))
                 written.append(n)
@@ -160,8 +168,10 @@ async def test_moving_the_etcd_leader_keeps_the_lease_and_the_appends_go_on(
             assert await other.campaign("dc2", TTL) is None  # the key is still held
     finally:
         leading.cancel()
-        await asyncio.gather(leading, return_exceptions=True)
+        ended = await asyncio.gather(leading, return_exceptions=True)
+    assert [e for e in ended if not isinstance(e, asyncio.CancelledError)] == []
     assert lost == []
+    assert checked == sorted(checked) and len(checked) >= 4  # deadlines only move on
     assert await other.leader() == token
     # Every acknowledged append is there once, in order (an unacknowledged one may be too).
     landed = [int(r["reason"].split()[1]) for _, r in await holder.entries()]
