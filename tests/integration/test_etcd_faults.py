@@ -21,6 +21,7 @@ import pytest
 
 from tests.support import timing
 from tests.support.etcd import CUT, DROP, GARBAGE, EtcdCluster, EtcdMember, ReplyFaults
+from tests.support.proxy import BLACKHOLE, PASS, REFUSE, FaultProxy
 from watchdogd.state import journal as records
 from watchdogd.state.etcd import EtcdClient
 from watchdogd.state.etcd_store import EtcdStore
@@ -386,3 +387,54 @@ async def test_a_new_leader_appends_after_records_written_since_it_last_read(
     assert token2 is not None
     await second.append(token2, note(3))
     assert [r["reason"] for _, r in await first.entries()] == ["note 1", "note 2", "note 3"]
+
+
+@pytest.mark.parametrize("cut", [BLACKHOLE, REFUSE])
+async def test_a_watcher_cut_off_from_every_member_is_unavailable_then_lost_only_once_read(
+    etcd: EtcdCluster, clients: tuple[EtcdClient, EtcdClient], cut: str
+) -> None:
+    """The leading watcher's links to all three members go dark (silent, or refused) while
+    etcd itself is fine: unavailable within the budget, its deadline stays; once the
+    links are back after its lease ran out, another watcher leads with a larger token and
+    the old one hears TokenLost, confirmed by a read."""
+    proxies = [FaultProxy(m.client_port) for m in etcd.members]
+    for proxy in proxies:
+        await proxy.start()
+    try:
+        urls = [f"http://127.0.0.1:{p.port}" for p in proxies]
+        async with EtcdClient(urls, timeout=TIMEOUT) as client:
+            holder, other = EtcdStore(client, PREFIX), EtcdStore(clients[1], PREFIX)
+            token = await holder.campaign("dc1", TTL)
+            assert token is not None
+            await holder.append(token, note(1))
+            assert holder.lease is not None
+            deadline = holder.lease.deadline()
+
+            for proxy in proxies:
+                proxy.set_mode(cut)
+            await unavailable_within(holder.renew(token), client.retry_budget + 1)
+            await unavailable_within(holder.append(token, note(2)), client.retry_budget + 1)
+            await unavailable_within(holder.leader(), client.retry_budget + 1)
+            assert holder.lease.deadline() == deadline
+
+            # etcd is fine: once the lease runs out, the other watcher leads.
+            bound = time.monotonic() + timing.within(TTL + 8)
+            taken = None
+            while taken is None:
+                assert time.monotonic() < bound, "the cut-off holder's lease never expired"
+                await asyncio.sleep(0.2)
+                taken = await other.campaign("dc2", TTL)
+            assert time.monotonic() >= deadline and taken.revision > token.revision
+
+            for proxy in proxies:
+                proxy.set_mode(PASS)
+            with pytest.raises(TokenLost):
+                await until(lambda: holder.renew(token), 10, "renew after the cut")
+            with pytest.raises(TokenLost):
+                await holder.append(token, note(3))
+            await other.append(taken, note(4))
+            notes = [r["reason"] for _, r in await other.entries()]
+            assert notes == ["note 1", "note 4"]
+    finally:
+        for proxy in proxies:
+            await proxy.stop()
