@@ -20,11 +20,14 @@ client certificates (``--client-cert-auth``); peers stay on plain http.
 
 Faults: ``member.sigstop()``/``sigcont()`` (a frozen machine: its TCP port still
 accepts connections, nothing answers), ``cluster.move_leader(member)``
-(``etcdctl move-leader``) and ``cluster.enable_auth(user, password)``.
+(``etcdctl move-leader``) and ``cluster.enable_auth(user, password)``; ``ReplyFaults``, a
+proxy in front of one member that loses, garbles or cuts the reply to a chosen request
+after the request took effect.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -347,3 +350,129 @@ def etcd_cluster(*, tls: bool = False, extra: Sequence[str] = ()) -> Iterator[Et
             cluster.kill()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reply faults
+
+DROP, GARBAGE, CUT = "drop", "garbage", "cut"
+REPLY_FAULTS = (DROP, GARBAGE, CUT)
+
+
+class ReplyFaults:
+    """A loopback TCP proxy in front of one member that faults the *reply* to chosen HTTP
+    requests, after the request itself went through (tests/support/proxy.py cuts whole
+    links; this one loses answers to requests that did reach etcd and took effect).
+
+    ``arm(path, fault)``: the next request to ``path`` (e.g. ``/v3/kv/txn``) is forwarded
+    as it is, and its reply is
+
+    - ``drop``: swallowed; the connection stays open and silent (the client times out);
+    - ``garbage``: replaced by ``body`` (an HTTP 200 carrying it, when given) or by bytes
+      that are not HTTP at all, and the connection closed;
+    - ``cut``: cut in the middle and the connection closed.
+
+    ``faulted`` lists the paths whose replies were faulted, in order: a test asserts the
+    fault really happened. ``async with ReplyFaults(member.client_port) as proxy:``, then
+    use ``proxy.url`` as an endpoint.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.faulted: list[str] = []
+        self._armed: list[tuple[str, str, bytes | None]] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def arm(self, path: str, fault: str, body: bytes | None = None) -> None:
+        if fault not in REPLY_FAULTS:
+            raise ValueError(f"unknown reply fault {fault!r}; known: {', '.join(REPLY_FAULTS)}")
+        self._armed.append((path, fault, body))
+
+    async def __aenter__(self) -> ReplyFaults:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        fault: list[tuple[str, bytes | None]] = []  # this connection's faulted reply
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            up_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target_port)
+            pumps = [
+                asyncio.ensure_future(self._requests(reader, upstream, fault)),
+                asyncio.ensure_future(self._replies(up_reader, writer, fault)),
+            ]
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            for side in (writer, upstream):
+                if side is not None:
+                    side.transport.abort()
+            self._tasks.discard(task)
+
+    async def _requests(
+        self,
+        reader: asyncio.StreamReader,
+        upstream: asyncio.StreamWriter,
+        fault: list[tuple[str, bytes | None]],
+    ) -> None:
+        while chunk := await reader.read(65536):
+            for i, (path, kind, body) in enumerate(self._armed):
+                if f"POST {path} ".encode() in chunk:
+                    del self._armed[i]
+                    fault.append((kind, body))
+                    self.faulted.append(path)
+                    break
+            upstream.write(chunk)
+            await upstream.drain()
+
+    async def _replies(
+        self,
+        up_reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        fault: list[tuple[str, bytes | None]],
+    ) -> None:
+        while chunk := await up_reader.read(65536):
+            if not fault:
+                writer.write(chunk)
+                await writer.drain()
+                continue
+            kind, body = fault[0]
+            if kind == DROP:
+                continue  # the answer is lost; the connection stays open and silent
+            if kind == GARBAGE:
+                if body is None:
+                    writer.write(b"\x00\xffnot http at all\r\n\r\n")
+                else:
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                        + body
+                    )
+            else:  # CUT
+                writer.write(chunk[: max(1, len(chunk) // 2)])
+            await writer.drain()
+            return

@@ -13,10 +13,15 @@ the record's key does not exist yet, then put the record. When the compare fails
 failure branch's reads tell why: the leader key gone or re-created is ``TokenLost``; the
 record's key already holding this very record is our own earlier attempt whose reply was
 lost (success, same position); anything else is ``StoreUnavailable``. After an
-ambiguous append (``maybe_applied``) the next append re-reads where the journal ends.
+ambiguous append (``maybe_applied``), and after winning a campaign (another leader may
+have written since this watcher last read), the next append re-reads where the journal
+ends.
 
 A campaign whose reply was lost (``maybe_applied``) is settled by the next campaign: a
-linearizable read shows whether the leader key sits on that campaign's lease.
+linearizable read shows whether the leader key sits on that campaign's lease; an adopted
+leadership's deadline counts from that lease's grant, before the lost reply. A campaign
+whose lease ran out before its transaction (a watcher frozen in between) is
+``StoreUnavailable``: nothing of it stands, and nobody else is known to lead.
 
 ``renew`` keeps the lease alive and returns the holder's deadline (monotonic: the send
 time of the last acknowledged renewal plus its ttl). A lease that etcd says is gone is
@@ -81,6 +86,12 @@ class EtcdStore:
         except CompareFailed:
             await self._drop(lease)
             return None
+        except LeaseNotFound:
+            # The lease ran out before the txn (this watcher was frozen or slow): no key
+            # can stand on it. Failed, not lost, and nobody else is known to lead.
+            raise StoreUnavailable(
+                f"etcd: campaign's lease {lease.id:x} expired before its transaction"
+            ) from None
         except StoreUnavailable as exc:
             if exc.maybe_applied:
                 self._pending = (holder, lease)  # perhaps we won: the next campaign reads
@@ -88,6 +99,7 @@ class EtcdStore:
                 await self._drop(lease)
             raise
         self.lease, self._token = lease, Token(holder, won.revision)
+        self._next_seq = None  # records may have come since this watcher last read
         return self._token
 
     async def _settle_pending(self, holder: str) -> Token | None:
@@ -98,6 +110,7 @@ class EtcdStore:
         if kv is not None and kv.lease == lease.id and pending_holder == holder:
             # Ours; its deadline still counts from the grant (the lease's first renewal).
             self.lease, self._token = lease, Token(holder, kv.create_revision)
+            self._next_seq = None
             return self._token
         await self._drop(lease)
         return None

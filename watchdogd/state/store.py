@@ -198,14 +198,17 @@ class _Leader:
 @dataclass
 class MemoryStore(_Notifying):
     """Records and leadership in memory, on a virtual clock, with faults to inject:
-    ``unavailable`` (every call raises ``StoreUnavailable``) and ``ambiguous_appends``
+    ``unavailable`` (every call raises ``StoreUnavailable``), ``ambiguous_appends``
     (that many next appends land, then raise ``StoreUnavailable(maybe_applied=True)``,
-    like a reply lost after the commit). Positions are store revisions, shared with
-    leadership changes: they grow but skip, as etcd's do."""
+    like a reply lost after the commit) and ``ambiguous_campaigns`` (the same for
+    campaigns: the key is created on a lease nobody renews, so it blocks every campaign
+    until it expires). Positions are store revisions, shared with leadership changes:
+    they grow but skip, as etcd's do."""
 
     clock: VirtualClock = field(default_factory=VirtualClock)
     unavailable: bool = False
     ambiguous_appends: int = 0
+    ambiguous_campaigns: int = 0
     revision: int = 0
     _leader: _Leader | None = None
     _entries: list[Entry] = field(default_factory=list)
@@ -230,6 +233,11 @@ class MemoryStore(_Notifying):
         self.revision += 1
         token = Token(holder, self.revision)
         self._leader = _Leader(token, ttl, self.clock() + ttl)
+        if self.ambiguous_campaigns > 0:
+            self.ambiguous_campaigns -= 1
+            raise StoreUnavailable(
+                "memory store: campaign reply lost (injected)", maybe_applied=True
+            )
         return token
 
     async def renew(self, token: Token) -> float:
@@ -247,6 +255,14 @@ class MemoryStore(_Notifying):
     async def leader(self) -> Token | None:
         self._check()
         return self._leader.token if self._leader else None
+
+    def held(self) -> tuple[Token, float] | None:
+        """The leader's token and when its lease ends on the clock (None: no leader), as
+        the store itself knows it: what a test compares a holder's own belief and deadline
+        with. Not a store verb: injected faults do not apply."""
+        if self._leader is None or self.clock() >= self._leader.expires:
+            return None
+        return self._leader.token, self._leader.expires
 
     async def append(self, token: Token, record: Mapping[str, Any]) -> int:
         self._check()
