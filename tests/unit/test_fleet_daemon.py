@@ -417,3 +417,26 @@ async def test_watchdogctl_status_shows_a_short_fleet_block(fleet: Fleet) -> Non
     follower = render_status(fleet.d["dc2"].status())
     assert "fleet leader   dc1 (this is dc2)" in follower and "store          up" in follower
     assert "commands here: not the leader: dc1 leads; run it there" in follower
+
+
+async def test_an_adopted_campaign_counts_its_authority_from_its_lease_grant(
+    fleet: Fleet,
+) -> None:
+    """A campaign whose reply was lost is adopted by the next one (EtcdStore): its
+    lease was granted then, so the authority ends a ttl after that grant, not after
+    the adopting round's send time."""
+
+    class Granted:
+        def __init__(self, at: float) -> None:
+            self.at = at
+
+        def deadline(self, margin: float = 0.0) -> float:
+            return self.at + 15 - margin
+
+    granted_at = fleet.clock()
+    fleet.store.lease = Granted(granted_at)  # type: ignore[attr-defined]
+    fleet.clock.advance(4.0)  # the adopting round comes later
+    await fleet.lead("dc1")
+    assert fleet.fleet("dc1").is_leader
+    assert fleet.fleet("dc1").deadline == pytest.approx(granted_at + 15 - 1.5)
+    assert fleet.fleet("dc1").authority_left() == pytest.approx(15 - 1.5 - 4.0)

@@ -291,7 +291,7 @@ class Fleet(RuleBasedStateMachine):
             raise exc  # an assertion of a step, or a bug
 
     def record_for(self, w: Watcher) -> Any:
-        def record(rec: dict[str, Any]) -> None:
+        async def record(rec: dict[str, Any]) -> None:
             if not self.authority(w):
                 raise AuthorityEnded(f"{w.name} journals after its deadline")
             assert w.token is not None
@@ -487,7 +487,7 @@ class Fleet(RuleBasedStateMachine):
             resume=fo, wall=self.clock,
         )  # fmt: skip
         try:
-            runner.begin()  # journaled before anything runs
+            self.loop.run_until_complete(runner.begin())  # journaled before anything runs
         except StoreUnavailable:
             return
         except TokenLost:

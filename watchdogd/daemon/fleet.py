@@ -281,6 +281,12 @@ class Fleet:
             if token is not None:
                 self.token, self.synced = token, False
                 self.deadline = votes.authority_deadline(sent, ttl, margin)
+                # A campaign whose reply was lost is adopted by the next one: its lease
+                # was granted before this round's send time, so its deadline counts from
+                # that grant (the store's lease knows when it was asked for).
+                lease = getattr(self.store, "lease", None)
+                if lease is not None:
+                    self.deadline = min(self.deadline, lease.deadline(margin))
                 self._set_leader(self.instance)
                 self.d.emit("fleet_leader", instance=self.instance, token=token.revision)
         else:
