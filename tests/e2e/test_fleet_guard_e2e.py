@@ -228,3 +228,35 @@ async def test_an_isolated_primary_site_is_fenced_by_its_guard_before_the_standb
         await asyncio.sleep(1.0)  # and nobody promotes again
         assert timeline(rig.pair.standby) == 2
         assert await rig.promotions_in_store() == 1
+
+
+async def test_a_voter_without_the_guard_section_refuses_the_automatic_failover(
+    fleet_rig: FleetRig,
+) -> None:
+    """Whether the leader waits for the guard is a decision setting: a leader without
+    ``guard:`` would promote over a primary its guard never fenced. A voter whose file
+    lacks it runs a different config: the automatic failover is refused, whoever leads."""
+    rig = fleet_rig
+    rig.pair.primary.execute("CREATE TABLE app (x int)")
+    shared = guarded_config(rig)
+    guard = rig.add_guard(shared)
+    for name in NAMES:
+        cfg = dict(shared)
+        if name == "dc3":
+            del cfg["guard"]
+        rig.add(name, cfg)
+    leader = await start_fleet(rig, guard)
+
+    rig.pair.primary.kill()
+    deadline = time.monotonic() + timing.within(2 + 6)
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = await rig.watchers[leader].status()
+        if "different configs" in status["reason"] or status["state"] == "failed_over":
+            break
+        await asyncio.sleep(0.2)
+    assert status["state"] == "blocked", (status["state"], status["reason"], rig.logs())
+    assert "automatic failover refused: voters run different configs" in status["reason"]
+    await asyncio.sleep(2.0)
+    assert rig.pair.standby.is_in_recovery() and timeline(rig.pair.standby) == 1
+    assert await rig.promotions_in_store() == 0
