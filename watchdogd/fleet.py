@@ -274,5 +274,8 @@ def config_digest(cfg: Config) -> str:
         "steps": [[s.name, s.action] for s in fo.steps],
         "fence_steps": [[s.name, s.action] for s in fo.fence_steps],
     }
+    guard = getattr(cfg, "guard", None)  # a leader without it promotes unguarded
+    if guard is not None:
+        relevant["guard"] = {"isolation_timeout": guard.isolation_timeout}
     text = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest_asyncio
+import yaml
 
 from tests.support import timing
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.etcd import EtcdCluster, etcd_cluster
+from tests.support.redis import _die_with_parent
 from watchdogd.demo.lab import PgPair, PgServer
 from watchdogd.state.etcd import EtcdClient
 from watchdogd.state.etcd_store import EtcdStore
@@ -59,12 +64,100 @@ def fleet_config(
     return cfg
 
 
+GUARD_ALIVE = f"{PREFIX}/{CLUSTER}/guard/alive"
+
+
+@dataclass
+class GuardProcess:
+    """``watchdogd guard --config FILE --node NODE`` as its own process, with its own
+    config file (the fleet's, its etcd endpoints possibly through fault proxies); its
+    JSON log in ``log_path``. Dies with the test process (PDEATHSIG)."""
+
+    cfg: dict[str, Any]
+    node: str
+    base: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.base / "guard.yml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "guard.log"
+
+    def start(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.cfg))
+        with self.log_path.open("ab") as log:
+            argv = [sys.executable, "-m", "watchdogd.cli", "guard"]
+            argv += ["--config", str(self.config_path), "--node", self.node]
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Its JSON log lines (``event``, ``ts`` in ISO UTC, ...), only ``name``'s if given."""
+        out = []
+        for line in self.logs().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and (name is None or event.get("event") == name):
+                out.append(event)
+        return out
+
+
 @dataclass
 class FleetRig:
     etcd: EtcdCluster
     pair: PgPair
     tmp: Path
     watchers: dict[str, DaemonProcess] = field(default_factory=dict)
+    guards: list[GuardProcess] = field(default_factory=list)
+
+    def add_guard(
+        self,
+        shared: dict[str, Any],
+        *,
+        node: str = "main",
+        endpoints: list[str] | None = None,
+        **database_options: Any,
+    ) -> GuardProcess:
+        """A guard for ``node`` from the shared config (which must have ``guard:``);
+        ``endpoints``: its etcd endpoints instead of the members' (fault proxies);
+        ``database_options``: added to the node's database config (``data_dir``)."""
+        assert "guard" in shared, "the fleet's config has no guard: section"
+        cfg = copy.deepcopy(shared)
+        # The config loader wants the instance among the voters; the guard ignores it
+        # (the fleet's file as deployed on a watcher's host).
+        cfg["instance"] = NAMES[0]
+        cfg["log"] = {"format": "json", "level": "info"}
+        if endpoints is not None:
+            cfg["store"]["etcd"]["endpoints"] = list(endpoints)
+        role = "primary" if cfg["primary"]["name"] == node else "standby"
+        cfg[role]["database"].update(database_options)
+        guard = GuardProcess(cfg, node, self.tmp / f"guard-{node}")
+        self.guards.append(guard)
+        return guard
+
+    async def guard_alive(self) -> bool:
+        """The guard's ``guard/alive`` key is in the store (read from the members)."""
+        async with EtcdClient(self.etcd.endpoints, timeout=2.0) as client:
+            return await client.get(GUARD_ALIVE) is not None
 
     def add(self, name: str, shared: dict[str, Any], **dsn_ports: int) -> DaemonProcess:
         """Watcher ``name`` from the shared config; ``primary_port``/``standby_port`` point
@@ -144,7 +237,9 @@ class FleetRig:
         )
 
     def logs(self) -> str:
-        return "\n".join(f"--- {n}\n{d.logs()[-3000:]}" for n, d in self.watchers.items())
+        parts = [f"--- {n}\n{d.logs()[-3000:]}" for n, d in self.watchers.items()]
+        parts += [f"--- guard {g.node}\n{g.logs()[-3000:]}" for g in self.guards]
+        return "\n".join(parts)
 
 
 def timeline(server: PgServer) -> int:
@@ -170,5 +265,7 @@ async def fleet_rig(pg_pair: PgPair, tmp_path: Path) -> AsyncIterator[FleetRig]:
                 if d.proc is not None and d.proc.poll() is None:
                     d.proc.send_signal(signal.SIGCONT)  # a stopped watcher dies too
                 d.kill()
+            for guard in rig.guards:
+                guard.kill()
             for member in cluster.members:
                 member.sigcont()
