@@ -73,6 +73,7 @@ from watchdogd.state.guard_keys import (
     Alive,
     GuardKeys,
     Order,
+    Published,
     order_verdict,
     read_snapshot,
 )
@@ -421,6 +422,7 @@ class Guard:
         self.self_fences = 0
         self.acks: list[Ack] = []  # acks written, in order (status and tests)
         self._key_written = False
+        self._published = False  # guard/settings written (once per start)
         self._store_down: str | None = None
         self._ignored: set[tuple[int, str]] = set()
         self._last_ack: Ack | None = None
@@ -444,6 +446,11 @@ class Guard:
             ttl=self.settings.ttl,
             isolation_timeout=self.settings.isolation_timeout,
         )
+        # Its database first (bounded): once its key says it is alive, a crash of a
+        # database that was up can be answered "down" (see db_answered).
+        with contextlib.suppress(EngineError):
+            await self.engine.status(DB_TIMEOUT)
+            self.db_answered = True
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._keep_alive())
             tasks.create_task(self._follow_orders())
@@ -476,6 +483,12 @@ class Guard:
             self.lease = await self.client.lease_grant(max(1, math.ceil(self.settings.ttl)))
             self._key_written = False
         if not self._key_written:
+            if not self._published:
+                # Before the alive key: a leader that ever saw the guard alive can read
+                # what it runs with, also once it is gone (see guard_keys.Published).
+                mine = Published(self.settings.node, self.settings.isolation_timeout)
+                await self.client.put(self.keys.settings, mine.encode())
+                self._published = True
             alive = Alive(self.settings.node, os.getpid(), self.wall(), self.self_fences > 0)
             await self.client.put(self.keys.alive, alive.encode(), lease=self.lease.id)
             self._key_written = True

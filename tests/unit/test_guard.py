@@ -8,7 +8,6 @@ import dataclasses
 import os
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -215,6 +214,27 @@ def test_cleared_when_the_key_was_absent_in_consecutive_reads_for_the_timeout() 
     assert verdict.cleared and verdict.via == "expired"
 
 
+def test_a_guard_run_with_a_longer_isolation_timeout_is_waited_out() -> None:
+    """The guard publishes what it runs with (guard/settings, on no lease): a leader
+    configured with a shorter timeout than the guard's would otherwise promote while an
+    isolated guard has not fenced yet."""
+    from dataclasses import replace
+
+    from watchdogd.state.guard_keys import Published
+
+    longer = Published("main", ISO * 3)
+    assert Published.decode(longer.encode()) == longer
+    for junk in (b"[]", b'{"node": "main"}', b'{"node": "main", "isolation_timeout": true}'):
+        with pytest.raises(ValueError, match="guard settings"):
+            Published.decode(junk)
+    rule = ClearanceRule(TOKEN, "f1", ISO)
+    assert not rule.observe(replace(snap(alive=True), published=longer), now=0.0).cleared
+    rule.observe(replace(snap(alive=False), published=longer), now=1.0)
+    verdict = rule.observe(replace(snap(alive=False), published=longer), now=1.0 + ISO + 1)
+    assert not verdict.cleared and f"{ISO * 3:g}s" in verdict.reason
+    assert rule.observe(replace(snap(alive=False), published=longer), now=1.0 + 3 * ISO).cleared
+
+
 @pytest.mark.parametrize("interruption", ["alive again", "store unavailable"])
 def test_a_present_key_or_a_failed_read_restarts_the_count(interruption: str) -> None:
     rule = ClearanceRule(TOKEN, "f1", ISO)
@@ -310,13 +330,25 @@ def test_settings_from_a_config_with_store_and_guard_sections() -> None:
     cfg = parse(config_data())
     with pytest.raises(GuardConfigError, match="no store: section"):
         settings_from_config(cfg, "a")
-    etcd = SimpleNamespace(endpoints=("http://127.0.0.1:2379",), prefix="/watchdogd/", ttl=6.0,
-                           ca_file=None, cert_file=None, key_file=None, username=None,
-                           password=None)  # fmt: skip
-    store = SimpleNamespace(etcd=etcd, voters=("dc1", "dc2", "dc3"))
+    # The real config's sections, as `watchdogd guard --config` reads them.
+    fleet = {
+        **config_data(),
+        "instance": "dc1",
+        "store": {
+            "etcd": {"endpoints": ["http://127.0.0.1:2379"], "prefix": "/watchdogd",
+                     "ttl": "6s", "timeout": "500ms"},
+            "voters": ["dc1", "dc2", "dc3"],
+        },
+        # Steps that fit in a fleet leader's authority under a 6 s lease.
+        "failover": {
+            "steps": [{"name": "promote", "action": "promote", "timeout": "2s"}],
+            "rejoin_steps": [{"name": "rejoin", "action": "rejoin", "timeout": "2s"}],
+            "rejoin_timeout": "2s",
+        },
+    }  # fmt: skip
     with pytest.raises(GuardConfigError, match="no guard: section"):
-        settings_from_config(SimpleNamespace(**vars(cfg), store=store), "a")
-    full = SimpleNamespace(**vars(cfg), store=store, guard=SimpleNamespace(isolation_timeout=20.0))
+        settings_from_config(parse(fleet), "a")
+    full = parse({**fleet, "guard": {"isolation_timeout": "20s"}})
     with pytest.raises(GuardConfigError, match="'z' is not a node"):
         settings_from_config(full, "z")
     s = settings_from_config(full, "a")

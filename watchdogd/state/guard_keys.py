@@ -76,6 +76,10 @@ class GuardKeys:
     def ack(self) -> bytes:
         return self.directory + b"ack"
 
+    @property
+    def settings(self) -> bytes:
+        return self.directory + b"settings"
+
 
 # --------------------------------------------------------------------------- values
 
@@ -198,6 +202,33 @@ class Alive:
 
 
 @dataclass(frozen=True)
+class Published:
+    """What the guard runs with, written at its start on no lease (it outlives the guard):
+    a leader whose own ``guard.isolation_timeout`` is shorter than the guard's would
+    otherwise count the guard's silence as a fence too early."""
+
+    node: str
+    isolation_timeout: float
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"node": self.node, "isolation_timeout": self.isolation_timeout}, sort_keys=True
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Published:
+        data = _object(raw, "guard settings")
+        timeout = data.get("isolation_timeout")
+        if (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not 0 < timeout < 10**6
+        ):
+            raise ValueError("guard settings: 'isolation_timeout' missing or not a duration")
+        return cls(node=_get(data, "guard settings", "node", str), isolation_timeout=timeout)
+
+
+@dataclass(frozen=True)
 class GuardSnapshot:
     """The leader key and the guard's keys at one store revision (a linearizable read)."""
 
@@ -208,6 +239,7 @@ class GuardSnapshot:
     ack: Ack | None
     alive: bool
     problems: tuple[str, ...] = ()  # keys that did not decode (treated as absent)
+    published: Published | None = None  # the guard's own settings, if it wrote them
 
 
 def snapshot_of(revision: int, leader: KeyValue | None, guard: tuple[KeyValue, ...],
@@ -217,9 +249,12 @@ def snapshot_of(revision: int, leader: KeyValue | None, guard: tuple[KeyValue, .
     order: Order | None = None
     ack: Ack | None = None
     alive = False
+    published: Published | None = None
     for kv in guard:
         try:
-            if kv.key == keys.order:
+            if kv.key == keys.settings:
+                published = Published.decode(kv.value)
+            elif kv.key == keys.order:
                 order = Order.decode(kv.value, kv.mod_revision)
             elif kv.key == keys.ack:
                 ack = Ack.decode(kv.value)
@@ -235,6 +270,7 @@ def snapshot_of(revision: int, leader: KeyValue | None, guard: tuple[KeyValue, .
         ack=ack,
         alive=alive,
         problems=tuple(problems),
+        published=published,
     )
 
 
@@ -335,6 +371,7 @@ class ClearanceRule:
         self.quiet_since = quiet_since
         self.margin = margin
         self.absent_since: float | None = None
+        self.guard_isolation: float | None = None  # the guard's own, as it published it
 
     def observe(self, snapshot: GuardSnapshot | None, now: float, why: str = "") -> Clearance:
         """``snapshot`` None: the read failed (``why`` says how)."""
@@ -369,24 +406,31 @@ class ClearanceRule:
         if self.absent_since is None:
             self.absent_since = now
         absent = now - self.absent_since
-        if absent < self.isolation_timeout:
+        # The guard fences by ITS isolation timeout: a longer one than ours (a guard run
+        # with another config) is waited out too.
+        if snapshot.published is not None:
+            self.guard_isolation = max(
+                self.guard_isolation or 0.0, snapshot.published.isolation_timeout
+            )
+        isolation = max(self.isolation_timeout, self.guard_isolation or 0.0)
+        if absent < isolation:
             return Clearance(
                 False,
                 f"the guard's key absent for {absent:.1f}s of isolation_timeout "
-                f"{self.isolation_timeout:g}s{refused}",
+                f"{isolation:g}s{refused}",
             )
         if self.quiet_since is not None:
             quiet = now - self.quiet_since
-            if quiet < self.isolation_timeout + self.margin:
+            if quiet < isolation + self.margin:
                 return Clearance(
                     False,
                     f"the standby stopped streaming {quiet:.1f}s ago, less than "
-                    f"{self.isolation_timeout + self.margin:g}s",
+                    f"{isolation + self.margin:g}s",
                 )
         return Clearance(
             True,
             f"the guard's key absent for {absent:.1f}s (isolation_timeout "
-            f"{self.isolation_timeout:g}s): an isolated guard has fenced by now",
+            f"{isolation:g}s): an isolated guard has fenced by now",
             "expired",
         )
 
