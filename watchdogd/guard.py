@@ -557,6 +557,13 @@ class Guard:
         fenced, detail = await self._fence()
         down = False
         if fenced:
+            if owed:  # the order follower got to it before _keep_promise did
+                self.log.warning(
+                    "guard fenced its database as it came back",
+                    node=self.settings.node,
+                    order=order.revision,
+                    detail=detail,
+                )
             self.promise = None
         else:
             why = await self._down()

@@ -46,7 +46,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import free_port, need, retry_if_port_taken, timing, which
+from tests.support import bound_socket, need, port_of, retry_if_port_taken, timing, which
 from tests.support.redis import _die_with_parent
 
 START_TIMEOUT = 20.0
@@ -260,7 +260,11 @@ def _start(base: Path, certs: Certs | None, extra: Sequence[str]) -> EtcdCluster
     binary = etcd_binary()
     names = ["etcd1", "etcd2", "etcd3"]
     scheme = "https" if certs else "http"
-    ports = {n: (free_port(), free_port()) for n in names}
+    # All six held at once while they are picked: one at a time, the kernel may hand the
+    # same free port out twice (two members on one port: "has duplicate url").
+    with contextlib.ExitStack() as held:
+        picked = [port_of(held.enter_context(bound_socket())) for _ in range(2 * len(names))]
+    ports = {n: (picked[2 * i], picked[2 * i + 1]) for i, n in enumerate(names)}
     initial = ",".join(f"{n}=http://127.0.0.1:{ports[n][1]}" for n in names)
     token = f"wd-{os.getpid()}-{time.monotonic_ns()}"
     members: list[EtcdMember] = []
