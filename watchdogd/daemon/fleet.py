@@ -176,6 +176,9 @@ class Fleet:
         self.tally: Tally | None = None
         self._task: asyncio.Task[None] | None = None
         self._lost_tasks: set[asyncio.Task[None]] = set()
+        # One journal call at a time (runner, fence, rejoin, commands and the take-over
+        # all append): the store numbers records one after another.
+        self._journal = asyncio.Lock()
         self.prefix = f"{cfg.store.etcd.prefix.rstrip('/')}/{cfg.cluster}"
         self.guard = GuardLink(self, cfg.guard.isolation_timeout) if cfg.guard else None
 
@@ -311,7 +314,8 @@ class Fleet:
         today's rules (resume an unfinished failover, close a cut-off fence)."""
         assert self.store is not None
         try:
-            entries = await self.store.entries()
+            async with self._journal:
+                entries = await self.store.entries()
         except StoreUnavailable as exc:
             self._down(str(exc))
             return  # not synced: the next round reads again; nothing acts meanwhile
@@ -385,7 +389,8 @@ class Fleet:
             raise StoreWriteError("the store does not answer and this leader's authority has ended")
         assert self.store is not None
         try:
-            position = await self.store.append(self.token, record)
+            async with self._journal:
+                position = await self.store.append(self.token, record)
         except TokenLost as exc:
             self._lost_soon(str(exc))
             raise StoreWriteError(f"leadership lost: {exc}") from None
@@ -400,7 +405,8 @@ class Fleet:
         """A follower folds in what the leader appended since it last looked."""
         if self.is_leader or self.store is None:
             return
-        entries = await self.store.entries(self.position)
+        async with self._journal:
+            entries = await self.store.entries(self.position)
         acked: dict[str, Any] | None = None
         for position, record in entries:
             self.position = max(self.position, position)

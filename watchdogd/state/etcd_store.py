@@ -30,6 +30,7 @@ time of the last acknowledged renewal plus its ttl). A lease that etcd says is g
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Mapping
@@ -54,8 +55,8 @@ from watchdogd.state.store import Entry, StoreUnavailable, Token, TokenLost
 
 class EtcdStore:
     """``RecordStore`` and ``Leadership`` on etcd for one watcher (one holder at a time).
-    Appends are made one after another (as the runner journals): two at once would
-    race for the same sequence number, and the loser would be told so (unavailable)."""
+    Appends (and the reads that find where the journal ends) are made one after another
+    under a lock: two at once would race for the same sequence number."""
 
     def __init__(self, client: EtcdClient, prefix: str) -> None:
         prefix = prefix.rstrip("/")
@@ -66,6 +67,7 @@ class EtcdStore:
         self._token: Token | None = None
         self._next_seq: int | None = None
         self._pending: tuple[str, Lease] | None = None  # a campaign whose answer was lost
+        self._journal_lock = asyncio.Lock()  # one append (or journal read) at a time
 
     # ----------------------------------------------------------------- leadership
 
@@ -147,10 +149,15 @@ class EtcdStore:
 
     async def append(self, token: Token, record: Mapping[str, Any]) -> int:
         line = encode_line(dict(record))
+        async with self._journal_lock:
+            return await self._append(token, line)
+
+    async def _append(self, token: Token, line: bytes) -> int:
         if self._next_seq is None:
-            await self.entries()  # finds where the journal ends
-        assert self._next_seq is not None
-        key = self.journal_prefix + f"{self._next_seq:016d}".encode()
+            await self._entries()  # finds where the journal ends
+        seq = self._next_seq
+        assert seq is not None
+        key = self.journal_prefix + f"{seq:016d}".encode()
         try:
             done = await self.client.txn(
                 [
@@ -166,7 +173,8 @@ class EtcdStore:
             if exc.maybe_applied:
                 self._next_seq = None  # re-read where the journal ends
             raise
-        self._next_seq += 1
+        if self._next_seq == seq:  # None: something asked for a re-read meanwhile
+            self._next_seq = seq + 1
         return done.revision
 
     def _after_compare_failed(
@@ -183,6 +191,10 @@ class EtcdStore:
         ) from None
 
     async def entries(self, after: int = 0) -> list[Entry]:
+        async with self._journal_lock:
+            return await self._entries(after)
+
+    async def _entries(self, after: int = 0) -> list[Entry]:
         result = await self.client.get_prefix(self.journal_prefix)
         kvs = sorted(result.kvs, key=lambda kv: kv.key)
         last = kvs[-1].key[len(self.journal_prefix) :] if kvs else b"0"
