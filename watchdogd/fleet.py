@@ -147,6 +147,12 @@ class Freshness:
         self._revision.pop(instance, None)
         self._changed.pop(instance, None)
 
+    def forget_others(self, keep: str) -> None:
+        """Drop what is known of every instance but ``keep`` (the leader's own view, which
+        is its probe of this cycle): each other view is a baseline again."""
+        for instance in [i for i in self._revision if i != keep]:
+            self.forget(instance)
+
 
 @dataclass(frozen=True)
 class Tally:

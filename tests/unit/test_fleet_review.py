@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.unit.test_fleet_daemon import DOWN_V, START, UP_V, Fleet
 from watchdogd.state.etcd import CompareFailed, KeyValue, Put, RangeResult, TxnResult
 from watchdogd.state.etcd_store import EtcdStore
 from watchdogd.state.store import Token
@@ -84,3 +88,60 @@ async def test_concurrent_appends_both_land_in_order() -> None:
         for g in client.gates:
             g.set()
     assert b"/w/c/journal/0000000000000003" in client.kv
+
+
+# ---------------------------------------------------------------- the daemon's fleet
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Any:
+    f = Fleet(tmp_path)
+    yield f
+    f.close()
+
+
+async def test_reelected_leader_does_not_count_a_view_from_its_last_term(fleet: Fleet) -> None:
+    await fleet.lead("dc1", "dc2", "dc3")
+    await fleet.two_rounds({"dc1": UP_V, "dc2": UP_V, "dc3": UP_V})
+    f1 = fleet.fleet("dc1")
+    await f1._lost("test: the leader key was taken")
+    # dc3 publishes DOWN once and is cut off; its ballot lives on for the ttl
+    await fleet.fleet("dc3").after_probe(DOWN_V)
+    fleet.clock.advance(10.0)  # beyond max_age, within the ballot's ttl
+    fleet.store._leader = None  # dc1 leads again, a new term
+    await fleet.lead("dc1")
+    assert f1.token is not None and f1.synced
+    await f1.after_probe(DOWN_V)
+    assert "dc3" not in f1.tally.fresh
+    assert f1.gate(START).start is None
+    # a voter that is alive counts again from its next change
+    fleet.clock.advance(1.0)
+    await fleet.vote({"dc1": DOWN_V, "dc2": DOWN_V, "dc3": DOWN_V})
+    assert set(f1.tally.down) == {"dc1", "dc2", "dc3"}
+
+
+async def test_a_gap_in_the_leaders_reads_makes_every_view_a_baseline(fleet: Fleet) -> None:
+    await fleet.lead("dc1", "dc2", "dc3")
+    await fleet.two_rounds({"dc1": UP_V, "dc2": UP_V, "dc3": UP_V})
+    f1 = fleet.fleet("dc1")
+    f1.box.unavailable = True
+    await fleet.fleet("dc3").after_probe(DOWN_V)  # then silent
+    for _ in range(10):
+        fleet.clock.advance(1.0)
+        await f1.after_probe(DOWN_V)
+    f1.box.unavailable = False
+    await fleet.lead("dc1")
+    await f1.after_probe(DOWN_V)
+    assert "dc3" not in f1.tally.fresh and "dc3" not in f1.tally.down
+    assert f1.gate(START).start is None
+
+
+async def test_a_change_is_dated_at_the_previous_read_not_now(fleet: Fleet) -> None:
+    await fleet.lead("dc1", "dc2", "dc3")
+    await fleet.two_rounds({"dc1": UP_V, "dc2": UP_V, "dc3": UP_V})
+    f1 = fleet.fleet("dc1")
+    read = fleet.clock()
+    await fleet.fleet("dc2").after_probe(DOWN_V)
+    fleet.clock.advance(2.0)
+    await f1.after_probe(DOWN_V)
+    assert f1.freshness.age("dc2", fleet.clock()) == pytest.approx(fleet.clock() - read)

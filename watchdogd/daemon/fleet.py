@@ -169,11 +169,10 @@ class Fleet:
         self.error: str | None = "not asked yet"
         self.position = 0  # the last journal position folded into the state
         self.seq = 0
-        # A view counts as fresh while the leader saw it change within this: a live
-        # voter republishes every probe interval; a publish may take a retry budget.
-        self.freshness = Freshness(3 * cfg.probe.interval + cfg.probe.timeout + self.timing.budget)
         self.views: dict[str, View] = {}
         self.tally: Tally | None = None
+        self.freshness = self._new_freshness()
+        self._last_read: float | None = None  # the leader's last good read of the ballots
         self._task: asyncio.Task[None] | None = None
         self._lost_tasks: set[asyncio.Task[None]] = set()
         # One journal call at a time (runner, fence, rejoin, commands and the take-over
@@ -283,6 +282,7 @@ class Fleet:
                 return min(self.timing.renew, 1.0)
             if token is not None:
                 self.token, self.synced = token, False
+                self.reset_votes()  # nothing seen before this term counts in it
                 self.deadline = votes.authority_deadline(sent, ttl, margin)
                 # A campaign whose reply was lost is adopted by the next one: its lease
                 # was granted before this round's send time, so its deadline counts from
@@ -342,6 +342,7 @@ class Fleet:
         if self.token is None:
             return
         self.token, self.synced, self.deadline = None, False, None
+        self.reset_votes()
         self.d.emit("fleet_leadership_lost", instance=self.instance, reason=why)
         self._set_leader(None)
         await self.d.sequences.abandon()
@@ -471,8 +472,35 @@ class Fleet:
             self._up()
         self._export()
 
+    def _new_freshness(self) -> Freshness:
+        # A view counts as fresh while the leader saw it change within this: a live
+        # voter republishes every probe interval; a publish may take a retry budget.
+        cfg = self.d.config
+        return Freshness(3 * cfg.probe.interval + cfg.probe.timeout + self.timing.budget)
+
+    def reset_votes(self, rebuild: bool = False) -> None:
+        """Forget the receive times of every other view: each is a baseline again (a new
+        or lost token, a gap in the leader's reads). A leader never counts a change it
+        saw in an earlier term or before a gap. ``rebuild``: a new window as well (a
+        reload that changed ``probe``); then the leader's own view starts afresh too."""
+        if rebuild:
+            self.freshness = self._new_freshness()
+        else:
+            self.freshness.forget_others(self.instance)
+        self._last_read = None
+        self.views, self.tally = {}, None
+
     def _count(self, own: View, ballots: dict[str, Any]) -> None:
         now = self.d.clock()
+        since = self._last_read
+        if since is None or now - since > self.freshness.max_age:
+            # The first read of a term, or after reads failed for longer than a view
+            # stays fresh: when anything changed is unknown, so nothing is fresh yet.
+            self.reset_votes()
+            since = now
+        # A change seen now was published after the previous good read (linearizable
+        # reads), not necessarily now: it is dated at that read, never later.
+        self._last_read = now
         views: dict[str, View] = {}
         for name, ballot in ballots.items():
             if name == self.instance:
@@ -482,7 +510,7 @@ class Fleet:
             except ValueError as exc:
                 self.d.emit("fleet_view_refused", voter=name, error=str(exc))
                 continue
-            self.freshness.saw(name, ballot.revision, now)
+            self.freshness.saw(name, ballot.revision, since)
         for name in list(self.views):
             if name not in ballots and name != self.instance:
                 self.freshness.forget(name)
