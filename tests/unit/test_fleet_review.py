@@ -13,10 +13,13 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_fleet_daemon import DOWN_V, START, UP_V, Fleet
+from tests.unit.test_fleet_daemon import DOWN_V, ROOT, START, UP_V, Fleet, raw
+from watchdogd import config
+from watchdogd.control import CommandError
+from watchdogd.daemon.lifecycle import Daemon
 from watchdogd.state.etcd import CompareFailed, KeyValue, Put, RangeResult, TxnResult
 from watchdogd.state.etcd_store import EtcdStore
-from watchdogd.state.store import Token
+from watchdogd.state.store import StoreUnavailable, Token
 
 LEADER = b"/w/c/leader"
 
@@ -145,3 +148,78 @@ async def test_a_change_is_dated_at_the_previous_read_not_now(fleet: Fleet) -> N
     fleet.clock.advance(2.0)
     await f1.after_probe(DOWN_V)
     assert f1.freshness.age("dc2", fleet.clock()) == pytest.approx(fleet.clock() - read)
+
+
+def slow_leader(tmp_path: Path, f: Fleet, marker: Path) -> Daemon:
+    """dc1 with one slow step that leaves a marker when it finishes."""
+    r = raw(tmp_path, "dc1", tmp_path / "log")
+    r["failover"]["steps"] = [
+        {
+            "name": "slow",
+            "action": "command",
+            "timeout": "5s",
+            "argv": ["sh", "-c", f"sleep 1.5; touch {marker}"],
+        }
+    ]
+    d = Daemon(config.parse(r), log=f.logs["dc1"], clock=f.clock)
+    assert d.fleet is not None
+    d.fleet.store, d.fleet.box = f.store, f.fleet("dc1").box
+    f.d["dc1"] = d
+    return d
+
+
+async def test_an_ambiguous_append_that_landed_is_taken_and_cuts_no_step(tmp_path: Path) -> None:
+    f = Fleet(tmp_path)
+    marker = tmp_path / "marker"
+    d = slow_leader(tmp_path, f, marker)
+    assert d.fleet is not None
+    await f.lead("dc1")
+    await d.sequences.start_failover("failover", "manual", "t", forced=True)
+    task = d.sequences.runner_task
+    assert task is not None
+    await asyncio.sleep(0.3)  # the slow step runs
+    f.store.ambiguous_appends = 1  # the pause lands, its answer is lost
+    done = await d.handle_command("pause", {"reason": "look"}, ROOT)
+    assert done["paused"] is True and d.state.paused
+    assert d.fleet.authority_left() > 0 and not d.fleet.needs_replay
+    outcome = await asyncio.wait_for(task, 5)
+    assert outcome != "interrupted" and marker.exists()
+    f.close()
+
+
+async def test_an_ambiguous_append_not_seen_refuses_new_work_but_not_the_running_step(
+    tmp_path: Path,
+) -> None:
+    f = Fleet(tmp_path)
+    marker = tmp_path / "marker"
+    d = slow_leader(tmp_path, f, marker)
+    fl = d.fleet
+    assert fl is not None
+    await f.lead("dc1")
+    await d.sequences.start_failover("failover", "manual", "t", forced=True)
+    task = d.sequences.runner_task
+    assert task is not None
+    await asyncio.sleep(0.3)
+    real = f.store.append
+    calls = 0
+
+    async def lost_before_landing(token: Token, record: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreUnavailable("reply lost (test)", maybe_applied=True)
+        return await real(token, record)
+
+    f.store.append = lost_before_landing  # type: ignore[method-assign]
+    with pytest.raises(CommandError, match="did not take the record"):
+        await d.handle_command("pause", {"reason": "look"}, ROOT)
+    assert fl.needs_replay and fl.authority_left() > 0
+    with pytest.raises(CommandError, match="fate is unknown"):
+        await d.handle_command("pause", {"reason": "again"}, ROOT)
+    assert "fate is unknown" in (fl.refusal() or "")
+    assert not fl.may_act()
+    outcome = await asyncio.wait_for(task, 5)
+    assert outcome != "interrupted" and marker.exists()
+    await f.lead("dc1")  # nothing runs now: the leader re-reads the journal
+    assert fl.synced and not fl.needs_replay and fl.command_refusal() is None
+    f.close()

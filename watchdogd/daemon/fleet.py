@@ -163,6 +163,10 @@ class Fleet:
         self.client: EtcdClient | None = None
         self.token: Token | None = None
         self.synced = False  # the leader has replayed the store's journal
+        # An append whose answer was lost and whose record the next read did not show
+        # (it may land yet): no new failover, fence, rejoin or command until the
+        # journal is replayed, once nothing runs. Running steps keep their authority.
+        self.needs_replay = False
         self.deadline: float | None = None  # the leader's authority ends (d.clock)
         self.leader: str | None = None  # who leads, as last read
         self.up = False  # the store answered the last call
@@ -239,7 +243,8 @@ class Fleet:
         return max(0.0, self.deadline - self.d.clock())
 
     def may_act(self) -> bool:
-        return self.authority_left() > 0 and self.up
+        """May this watcher start a fence or a rejoin now."""
+        return self.authority_left() > 0 and self.up and not self.needs_replay
 
     async def _lead_loop(self) -> None:
         while True:
@@ -304,6 +309,8 @@ class Fleet:
             self._up()
             renewed = votes.authority_deadline(sent, ttl, margin)
             self.deadline = max(self.deadline or renewed, renewed)
+        if self.token is not None and self.needs_replay and self._idle():
+            self.needs_replay, self.synced = False, False  # replay now that nothing runs
         if self.token is not None and not self.synced:
             await self._take_over()
         self._export()
@@ -329,9 +336,8 @@ class Fleet:
         self.d.adopt(state)
         for problem in state.problems:
             self.d.emit("journal_problem", problem=problem, path="store")
-        self.synced = True
-        seq = self.d.sequences
-        if not seq.running and not seq.fencing and seq.rejoin_task is None:
+        self.synced, self.needs_replay = True, False
+        if self._idle():
             # A new leader (or one that re-read the journal after an ambiguous append
             # while nothing ran): act on the journal as a restart would.
             await self.d.take_over()
@@ -342,6 +348,7 @@ class Fleet:
         if self.token is None:
             return
         self.token, self.synced, self.deadline = None, False, None
+        self.needs_replay = False
         self.reset_votes()
         self.d.emit("fleet_leadership_lost", instance=self.instance, reason=why)
         self._set_leader(None)
@@ -397,10 +404,32 @@ class Fleet:
             raise StoreWriteError(f"leadership lost: {exc}") from None
         except StoreUnavailable as exc:
             self._down(str(exc))
-            if exc.maybe_applied:
-                self.synced = False  # it may be in the store: replay before acting again
+            if exc.maybe_applied and await self._landed(record):
+                return  # the reply was lost, the record is in the store: taken
             raise StoreWriteError(f"the store did not take the record: {exc}") from None
         self.position = max(self.position, position)
+
+    async def _landed(self, record: dict[str, Any]) -> bool:
+        """After an append whose answer was lost: one linearizable read of what follows
+        ``position`` settles it at once. This very record and nothing else there: it
+        landed (True). Anything else (not there, something unexpected, no answer): it
+        may land yet, so ``needs_replay``; running steps are not cut short for it."""
+        assert self.store is not None
+        try:
+            async with self._journal:
+                entries = await self.store.entries(self.position)
+        except (StoreUnavailable, JournalError):
+            entries = None
+        if entries is not None and len(entries) == 1 and entries[0][1] == record:
+            self._up()
+            self.position = max(self.position, entries[0][0])
+            return True
+        self.needs_replay = True
+        return False
+
+    def _idle(self) -> bool:
+        seq = self.d.sequences
+        return not seq.running and not seq.fencing and seq.rejoin_task is None
 
     async def follow(self) -> None:
         """A follower folds in what the leader appended since it last looked."""
@@ -556,6 +585,8 @@ class Fleet:
         left = self.authority_left()
         if not self.synced:
             return "the leader has not read the fleet's journal yet"
+        if self.needs_replay:
+            return "a journal record's fate is unknown: the leader re-reads the journal first"
         if left <= first:
             return (
                 f"the leader's authority ({left:.1f}s left) would end before the first "
@@ -570,6 +601,11 @@ class Fleet:
         if self.is_leader:
             if not self.synced:
                 return "this watcher just became the leader and is reading the journal; retry"
+            if self.needs_replay:
+                return (
+                    "a journal record's fate is unknown: this leader re-reads the journal "
+                    "once nothing runs; retry"
+                )
             if self.authority_left() <= 0:
                 return "the store does not answer: this leader's authority has ended; retry"
             return None
