@@ -17,6 +17,7 @@ from tests.unit.test_fleet_daemon import DOWN_V, ROOT, START, UP_V, Fleet, raw
 from watchdogd import config
 from watchdogd.control import CommandError
 from watchdogd.daemon.lifecycle import Daemon
+from watchdogd.fleet import View
 from watchdogd.state.etcd import CompareFailed, KeyValue, Put, RangeResult, TxnResult
 from watchdogd.state.etcd_store import EtcdStore
 from watchdogd.state.store import StoreUnavailable, Token
@@ -223,3 +224,27 @@ async def test_an_ambiguous_append_not_seen_refuses_new_work_but_not_the_running
     await f.lead("dc1")  # nothing runs now: the leader re-reads the journal
     assert fl.synced and not fl.needs_replay and fl.command_refusal() is None
     f.close()
+
+
+@pytest.mark.parametrize("outage", [10**400, -(10**400), 10**9 + 1], ids=["huge", "-huge", "1e9+1"])
+def test_a_huge_outage_is_refused_with_one_line(outage: int) -> None:
+    data = View("dc2", 1, "main", True, None, 1.0, None, "x").encode()
+    data["outage"] = outage
+    with pytest.raises(ValueError, match="outage must be a number of seconds") as err:
+        View.decode(data)
+    assert "\n" not in str(err.value)
+
+
+async def test_a_hostile_ballot_is_skipped_not_the_leaders_count(fleet: Fleet) -> None:
+    await fleet.lead("dc1", "dc2", "dc3")
+    await fleet.two_rounds({"dc1": DOWN_V, "dc2": DOWN_V, "dc3": DOWN_V})
+    hostile = fleet.fleet("dc2").view(DOWN_V).encode()
+    hostile["outage"] = 10**400
+    await fleet.fleet("dc2").box.publish("dc2", hostile)
+    fleet.clock.advance(1.0)
+    await fleet.fleet("dc3").after_probe(DOWN_V)
+    await fleet.fleet("dc1").after_probe(DOWN_V)  # no OverflowError
+    f1 = fleet.fleet("dc1")
+    assert f1.up and f1.tally is not None and "dc2" not in f1.tally.down
+    assert set(f1.tally.down) == {"dc1", "dc3"}
+    assert fleet.logs["dc1"].named("fleet_view_refused")[-1]["voter"] == "dc2"

@@ -536,7 +536,7 @@ class Fleet:
                 continue  # our own view is put in below, as it is now
             try:
                 views[name] = View.decode(ballot.data)
-            except ValueError as exc:
+            except (ValueError, TypeError, OverflowError) as exc:  # one bad ballot, not the count
                 self.d.emit("fleet_view_refused", voter=name, error=str(exc))
                 continue
             self.freshness.saw(name, ballot.revision, since)
