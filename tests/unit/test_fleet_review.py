@@ -18,8 +18,10 @@ from watchdogd import config
 from watchdogd.control import CommandError
 from watchdogd.daemon.lifecycle import Daemon
 from watchdogd.fleet import View
+from watchdogd.policy import State
 from watchdogd.state.etcd import CompareFailed, KeyValue, Put, RangeResult, TxnResult
 from watchdogd.state.etcd_store import EtcdStore
+from watchdogd.state.journal import JournalDamaged, encode_line
 from watchdogd.state.store import StoreUnavailable, Token
 
 LEADER = b"/w/c/leader"
@@ -248,3 +250,58 @@ async def test_a_hostile_ballot_is_skipped_not_the_leaders_count(fleet: Fleet) -
     assert f1.up and f1.tally is not None and "dc2" not in f1.tally.down
     assert set(f1.tally.down) == {"dc1", "dc3"}
     assert fleet.logs["dc1"].named("fleet_view_refused")[-1]["voter"] == "dc2"
+
+
+class Journal:
+    """A fake etcd holding journal keys only (for ``EtcdStore.entries``)."""
+
+    def __init__(self, kvs: dict[bytes, bytes]) -> None:
+        self.kvs = [KeyValue(k, v, i + 1, i + 1, 1, 0) for i, (k, v) in enumerate(kvs.items())]
+
+    async def get_prefix(self, prefix: bytes) -> RangeResult:
+        kvs = tuple(kv for kv in self.kvs if kv.key.startswith(prefix))
+        return RangeResult(len(self.kvs), kvs, len(kvs))
+
+
+async def test_stray_keys_under_the_journal_prefix_are_not_records() -> None:
+    record = {"type": "resume", "by": "x", "at": 1.0}
+    client = Journal(
+        {
+            b"/w/c/journal/0000000000000001": encode_line(record),
+            b"/w/c/journal/foo": b"junk",
+            b"/w/c/journal/99": b"junk",
+        }
+    )
+    store = EtcdStore(client, "/w/c")  # type: ignore[arg-type]
+    assert [r for _, r in await store.entries()] == [record]
+    assert store._next_seq == 2
+    client.kvs.append(KeyValue(b"/w/c/journal/0000000000000002", b"garbage", 9, 9, 1, 0))
+    with pytest.raises(JournalDamaged, match="0000000000000002"):
+        await store.entries()
+
+
+async def test_a_damaged_record_is_a_failed_state_not_store_down(fleet: Fleet) -> None:
+    real = fleet.store.entries
+
+    async def damaged(after: int = 0) -> Any:
+        raise JournalDamaged("etcd journal key /w/c/journal/0000000000000007 is damaged")
+
+    fleet.store.entries = damaged  # type: ignore[method-assign]
+    await fleet.lead("dc1", "dc2")
+    f1, f2 = fleet.fleet("dc1"), fleet.fleet("dc2")
+    assert f1.is_leader and not f1.synced and f1.up and "0000000000000007" in f1.journal_damaged
+    await fleet.two_rounds({"dc1": DOWN_V, "dc2": DOWN_V, "dc3": DOWN_V})
+    for f in (f1, f2):
+        gated = f.gate(START)
+        assert gated.state == State.FAILED and gated.start is None
+        assert "journal in the store is damaged" in gated.reason
+        assert f.up and not f.may_act()
+    assert fleet.logs["dc1"].named("store_unavailable") == []
+    with pytest.raises(CommandError, match="damaged"):
+        await fleet.d["dc1"].handle_command("pause", {}, ROOT)
+    assert fleet.d["dc1"].status()["store"]["journal_damaged"] is not None
+    # an operator repairs the record: the leader reads the journal whole and acts again
+    fleet.store.entries = real  # type: ignore[method-assign]
+    await fleet.lead("dc1")
+    assert f1.synced and f1.journal_damaged is None
+    assert fleet.logs["dc1"].named("fleet_journal_repaired")

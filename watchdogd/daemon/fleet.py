@@ -167,6 +167,9 @@ class Fleet:
         # (it may land yet): no new failover, fence, rejoin or command until the
         # journal is replayed, once nothing runs. Running steps keep their authority.
         self.needs_replay = False
+        # The store's journal holds a record that does not decode: nobody acts on a
+        # journal with a hole in it (a hidden failover start?) until an operator fixes it.
+        self.journal_damaged: str | None = None
         self.deadline: float | None = None  # the leader's authority ends (d.clock)
         self.leader: str | None = None  # who leads, as last read
         self.up = False  # the store answered the last call
@@ -244,7 +247,12 @@ class Fleet:
 
     def may_act(self) -> bool:
         """May this watcher start a fence or a rejoin now."""
-        return self.authority_left() > 0 and self.up and not self.needs_replay
+        return (
+            self.authority_left() > 0
+            and self.up
+            and not self.needs_replay
+            and self.journal_damaged is None
+        )
 
     async def _lead_loop(self) -> None:
         while True:
@@ -326,6 +334,10 @@ class Fleet:
         except StoreUnavailable as exc:
             self._down(str(exc))
             return  # not synced: the next round reads again; nothing acts meanwhile
+        except JournalError as exc:
+            self._damaged(str(exc))
+            return  # not synced: no failover, no command, until the record is repaired
+        self._repaired()
         state = JournalState()
         for position, record in entries:
             try:
@@ -402,6 +414,9 @@ class Fleet:
         except TokenLost as exc:
             self._lost_soon(str(exc))
             raise StoreWriteError(f"leadership lost: {exc}") from None
+        except JournalError as exc:  # where the journal ends could not be read
+            self._damaged(str(exc))
+            raise StoreWriteError(f"the store's journal is damaged: {exc}") from None
         except StoreUnavailable as exc:
             self._down(str(exc))
             if exc.maybe_applied and await self._landed(record):
@@ -427,6 +442,23 @@ class Fleet:
         self.needs_replay = True
         return False
 
+    def _damaged(self, why: str) -> None:
+        """A record in the store's journal does not decode: a visible failed state, not
+        "store down". The leader stops acting (it replays the journal once it reads
+        whole again) and nobody fails over on a journal with a hole in it."""
+        why = self.d.config.mask(why)
+        self._up()  # the store answered
+        if why != self.journal_damaged:
+            self.d.emit("journal_problem", problem=why, path="store")
+        self.journal_damaged = why
+        if self.token is not None and self.synced and self._idle():
+            self.synced = False  # re-read the whole journal before acting again
+
+    def _repaired(self) -> None:
+        if self.journal_damaged is not None:
+            self.d.emit("fleet_journal_repaired", after=self.journal_damaged)
+            self.journal_damaged = None
+
     def _idle(self) -> bool:
         seq = self.d.sequences
         return not seq.running and not seq.fencing and seq.rejoin_task is None
@@ -436,7 +468,12 @@ class Fleet:
         if self.is_leader or self.store is None:
             return
         async with self._journal:
-            entries = await self.store.entries(self.position)
+            try:
+                entries = await self.store.entries(self.position)
+            except JournalError as exc:
+                self._damaged(str(exc))
+                return
+        self._repaired()
         acked: dict[str, Any] | None = None
         for position, record in entries:
             self.position = max(self.position, position)
@@ -495,8 +532,6 @@ class Fleet:
                     self.views = {}
         except (StoreUnavailable, TimeoutError) as exc:
             self._down(str(exc) or "no answer within the probe interval")
-        except JournalError as exc:  # a damaged record in the store's journal
-            self._down(str(exc))
         else:
             self._up()
         self._export()
@@ -560,6 +595,13 @@ class Fleet:
     def gate(self, decision: Decision) -> Decision:
         """The policy's decision as the fleet allows it (see the module docstring)."""
         running = self.d.sequences.running
+        if self.journal_damaged is not None and not running:
+            return Decision(
+                State.FAILED,
+                f"the fleet's journal in the store is damaged ({self.journal_damaged}); "
+                "nothing is failed over, fenced or rejoined until an operator repairs or "
+                f"deletes that record; {decision.reason}",
+            )
         if not self.up and not running:
             return Decision(
                 State.STORE_UNAVAILABLE,
@@ -583,6 +625,8 @@ class Fleet:
         steps = self.d.config.failover.steps
         first = steps[0].timeout + 1.0 if steps else 0.0
         left = self.authority_left()
+        if self.journal_damaged is not None:
+            return f"the fleet's journal in the store is damaged: {self.journal_damaged}"
         if not self.synced:
             return "the leader has not read the fleet's journal yet"
         if self.needs_replay:
@@ -599,6 +643,11 @@ class Fleet:
     def command_refusal(self) -> str | None:
         """Why a command that changes anything is refused here, or None (the leader)."""
         if self.is_leader:
+            if self.journal_damaged is not None:
+                return (
+                    f"the fleet's journal in the store is damaged ({self.journal_damaged}); "
+                    "repair or delete that record first"
+                )
             if not self.synced:
                 return "this watcher just became the leader and is reading the journal; retry"
             if self.needs_replay:
@@ -640,6 +689,7 @@ class Fleet:
             "is_leader": self.is_leader,
             "up": self.up,
             "error": self.error,
+            "journal_damaged": self.journal_damaged,
             "deadline_in": round(self.authority_left(), 1) if self.is_leader else None,
             "voters": voters,
             "refusal": self.refusal() if self.is_leader else self._not_leader(),

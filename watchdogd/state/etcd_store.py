@@ -6,7 +6,8 @@ Keys under ``prefix`` (e.g. ``/watchdogd/<cluster>``):
   (``create_revision == 0``); its ``create_revision`` is the fencing ``Token``.
 - ``<prefix>/journal/<seq, 16 digits>``: one record each, in the local journal's own
   checksummed line format (``encode_line``/``decode_line``). Written once, never
-  changed; a record's position is its etcd revision.
+  changed; a record's position is its etcd revision. Other keys under the prefix are
+  not records and are skipped; a record that does not decode is ``JournalDamaged``.
 
 ``append`` is one transaction: the leader key still has the token's create_revision AND
 the record's key does not exist yet, then put the record. When the compare fails, the
@@ -196,12 +197,13 @@ class EtcdStore:
 
     async def _entries(self, after: int = 0) -> list[Entry]:
         result = await self.client.get_prefix(self.journal_prefix)
-        kvs = sorted(result.kvs, key=lambda kv: kv.key)
-        last = kvs[-1].key[len(self.journal_prefix) :] if kvs else b"0"
-        try:
-            self._next_seq = int(last) + 1
-        except ValueError:
-            raise JournalDamaged(f"etcd journal key {_text(kvs[-1].key)} is not a number") from None
+        # Only keys of 16 digits are records (what append writes); anything else under
+        # the prefix is not this journal's and is skipped, as ballots skip stray keys.
+        kvs = sorted(
+            (kv for kv in result.kvs if _is_seq(kv.key[len(self.journal_prefix) :])),
+            key=lambda kv: kv.key,
+        )
+        self._next_seq = int(kvs[-1].key[len(self.journal_prefix) :]) + 1 if kvs else 1
         return [(kv.mod_revision, self._decode(kv)) for kv in kvs if kv.mod_revision > after]
 
     async def watch(self, after: int = 0) -> AsyncIterator[Entry]:
@@ -241,6 +243,10 @@ class EtcdStore:
 def _lost(token: Token, now: KeyValue | None) -> str:
     holder = "nobody" if now is None else f"{_text(now.value)!r} (token {now.create_revision})"
     return f"leadership with token {token.revision} lost: the leader key is held by {holder}"
+
+
+def _is_seq(name: bytes) -> bool:
+    return len(name) == 16 and name.isdigit()
 
 
 def _text(raw: bytes) -> str:
