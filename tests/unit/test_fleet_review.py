@@ -21,7 +21,7 @@ from watchdogd.fleet import View
 from watchdogd.policy import State
 from watchdogd.state.etcd import CompareFailed, KeyValue, Put, RangeResult, TxnResult
 from watchdogd.state.etcd_store import EtcdStore
-from watchdogd.state.journal import JournalDamaged, encode_line
+from watchdogd.state.journal import FailoverRecord, JournalDamaged, encode_line
 from watchdogd.state.store import StoreUnavailable, Token
 
 LEADER = b"/w/c/leader"
@@ -305,3 +305,94 @@ async def test_a_damaged_record_is_a_failed_state_not_store_down(fleet: Fleet) -
     await fleet.lead("dc1")
     assert f1.synced and f1.journal_damaged is None
     assert fleet.logs["dc1"].named("fleet_journal_repaired")
+
+
+# ---------------------------------------------------------------- the rejoin's fence (F1, F2)
+
+
+class HeldEngine:
+    """An old primary whose fence runs until the test releases it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.release = asyncio.Event()
+        self.cancelled = False
+
+    async def distinct_from(self, new: Any, timeout: float) -> None:
+        self.calls.append("distinct_from")
+
+    async def fence(self, timeout: float) -> None:
+        self.calls.append("fence")
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+    async def divergence(self, new: Any, timeout: float) -> Any:
+        await asyncio.Event().wait()  # never answers: the test cancels first
+
+    async def close(self) -> None:
+        pass
+
+
+def old_primary(fleet: Fleet) -> tuple[Daemon, HeldEngine, FailoverRecord]:
+    d = fleet.d["dc1"]
+    engine = HeldEngine()
+    d.engines["main"] = engine  # type: ignore[assignment]
+    d.engines["failover"] = HeldEngine()  # type: ignore[assignment]
+    fo = FailoverRecord(
+        id="f1", trigger="automatic", reason="t", from_node="main", to_node="failover",
+        started_at=1.0,
+    )  # fmt: skip
+    return d, engine, fo
+
+
+async def test_the_rejoins_fence_needs_the_leaders_authority(fleet: Fleet) -> None:
+    d, engine, fo = old_primary(fleet)
+    # a follower (no authority) fences nothing
+    why = await d.sequences.fence_old(fo)
+    assert why is not None and "authority" in why and engine.calls == []
+    await fleet.lead("dc1")
+    # too little authority left for the whole fence and a store call, and no renewal
+    # comes within the wait
+    d.authority_wait = lambda: 0.3  # type: ignore[method-assign]
+    fleet.clock.advance(5.0)
+    why = await d.sequences.fence_old(fo)
+    assert why is not None and "shorter than the fence may take" in why and engine.calls == []
+
+
+async def test_the_rejoins_fence_is_cut_off_at_the_authoritys_end(fleet: Fleet) -> None:
+    d, engine, fo = old_primary(fleet)
+    await fleet.lead("dc1")
+    task = asyncio.create_task(d.sequences.fence_old(fo))
+    while "fence" not in engine.calls:
+        assert not task.done(), task.result()
+        await asyncio.sleep(0.01)
+    fleet.clock.advance(14.0)  # the renewals were not answered: the deadline passes
+    why = await asyncio.wait_for(task, 2)
+    assert why is not None and "authority ended" in why and engine.cancelled
+
+
+async def test_lost_leadership_ends_a_background_auto_rejoin(fleet: Fleet) -> None:
+    d, engine, fo = old_primary(fleet)
+    await fleet.lead("dc1")
+    d.state.failovers.append(fo)
+    task = asyncio.create_task(d.sequences.auto_rejoin(fo))
+    d.sequences.auto_tasks.add(task)
+    while "fence" not in engine.calls:
+        assert not task.done()
+        await asyncio.sleep(0.01)
+    assert d.sequences.rejoin_running
+    await fleet.fleet("dc1")._lost("test: the key was taken")
+    assert task.done() and engine.cancelled and not d.sequences.rejoin_running
+
+
+async def test_no_fence_starts_while_a_rejoins_start_record_is_in_flight(fleet: Fleet) -> None:
+    d, _, _ = old_primary(fleet)
+    seq = d.sequences
+    seq._rejoin_launching = True  # what _launch_rejoin holds across runner.begin()
+    assert seq.rejoin_running
+    seq._rejoin_launching = False
+    seq._fence_launching = True  # what start_fence holds across runner.begin()
+    assert seq.fencing

@@ -461,7 +461,7 @@ class Fleet:
 
     def _idle(self) -> bool:
         seq = self.d.sequences
-        return not seq.running and not seq.fencing and seq.rejoin_task is None
+        return not seq.running and not seq.fencing and not seq.rejoin_running
 
     async def follow(self) -> None:
         """A follower folds in what the leader appended since it last looked."""
