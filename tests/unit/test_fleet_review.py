@@ -7,18 +7,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.unit.test_fleet_daemon import DOWN_V, ROOT, START, UP_V, Fleet, raw
+from tests.unit.test_fleet_daemon import DOWN_V, ROOT, START, UP_V, Fleet, Log, raw
 from watchdogd import config
+from watchdogd.actions import StepContext
 from watchdogd.control import CommandError
 from watchdogd.daemon.lifecycle import Daemon
+from watchdogd.failover.runner import Runner
 from watchdogd.fleet import View
-from watchdogd.policy import State
+from watchdogd.policy import State, build_plan
 from watchdogd.state.etcd import CompareFailed, KeyValue, Put, RangeResult, TxnResult
 from watchdogd.state.etcd_store import EtcdStore
 from watchdogd.state.journal import FailoverRecord, JournalDamaged, encode_line
@@ -396,3 +400,64 @@ async def test_no_fence_starts_while_a_rejoins_start_record_is_in_flight(fleet: 
     seq._rejoin_launching = False
     seq._fence_launching = True  # what start_fence holds across runner.begin()
     assert seq.fencing
+
+
+# ---------------------------------------------------------------- runner bounds (Low)
+
+
+class Lingering:
+    """An action whose cancellation takes a moment to clean up."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cleaned = False
+
+    async def run(self, ctx: Any, timeout: float) -> str:
+        self.started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            await asyncio.sleep(0.2)  # e.g. a process group being killed and reaped
+            self.cleaned = True
+        return "done"
+
+
+def one_step_runner(tmp_path: Path, action: Lingering, **bounds: Any) -> Runner:
+    cfg = config.parse(raw(tmp_path, "dc1", tmp_path / "log"))
+    plan = build_plan(
+        cfg.failover, id="F1", kind="failover", trigger="manual", reason="t",
+        from_node="main", to_node="failover",
+    )  # fmt: skip
+    ctx = StepContext(
+        config=cfg, primary=cfg.primary, standby=cfg.standby, engines={},
+        failover_id="F1", reason="t", trigger="manual",
+    )  # fmt: skip
+
+    async def record(rec: dict[str, Any]) -> None:
+        pass
+
+    acts = {s.name: action for s in plan.steps}
+    return Runner(plan, ctx, acts, record, lambda *a, **k: None, **bounds)  # type: ignore[arg-type]
+
+
+async def test_a_cancelled_runner_waits_for_its_step_to_end(tmp_path: Path) -> None:
+    action = Lingering()
+    runner = one_step_runner(tmp_path, action, authority=lambda: 100.0)
+    task = asyncio.create_task(runner.run())
+    await action.started.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert action.cleaned  # the step ended before the runner did
+
+
+async def test_one_watcher_passes_no_authority_to_its_runners(tmp_path: Path) -> None:
+    cfg = raw(tmp_path, "solo", tmp_path / "log")
+    del cfg["store"]
+    solo = Daemon(config.parse(cfg), log=Log(), clock=time.monotonic)
+    assert solo.sequences.authority_bounds() == {}
+    fleet = Fleet(tmp_path)
+    bounds = fleet.d["dc1"].sequences.authority_bounds()
+    assert bounds["authority"] == fleet.d["dc1"].authority_left and bounds["authority_wait"] > 0
+    fleet.close()
+    solo.journal.close()

@@ -238,8 +238,7 @@ class Sequences:
             d.emit,
             resume=resume,
             wall=d.wall,
-            authority=d.authority_left,
-            authority_wait=d.authority_wait(),
+            **self.authority_bounds(),
         )
         self._launching = True
         try:
@@ -333,8 +332,7 @@ class Sequences:
             d.emit,
             wall=d.wall,
             failover_id=fo.id,
-            authority=d.authority_left,
-            authority_wait=d.authority_wait(),
+            **self.authority_bounds(),
         )
         self._fence_launching = True  # a cycle meanwhile must not start a second fence
         try:
@@ -435,6 +433,15 @@ class Sequences:
         except Exception as exc:  # an engine error or a bug: the rejoin must not go ahead
             return d.config.mask(f"{fo.from_node} could not be fenced: {exc}")
         return None
+
+    def authority_bounds(self) -> dict[str, Any]:
+        """A runner's authority bounds: in a fleet the leader's authority and the wait
+        for a renewal; none for one watcher (its steps are bounded by their timeouts
+        only, without polling an authority that is always unlimited)."""
+        d = self.d
+        if d.fleet is None:
+            return {}
+        return {"authority": d.authority_left, "authority_wait": d.authority_wait()}
 
     def divergence_timeout(self) -> float:
         """How long one call of a divergence report or a rejoin's fence may take: in a
@@ -600,8 +607,7 @@ class Sequences:
             wall=d.wall,
             failover_id=fo.id,
             started=started,
-            authority=d.authority_left,
-            authority_wait=d.authority_wait(),
+            **self.authority_bounds(),
         )
         self._rejoin_launching = True  # a cycle meanwhile must not start a fence or rejoin
         try:
