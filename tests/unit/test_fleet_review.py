@@ -461,3 +461,17 @@ async def test_one_watcher_passes_no_authority_to_its_runners(tmp_path: Path) ->
     assert bounds["authority"] == fleet.d["dc1"].authority_left and bounds["authority_wait"] > 0
     fleet.close()
     solo.journal.close()
+
+
+# ---------------------------------------------------------------- check-config (Low)
+
+
+def test_a_probe_interval_that_outlives_the_ballots_is_refused(tmp_path: Path) -> None:
+    r = raw(tmp_path, "dc1", tmp_path / "log")
+    r["probe"] = {"interval": "15s", "timeout": "1s"}
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(r)
+    (problem,) = [p for p in info.value.problems if p.startswith("probe.interval")]
+    assert "store.etcd.ttl 15s" in problem and "\n" not in problem
+    r["probe"] = {"interval": "2s", "timeout": "1s"}
+    assert config.parse(r).probe.interval == 2.0
