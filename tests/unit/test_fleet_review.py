@@ -26,7 +26,7 @@ from watchdogd.policy import State, build_plan
 from watchdogd.state.etcd import CompareFailed, KeyValue, Put, RangeResult, TxnResult
 from watchdogd.state.etcd_store import EtcdStore
 from watchdogd.state.journal import FailoverRecord, JournalDamaged, encode_line
-from watchdogd.state.store import StoreUnavailable, Token
+from watchdogd.state.store import MemoryStore, StoreUnavailable, Token
 
 LEADER = b"/w/c/leader"
 
@@ -475,3 +475,29 @@ def test_a_probe_interval_that_outlives_the_ballots_is_refused(tmp_path: Path) -
     assert "store.etcd.ttl 15s" in problem and "\n" not in problem
     r["probe"] = {"interval": "2s", "timeout": "1s"}
     assert config.parse(r).probe.interval == 2.0
+
+
+# ---------------------------------------------------------------- a campaign's lost reply (Low)
+
+
+class PendingStore(MemoryStore):
+    """A store whose last campaign reply was lost although the key is ours."""
+
+    pending_campaign = True
+
+    async def campaign(self, holder: str, ttl: float) -> Token | None:
+        self.pending_campaign = False
+        assert self._leader is not None
+        return self._leader.token  # settled: the key stands on our lease
+
+
+async def test_a_leader_key_that_names_us_after_a_lost_reply_is_settled_at_once(
+    fleet: Fleet,
+) -> None:
+    store = PendingStore(fleet.clock)
+    fleet.fleet("dc1").store = store
+    won = await MemoryStore.campaign(store, "dc1", 15.0)  # landed; its reply was "lost"
+    assert won is not None
+    f1 = fleet.fleet("dc1")
+    await f1._lead_once()
+    assert f1.token == won and f1.is_leader and f1.leader == "dc1"

@@ -277,7 +277,10 @@ class Fleet:
             token = None
             try:
                 holder = await self.store.leader()
-                if holder is None:
+                # A campaign whose reply was lost may have put the key on our own lease:
+                # it names us, so nobody else campaigns; settle it now, not after a ttl.
+                ours = holder is not None and holder.holder == self.instance
+                if holder is None or (ours and getattr(self.store, "pending_campaign", False)):
                     sent = self.d.clock()
                     token = await self.store.campaign(self.instance, ttl)
                     if token is None:

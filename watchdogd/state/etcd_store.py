@@ -105,6 +105,12 @@ class EtcdStore:
         self._next_seq = None  # records may have come since this watcher last read
         return self._token
 
+    @property
+    def pending_campaign(self) -> bool:
+        """A campaign's reply was lost: the leader key may be this watcher's (the next
+        ``campaign`` settles it)."""
+        return self._pending is not None
+
     async def _settle_pending(self, holder: str) -> Token | None:
         assert self._pending is not None
         pending_holder, lease = self._pending
