@@ -501,3 +501,42 @@ async def test_a_leader_key_that_names_us_after_a_lost_reply_is_settled_at_once(
     f1 = fleet.fleet("dc1")
     await f1._lead_once()
     assert f1.token == won and f1.is_leader and f1.leader == "dc1"
+
+
+async def test_a_second_fence_does_not_start_while_the_firsts_record_is_in_flight(
+    tmp_path: Path,
+) -> None:
+    f = Fleet(tmp_path)
+    r = raw(tmp_path, "dc1", tmp_path / "log")
+    r["failover"]["fence_steps"] = [
+        {"name": "fence", "action": "command", "timeout": "1s", "argv": ["true"]}
+    ]
+    d = Daemon(config.parse(r), log=f.logs["dc1"], clock=f.clock)
+    assert d.fleet is not None
+    d.fleet.store, d.fleet.box = f.store, f.fleet("dc1").box
+    f.d["dc1"] = d
+    await f.lead("dc1")
+    fo = FailoverRecord(
+        id="f1", trigger="automatic", reason="t", from_node="main", to_node="failover",
+        started_at=1.0,
+    )  # fmt: skip
+    slow, asked = asyncio.Event(), asyncio.Event()
+    written: list[str] = []
+
+    async def record(rec: dict[str, Any]) -> None:
+        written.append(rec["type"])
+        asked.set()
+        await slow.wait()  # the store takes its time to answer
+
+    d.record = record  # type: ignore[method-assign]
+    first = asyncio.create_task(d.sequences.start_fence(fo))
+    await asked.wait()
+    assert d.sequences.fencing
+    await d.sequences.start_fence(fo)  # a cycle meanwhile
+    assert len(written) == 1
+    slow.set()
+    await first
+    task = d.sequences.fence_task
+    assert task is not None
+    await asyncio.wait_for(task, 5)
+    f.close()
