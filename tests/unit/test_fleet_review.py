@@ -540,3 +540,22 @@ async def test_a_second_fence_does_not_start_while_the_firsts_record_is_in_fligh
     assert task is not None
     await asyncio.wait_for(task, 5)
     f.close()
+
+
+async def test_a_reload_that_changes_the_probe_rebuilds_the_freshness_window(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    import yaml
+
+    r = raw(tmp_path, "dc1", tmp_path / "log")
+    path = tmp_path / "watchdogd.yml"
+    path.write_text(yaml.safe_dump(r))
+    d = Daemon(config.load(path), log=fleet.logs["dc1"], clock=fleet.clock)
+    assert d.fleet is not None
+    d.fleet.store, d.fleet.box = fleet.store, fleet.fleet("dc1").box
+    before = d.fleet.freshness.max_age
+    r["probe"]["interval"] = "2s"
+    path.write_text(yaml.safe_dump(r))
+    await d.reload(by="test")
+    assert d.fleet.freshness.max_age == pytest.approx(before + 3 * 1.0)
+    d.journal.close()
