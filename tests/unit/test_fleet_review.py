@@ -69,6 +69,15 @@ class GatedEtcd:
         return result
 
 
+async def arrived(client: GatedEtcd, n: int) -> None:
+    """Until ``n`` transactions have reached the fake etcd."""
+    for _ in range(10_000):
+        if len(client.gates) >= n:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{n} transactions never arrived")
+
+
 async def test_concurrent_appends_both_land_in_order() -> None:
     client = GatedEtcd()
     store = EtcdStore(client, "/w/c")  # type: ignore[arg-type]
@@ -98,6 +107,24 @@ async def test_concurrent_appends_both_land_in_order() -> None:
         for g in client.gates:
             g.set()
     assert b"/w/c/journal/0000000000000003" in client.kv
+
+
+async def test_a_journal_read_beside_an_append_neither_waits_nor_moves_the_end() -> None:
+    client = GatedEtcd()
+    store = EtcdStore(client, "/w/c")  # type: ignore[arg-type]
+    token = Token("dc1", 5)
+    first = asyncio.create_task(store.append(token, {"type": "resume", "by": "x", "at": 1.0}))
+    await arrived(client, 1)
+    # the append's record is committed, its answer not yet back: a read now
+    read = await asyncio.wait_for(store.entries(), 1)  # does not wait for the append
+    assert len(read) == 1
+    client.gates[0].set()
+    await first
+    second = asyncio.create_task(store.append(token, {"type": "resume", "by": "y", "at": 2.0}))
+    await arrived(client, 2)
+    client.gates[1].set()
+    await second
+    assert b"/w/c/journal/0000000000000002" in client.kv
 
 
 # ---------------------------------------------------------------- the daemon's fleet

@@ -56,8 +56,10 @@ from watchdogd.state.store import Entry, StoreUnavailable, Token, TokenLost
 
 class EtcdStore:
     """``RecordStore`` and ``Leadership`` on etcd for one watcher (one holder at a time).
-    Appends (and the reads that find where the journal ends) are made one after another
-    under a lock: two at once would race for the same sequence number."""
+    Appends are made one after another under a lock: two at once would race for the
+    same sequence number. A read of the journal beside an append does not wait for it
+    (each call stays within its own retry budget) and does not move where the next
+    append goes."""
 
     def __init__(self, client: EtcdClient, prefix: str) -> None:
         prefix = prefix.rstrip("/")
@@ -68,7 +70,8 @@ class EtcdStore:
         self._token: Token | None = None
         self._next_seq: int | None = None
         self._pending: tuple[str, Lease] | None = None  # a campaign whose answer was lost
-        self._journal_lock = asyncio.Lock()  # one append (or journal read) at a time
+        self._journal_lock = asyncio.Lock()  # one append at a time
+        self._appends = 0  # appends begun: a read that overlapped one leaves _next_seq be
 
     # ----------------------------------------------------------------- leadership
 
@@ -160,6 +163,7 @@ class EtcdStore:
             return await self._append(token, line)
 
     async def _append(self, token: Token, line: bytes) -> int:
+        self._appends += 1
         if self._next_seq is None:
             await self._entries()  # finds where the journal ends
         seq = self._next_seq
@@ -198,10 +202,10 @@ class EtcdStore:
         ) from None
 
     async def entries(self, after: int = 0) -> list[Entry]:
-        async with self._journal_lock:
-            return await self._entries(after)
+        return await self._entries(after, appending=False)
 
-    async def _entries(self, after: int = 0) -> list[Entry]:
+    async def _entries(self, after: int = 0, *, appending: bool = True) -> list[Entry]:
+        appends, idle = self._appends, not self._journal_lock.locked()
         result = await self.client.get_prefix(self.journal_prefix)
         # Only keys of 16 digits are records (what append writes); anything else under
         # the prefix is not this journal's and is skipped, as ballots skip stray keys.
@@ -209,7 +213,8 @@ class EtcdStore:
             (kv for kv in result.kvs if _is_seq(kv.key[len(self.journal_prefix) :])),
             key=lambda kv: kv.key,
         )
-        self._next_seq = int(kvs[-1].key[len(self.journal_prefix) :]) + 1 if kvs else 1
+        if appending or (idle and not self._journal_lock.locked() and appends == self._appends):
+            self._next_seq = int(kvs[-1].key[len(self.journal_prefix) :]) + 1 if kvs else 1
         return [(kv.mod_revision, self._decode(kv)) for kv in kvs if kv.mod_revision > after]
 
     async def watch(self, after: int = 0) -> AsyncIterator[Entry]:
