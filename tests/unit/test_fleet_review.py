@@ -1,7 +1,16 @@
-"""Fixes of the fleet's safety review (issue 12): each test failed before its fix.
+"""Fixes of the fleet's safety review (issue 12, /work/wt/review-fleet.md): each test
+failed before its fix.
 
-- Two appends at once on one ``EtcdStore`` (runner and a command): both land, each
-  at its own position, whatever order their answers come back in (F6).
+- F6: appends on one ``EtcdStore`` one at a time; a read beside one neither waits
+  nor moves where the next goes.
+- F3/F4: a view seen in an earlier term, before a gap in the leader's reads, or in
+  another probe window is not fresh; a change is dated at the previous read.
+- F5: an ambiguous append is settled by one read; running steps keep their authority.
+- F7: a huge ``outage`` is a one-line refusal of that ballot, not of the count.
+- F8: stray journal keys are skipped; a damaged record is a failed state, not "down".
+- F1/F2: the rejoin's fence needs and ends with the leader's authority; launches hold
+  their flags across their start record.
+- Low: runner bounds only in a fleet, probe interval vs ttl, a lost campaign reply.
 """
 
 from __future__ import annotations
