@@ -222,6 +222,7 @@ def parse(data: Any, source: str | None = None) -> Config:
     store = _store(root, instance)
     if store is not None and store.etcd.endpoints:
         _steps_fit(root, store, failover)
+        _ballots_live(root, store, probe)
     guard = None
     if (g := root.section("guard")) is not None:
         guard = GuardConfig(isolation_timeout=g.duration("isolation_timeout", 20.0, minimum=1.0))
@@ -404,6 +405,22 @@ def _steps_fit(root: Section, store: StoreConfig, failover: FailoverConfig) -> N
                     f"{format_duration(timing.ttl)} (raise the ttl or shorten the step)",
                     f"failover.{key}[{i}].timeout",
                 )
+
+
+def _ballots_live(root: Section, store: StoreConfig, probe: ProbeConfig) -> None:
+    """Each watcher's view lives on a lease of the ttl that its next publish renews: one
+    probe interval, the probe's timeout and a publish's retry budget must fit in it, or
+    views expire between publishes and the fleet never has a majority to fail over."""
+    timing = fleet_timing(store.etcd)
+    gap = probe.interval + probe.timeout + timing.budget
+    if gap >= timing.ttl:
+        root.error(
+            f"{format_duration(probe.interval)} is too long for store.etcd.ttl "
+            f"{format_duration(timing.ttl)}: a view must be republished (interval + "
+            f"timeout + retry budget = {format_duration(gap)}) before its lease ends; "
+            "shorten the interval or raise the ttl",
+            "probe.interval",
+        )
 
 
 def _endpoint_problem(text: str) -> str | None:

@@ -36,6 +36,9 @@ from typing import Any
 
 from watchdogd.core.model import Config
 
+# The longest outage a view may report (about 31 years): a bigger number is not a time.
+MAX_OUTAGE = 10**9
+
 # Longest text quoted from a peer's value in an error: errors stay one line and short.
 _QUOTE = 60
 
@@ -92,8 +95,8 @@ class View:
         if (
             not isinstance(outage, int | float)
             or isinstance(outage, bool)
-            or not math.isfinite(outage)
-            or outage < 0
+            or (isinstance(outage, float) and not math.isfinite(outage))
+            or not 0 <= outage <= MAX_OUTAGE  # exact for any int: no float conversion
         ):
             raise ValueError(f"view: outage must be a number of seconds >= 0, not "
                              f"{_quote(outage)}")  # fmt: skip
@@ -146,6 +149,12 @@ class Freshness:
         """Drop what is known of ``instance`` (its view is gone from the store)."""
         self._revision.pop(instance, None)
         self._changed.pop(instance, None)
+
+    def forget_others(self, keep: str) -> None:
+        """Drop what is known of every instance but ``keep`` (the leader's own view, which
+        is its probe of this cycle): each other view is a baseline again."""
+        for instance in [i for i in self._revision if i != keep]:
+            self.forget(instance)
 
 
 @dataclass(frozen=True)

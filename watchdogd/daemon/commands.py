@@ -241,17 +241,25 @@ class Commands:
         fo = d.state.awaiting_ack
         if refusal is not None or fo is None:
             raise CommandError(f"rejoin refused: {refusal}")
+        # Until the rejoin's start record is written, no cycle fences or rejoins the same
+        # old primary, and no second rejoin command starts.
         seq.rejoin_starting = True
         try:
-            # A real rejoin fences the old primary first: a write landing between the
-            # report and the rewind would be thrown away unreported. A dry run only looks.
-            div = await seq.measure(fo, fence=not dry_run)
+            return await self._rejoin_starting(fo, dry_run, accept, peer)
         finally:
             seq.rejoin_starting = False
-        if d.state.awaiting_ack is not fo or seq.rejoin_running:
+
+    async def _rejoin_starting(
+        self, fo: FailoverRecord, dry_run: bool, accept: bool, peer: Peer
+    ) -> dict[str, Any]:
+        d, seq = self.d, self.d.sequences
+        # A real rejoin fences the old primary first: a write landing between the
+        # report and the rewind would be thrown away unreported. A dry run only looks.
+        div = await seq.measure(fo, fence=not dry_run)
+        if d.state.awaiting_ack is not fo or seq.rejoin_task is not None:
             raise CommandError("rejoin refused: the failover was acked or rejoined meanwhile")
         # A fence or a failover may have started during the report: the same rules again.
-        refusal = policy.refuse_rejoin(d.state, seq.rejoin_running, seq.fencing)
+        refusal = policy.refuse_rejoin(d.state, seq.rejoin_task is not None, seq.fencing)
         if seq.stopping and not dry_run:
             refusal = "watchdogd is stopping"
         if refusal is not None:

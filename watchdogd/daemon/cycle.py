@@ -328,6 +328,8 @@ class ProbeCycle:
         task = asyncio.create_task(d.sequences.auto_rejoin(fo), name=f"auto-rejoin-{fo.id}")
         d.background.add(task)
         task.add_done_callback(d.background.discard)
+        d.sequences.auto_tasks.add(task)
+        task.add_done_callback(d.sequences.auto_tasks.discard)
 
     # ------------------------------------------------------------------ split brain
 

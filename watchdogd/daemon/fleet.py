@@ -163,19 +163,28 @@ class Fleet:
         self.client: EtcdClient | None = None
         self.token: Token | None = None
         self.synced = False  # the leader has replayed the store's journal
+        # An append whose answer was lost and whose record the next read did not show
+        # (it may land yet): no new failover, fence, rejoin or command until the
+        # journal is replayed, once nothing runs. Running steps keep their authority.
+        self.needs_replay = False
+        # The store's journal holds a record that does not decode: nobody acts on a
+        # journal with a hole in it (a hidden failover start?) until an operator fixes it.
+        self.journal_damaged: str | None = None
         self.deadline: float | None = None  # the leader's authority ends (d.clock)
         self.leader: str | None = None  # who leads, as last read
         self.up = False  # the store answered the last call
         self.error: str | None = "not asked yet"
         self.position = 0  # the last journal position folded into the state
         self.seq = 0
-        # A view counts as fresh while the leader saw it change within this: a live
-        # voter republishes every probe interval; a publish may take a retry budget.
-        self.freshness = Freshness(3 * cfg.probe.interval + cfg.probe.timeout + self.timing.budget)
         self.views: dict[str, View] = {}
         self.tally: Tally | None = None
+        self.freshness = self._new_freshness()
+        self._last_read: float | None = None  # the leader's last good read of the ballots
         self._task: asyncio.Task[None] | None = None
         self._lost_tasks: set[asyncio.Task[None]] = set()
+        # One journal call at a time (runner, fence, rejoin, commands and the take-over
+        # all append): the store numbers records one after another.
+        self._journal = asyncio.Lock()
         self.prefix = f"{cfg.store.etcd.prefix.rstrip('/')}/{cfg.cluster}"
         self.guard = GuardLink(self, cfg.guard.isolation_timeout) if cfg.guard else None
 
@@ -237,7 +246,13 @@ class Fleet:
         return max(0.0, self.deadline - self.d.clock())
 
     def may_act(self) -> bool:
-        return self.authority_left() > 0 and self.up
+        """May this watcher start a fence or a rejoin now."""
+        return (
+            self.authority_left() > 0
+            and self.up
+            and not self.needs_replay
+            and self.journal_damaged is None
+        )
 
     async def _lead_loop(self) -> None:
         while True:
@@ -262,7 +277,10 @@ class Fleet:
             token = None
             try:
                 holder = await self.store.leader()
-                if holder is None:
+                # A campaign whose reply was lost may have put the key on our own lease:
+                # it names us, so nobody else campaigns; settle it now, not after a ttl.
+                ours = holder is not None and holder.holder == self.instance
+                if holder is None or (ours and getattr(self.store, "pending_campaign", False)):
                     sent = self.d.clock()
                     token = await self.store.campaign(self.instance, ttl)
                     if token is None:
@@ -280,6 +298,7 @@ class Fleet:
                 return min(self.timing.renew, 1.0)
             if token is not None:
                 self.token, self.synced = token, False
+                self.reset_votes()  # nothing seen before this term counts in it
                 self.deadline = votes.authority_deadline(sent, ttl, margin)
                 # A campaign whose reply was lost is adopted by the next one: its lease
                 # was granted before this round's send time, so its deadline counts from
@@ -301,6 +320,8 @@ class Fleet:
             self._up()
             renewed = votes.authority_deadline(sent, ttl, margin)
             self.deadline = max(self.deadline or renewed, renewed)
+        if self.token is not None and self.needs_replay and self._idle():
+            self.needs_replay, self.synced = False, False  # replay now that nothing runs
         if self.token is not None and not self.synced:
             await self._take_over()
         self._export()
@@ -311,10 +332,15 @@ class Fleet:
         today's rules (resume an unfinished failover, close a cut-off fence)."""
         assert self.store is not None
         try:
-            entries = await self.store.entries()
+            async with self._journal:
+                entries = await self.store.entries()
         except StoreUnavailable as exc:
             self._down(str(exc))
             return  # not synced: the next round reads again; nothing acts meanwhile
+        except JournalError as exc:
+            self._damaged(str(exc))
+            return  # not synced: no failover, no command, until the record is repaired
+        self._repaired()
         state = JournalState()
         for position, record in entries:
             try:
@@ -325,9 +351,8 @@ class Fleet:
         self.d.adopt(state)
         for problem in state.problems:
             self.d.emit("journal_problem", problem=problem, path="store")
-        self.synced = True
-        seq = self.d.sequences
-        if not seq.running and not seq.fencing and seq.rejoin_task is None:
+        self.synced, self.needs_replay = True, False
+        if self._idle():
             # A new leader (or one that re-read the journal after an ambiguous append
             # while nothing ran): act on the journal as a restart would.
             await self.d.take_over()
@@ -338,6 +363,8 @@ class Fleet:
         if self.token is None:
             return
         self.token, self.synced, self.deadline = None, False, None
+        self.needs_replay = False
+        self.reset_votes()
         self.d.emit("fleet_leadership_lost", instance=self.instance, reason=why)
         self._set_leader(None)
         await self.d.sequences.abandon()
@@ -385,22 +412,71 @@ class Fleet:
             raise StoreWriteError("the store does not answer and this leader's authority has ended")
         assert self.store is not None
         try:
-            position = await self.store.append(self.token, record)
+            async with self._journal:
+                position = await self.store.append(self.token, record)
         except TokenLost as exc:
             self._lost_soon(str(exc))
             raise StoreWriteError(f"leadership lost: {exc}") from None
+        except JournalError as exc:  # where the journal ends could not be read
+            self._damaged(str(exc))
+            raise StoreWriteError(f"the store's journal is damaged: {exc}") from None
         except StoreUnavailable as exc:
             self._down(str(exc))
-            if exc.maybe_applied:
-                self.synced = False  # it may be in the store: replay before acting again
+            if exc.maybe_applied and await self._landed(record):
+                return  # the reply was lost, the record is in the store: taken
             raise StoreWriteError(f"the store did not take the record: {exc}") from None
         self.position = max(self.position, position)
+
+    async def _landed(self, record: dict[str, Any]) -> bool:
+        """After an append whose answer was lost: one linearizable read of what follows
+        ``position`` settles it at once. This very record and nothing else there: it
+        landed (True). Anything else (not there, something unexpected, no answer): it
+        may land yet, so ``needs_replay``; running steps are not cut short for it."""
+        assert self.store is not None
+        try:
+            async with self._journal:
+                entries = await self.store.entries(self.position)
+        except (StoreUnavailable, JournalError):
+            entries = None
+        if entries is not None and len(entries) == 1 and entries[0][1] == record:
+            self._up()
+            self.position = max(self.position, entries[0][0])
+            return True
+        self.needs_replay = True
+        return False
+
+    def _damaged(self, why: str) -> None:
+        """A record in the store's journal does not decode: a visible failed state, not
+        "store down". The leader stops acting (it replays the journal once it reads
+        whole again) and nobody fails over on a journal with a hole in it."""
+        why = self.d.config.mask(why)
+        self._up()  # the store answered
+        if why != self.journal_damaged:
+            self.d.emit("journal_problem", problem=why, path="store")
+        self.journal_damaged = why
+        if self.token is not None and self.synced and self._idle():
+            self.synced = False  # re-read the whole journal before acting again
+
+    def _repaired(self) -> None:
+        if self.journal_damaged is not None:
+            self.d.emit("fleet_journal_repaired", after=self.journal_damaged)
+            self.journal_damaged = None
+
+    def _idle(self) -> bool:
+        seq = self.d.sequences
+        return not seq.running and not seq.fencing and not seq.rejoin_running
 
     async def follow(self) -> None:
         """A follower folds in what the leader appended since it last looked."""
         if self.is_leader or self.store is None:
             return
-        entries = await self.store.entries(self.position)
+        async with self._journal:
+            try:
+                entries = await self.store.entries(self.position)
+            except JournalError as exc:
+                self._damaged(str(exc))
+                return
+        self._repaired()
         acked: dict[str, Any] | None = None
         for position, record in entries:
             self.position = max(self.position, position)
@@ -459,24 +535,49 @@ class Fleet:
                     self.views = {}
         except (StoreUnavailable, TimeoutError) as exc:
             self._down(str(exc) or "no answer within the probe interval")
-        except JournalError as exc:  # a damaged record in the store's journal
-            self._down(str(exc))
         else:
             self._up()
         self._export()
 
+    def _new_freshness(self) -> Freshness:
+        # A view counts as fresh while the leader saw it change within this: a live
+        # voter republishes every probe interval; a publish may take a retry budget.
+        cfg = self.d.config
+        return Freshness(3 * cfg.probe.interval + cfg.probe.timeout + self.timing.budget)
+
+    def reset_votes(self, rebuild: bool = False) -> None:
+        """Forget the receive times of every other view: each is a baseline again (a new
+        or lost token, a gap in the leader's reads). A leader never counts a change it
+        saw in an earlier term or before a gap. ``rebuild``: a new window as well (a
+        reload that changed ``probe``); then the leader's own view starts afresh too."""
+        if rebuild:
+            self.freshness = self._new_freshness()
+        else:
+            self.freshness.forget_others(self.instance)
+        self._last_read = None
+        self.views, self.tally = {}, None
+
     def _count(self, own: View, ballots: dict[str, Any]) -> None:
         now = self.d.clock()
+        since = self._last_read
+        if since is None or now - since > self.freshness.max_age:
+            # The first read of a term, or after reads failed for longer than a view
+            # stays fresh: when anything changed is unknown, so nothing is fresh yet.
+            self.reset_votes()
+            since = now
+        # A change seen now was published after the previous good read (linearizable
+        # reads), not necessarily now: it is dated at that read, never later.
+        self._last_read = now
         views: dict[str, View] = {}
         for name, ballot in ballots.items():
             if name == self.instance:
                 continue  # our own view is put in below, as it is now
             try:
                 views[name] = View.decode(ballot.data)
-            except ValueError as exc:
+            except (ValueError, TypeError, OverflowError) as exc:  # one bad ballot, not the count
                 self.d.emit("fleet_view_refused", voter=name, error=str(exc))
                 continue
-            self.freshness.saw(name, ballot.revision, now)
+            self.freshness.saw(name, ballot.revision, since)
         for name in list(self.views):
             if name not in ballots and name != self.instance:
                 self.freshness.forget(name)
@@ -497,6 +598,13 @@ class Fleet:
     def gate(self, decision: Decision) -> Decision:
         """The policy's decision as the fleet allows it (see the module docstring)."""
         running = self.d.sequences.running
+        if self.journal_damaged is not None and not running:
+            return Decision(
+                State.FAILED,
+                f"the fleet's journal in the store is damaged ({self.journal_damaged}); "
+                "nothing is failed over, fenced or rejoined until an operator repairs or "
+                f"deletes that record; {decision.reason}",
+            )
         if not self.up and not running:
             return Decision(
                 State.STORE_UNAVAILABLE,
@@ -520,8 +628,12 @@ class Fleet:
         steps = self.d.config.failover.steps
         first = steps[0].timeout + 1.0 if steps else 0.0
         left = self.authority_left()
+        if self.journal_damaged is not None:
+            return f"the fleet's journal in the store is damaged: {self.journal_damaged}"
         if not self.synced:
             return "the leader has not read the fleet's journal yet"
+        if self.needs_replay:
+            return "a journal record's fate is unknown: the leader re-reads the journal first"
         if left <= first:
             return (
                 f"the leader's authority ({left:.1f}s left) would end before the first "
@@ -534,8 +646,18 @@ class Fleet:
     def command_refusal(self) -> str | None:
         """Why a command that changes anything is refused here, or None (the leader)."""
         if self.is_leader:
+            if self.journal_damaged is not None:
+                return (
+                    f"the fleet's journal in the store is damaged ({self.journal_damaged}); "
+                    "repair or delete that record first"
+                )
             if not self.synced:
                 return "this watcher just became the leader and is reading the journal; retry"
+            if self.needs_replay:
+                return (
+                    "a journal record's fate is unknown: this leader re-reads the journal "
+                    "once nothing runs; retry"
+                )
             if self.authority_left() <= 0:
                 return "the store does not answer: this leader's authority has ended; retry"
             return None
@@ -570,6 +692,7 @@ class Fleet:
             "is_leader": self.is_leader,
             "up": self.up,
             "error": self.error,
+            "journal_damaged": self.journal_damaged,
             "deadline_in": round(self.authority_left(), 1) if self.is_leader else None,
             "voters": voters,
             "refusal": self.refusal() if self.is_leader else self._not_leader(),

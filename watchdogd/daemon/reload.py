@@ -81,6 +81,8 @@ async def _reload(d: Daemon, by: str) -> dict[str, Any]:
     d.check_roles()
     if d.scheduler is not None and new.probe.interval != old.probe.interval:
         d.scheduler.reschedule(PROBE, new.probe.interval)
+    if d.fleet is not None and new.probe != old.probe:
+        d.fleet.reset_votes(rebuild=True)  # the freshness window follows the probe interval
     d.secrets.replace(new.secrets)
     if new.log != old.log:
         setup_logging(new.log.format, new.log.level, cluster=new.cluster, secrets=d.secrets)

@@ -98,6 +98,11 @@ class Sequences:
         # A failover's start record is being written: with a store that takes time to
         # answer, a command or a cycle meanwhile must not start a second one.
         self._launching = False
+        # A fence's or a rejoin's start record is being written (the same, for them).
+        self._fence_launching = False
+        self._rejoin_launching = False
+        # auto_rejoin's background tasks (a fleet leader that loses its token ends them).
+        self.auto_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def running(self) -> bool:
@@ -233,8 +238,7 @@ class Sequences:
             d.emit,
             resume=resume,
             wall=d.wall,
-            authority=d.authority_left,
-            authority_wait=d.authority_wait(),
+            **self.authority_bounds(),
         )
         self._launching = True
         try:
@@ -328,13 +332,15 @@ class Sequences:
             d.emit,
             wall=d.wall,
             failover_id=fo.id,
-            authority=d.authority_left,
-            authority_wait=d.authority_wait(),
+            **self.authority_bounds(),
         )
+        self._fence_launching = True  # a cycle meanwhile must not start a second fence
         try:
             await runner.begin()
         except JournalError:
             return  # reported by record(); fenced again after a restart if still needed
+        finally:
+            self._fence_launching = False
         self.fence_runner = runner
         self.fence_task = asyncio.create_task(self._run_fence(runner), name=plan.id)
 
@@ -378,12 +384,12 @@ class Sequences:
 
     @property
     def fencing(self) -> bool:
-        return self.fence_task is not None and not self.fence_task.done()
+        return self._fence_launching or (self.fence_task is not None and not self.fence_task.done())
 
     @property
     def rejoin_running(self) -> bool:
         """A rejoin runs, or its divergence report is being computed, in this process."""
-        return self.rejoin_task is not None or self.rejoin_starting
+        return self.rejoin_task is not None or self.rejoin_starting or self._rejoin_launching
 
     async def fence_old(self, fo: FailoverRecord) -> str | None:
         """Fence ``fo``'s old primary (read-only, client sessions ended; idempotent) before a
@@ -391,16 +397,86 @@ class Sequences:
         the rewind. Why it failed, in one line, or None once fenced."""
         d = self.d
         old, new = d.engines[fo.from_node], d.engines[fo.to_node]
+        each = self.divergence_timeout()
+        fleet = d.fleet
+        if fleet is not None:
+            each = max(0.25, (each - 1.0) / 2)  # the whole fence (2 calls + 1 s) fits a step
+        bound = 2 * each + 1.0
+        if fleet is not None:
+            # A fleet leader fences only within its authority, as a step: room for the
+            # whole fence and one store call (waiting a renewal for it, as a step does),
+            # and it is cut off at the deadline.
+            need = bound + fleet.timing.budget
+            loop = asyncio.get_running_loop()
+            until = loop.time() + d.authority_wait()
+            while True:  # a renewal is a store reply, not an event here: poll, as a step does
+                if not fleet.may_act() or fleet.authority_left() >= need or loop.time() >= until:
+                    break
+                await asyncio.sleep(0.05)
+            left = fleet.authority_left()
+            if not fleet.may_act() or left < need:
+                return (
+                    f"{fo.from_node} was not fenced: this leader's authority ({left:.1f}s "
+                    f"left) is shorter than the fence may take ({need:.1f}s)"
+                )
+
+        async def fence() -> None:
+            # A DSN that reaches the new primary must never fence it.
+            await old.distinct_from(new, each)
+            await old.fence(each)
+
         try:
-            async with asyncio.timeout(2 * DIVERGENCE_TIMEOUT + 1.0):
-                # A DSN that reaches the new primary must never fence it.
-                await old.distinct_from(new, DIVERGENCE_TIMEOUT)
-                await old.fence(DIVERGENCE_TIMEOUT)
+            if not await self._within_authority(fence(), bound):
+                return f"{fo.from_node} was not fenced: this leader's authority ended"
         except TimeoutError:
-            return f"{fo.from_node} could not be fenced: no answer within {DIVERGENCE_TIMEOUT:g}s"
+            return f"{fo.from_node} could not be fenced: no answer within {each:g}s"
         except Exception as exc:  # an engine error or a bug: the rejoin must not go ahead
             return d.config.mask(f"{fo.from_node} could not be fenced: {exc}")
         return None
+
+    def authority_bounds(self) -> dict[str, Any]:
+        """A runner's authority bounds: in a fleet the leader's authority and the wait
+        for a renewal; none for one watcher (its steps are bounded by their timeouts
+        only, without polling an authority that is always unlimited)."""
+        d = self.d
+        if d.fleet is None:
+            return {}
+        return {"authority": d.authority_left, "authority_wait": d.authority_wait()}
+
+    def divergence_timeout(self) -> float:
+        """How long one call of a divergence report or a rejoin's fence may take: in a
+        fleet no longer than a leader's step may (``step_room``)."""
+        store = self.d.config.store
+        if store is None:
+            return DIVERGENCE_TIMEOUT
+        return max(0.5, min(DIVERGENCE_TIMEOUT, step_room(store.etcd)))
+
+    async def _within_authority(self, work: Any, timeout: float) -> bool:
+        """``work`` bounded by ``timeout`` and, in a fleet, cancelled the moment the
+        leader's authority ends (False then); TimeoutError past ``timeout``."""
+        fleet = self.d.fleet
+        if fleet is None:
+            async with asyncio.timeout(timeout):
+                await work
+            return True
+        task = asyncio.ensure_future(work)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        try:
+            while not task.done():
+                if fleet.authority_left() <= 0:
+                    return False
+                wait = until - loop.time()
+                if wait <= 0:
+                    raise TimeoutError
+                await asyncio.wait({task}, timeout=min(wait, 0.1))
+            task.result()
+            return True
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     async def measure(self, fo: FailoverRecord, *, fence: bool) -> Divergence:
         """The divergence report of a rejoin: fenced first unless ``fence`` is False (a dry
@@ -417,13 +493,14 @@ class Sequences:
         report that cannot be made is ``known=False`` with the reason)."""
         d = self.d
         old, new = d.engines[fo.from_node], d.engines[fo.to_node]
+        each = self.divergence_timeout()
         try:
-            async with asyncio.timeout(DIVERGENCE_TIMEOUT + 1.0):
-                return await old.divergence(new, DIVERGENCE_TIMEOUT)
+            async with asyncio.timeout(each + 1.0):
+                return await old.divergence(new, each)
         except EngineError as exc:
             return policy.unknown_divergence(d.config.mask(f"{fo.from_node}: {exc}"))
         except TimeoutError:
-            return policy.unknown_divergence(f"no answer within {DIVERGENCE_TIMEOUT:g}s")
+            return policy.unknown_divergence(f"no answer within {each:g}s")
         except Exception as exc:  # a bug in an engine must not reach the operator raw
             return policy.unknown_divergence(
                 d.config.mask(f"unexpected {type(exc).__name__}: {exc}")
@@ -530,10 +607,13 @@ class Sequences:
             wall=d.wall,
             failover_id=fo.id,
             started=started,
-            authority=d.authority_left,
-            authority_wait=d.authority_wait(),
+            **self.authority_bounds(),
         )
-        await runner.begin()  # journaled, with the divergence report, before any step runs
+        self._rejoin_launching = True  # a cycle meanwhile must not start a fence or rejoin
+        try:
+            await runner.begin()  # journaled, with the divergence report, before any step runs
+        finally:
+            self._rejoin_launching = False
         self.rejoin_runner = runner
         self.rejoin_task = asyncio.create_task(self._run_rejoin(runner), name=plan.id)
 
@@ -612,7 +692,10 @@ class Sequences:
         """Stop every running sequence at once, journaling nothing more (a fleet leader
         that lost its leadership): what is unfinished in the store is the next leader's
         to resume. A command step's process group is killed with its step."""
-        tasks = [t for t in (self.runner_task, self.fence_task, self.rejoin_task) if t is not None]
+        tasks: list[asyncio.Task[Any]] = [
+            t for t in (self.runner_task, self.fence_task, self.rejoin_task) if t is not None
+        ]
+        tasks += [t for t in self.auto_tasks if not t.done()]  # auto_rejoin fencing or measuring
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -361,7 +361,11 @@ class Runner:
             return task.result()
         finally:
             if not task.done():
+                # Cancelled from outside (or cut off): the action ends before we do (a
+                # command step's process group is killed), never left running.
                 task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def _no_authority(self, step: StepConfig) -> str:
         self.emit(

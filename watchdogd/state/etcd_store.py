@@ -6,7 +6,8 @@ Keys under ``prefix`` (e.g. ``/watchdogd/<cluster>``):
   (``create_revision == 0``); its ``create_revision`` is the fencing ``Token``.
 - ``<prefix>/journal/<seq, 16 digits>``: one record each, in the local journal's own
   checksummed line format (``encode_line``/``decode_line``). Written once, never
-  changed; a record's position is its etcd revision.
+  changed; a record's position is its etcd revision. Other keys under the prefix are
+  not records and are skipped; a record that does not decode is ``JournalDamaged``.
 
 ``append`` is one transaction: the leader key still has the token's create_revision AND
 the record's key does not exist yet, then put the record. When the compare fails, the
@@ -30,6 +31,7 @@ time of the last acknowledged renewal plus its ttl). A lease that etcd says is g
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Mapping
@@ -54,8 +56,10 @@ from watchdogd.state.store import Entry, StoreUnavailable, Token, TokenLost
 
 class EtcdStore:
     """``RecordStore`` and ``Leadership`` on etcd for one watcher (one holder at a time).
-    Appends are made one after another (as the runner journals): two at once would
-    race for the same sequence number, and the loser would be told so (unavailable)."""
+    Appends are made one after another under a lock: two at once would race for the
+    same sequence number. A read of the journal beside an append does not wait for it
+    (each call stays within its own retry budget) and does not move where the next
+    append goes."""
 
     def __init__(self, client: EtcdClient, prefix: str) -> None:
         prefix = prefix.rstrip("/")
@@ -66,6 +70,8 @@ class EtcdStore:
         self._token: Token | None = None
         self._next_seq: int | None = None
         self._pending: tuple[str, Lease] | None = None  # a campaign whose answer was lost
+        self._journal_lock = asyncio.Lock()  # one append at a time
+        self._appends = 0  # appends begun: a read that overlapped one leaves _next_seq be
 
     # ----------------------------------------------------------------- leadership
 
@@ -101,6 +107,12 @@ class EtcdStore:
         self.lease, self._token = lease, Token(holder, won.revision)
         self._next_seq = None  # records may have come since this watcher last read
         return self._token
+
+    @property
+    def pending_campaign(self) -> bool:
+        """A campaign's reply was lost: the leader key may be this watcher's (the next
+        ``campaign`` settles it)."""
+        return self._pending is not None
 
     async def _settle_pending(self, holder: str) -> Token | None:
         assert self._pending is not None
@@ -147,10 +159,16 @@ class EtcdStore:
 
     async def append(self, token: Token, record: Mapping[str, Any]) -> int:
         line = encode_line(dict(record))
+        async with self._journal_lock:
+            return await self._append(token, line)
+
+    async def _append(self, token: Token, line: bytes) -> int:
+        self._appends += 1
         if self._next_seq is None:
-            await self.entries()  # finds where the journal ends
-        assert self._next_seq is not None
-        key = self.journal_prefix + f"{self._next_seq:016d}".encode()
+            await self._entries()  # finds where the journal ends
+        seq = self._next_seq
+        assert seq is not None
+        key = self.journal_prefix + f"{seq:016d}".encode()
         try:
             done = await self.client.txn(
                 [
@@ -166,7 +184,8 @@ class EtcdStore:
             if exc.maybe_applied:
                 self._next_seq = None  # re-read where the journal ends
             raise
-        self._next_seq += 1
+        if self._next_seq == seq:  # None: something asked for a re-read meanwhile
+            self._next_seq = seq + 1
         return done.revision
 
     def _after_compare_failed(
@@ -183,13 +202,19 @@ class EtcdStore:
         ) from None
 
     async def entries(self, after: int = 0) -> list[Entry]:
+        return await self._entries(after, appending=False)
+
+    async def _entries(self, after: int = 0, *, appending: bool = True) -> list[Entry]:
+        appends, idle = self._appends, not self._journal_lock.locked()
         result = await self.client.get_prefix(self.journal_prefix)
-        kvs = sorted(result.kvs, key=lambda kv: kv.key)
-        last = kvs[-1].key[len(self.journal_prefix) :] if kvs else b"0"
-        try:
-            self._next_seq = int(last) + 1
-        except ValueError:
-            raise JournalDamaged(f"etcd journal key {_text(kvs[-1].key)} is not a number") from None
+        # Only keys of 16 digits are records (what append writes); anything else under
+        # the prefix is not this journal's and is skipped, as ballots skip stray keys.
+        kvs = sorted(
+            (kv for kv in result.kvs if _is_seq(kv.key[len(self.journal_prefix) :])),
+            key=lambda kv: kv.key,
+        )
+        if appending or (idle and not self._journal_lock.locked() and appends == self._appends):
+            self._next_seq = int(kvs[-1].key[len(self.journal_prefix) :]) + 1 if kvs else 1
         return [(kv.mod_revision, self._decode(kv)) for kv in kvs if kv.mod_revision > after]
 
     async def watch(self, after: int = 0) -> AsyncIterator[Entry]:
@@ -229,6 +254,10 @@ class EtcdStore:
 def _lost(token: Token, now: KeyValue | None) -> str:
     holder = "nobody" if now is None else f"{_text(now.value)!r} (token {now.create_revision})"
     return f"leadership with token {token.revision} lost: the leader key is held by {holder}"
+
+
+def _is_seq(name: bytes) -> bool:
+    return len(name) == 16 and name.isdigit()
 
 
 def _text(raw: bytes) -> str:
