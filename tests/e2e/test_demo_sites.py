@@ -1,0 +1,147 @@
+"""``watchdogd demo --sites 3`` as a user runs it: three real etcd members, three
+``watchdogd run`` watchers, a real PostgreSQL pair; one leader, one promotion counted
+from the standby's own timeline, and nothing left behind however it ends."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.test_demo import _read_until, lab_of, leftovers, postmaster_pids
+from tests.support.etcd import etcd_binary
+from tests.support.pg import require_pg_bin
+from watchdogd import cli
+from watchdogd.demo import sites
+from watchdogd.demo.lab import pid_alive
+
+DEMO = [sys.executable, "-m", "watchdogd.cli", "demo", "--sites", "3"]
+
+
+def assert_clean(output: str) -> None:
+    lab = lab_of(output)
+    assert not lab.exists(), f"{lab} still exists"
+    assert leftovers(lab) == []
+    pids = postmaster_pids(output)
+    assert len(pids) == 2, output
+    assert not [p for p in pids if pid_alive(p)]
+
+
+def run_scenario(scenario: str, within: float) -> str:
+    require_pg_bin()
+    etcd_binary()
+    done = subprocess.run(
+        [*DEMO, "--scenario", scenario],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=within,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    return out
+
+
+def test_kill_primary_site_one_leader_one_promotion() -> None:
+    out = run_scenario("kill-primary", 60)
+    ready = re.search(r"^fleet ready: (dc\d) leads, every voter fresh$", out, re.M)
+    assert ready, out
+    # Before the kill exactly one watcher says it leads, and the others name it.
+    before = out[ready.end() : out.index("primary database killed")]
+    assert len(re.findall(r"LEADER", before)) == 1, before
+    assert re.search(r"^t=0\.0s site-a: primary database killed \(SIGKILL\)$", out, re.M), out
+    promoted = re.search(r"^t=([\d.]+)s the standby is promoted", out, re.M)
+    assert promoted, out
+    # threshold 3 s + the five steps; far under a lease's length.
+    assert float(promoted.group(1)) < 3.0 + 5.0, out
+    assert re.search(r"^t=[\d.]+s traffic switched to site-b$", out, re.M), out
+    assert "promotions (the standby's timeline): 1\n" in out
+    # The leader elsewhere was never lost: the same watcher finished the failover.
+    assert f"leaders agreeing: 1 ({ready.group(1)})" in out
+    assert re.search(r"^failover \S+: completed by dc\d$", out, re.M), out
+    assert out.count("demo: ok:") == 1
+    assert_clean(out)
+
+
+def test_kill_leader_site_with_the_primary_a_new_leader_promotes_once() -> None:
+    out = run_scenario("kill-leader", 75)
+    ready = re.search(r"^fleet ready: (dc\d) leads", out, re.M)
+    assert ready, out
+    old = ready.group(1)
+    assert re.search(rf"^t=0\.0s site-\w: watcher {old} and etcd\d killed \(SIGKILL\)$", out, re.M)
+    new = re.search(r"^leaders agreeing: 1 \((dc\d)\)$", out, re.M)
+    assert new, out
+    assert new.group(1) != old
+    promoted = re.search(r"^t=([\d.]+)s the standby is promoted", out, re.M)
+    assert promoted, out
+    # Not before the dead leader's lease (15 s) could end; within ttl + threshold + slack.
+    assert 10.0 < float(promoted.group(1)) < 15.0 + 3.0 + 8.0, out
+    assert "promotions (the standby's timeline): 1\n" in out
+    assert_clean(out)
+
+
+def test_sigint_during_the_interactive_fleet_demo_removes_everything() -> None:
+    require_pg_bin()
+    etcd_binary()
+    proc = subprocess.Popen(
+        DEMO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    seen: list[str] = []
+    try:
+        _read_until(proc, r"^running; keys:", 60, seen)
+        assert proc.stdin is not None
+        proc.stdin.write("l\n")
+        proc.stdin.flush()
+        _read_until(proc, r"watcher dc\d and etcd\d killed \(SIGKILL\)", 10, seen)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    out = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert "demo: SIGINT: stopping everything" in out
+    assert f"removed {lab_of(out)}" in out
+    assert_clean(out)
+
+
+def test_without_etcd_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sites, "find_pg_bin", lambda: "/usr/bin")
+    monkeypatch.setattr(sites, "find_etcd", lambda: None)
+    assert cli.main(["demo", "--sites", "3", "--scenario", "kill-primary"]) == 2
+    assert capsys.readouterr().err == (
+        "etcd not found: apt-get install etcd-server (or put etcd on PATH)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sites", "2"], "watchdogd demo: --sites: only 3 is supported, got 2\n"),
+        (
+            ["--sites", "3", "--scenario", "hang-primary"],
+            "watchdogd demo: --sites 3: unknown scenario 'hang-primary' "
+            "(known: interactive, kill-primary, kill-leader)\n",
+        ),
+        (
+            ["--scenario", "kill-leader"],
+            "watchdogd demo: --scenario kill-leader needs --sites 3\n",
+        ),
+    ],
+)
+def test_bad_fleet_arguments_are_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["demo", *argv]) == 2
+    assert capsys.readouterr().err == message
