@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_demo import _read_until, lab_of, leftovers, postmaster_pids
+from tests.e2e.test_demo import lab_of, leftovers, postmaster_pids
 from tests.support.etcd import etcd_binary
 from tests.support.pg import require_pg_bin
 from watchdogd import cli
@@ -36,6 +38,30 @@ def assert_clean(output: str) -> None:
     pids = postmaster_pids(output)
     assert len(pids) == 2, output
     assert not [p for p in pids if pid_alive(p)]
+
+
+def _read_until(proc: subprocess.Popen[str], pattern: str, within: float, seen: list[str]) -> None:
+    """Read the demo's output until a line matches ``pattern``. Raw reads of the pipe's
+    descriptor: a buffered readline() would keep lines that select() cannot see."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + within
+    pending = ""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 65536).decode(errors="replace")
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split("\n")
+        seen.extend(line + "\n" for line in lines)
+        if any(re.search(pattern, line) for line in lines):
+            seen.append(pending)
+            return
+    seen.append(pending)
+    pytest.fail(f"no line matching {pattern!r} within {within}s:\n{''.join(seen)}")
 
 
 def run_scenario(scenario: str, within: float) -> str:
@@ -119,6 +145,40 @@ def test_sigint_during_the_interactive_fleet_demo_removes_everything() -> None:
     assert proc.returncode == 128 + signal.SIGINT, out
     assert "demo: SIGINT: stopping everything" in out
     assert f"removed {lab_of(out)}" in out
+    assert_clean(out)
+
+
+def test_interactive_k_fails_over_once_and_q_sums_up() -> None:
+    require_pg_bin()
+    etcd_binary()
+    proc = subprocess.Popen(
+        DEMO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    seen: list[str] = []
+    try:
+        _read_until(proc, r"^running; keys:", 60, seen)
+        assert proc.stdin is not None
+        proc.stdin.write("k\n")
+        proc.stdin.flush()
+        _read_until(proc, r"site-a: primary database killed \(SIGKILL\)", 10, seen)
+        # The view is printed again when it changes: the leader reports the failover.
+        _read_until(proc, r"LEADER state failed_over", 30, seen)
+        proc.stdin.write("q\n")
+        proc.stdin.flush()
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    out = "".join(seen) + rest
+    assert proc.returncode == 0, out
+    assert "route: clients sent to site-b\n" in out
+    assert "promotions (the standby's timeline): 1\n" in out
     assert_clean(out)
 
 

@@ -564,10 +564,11 @@ class SitesDemo:
             self.print(f"  {name}: watchdogctl --socket {w.socket} status")
         leader = await lab.wait_ready(60.0, self._check)
         self.print(f"fleet ready: {leader} leads, every voter fresh")
-        for line in lab.view_lines(await lab.statuses()):
+        lines = lab.view_lines(await lab.statuses())
+        for line in lines:
             self.print(line)
         if self.scenario == "interactive":
-            return await self._interactive(lab)
+            return await self._interactive(lab, lines)
         return await self._scenario(lab, leader)
 
     async def _scenario(self, lab: SitesLab, leader: str) -> int:
@@ -628,6 +629,15 @@ class SitesDemo:
 
     # -- interactive
 
+    async def _summary(self, lab: SitesLab) -> None:
+        """Where the route points and the promotions, from the standby's timeline."""
+        assert lab.pair is not None and lab.route is not None
+        self.print(f"route: clients sent to {lab.route.current}")
+        if lab.pair.standby.is_running():
+            with contextlib.suppress(LabError):
+                promotions = await asyncio.to_thread(lab.timeline, lab.pair.standby) - 1
+                self.print(f"promotions (the standby's timeline): {promotions}")
+
     def _start_keys(self) -> bool:
         """Keys from stdin, one per character (a pipe works too); a terminal stays in
         line mode, so press Enter after the key."""
@@ -657,14 +667,13 @@ class SitesDemo:
                 asyncio.get_running_loop().remove_reader(self._stdin_fd)
             self._stdin_fd = None
 
-    async def _interactive(self, lab: SitesLab) -> int:
+    async def _interactive(self, lab: SitesLab, shown: list[str]) -> int:
         keys = self._start_keys()
         self.print(
             f"running; {KEY_HELP} (Enter after each key; or Ctrl-C)"
             if keys
             else "running; stdin gives no keys: Ctrl-C or SIGTERM stops the demo"
         )
-        shown: list[str] = []
         next_view = 0.0
         while True:
             if self.signum is not None:
@@ -685,6 +694,7 @@ class SitesDemo:
                 continue
             if key == "q":
                 self.print("quitting")
+                await self._summary(lab)
                 return 0
             if key == "k":
                 self.print(await asyncio.to_thread(lab.kill_primary_site))
