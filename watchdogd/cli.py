@@ -61,7 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo = sub.add_parser("demo", help="a complete local lab with a real failover")
     demo.add_argument(
-        "--scenario", choices=("interactive", "kill-primary", "hang-primary"), default="interactive"
+        "--scenario",
+        choices=("interactive", "kill-primary", "hang-primary", "kill-leader"),
+        default="interactive",
+        help="kill-leader: with --sites only",
+    )
+    demo.add_argument(
+        "--sites",
+        type=int,
+        default=None,
+        help="3: a watcher fleet (three etcd members, three watchers) instead of one watcher",
     )
     demo.add_argument("--threshold", default="3s", help="outage threshold (default 3s)")
     demo.add_argument("--keep", action="store_true", help="keep the lab's temp dir")
@@ -82,6 +91,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "guard":
             return guard(args.config, args.node)
         if args.command == "demo":
+            if args.sites is not None:
+                from watchdogd.demo import sites
+
+                fleet_code: int = sites.main(
+                    args.sites, args.scenario, threshold=args.threshold, keep=args.keep
+                )
+                return fleet_code
+            if args.scenario == "kill-leader":
+                print("watchdogd demo: --scenario kill-leader needs --sites 3", file=sys.stderr)
+                return 2
             from watchdogd.demo import run as demo
 
             code: int = demo.main(args.scenario, threshold=args.threshold, keep=args.keep)
