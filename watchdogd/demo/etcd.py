@@ -50,11 +50,16 @@ def find_etcd() -> str | None:
     return "/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports that were free a moment ago: all held at once while
+    they are picked (one at a time, the kernel may hand the same port out twice)."""
+    with contextlib.ExitStack() as held:
+        ports: list[int] = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -175,7 +180,8 @@ class EtcdLab:
             raise LabError(NO_ETCD)
         base.mkdir(parents=True, exist_ok=True)
         lab = cls(base)
-        ports = {n: (_free_port(), _free_port()) for n in names}
+        picked = _free_ports(2 * len(names))
+        ports = {n: (picked[2 * i], picked[2 * i + 1]) for i, n in enumerate(names)}
         initial = ",".join(f"{n}=http://127.0.0.1:{ports[n][1]}" for n in names)
         token = f"watchdogd-lab-{os.getpid()}-{time.monotonic_ns()}"
         for name in names:
