@@ -44,7 +44,7 @@ from watchdogd.core.secrets import unresolve
 from watchdogd.core.section import Section, kind_of
 from watchdogd.core.units import format_duration
 from watchdogd.notify import unknown_events
-from watchdogd.policy import VERIFY_STEP
+from watchdogd.policy import GUARD_STEP, VERIFY_STEP, guard_position
 
 # A config is a few kilobytes. The caps stop a YAML alias bomb ("billion laughs"):
 # aliases make shared references, and walking them would expand to billions of nodes.
@@ -227,6 +227,7 @@ def parse(data: Any, source: str | None = None) -> Config:
     if (g := root.section("guard")) is not None:
         guard = GuardConfig(isolation_timeout=g.duration("isolation_timeout", 20.0, minimum=1.0))
         g.finish()
+    _guard_fits(root, failover, guard is not None)
 
     providers: dict[str, Any] = {}
     for name, parser in actions.provider_sections().items():
@@ -374,6 +375,38 @@ def _store(root: Section, instance: str) -> StoreConfig | None:
             f"{problem} (store.etcd.timeout {format_duration(etcd.timeout)} per endpoint)", "ttl"
         )
     return StoreConfig(etcd=etcd, voters=tuple(voters))
+
+
+def _guard_fits(root: Section, failover: FailoverConfig, guarded: bool) -> None:
+    """``guard_fence`` (name and action) is the fleet's own step: a step of the config
+    by that name would take its place. With ``guard:`` the fleet inserts it before the
+    promotion (``policy.guard_position``); its expired path counts the guard's silence
+    only from when replication was stopped (a standby streaming from the old primary
+    keeps an isolated guard from fencing), so a ``stop_replication`` step must come
+    before the promotion."""
+    for key, steps in (
+        ("steps", failover.steps),
+        ("fence_steps", failover.fence_steps),
+        ("rejoin_steps", failover.rejoin_steps),
+    ):
+        for i, step in enumerate(steps):
+            if GUARD_STEP in (step.name, step.action):
+                root.error(
+                    f"{GUARD_STEP!r} is the fleet's own step (with guard:): pick another",
+                    f"failover.{key}[{i}].{'name' if step.name == GUARD_STEP else 'action'}",
+                )
+    at = guard_position(failover.steps)
+    if (
+        guarded
+        and failover.steps
+        and not any(s.action == "stop_replication" for s in failover.steps[:at])
+    ):
+        root.error(
+            "with guard: a stop_replication step must come before the promotion (the "
+            "guard's silence counts only once the standby stopped streaming from the old "
+            "primary)",
+            "failover.steps",
+        )
 
 
 def _steps_fit(root: Section, store: StoreConfig, failover: FailoverConfig) -> None:

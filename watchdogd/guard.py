@@ -48,7 +48,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -115,6 +115,9 @@ class GuardSettings:
     poll: float = DEFAULT_POLL
     request_timeout: float | None = None  # per etcd attempt; default min(2, ttl/6)
     secrets: frozenset[str] = field(default=frozenset(), repr=False)
+    # The other node's database host(s): only replication from there is the standby's
+    # sign of life (resolved at start; none: no such sign, so the guard fences sooner).
+    standby_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -205,7 +208,29 @@ def settings_from_config(cfg: Any, node: str) -> GuardSettings:
         username=getattr(etcd, "username", None),
         password=None if password is None else str(password),
         secrets=frozenset(getattr(cfg, "secrets", frozenset())),
+        standby_hosts=tuple(
+            host
+            for name, other in nodes.items()
+            if name != node
+            and (address := address_of(other.database)) is not None
+            and (host := address.host) is not None
+        ),
     )
+
+
+def resolve_hosts(hosts: Sequence[str]) -> tuple[str, ...]:
+    """The IP addresses of ``hosts`` (names resolved once; an unknown one is left out)."""
+    found: list[str] = []
+    for host in hosts:
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            continue
+        for info in infos:
+            address = str(info[4][0])
+            if address not in found:
+                found.append(address)
+    return tuple(found)
 
 
 # --------------------------------------------------------------------------- the pure rule
@@ -434,6 +459,7 @@ class Guard:
             data_dir = database.options.get("data_dir")
             self.data_dir = Path(data_dir) if data_dir else None
         self.db_answered = False  # it answered this guard once: its DSN is right
+        self.standby_addresses: tuple[str, ...] = ()  # settings.standby_hosts, resolved
         self.promise: Order | None = None  # answered "down": fence it when it answers
         self._lock = asyncio.Lock()  # one fence and ack at a time (orders, promise)
 
@@ -446,6 +472,7 @@ class Guard:
             ttl=self.settings.ttl,
             isolation_timeout=self.settings.isolation_timeout,
         )
+        self.standby_addresses = await asyncio.to_thread(resolve_hosts, self.settings.standby_hosts)
         # Its database first (bounded): once its key says it is alive, a crash of a
         # database that was up can be answered "down" (see db_answered).
         with contextlib.suppress(EngineError):
@@ -689,7 +716,9 @@ class Guard:
                     self.db_answered = True
             polled_at = self.clock()
             try:
-                mark = await engines.standby_reply_mark(self.engine, DB_TIMEOUT)
+                mark = await engines.standby_reply_mark(
+                    self.engine, DB_TIMEOUT, self.standby_addresses
+                )
             except EngineError:
                 mark = None
             self.signs.standby_mark(mark, polled_at)

@@ -313,6 +313,9 @@ def build_plan(
     )
 
 
+GUARD_STEP = "guard_fence"  # the fleet's step that has the guard fence the old primary
+
+
 def guard_position(steps: Sequence[StepConfig]) -> int:
     """Where the guard's fence goes: just before the first ``promote``, after replication
     was stopped (a standby streaming from the old primary is a sign of life that keeps an
@@ -669,7 +672,8 @@ def health(
 
 
 # Config sections a reload cannot apply: the sockets and the journal are held open.
-RESTART_ONLY = ("control", "metrics", "state_dir", "instance", "store")
+# guard: a plan's guard step needs the fleet's guard link, built at start.
+RESTART_ONLY = ("control", "metrics", "state_dir", "instance", "store", "guard")
 
 
 def restart_needed_for(old: Config, new: Config) -> list[str]:

@@ -107,6 +107,7 @@ async def lab(
     proxied: bool = False,
     in_process: bool = True,
     data_dir: bool = False,
+    standby_hosts: tuple[str, ...] = ("127.0.0.1",),
 ) -> AsyncIterator[Lab]:
     """The guard for the primary, running in this event loop (``in_process``) or not
     at all (the test starts a ``guard_process``); ``data_dir``: its database config
@@ -133,6 +134,7 @@ async def lab(
             pair.primary.dsn,
             {"data_dir": str(pair.primary.data_dir)} if data_dir else {},
         ),
+        standby_hosts=standby_hosts,
     )
     log = RecordingLog()
     engine = PostgresEngine(pair.primary.dsn)
@@ -167,7 +169,7 @@ args = json.loads(sys.argv[1])
 settings = GuardSettings(
     node="primary", endpoints=tuple(args["endpoints"]), prefix=args["prefix"],
     ttl=args["ttl"], isolation_timeout=args["iso"], poll=args["poll"],
-    database=DatabaseConfig("postgres", args["dsn"]),
+    database=DatabaseConfig("postgres", args["dsn"]), standby_hosts=("127.0.0.1",),
 )
 asyncio.run(run_guard(settings))
 """
@@ -318,6 +320,20 @@ async def test_cut_from_the_store_with_the_standby_streaming_it_does_not_fence(
         # the lab) and one poll before it left.
         assert refused_at is not None and refused_at >= detached_at + ISO - 1.0 - POLL - 0.25
         await eventually(lambda: it.guard.self_fences == 1, within=5)
+
+
+async def test_replication_from_another_address_than_the_standbys_is_no_sign_of_life(
+    etcd: EtcdCluster, pg_pair: PgPair
+) -> None:
+    """A WAL client in the primary's own site (pg_receivewal, a backup tool, another
+    replica) says nothing about the standby's site: counted, it kept an isolated guard
+    from ever fencing while the leader, seeing its key gone, promoted."""
+    async with lab(etcd, pg_pair, proxied=True, standby_hosts=("127.0.0.2",)) as it:
+        assert pg_pair.standby_streaming()  # from 127.0.0.1: not the configured standby
+        cut_at = it.cut()
+        refused_at = await first_refusal(pg_pair, cut_at + ISO + timing.within(5))
+        assert refused_at is not None and refused_at >= cut_at + ISO - TTL / 3 - POLL
+        assert it.guard.self_fences == 1 and it.guard.signs.source != "standby"
 
 
 async def test_a_dead_guard_clears_the_leader_only_after_its_key_was_gone_the_timeout(

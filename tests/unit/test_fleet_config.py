@@ -190,8 +190,8 @@ def test_a_reload_cannot_change_the_fleet() -> None:
 
 def test_with_a_guard_every_failover_plan_waits_for_it_before_the_promotion() -> None:
     from watchdogd.config import step_room
-    from watchdogd.daemon.fleet import GUARD_STEP, guard_step
-    from watchdogd.policy import build_plan
+    from watchdogd.daemon.fleet import guard_step
+    from watchdogd.policy import GUARD_STEP, build_plan
 
     cfg = config.parse({**fleet(), "guard": {"isolation_timeout": "20s"}})
     assert cfg.store is not None
@@ -233,3 +233,40 @@ def test_the_guard_step_goes_after_stop_replication_when_there_is_no_promote() -
     assert guard_position(steps("http", "stop_replication", "promote", "http")) == 2
     assert guard_position(steps("http", "stop_replication", "command", "http")) == 2
     assert guard_position(steps("command", "command")) == 0
+
+
+def test_guard_fence_is_the_fleets_own_step_and_needs_replication_stopped_first() -> None:
+    """A config step named (or acting) guard_fence would take the inserted guard step's
+    place: the leader would promote without the guard's clearance. And with guard: the
+    guard's silence counts only once replication was stopped, before the promotion."""
+    guarded = {**fleet(), "guard": {"isolation_timeout": "20s"}}
+    named = [
+        {"name": "stop_replication", "action": "stop_replication", "timeout": "3s"},
+        {"name": "promote_standby", "action": "promote", "timeout": "3s"},
+        {"name": "guard_fence", "action": "command", "argv": ["true"], "timeout": "3s"},
+    ]
+    assert any(
+        p.startswith("failover.steps[2].name: 'guard_fence' is the fleet's own step")
+        for p in problems({**guarded, "failover": {**guarded["failover"], "steps": named}})
+    )
+    acting = [{"name": "x", "action": "guard_fence"}]
+    assert any(
+        p.startswith("failover.fence_steps[0].action: 'guard_fence' is the fleet's own step")
+        for p in problems({**fleet(), "failover": {**fleet()["failover"], "fence_steps": acting}})
+    )
+    promote_only = [{"name": "promote_standby", "action": "promote", "timeout": "3s"}]
+    assert any(
+        "with guard: a stop_replication step must come before the promotion" in p
+        for p in problems({**guarded, "failover": {**guarded["failover"], "steps": promote_only}})
+    )
+    # Without guard: no stop_replication is needed.
+    config.parse({**fleet(), "failover": {**fleet()["failover"], "steps": promote_only}})
+
+
+def test_guard_changes_need_a_restart() -> None:
+    from watchdogd.policy import restart_needed_for
+
+    plain = config.parse(fleet())
+    guarded = config.parse({**fleet(), "guard": {"isolation_timeout": "20s"}})
+    assert "guard" in restart_needed_for(plain, guarded)
+    assert "guard" in restart_needed_for(guarded, plain)

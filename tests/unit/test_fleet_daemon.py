@@ -441,3 +441,31 @@ async def test_an_adopted_campaign_counts_its_authority_from_its_lease_grant(
     assert fleet.fleet("dc1").is_leader
     assert fleet.fleet("dc1").deadline == pytest.approx(granted_at + 15 - 1.5)
     assert fleet.fleet("dc1").authority_left() == pytest.approx(15 - 1.5 - 4.0)
+
+
+async def test_abort_of_its_own_running_failover_is_never_refused(fleet: Fleet) -> None:
+    """Abort only stops (a flag read before the next step) and journals nothing: a
+    leader whose authority ended, or that must re-read the journal, still takes it."""
+
+    class Running:
+        plan = type("P", (), {"id": "f1"})()
+        current_step = "guard_fence"
+        aborted_by: str | None = None
+
+        def abort(self, by: str = "operator") -> None:
+            self.aborted_by = by
+
+    await fleet.lead("dc1", "dc2", "dc3")
+    d1 = fleet.d["dc1"]
+    fleet.fleet("dc1").needs_replay = True
+    with pytest.raises(CommandError, match="fate is unknown"):
+        await d1.handle_command("pause", {}, ROOT)
+    with pytest.raises(CommandError, match="fate is unknown"):
+        await d1.handle_command("abort", {}, ROOT)  # nothing runs: the usual refusal
+    running = Running()
+    d1.sequences.runner = running  # type: ignore[assignment]
+    reply = await d1.handle_command("abort", {}, ROOT)
+    assert reply["aborting"] == "f1" and running.aborted_by is not None
+    fleet.clock.advance(20.0)  # the authority is long gone as well
+    assert fleet.fleet("dc1").authority_left() == 0.0
+    assert (await d1.handle_command("abort", {}, ROOT))["aborting"] == "f1"

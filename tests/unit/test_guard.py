@@ -341,7 +341,10 @@ def test_settings_from_a_config_with_store_and_guard_sections() -> None:
         },
         # Steps that fit in a fleet leader's authority under a 6 s lease.
         "failover": {
-            "steps": [{"name": "promote", "action": "promote", "timeout": "2s"}],
+            "steps": [
+                {"name": "stop", "action": "stop_replication", "timeout": "2s"},
+                {"name": "promote", "action": "promote", "timeout": "2s"},
+            ],
             "rejoin_steps": [{"name": "rejoin", "action": "rejoin", "timeout": "2s"}],
             "rejoin_timeout": "2s",
         },

@@ -36,7 +36,10 @@ class Commands:
         if handler is None:
             raise CommandError(f"unknown command {command!r}")
         fleet = self.d.fleet
-        if fleet is not None and command in MUTATING and not args.get("dry_run"):
+        # Stopping a sequence this watcher runs is always allowed: it only stops (the
+        # flag is read before the next step), journaling nothing, whatever the store says.
+        stops_own = command == "abort" and self.d.sequences.runner is not None
+        if fleet is not None and command in MUTATING and not args.get("dry_run") and not stops_own:
             # Refused with the leader's name rather than forwarded (docs/fleet.md).
             if (refusal := fleet.command_refusal()) is not None:
                 raise CommandError(f"{command} refused: {refusal}")

@@ -35,7 +35,7 @@ from watchdogd.config import fleet_timing, step_room
 from watchdogd.core.model import Config, StepConfig
 from watchdogd.detector import DOWN, Verdict
 from watchdogd.fleet import Freshness, Tally, View
-from watchdogd.policy import BLOCKED, Decision, State
+from watchdogd.policy import BLOCKED, GUARD_STEP, Decision, State
 from watchdogd.state.journal import JournalError, JournalState, apply
 from watchdogd.state.store import StoreUnavailable, Token, TokenLost
 
@@ -64,7 +64,6 @@ class StoreWriteError(JournalError):
     leadership lost, or the store did not answer): nothing is acted on."""
 
 
-GUARD_STEP = "guard_fence"
 GUARD_POLL = 0.25  # a linearizable read of the guard's keys, well below the lease ttl
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -187,17 +187,20 @@ class Engine(Protocol):
         ...
 
 
-async def standby_reply_mark(engine: Engine, timeout: float) -> float | None:
-    """A value that grows with every reply a standby streaming from ``engine`` sends
-    (PostgreSQL: the newest ``pg_stat_replication.reply_time``); None when no standby
-    streams from it or the engine cannot tell (only PostgreSQL can today). The guard
-    beside a primary reads it as a sign of life. Raises EngineError when unreachable."""
-    probe: Callable[[float], Awaitable[float | None]] | None = getattr(
+async def standby_reply_mark(
+    engine: Engine, timeout: float, addresses: Sequence[str]
+) -> float | None:
+    """A value that grows with every reply the standby streaming from ``engine`` from
+    one of ``addresses`` sends (PostgreSQL: the newest ``pg_stat_replication.reply_time``
+    of a physical replication connection from there); None when it does not stream or
+    the engine cannot tell (only PostgreSQL can today). The guard beside a primary
+    reads it as a sign of life. Raises EngineError when unreachable."""
+    probe: Callable[[float, Sequence[str]], Awaitable[float | None]] | None = getattr(
         engine, "standby_reply_mark", None
     )
     if probe is None:
         return None
-    return await probe(timeout)
+    return await probe(timeout, addresses)
 
 
 def available() -> list[str]:

@@ -660,17 +660,29 @@ class PostgresEngine(ConnectionTemplate[Any]):
             detail=", ".join(parts),
         )
 
-    async def standby_reply_mark(self, timeout: float) -> float | None:
-        """The guard's sign of life from a standby: the newest ``reply_time`` (epoch
-        seconds, the standby's own clock) among the standbys streaming from this server,
-        None when none streams (or the role cannot see pg_stat_replication's columns).
-        Only compared with itself: a value that grew between two reads proves a reply
-        arrived between them, whatever the clocks of the two hosts say."""
+    async def standby_reply_mark(
+        self, timeout: float, addresses: Sequence[str] = ()
+    ) -> float | None:
+        """The guard's sign of life from the standby: the newest ``reply_time`` (epoch
+        seconds, the standby's own clock) among physical replication connections
+        streaming from ``addresses`` (the configured standby's), None when none does (or
+        the role cannot see pg_stat_replication's columns). Another client of the WAL in
+        the primary's own site (pg_receivewal, a backup tool, a second replica, a
+        logical subscriber) is no sign that the primary is reachable from the standby's
+        site: counting it kept an isolated guard from ever fencing. Only compared with
+        itself: a value that grew between two reads proves a reply arrived between
+        them, whatever the clocks of the two hosts say."""
+        if not addresses:
+            return None
 
         async def query(conn: Any, deadline: float) -> float | None:
             value = await conn.fetchval(
-                "SELECT extract(epoch FROM max(reply_time))::float8 FROM pg_stat_replication"
-                " WHERE state = 'streaming'",
+                "SELECT extract(epoch FROM max(r.reply_time))::float8"
+                " FROM pg_stat_replication r"
+                " WHERE r.state = 'streaming' AND r.client_addr = ANY($1::inet[])"
+                " AND NOT EXISTS (SELECT 1 FROM pg_replication_slots s"
+                " WHERE s.active_pid = r.pid AND s.slot_type = 'logical')",
+                list(addresses),
                 timeout=self._remaining(deadline),
             )
             return None if value is None else float(value)
