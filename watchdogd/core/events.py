@@ -138,6 +138,7 @@ SPECS: Mapping[str, Spec] = MappingProxyType(
         "store_unavailable": _W,
         "store_available": _I,
         "guard_fence_ordered": _I,
+        "guard_order_withdrawn": _I,
         "fleet_journal_repaired": _I,
     }
 )

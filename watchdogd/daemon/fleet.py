@@ -101,6 +101,7 @@ class GuardLink:
         self.fleet = fleet
         self.isolation_timeout = isolation_timeout
         self._rules: dict[tuple[str, int], ClearanceRule] = {}
+        self._orders: dict[tuple[str, int], int] = {}  # the order key's revision
 
     async def clear(self, failover_id: str, node: str, timeout: float) -> str:
         from watchdogd.actions import ActionError
@@ -116,7 +117,7 @@ class GuardLink:
         rule = self._rules.get(key)
         if rule is None:
             try:
-                await order_fence(client, fleet.prefix, token, failover_id, node=node)
+                ordered = await order_fence(client, fleet.prefix, token, failover_id, node=node)
             except TokenLost as exc:
                 fleet._lost_soon(str(exc))
                 raise ActionError(f"guard_fence: {exc}") from None
@@ -132,7 +133,8 @@ class GuardLink:
                 margin=fleet.timing.ttl,
             )
             self._rules = {k: r for k, r in self._rules.items() if k[0] == failover_id}
-            self._rules[key] = rule
+            self._orders = {k: r for k, r in self._orders.items() if k[0] == failover_id}
+            self._rules[key], self._orders[key] = rule, ordered
             fleet.d.emit("guard_fence_ordered", failover_id=failover_id, node=node)
         while True:
             try:
@@ -146,6 +148,41 @@ class GuardLink:
             if clock() + GUARD_POLL > end:
                 raise ActionError(f"guard_fence: not cleared yet: {verdict.reason}")
             await asyncio.sleep(GUARD_POLL)
+
+    async def withdraw(self, failover_id: str) -> None:
+        """A failover that ordered a fence and ended without completing (failed,
+        aborted) takes its order back: left standing, the guard would fence the old
+        primary when its database answers again, and the pair would have no writable
+        node. Only our own order, only while our token holds (one transaction); best
+        effort, bounded: a guard that already fenced stays fenced (never lifted here),
+        and a "down" promise it made is kept."""
+        from watchdogd.state.etcd import Compare, Delete
+        from watchdogd.state.guard_keys import GuardKeys
+
+        fleet = self.fleet
+        token, client = fleet.token, fleet.client
+        revision = None if token is None else self._orders.get((failover_id, token.revision))
+        self._rules = {k: r for k, r in self._rules.items() if k[0] != failover_id}
+        self._orders = {k: r for k, r in self._orders.items() if k[0] != failover_id}
+        if token is None or client is None or revision is None:
+            return
+        keys = GuardKeys.under(fleet.prefix)
+        try:
+            async with asyncio.timeout(2 * fleet.timing.budget):
+                await client.txn(
+                    [
+                        Compare(keys.leader, "create", "=", token.revision),
+                        Compare(keys.order, "mod", "=", revision),
+                    ],
+                    [Delete(keys.order)],
+                    [],
+                )
+        except Exception as exc:  # CompareFailed: not ours any more; else: unanswered
+            fleet.d.emit(
+                "guard_order_withdrawn", failover_id=failover_id, withdrawn=False, why=str(exc)
+            )
+            return
+        fleet.d.emit("guard_order_withdrawn", failover_id=failover_id, withdrawn=True)
 
 
 class Fleet:

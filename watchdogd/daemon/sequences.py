@@ -257,9 +257,21 @@ class Sequences:
         finally:
             self.runner, self.runner_task = None, None
             d.metrics.set_in_progress(False)
+        await self._withdraw_guard_order(runner.plan.id)
         self._left_unfinished()
         d.cycle.refresh_state()
         return outcome
+
+    async def _withdraw_guard_order(self, failover_id: str) -> None:
+        """A failover the journal shows ended without completing takes back its fence
+        order to the old primary's guard (``GuardLink.withdraw``); one left unfinished
+        (for the next leader) keeps it."""
+        fleet = self.d.fleet
+        if fleet is None or fleet.guard is None:
+            return
+        fo = next((f for f in self.d.state.failovers if f.id == failover_id), None)
+        if fo is not None and fo.outcome is not None and fo.outcome != COMPLETED:
+            await fleet.guard.withdraw(failover_id)
 
     def _left_unfinished(self) -> None:
         """In a fleet, a sequence that ended without finishing (the store did not take a

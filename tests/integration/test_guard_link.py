@@ -1,0 +1,126 @@
+"""The leader's side of the guard (``watchdogd.daemon.fleet.GuardLink``) against a real
+three-member etcd: the fence order is written once per failover and token, the guard's
+silence is counted across the ``guard_fence`` step's attempts, a new leader orders
+afresh, and a failover that ends without completing takes its order back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tests.support.etcd import EtcdCluster
+from watchdogd.actions import ActionError
+from watchdogd.daemon.fleet import GuardLink
+from watchdogd.state.etcd import EtcdClient
+from watchdogd.state.etcd_store import EtcdStore
+from watchdogd.state.guard_keys import GuardKeys, Order
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "/watchdogd-link/orders"
+KEYS = GuardKeys.under(PREFIX)
+TTL = 2.0
+ISO = 1.0
+
+
+class FakeFleet:
+    """What GuardLink reads of the daemon's Fleet, over a real client and leader key."""
+
+    def __init__(self, client: EtcdClient, store: EtcdStore) -> None:
+        self.client = client
+        self.store = store
+        self.prefix = PREFIX
+        self.token: Any = None
+        self.timing = SimpleNamespace(ttl=TTL, budget=1.0)
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.d = SimpleNamespace(clock=time.monotonic, emit=self.emit)
+        self.lost: list[str] = []
+
+    def emit(self, event: str, /, **facts: Any) -> None:
+        self.events.append((event, facts))
+
+    def _not_leader(self) -> str:
+        return "not the leader"
+
+    def _lost_soon(self, why: str) -> None:
+        self.lost.append(why)
+
+
+@pytest.fixture
+async def fleet(etcd: EtcdCluster) -> AsyncIterator[FakeFleet]:
+    async with EtcdClient(etcd.endpoints, timeout=1.0) as client:
+        yield FakeFleet(client, EtcdStore(client, PREFIX))
+
+
+async def order(client: EtcdClient) -> Order | None:
+    kv = await client.get(KEYS.order)
+    return None if kv is None else Order.decode(kv.value, kv.mod_revision)
+
+
+async def test_one_order_per_failover_and_token_and_the_silence_counts_across_attempts(
+    fleet: FakeFleet,
+) -> None:
+    link = GuardLink(fleet, ISO)  # type: ignore[arg-type]
+    with pytest.raises(ActionError, match="not the leader"):
+        await link.clear("f1", "main", 0.5)
+    assert await order(fleet.client) is None  # a follower orders nothing
+
+    fleet.token = await fleet.store.campaign("dc1", TTL * 10)
+    assert fleet.token is not None
+    started = time.monotonic()
+    # No guard ever wrote its key: its silence counts from the first read, and the
+    # expired path also waits isolation_timeout + ttl from the order (replication
+    # stopped then): ISO + TTL = 3 s, longer than one attempt.
+    with pytest.raises(ActionError, match="not cleared yet"):
+        await link.clear("f1", "main", 1.0)
+    first = await order(fleet.client)
+    assert first is not None and first.token == fleet.token.revision
+    assert first.failover_id == "f1" and first.node == "main"
+    reason = ""
+    while time.monotonic() - started < ISO + TTL + 3:
+        try:
+            reason = await link.clear("f1", "main", 1.0)
+            break
+        except ActionError:
+            continue
+    assert reason.startswith("cleared (expired)"), reason
+    assert time.monotonic() - started >= ISO + TTL  # never before the rule allows
+    again = await order(fleet.client)
+    assert again is not None and again.revision == first.revision  # written once
+    assert [e for e, _ in fleet.events].count("guard_fence_ordered") == 1
+
+    # A new leader (a new token) resuming the same failover orders afresh.
+    await fleet.store.resign(fleet.token)
+    fleet.token = await fleet.store.campaign("dc2", TTL * 10)
+    assert fleet.token is not None
+    with pytest.raises(ActionError):
+        await link.clear("f1", "main", 0.5)
+    renewed = await order(fleet.client)
+    assert renewed is not None and renewed.token == fleet.token.revision
+    assert renewed.revision > first.revision
+
+
+async def test_a_failover_that_did_not_complete_takes_its_order_back(fleet: FakeFleet) -> None:
+    link = GuardLink(fleet, ISO)  # type: ignore[arg-type]
+    fleet.token = await fleet.store.campaign("dc1", TTL * 10)
+    assert fleet.token is not None
+    with pytest.raises(ActionError):
+        await link.clear("f2", "main", 0.5)
+    assert await order(fleet.client) is not None
+    await link.withdraw("f2")
+    assert await order(fleet.client) is None
+    assert ("guard_order_withdrawn", {"failover_id": "f2", "withdrawn": True}) in fleet.events
+
+    # Another failover's order, or one written under another token, is not ours to take.
+    with pytest.raises(ActionError):
+        await link.clear("f3", "main", 0.5)
+    await link.withdraw("f2")  # no order of f2 any more: nothing happens
+    assert await order(fleet.client) is not None
+    await fleet.store.resign(fleet.token)
+    fleet.token = await fleet.store.campaign("dc2", TTL * 10)
+    await link.withdraw("f3")  # f3 was ordered under dc1's token
+    assert await order(fleet.client) is not None
