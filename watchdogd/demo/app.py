@@ -209,3 +209,40 @@ class DemoApp:
         if isinstance(exc, TimeoutError):
             return f"database did not answer within {self._db_timeout:g}s"
         return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def runbook(
+    primary_app: str, standby_app: str, route: str, *, promote_timeout: str = "5s"
+) -> list[dict[str, Any]]:
+    """The demo's five-step failover runbook against two app stand-ins (their base
+    URLs) and a traffic switch (``route``: a server taking ``PUT /route``), as a config's
+    ``failover.steps``: what the one-pair demo and the three-site demo both run."""
+    return [
+        {
+            "name": "primary_maintenance_on",
+            "action": "http",
+            "method": "POST",
+            "url": f"{primary_app}/maintenance",
+            "json": {"enabled": True},
+            # Best effort: the primary's stack may be gone with its machine.
+            "required": False,
+            "timeout": "1s",
+        },
+        {"name": "stop_replication", "action": "stop_replication", "timeout": "5s"},
+        {"name": "promote_standby", "action": "promote", "timeout": promote_timeout},
+        {
+            "name": "standby_maintenance_off",
+            "action": "http",
+            "method": "DELETE",
+            "url": f"{standby_app}/maintenance",
+            "timeout": "2s",
+        },
+        {
+            "name": "switch_traffic",
+            "action": "http",
+            "method": "PUT",
+            "url": f"{route}/route",
+            "json": {"to": "{standby.name}"},
+            "timeout": "2s",
+        },
+    ]

@@ -47,7 +47,7 @@ from watchdogd.core.events import Event as BusEvent
 from watchdogd.core.events import Level
 from watchdogd.core.units import format_bytes, format_duration, parse_duration
 from watchdogd.daemon import Daemon
-from watchdogd.demo.app import DemoApp
+from watchdogd.demo.app import DemoApp, runbook
 from watchdogd.demo.lab import LabError, PgPair, PgServer, find_pg_bin, free_port, lab_root
 from watchdogd.logging import reset_logging, setup_logging
 from watchdogd.state.journal import FailoverRecord
@@ -494,35 +494,7 @@ class Lab:
         a, b = self.apps[NODE_A], self.apps[NODE_B]
         fmt = format_duration
         self.metrics_port = free_port()
-        steps: list[dict[str, Any]] = [
-            {
-                "name": "primary_maintenance_on",
-                "action": "http",
-                "method": "POST",
-                "url": f"{a.url}/maintenance",
-                "json": {"enabled": True},
-                # Best effort: the primary's stack may be gone with its machine.
-                "required": False,
-                "timeout": "1s",
-            },
-            {"name": "stop_replication", "action": "stop_replication", "timeout": "5s"},
-            {"name": "promote_standby", "action": "promote", "timeout": "10s"},
-            {
-                "name": "standby_maintenance_off",
-                "action": "http",
-                "method": "DELETE",
-                "url": f"{b.url}/maintenance",
-                "timeout": "2s",
-            },
-            {
-                "name": "switch_traffic",
-                "action": "http",
-                "method": "PUT",
-                "url": f"{self.proxy.url}/route",
-                "json": {"to": "{standby.name}"},
-                "timeout": "2s",
-            },
-        ]
+        steps = runbook(a.url, b.url, self.proxy.url, promote_timeout="10s")
         return {
             "cluster": "demo",
             "primary": {

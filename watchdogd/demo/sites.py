@@ -35,7 +35,7 @@ from aiohttp import web
 
 from watchdogd.control import ControlUnavailable, request
 from watchdogd.core.units import format_duration, parse_duration
-from watchdogd.demo.app import DemoApp
+from watchdogd.demo.app import DemoApp, runbook
 from watchdogd.demo.etcd import NO_ETCD, EtcdLab, find_etcd
 from watchdogd.demo.etcd import LabError as EtcdLabError
 from watchdogd.demo.lab import (
@@ -257,34 +257,7 @@ class SitesLab:
         assert self.pair is not None and self.route is not None and self.etcd is not None
         s, fmt = self.settings, format_duration
         a, b = self.apps[NODE_A], self.apps[NODE_B]
-        steps: list[dict[str, Any]] = [
-            {
-                "name": "primary_maintenance_on",
-                "action": "http",
-                "method": "POST",
-                "url": f"{a.url}/maintenance",
-                "json": {"enabled": True},
-                "required": False,
-                "timeout": "1s",
-            },
-            {"name": "stop_replication", "action": "stop_replication", "timeout": "5s"},
-            {"name": "promote_standby", "action": "promote", "timeout": "5s"},
-            {
-                "name": "standby_maintenance_off",
-                "action": "http",
-                "method": "DELETE",
-                "url": f"{b.url}/maintenance",
-                "timeout": "2s",
-            },
-            {
-                "name": "switch_traffic",
-                "action": "http",
-                "method": "PUT",
-                "url": f"{self.route.url}/route",
-                "json": {"to": "{standby.name}"},
-                "timeout": "2s",
-            },
-        ]
+        steps = runbook(a.url, b.url, self.route.url)
         return {
             "cluster": CLUSTER,
             "primary": {
