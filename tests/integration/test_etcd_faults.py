@@ -20,7 +20,15 @@ from typing import Any
 import pytest
 
 from tests.support import timing
-from tests.support.etcd import CUT, DROP, GARBAGE, EtcdCluster, EtcdMember, ReplyFaults
+from tests.support.etcd import (
+    CUT,
+    DROP,
+    ELECTION_MS,
+    GARBAGE,
+    EtcdCluster,
+    EtcdMember,
+    ReplyFaults,
+)
 from tests.support.proxy import BLACKHOLE, PASS, REFUSE, FaultProxy
 from watchdogd.state import journal as records
 from watchdogd.state.etcd import EtcdClient
@@ -74,6 +82,10 @@ def stop_quorum(etcd: EtcdCluster) -> list[EtcdMember]:
     stopped = [leader, next(m for m in etcd.members if m is not leader)]
     for member in stopped:
         member.sigstop()
+    # The leader seen a moment ago may have changed before the stop: a leader still
+    # running alone keeps answering (lease renewals too) until check-quorum makes it
+    # step down, one election timeout later (etcd 3.4). Wait that out, twice over.
+    time.sleep(2 * ELECTION_MS / 1000)
     return stopped
 
 
