@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.daemon import DaemonProcess
 from tests.support.fleet import NAMES, FleetRig, fleet_config, fleet_rig, timeline
 from tests.support.pg import eventually
 from tests.support.proxy import BLACKHOLE, FaultProxy
@@ -209,7 +210,17 @@ async def test_a_leader_frozen_past_its_lease_acts_on_nothing_when_it_wakes(
     rig.pair.wait_replayed()
     rig.pair.primary.kill()
     await eventually(lambda: ran.exists(), within=15)
-    frozen = rig.watchers.pop(leader)
+    frozen = rig.watchers.pop(leader)  # out of the rig's status polling, killed below
+    assert frozen.proc is not None
+    try:
+        await frozen_past_its_lease(rig, frozen, leader, ran)
+    finally:
+        frozen.kill()
+
+
+async def frozen_past_its_lease(
+    rig: FleetRig, frozen: DaemonProcess, leader: str, ran: Path
+) -> None:
     assert frozen.proc is not None
     frozen.proc.send_signal(signal.SIGSTOP)
     try:
@@ -228,7 +239,7 @@ async def test_a_leader_frozen_past_its_lease_acts_on_nothing_when_it_wakes(
     await asyncio.sleep(2.0)
     assert timeline(rig.pair.standby) == 2
     assert await rig.store_journal() == before  # the old leader wrote nothing more
-    assert len(ran.read_text().splitlines()) == 1
+    assert len((await asyncio.to_thread(ran.read_text)).splitlines()) == 1
     assert await rig.promotions_in_store() == 1
     logs = frozen.logs()
     assert '"fleet_leadership_lost"' in logs

@@ -22,6 +22,7 @@ import yaml
 from tests.support import aretry_if_port_taken, free_port, need, timing, which
 from watchdogd.control import request
 from watchdogd.demo.lab import PgPair
+from watchdogd.demo.lab import _die_with_parent as die_with_parent
 
 
 def lab_config(
@@ -144,6 +145,9 @@ class DaemonProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
+            # A test that forgets one (or a worker that dies) leaks no daemon probing
+            # ports that later tests reuse.
+            preexec_fn=die_with_parent(),
         )
         log.close()
         deadline = time.monotonic() + timing.within(ready_within)
