@@ -40,8 +40,7 @@ from typing import Any
 
 from watchdogd.core.units import parse_duration
 from watchdogd.demo.etcd import NO_ETCD, EtcdLab, find_etcd
-from watchdogd.demo.etcd import LabError as EtcdLabError
-from watchdogd.demo.lab import find_pg_bin, lab_root, make_template
+from watchdogd.demo.lab import LabError, find_pg_bin, lab_root, make_template
 from watchdogd.demo.sites import NO_POSTGRES, SitesError, SitesLab, SitesSettings
 
 # bench/versus_patroni.py, issue 13, on this machine: kill -> standby out of recovery, p50.
@@ -191,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    except (SitesError, EtcdLabError) as exc:
+    except (SitesError, LabError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     finally:

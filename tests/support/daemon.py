@@ -21,8 +21,7 @@ import yaml
 
 from tests.support import aretry_if_port_taken, free_port, need, timing, which
 from watchdogd.control import request
-from watchdogd.demo.lab import PgPair
-from watchdogd.demo.lab import _die_with_parent as die_with_parent
+from watchdogd.demo.lab import PgPair, die_with_parent
 
 
 def lab_config(

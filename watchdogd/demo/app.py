@@ -211,6 +211,44 @@ class DemoApp:
         return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def pair_config(
+    cluster: str,
+    primary: tuple[str, str, DemoApp],
+    standby: tuple[str, str, DemoApp],
+    route: str,
+    *,
+    interval: str,
+    probe_timeout: str,
+    threshold: str,
+    promote_timeout: str = "5s",
+) -> dict[str, Any]:
+    """The part of a demo's config both demos share: the pair (each node as ``(name,
+    database dsn, app stand-in)``), fast probes, and automatic failover by the
+    ``runbook``. Each demo adds what is its own (fence or rejoin steps, store, ports)."""
+    nodes = {
+        role: {
+            "name": name,
+            "database": {"engine": "postgres", "dsn": dsn},
+            "app": {"health_url": f"{app.url}/health"},
+        }
+        for role, (name, dsn, app) in (("primary", primary), ("standby", standby))
+    }
+    return {
+        "cluster": cluster,
+        **nodes,
+        "probe": {"interval": interval, "timeout": probe_timeout, "recovery_successes": 3},
+        "failover": {
+            "mode": "automatic",
+            "outage_threshold": threshold,
+            "max_lag": "16MB",
+            "cooldown": "1h",
+            "steps": runbook(
+                primary[2].url, standby[2].url, route, promote_timeout=promote_timeout
+            ),
+        },
+    }
+
+
 def runbook(
     primary_app: str, standby_app: str, route: str, *, promote_timeout: str = "5s"
 ) -> list[dict[str, Any]]:

@@ -6,40 +6,32 @@ data in a directory the caller gives (tmpfs when the lab is there), one
 timeout 1 s, ``--pre-vote`` so a member that was SIGSTOPped does not disrupt the others
 when it comes back. Each member can be SIGSTOPped, continued, killed (SIGKILL) and
 started again on its old data; members die with the process that started them
-(PR_SET_PDEATHSIG). Every wait is bounded and every failure is one :class:`LabError`
-line. Synchronous (subprocess): callers in a loop run it in a thread.
-
-Deliberately standalone (no import of ``watchdogd.demo.lab``): both sit side by side
-in the demo package's layers.
+(the lab's ``die_with_parent``). Every wait is bounded and every failure is one
+line: the lab's :class:`LabError`. Synchronous (subprocess): callers in a loop run it in
+a thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from watchdogd.demo.lab import LabError, die_with_parent
 
 NO_ETCD = "etcd not found: apt-get install etcd-server (or put etcd on PATH)"
 HEARTBEAT_MS = 100
 ELECTION_MS = 1000
 START_TIMEOUT = 20.0
-_PR_SET_PDEATHSIG = 1
-
-
-class LabError(Exception):
-    """Building or driving the etcd cluster failed; the message is one line."""
 
 
 def find_etcd() -> str | None:
@@ -60,22 +52,6 @@ def _free_ports(count: int) -> list[int]:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
         return ports
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn: the kernel SIGKILLs the member when the thread that forked it
-    exits. Only from the main thread (a worker thread's exit would kill it)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-
-    return preexec
 
 
 def _one_line(text: str, chars: int = 300) -> str:
@@ -112,7 +88,7 @@ class EtcdMember:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
         self.stopped = False
 

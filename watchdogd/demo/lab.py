@@ -278,7 +278,7 @@ class PgServer:
                 stderr=subprocess.STDOUT,
                 cwd=self.base,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
                 **kwargs,  # type: ignore[call-overload]
             )
         self._stopped = False
@@ -485,7 +485,7 @@ def shm_attached(key: int, shmid: int) -> int | None:
     return None
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn asking the kernel to SIGKILL the server when this process dies,
     so a crashed test run leaks no postmaster. Only from the main thread: the
     signal fires when the *thread* that forked exits (a worker thread would

@@ -47,7 +47,7 @@ from watchdogd.core.events import Event as BusEvent
 from watchdogd.core.events import Level
 from watchdogd.core.units import format_bytes, format_duration, parse_duration
 from watchdogd.daemon import Daemon
-from watchdogd.demo.app import DemoApp, runbook
+from watchdogd.demo.app import DemoApp, pair_config
 from watchdogd.demo.lab import LabError, PgPair, PgServer, find_pg_bin, free_port, lab_root
 from watchdogd.logging import reset_logging, setup_logging
 from watchdogd.state.journal import FailoverRecord
@@ -490,36 +490,23 @@ class Lab:
     def config(self) -> dict[str, Any]:
         """The daemon's config: the issue's five steps against this lab."""
         assert self.pair is not None and self.proxy is not None
-        s = self.settings
-        a, b = self.apps[NODE_A], self.apps[NODE_B]
-        fmt = format_duration
+        s, fmt = self.settings, format_duration
         self.metrics_port = free_port()
-        steps = runbook(a.url, b.url, self.proxy.url, promote_timeout="10s")
+        cfg = pair_config(
+            "demo",
+            (NODE_A, self.pair.primary.dsn, self.apps[NODE_A]),
+            (NODE_B, self.pair.standby.dsn, self.apps[NODE_B]),
+            self.proxy.url,
+            interval=fmt(s.interval),
+            probe_timeout=fmt(s.probe_timeout),
+            threshold=fmt(s.threshold),
+            promote_timeout="10s",
+        )
+        cfg["failover"]["fence_steps"] = [
+            {"name": "fence_old_primary", "action": "fence", "timeout": "5s"}
+        ]
         return {
-            "cluster": "demo",
-            "primary": {
-                "name": NODE_A,
-                "database": {"engine": "postgres", "dsn": self.pair.primary.dsn},
-                "app": {"health_url": f"{a.url}/health"},
-            },
-            "standby": {
-                "name": NODE_B,
-                "database": {"engine": "postgres", "dsn": self.pair.standby.dsn},
-                "app": {"health_url": f"{b.url}/health"},
-            },
-            "probe": {
-                "interval": fmt(s.interval),
-                "timeout": fmt(s.probe_timeout),
-                "recovery_successes": 3,
-            },
-            "failover": {
-                "mode": "automatic",
-                "outage_threshold": fmt(s.threshold),
-                "max_lag": "16MB",
-                "cooldown": "1h",
-                "steps": steps,
-                "fence_steps": [{"name": "fence_old_primary", "action": "fence", "timeout": "5s"}],
-            },
+            **cfg,
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
             "control": {"socket": str(self.socket)},
             "log": {"format": "json", "level": "info"},

@@ -35,14 +35,13 @@ from aiohttp import web
 
 from watchdogd.control import ControlUnavailable, request
 from watchdogd.core.units import format_duration, parse_duration
-from watchdogd.demo.app import DemoApp, runbook
+from watchdogd.demo.app import DemoApp, pair_config
 from watchdogd.demo.etcd import NO_ETCD, EtcdLab, find_etcd
-from watchdogd.demo.etcd import LabError as EtcdLabError
 from watchdogd.demo.lab import (
     LabError,
     PgPair,
     PgServer,
-    _die_with_parent,
+    die_with_parent,
     find_pg_bin,
     free_port,
     lab_root,
@@ -151,7 +150,7 @@ class Watcher:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C goes to the demo, which stops it
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
 
     def kill(self) -> None:
@@ -214,7 +213,7 @@ class SitesLab:
                 # Blocking (a second or two) and from the main thread, so the members
                 # die with this process (PR_SET_PDEATHSIG); nothing else runs yet.
                 self.etcd = EtcdLab.create(self.dir / "etcd")
-            except EtcdLabError as exc:
+            except LabError as exc:
                 raise SitesError(f"cannot build the etcd cluster: {exc}") from None
             self._own_etcd = True
         else:
@@ -256,34 +255,19 @@ class SitesLab:
         timeouts that fit in the leader's authority (see docs/fleet.md)."""
         assert self.pair is not None and self.route is not None and self.etcd is not None
         s, fmt = self.settings, format_duration
-        a, b = self.apps[NODE_A], self.apps[NODE_B]
-        steps = runbook(a.url, b.url, self.route.url)
+        cfg = pair_config(
+            CLUSTER,
+            (NODE_A, self.pair.primary.dsn, self.apps[NODE_A]),
+            (NODE_B, self.pair.standby.dsn, self.apps[NODE_B]),
+            self.route.url,
+            interval=fmt(s.interval),
+            probe_timeout=fmt(s.probe_timeout),
+            threshold=fmt(s.threshold),
+        )
+        cfg["failover"]["rejoin_steps"] = [{"name": "rejoin", "action": "rejoin", "timeout": "5s"}]
+        cfg["failover"]["rejoin_timeout"] = "5s"
         return {
-            "cluster": CLUSTER,
-            "primary": {
-                "name": NODE_A,
-                "database": {"engine": "postgres", "dsn": self.pair.primary.dsn},
-                "app": {"health_url": f"{a.url}/health"},
-            },
-            "standby": {
-                "name": NODE_B,
-                "database": {"engine": "postgres", "dsn": self.pair.standby.dsn},
-                "app": {"health_url": f"{b.url}/health"},
-            },
-            "probe": {
-                "interval": fmt(s.interval),
-                "timeout": fmt(s.probe_timeout),
-                "recovery_successes": 3,
-            },
-            "failover": {
-                "mode": "automatic",
-                "outage_threshold": fmt(s.threshold),
-                "max_lag": "16MB",
-                "cooldown": "1h",
-                "steps": steps,
-                "rejoin_steps": [{"name": "rejoin", "action": "rejoin", "timeout": "5s"}],
-                "rejoin_timeout": "5s",
-            },
+            **cfg,
             "store": {
                 "etcd": {
                     "endpoints": self.etcd.endpoints,
