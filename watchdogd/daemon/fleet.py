@@ -36,8 +36,8 @@ from watchdogd.core.model import Config, StepConfig
 from watchdogd.detector import DOWN, Verdict
 from watchdogd.fleet import Freshness, Tally, View
 from watchdogd.policy import BLOCKED, GUARD_STEP, Decision, State
-from watchdogd.state.journal import JournalError, JournalState, apply
-from watchdogd.state.store import StoreUnavailable, Token, TokenLost
+from watchdogd.state.journal import JournalError, apply
+from watchdogd.state.store import StoreUnavailable, Token, TokenLost, fold_entries
 
 if TYPE_CHECKING:
     # The etcd client (aiohttp) is loaded only by a daemon with ``store:``.
@@ -100,12 +100,12 @@ class GuardLink:
     def __init__(self, fleet: Fleet, isolation_timeout: float) -> None:
         self.fleet = fleet
         self.isolation_timeout = isolation_timeout
-        self._rules: dict[tuple[str, int], ClearanceRule] = {}
-        self._orders: dict[tuple[str, int], int] = {}  # the order key's revision
+        # (failover id, token) -> its rule and the order key's revision
+        self._orders: dict[tuple[str, int], tuple[ClearanceRule, int]] = {}
 
     async def clear(self, failover_id: str, node: str, timeout: float) -> str:
         from watchdogd.actions import ActionError
-        from watchdogd.state.guard_keys import ClearanceRule, order_fence, read_snapshot
+        from watchdogd.state.guard_keys import ClearanceRule, guard_clearance, order_fence
 
         fleet = self.fleet
         token, client = fleet.token, fleet.client
@@ -114,7 +114,7 @@ class GuardLink:
         clock = fleet.d.clock
         end = clock() + max(0.0, timeout - GUARD_POLL)
         key = (failover_id, token.revision)
-        rule = self._rules.get(key)
+        rule = self._orders[key][0] if key in self._orders else None
         if rule is None:
             try:
                 ordered = await order_fence(client, fleet.prefix, token, failover_id, node=node)
@@ -132,22 +132,23 @@ class GuardLink:
                 quiet_since=clock(),
                 margin=fleet.timing.ttl,
             )
-            self._rules = {k: r for k, r in self._rules.items() if k[0] == failover_id}
-            self._orders = {k: r for k, r in self._orders.items() if k[0] == failover_id}
-            self._rules[key], self._orders[key] = rule, ordered
+            self._orders = {k: o for k, o in self._orders.items() if k[0] == failover_id}
+            self._orders[key] = (rule, ordered)
             fleet.d.emit("guard_fence_ordered", failover_id=failover_id, node=node)
-        while True:
-            try:
-                snapshot = await read_snapshot(client, fleet.prefix)
-                why = ""
-            except StoreUnavailable as exc:
-                snapshot, why = None, str(exc)
-            verdict = rule.observe(snapshot, clock(), why)
-            if verdict.cleared:
-                return f"cleared ({verdict.via}): {verdict.reason}"
-            if clock() + GUARD_POLL > end:
-                raise ActionError(f"guard_fence: not cleared yet: {verdict.reason}")
-            await asyncio.sleep(GUARD_POLL)
+        verdict = await guard_clearance(
+            client,
+            fleet.prefix,
+            token,
+            failover_id,
+            self.isolation_timeout,
+            clock,
+            max(0.0, end - clock()),  # the order's write came out of this attempt's time
+            poll=GUARD_POLL,
+            rule=rule,
+        )
+        if not verdict.cleared:
+            raise ActionError(f"guard_fence: not cleared yet: {verdict.reason}")
+        return f"cleared ({verdict.via}): {verdict.reason}"
 
     async def withdraw(self, failover_id: str) -> None:
         """A failover that ordered a fence and ended without completing (failed,
@@ -161,11 +162,11 @@ class GuardLink:
 
         fleet = self.fleet
         token, client = fleet.token, fleet.client
-        revision = None if token is None else self._orders.get((failover_id, token.revision))
-        self._rules = {k: r for k, r in self._rules.items() if k[0] != failover_id}
-        self._orders = {k: r for k, r in self._orders.items() if k[0] != failover_id}
-        if token is None or client is None or revision is None:
+        mine = None if token is None else self._orders.get((failover_id, token.revision))
+        self._orders = {k: o for k, o in self._orders.items() if k[0] != failover_id}
+        if token is None or client is None or mine is None:
             return
+        revision = mine[1]
         keys = GuardKeys.under(fleet.prefix)
         try:
             async with asyncio.timeout(2 * fleet.timing.budget):
@@ -377,12 +378,7 @@ class Fleet:
             self._damaged(str(exc))
             return  # not synced: no failover, no command, until the record is repaired
         self._repaired()
-        state = JournalState()
-        for position, record in entries:
-            try:
-                apply(state, record)
-            except (ValueError, KeyError, TypeError, OverflowError) as exc:
-                state.problems.append(f"record at {position} ignored: {exc}")
+        state = fold_entries(entries)
         self.position = max((p for p, _ in entries), default=0)
         self.d.adopt(state)
         for problem in state.problems:

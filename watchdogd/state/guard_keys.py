@@ -480,13 +480,16 @@ async def guard_clearance(
     quiet_since: float | None = None,
     margin: float = 0.0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rule: ClearanceRule | None = None,
 ) -> Clearance:
     """Poll (linearizable reads, every ``poll`` seconds, ``poll`` well below the store
     ttl) until ``ClearanceRule`` clears or ``wait`` seconds of ``clock`` (the leader's
-    monotonic clock) have passed; then the last verdict, not cleared."""
-    rule = ClearanceRule(
-        token, failover_id, isolation_timeout, quiet_since=quiet_since, margin=margin
-    )
+    monotonic clock) have passed; then the last verdict, not cleared. ``rule``: one
+    kept across calls (a step's attempts), so the guard's silence counts on."""
+    if rule is None:
+        rule = ClearanceRule(
+            token, failover_id, isolation_timeout, quiet_since=quiet_since, margin=margin
+        )
     end = clock() + wait
     while True:
         try:

@@ -28,7 +28,7 @@ Nothing here changes how the daemon journals today: it still writes through
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -92,8 +92,14 @@ class Leadership(Protocol):
 
 async def replay(store: RecordStore) -> JournalState:
     """Every record of ``store`` folded into a state, with the journal's own ``apply``."""
+    return fold_entries(await store.entries())
+
+
+def fold_entries(entries: Iterable[Entry]) -> JournalState:
+    """Records read from a store folded into a state; one that does not apply is left
+    out, with a problem line naming its position."""
     state = JournalState()
-    for position, record in await store.entries():
+    for position, record in entries:
         try:
             apply(state, record)
         except (ValueError, KeyError, TypeError, OverflowError) as exc:
