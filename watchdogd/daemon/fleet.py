@@ -224,6 +224,7 @@ class Fleet:
         self._journal = asyncio.Lock()
         self.prefix = f"{cfg.store.etcd.prefix.rstrip('/')}/{cfg.cluster}"
         self.guard = GuardLink(self, cfg.guard.isolation_timeout) if cfg.guard else None
+        self._digest: tuple[Config, str] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -546,7 +547,7 @@ class Fleet:
             primary_writable=writable,
             outage=round(max(0.0, verdict.outage_seconds), 3),
             standby_ok=standby_ok,
-            config=votes.config_digest(d.config),
+            config=self.digest(),
         )
 
     async def after_probe(self, verdict: Verdict) -> None:
@@ -576,6 +577,14 @@ class Fleet:
         # voter republishes every probe interval; a publish may take a retry budget.
         cfg = self.d.config
         return Freshness(3 * cfg.probe.interval + cfg.probe.timeout + self.timing.budget)
+
+    def digest(self) -> str:
+        """``config_digest`` of the running config: computed once per config (a reload
+        replaces the object), not every probe cycle and every voter in status."""
+        cfg = self.d.config
+        if self._digest is None or self._digest[0] is not cfg:
+            self._digest = (cfg, votes.config_digest(cfg))
+        return self._digest[1]
 
     def reset_votes(self, rebuild: bool = False) -> None:
         """Forget the receive times of every other view: each is a baseline again (a new
@@ -714,9 +723,7 @@ class Fleet:
                 "age": None if age is None else round(age, 1),
                 "primary_down": view.primary_down if view else None,
                 "primary_writable": view.primary_writable if view else None,
-                "config_matches": (
-                    view.config == votes.config_digest(self.d.config) if view else None
-                ),
+                "config_matches": (view.config == self.digest() if view else None),
             }
         return {
             "instance": self.instance,
