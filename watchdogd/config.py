@@ -384,11 +384,7 @@ def _guard_fits(root: Section, failover: FailoverConfig, guarded: bool) -> None:
     only from when replication was stopped (a standby streaming from the old primary
     keeps an isolated guard from fencing), so a ``stop_replication`` step must come
     before the promotion."""
-    for key, steps in (
-        ("steps", failover.steps),
-        ("fence_steps", failover.fence_steps),
-        ("rejoin_steps", failover.rejoin_steps),
-    ):
+    for key, steps in _sequences(failover):
         for i, step in enumerate(steps):
             if GUARD_STEP in (step.name, step.action):
                 root.error(
@@ -417,27 +413,29 @@ def _steps_fit(root: Section, store: StoreConfig, failover: FailoverConfig) -> N
     stays unfinished for a leader that cannot run it either)."""
     timing = fleet_timing(store.etcd)
     room = step_room(store.etcd)
-    sequences = (
+    timed = [("failover.rejoin_timeout", failover.rejoin_timeout, "it")]  # the verification
+    timed += [
+        (f"failover.{key}[{i}].timeout", step.timeout, "the step")
+        for key, steps in _sequences(failover)
+        for i, step in enumerate(steps)
+    ]
+    for path, timeout, what in timed:
+        if timeout > room:
+            root.error(
+                f"{format_duration(timeout)} does not fit in a fleet leader's "
+                f"authority: at most {format_duration(max(0.0, room))} with store.etcd.ttl "
+                f"{format_duration(timing.ttl)} (raise the ttl or shorten {what})",
+                path,
+            )
+
+
+def _sequences(failover: FailoverConfig) -> tuple[tuple[str, tuple[StepConfig, ...]], ...]:
+    """The configured step lists by key: failover, fence and rejoin steps."""
+    return (
         ("steps", failover.steps),
         ("fence_steps", failover.fence_steps),
         ("rejoin_steps", failover.rejoin_steps),
     )
-    if failover.rejoin_timeout > room:  # the rejoin's verification step
-        root.error(
-            f"{format_duration(failover.rejoin_timeout)} does not fit in a fleet leader's "
-            f"authority: at most {format_duration(max(0.0, room))} with store.etcd.ttl "
-            f"{format_duration(timing.ttl)} (raise the ttl or shorten it)",
-            "failover.rejoin_timeout",
-        )
-    for key, steps in sequences:
-        for i, step in enumerate(steps):
-            if step.timeout > room:
-                root.error(
-                    f"{format_duration(step.timeout)} does not fit in a fleet leader's "
-                    f"authority: at most {format_duration(max(0.0, room))} with store.etcd.ttl "
-                    f"{format_duration(timing.ttl)} (raise the ttl or shorten the step)",
-                    f"failover.{key}[{i}].timeout",
-                )
 
 
 def _ballots_live(root: Section, store: StoreConfig, probe: ProbeConfig) -> None:
