@@ -585,12 +585,7 @@ class Guard:
         down = False
         if fenced:
             if owed:  # the order follower got to it before _keep_promise did
-                self.log.warning(
-                    "guard fenced its database as it came back",
-                    node=self.settings.node,
-                    order=order.revision,
-                    detail=detail,
-                )
+                detail = self._kept_promise(order, detail)
             self.promise = None
         else:
             why = await self._down()
@@ -680,18 +675,23 @@ class Guard:
                 fenced, detail = await self._fence()
                 if not fenced:
                     continue
-                self.promise = None
-                self.log.warning(
-                    "guard fenced its database as it came back",
-                    node=self.settings.node,
-                    order=order.revision,
-                    detail=detail,
-                )
                 # Not taken by the store: the order follower sees the "down" ack still
                 # there and carries the order out again (already fenced: acks it).
                 await self._acknowledge(
-                    Ack(order.revision, order.token, True, f"back and fenced: {detail}")
+                    Ack(order.revision, order.token, True, self._kept_promise(order, detail))
                 )
+
+    def _kept_promise(self, order: Order, detail: str) -> str:
+        """A database answered "down" came back and is fenced now, by whichever loop
+        got to it first: said once, the same way; the ack's detail."""
+        self.promise = None
+        self.log.warning(
+            "guard fenced its database as it came back",
+            node=self.settings.node,
+            order=order.revision,
+            detail=detail,
+        )
+        return f"back and fenced: {detail}"
 
     async def _fence(self) -> tuple[bool, str]:
         """The engine's fence, then a probe: fenced only when it no longer accepts writes."""

@@ -138,9 +138,23 @@ class Watcher:
     log_path: Path
     socket: Path
     process: subprocess.Popen[bytes] | None = None
+    moves: int = 0
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def moved_metrics(self) -> bool:
+        """Exited because its metrics port was taken between the pick and its start
+        (another process bound it): start it again on another, twice at most. False
+        when that was not why, or it moved twice already."""
+        if self.moves >= 2 or "address already in use" not in self.log_tail():
+            return False
+        self.moves += 1
+        cfg = yaml.safe_load(self.config_path.read_text())
+        cfg["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.start()
+        return True
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
@@ -311,6 +325,8 @@ class SitesLab:
                 check()
             for w in self.watchers.values():
                 if w.process is not None and w.process.poll() is not None:
+                    if w.moved_metrics():
+                        continue
                     raise SitesError(
                         f"watcher {w.name} exited with {w.process.returncode}: {w.log_tail()}"
                     )
