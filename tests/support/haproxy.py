@@ -138,15 +138,18 @@ backend app
 
 
 async def _wait_ready(proc: asyncio.subprocess.Process, sock: str, log: Path) -> None:
-    deadline = time.monotonic() + timing.within(10)
+    within = timing.within(20)
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if proc.returncode is not None:
             raise RuntimeError(f"haproxy exited with {proc.returncode}: {_read(log)}")
-        with contextlib.suppress(OSError):
-            if "Name: HAProxy" in await admin(sock, "show info"):
+        # Each try is bounded: one connection stuck unanswered must not use up the
+        # whole wait (an unbounded read once did, on a loaded CI machine).
+        with contextlib.suppress(OSError, TimeoutError):
+            if "Name: HAProxy" in await asyncio.wait_for(admin(sock, "show info"), 2.0):
                 return
         await asyncio.sleep(0.02)
-    raise RuntimeError(f"haproxy did not come up within {timing.within(10):g}s: {_read(log)}")
+    raise RuntimeError(f"haproxy did not come up within {within:g}s: {_read(log)}")
 
 
 def _read(log: Path) -> str:

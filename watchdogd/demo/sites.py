@@ -565,9 +565,10 @@ class SitesDemo:
             last = {n: s for n, s in (await lab.statuses()).items() if n in survivors}
             new_leader = lab.leader_of(last)
             st = last.get(new_leader) if new_leader else None
-            if st is not None and st.get("last_failover") and lab.route.switches:
-                if st["last_failover"].get("outcome") is not None:
-                    break
+            fo = st.get("last_failover") if st is not None else None
+            # "outcome" reads "in progress" while it runs; finished_at is set at the end.
+            if fo and fo.get("finished_at") is not None and lab.route.switches:
+                break
             await asyncio.sleep(0.2)
         for line in lab.view_lines(last):
             self.print(line)
