@@ -283,9 +283,17 @@ class Metrics:
                 c,
                 registry=r,
             )
+            self.voters_config_mismatched = Gauge(
+                "watchdogd_voters_config_mismatched",
+                "Fresh voters whose config differs from the leader's: while above 0 no "
+                "automatic failover can happen (leader only; -1 elsewhere).",
+                c,
+                registry=r,
+            )
             self.store_up.labels(cluster=cluster).set(0)
             self.is_leader.labels(cluster=cluster).set(0)
             self.voters_fresh.labels(cluster=cluster).set(-1)
+            self.voters_config_mismatched.labels(cluster=cluster).set(-1)
 
         self.build_info.labels(version=__version__, cluster=cluster).set(1)
         for state in self.states:
@@ -367,12 +375,18 @@ class Metrics:
         for s in self.states:
             self.state.labels(cluster=self.cluster, state=s).set(1 if s == state else 0)
 
-    def set_fleet(self, *, up: bool, leader: bool, fresh: int | None) -> None:
-        """The fleet's gauges (only with ``store:``): store reachable, leading, and how
-        many voters the leader counts fresh (-1: not the leader, it does not count)."""
+    def set_fleet(
+        self, *, up: bool, leader: bool, fresh: int | None, mismatched: int | None
+    ) -> None:
+        """The fleet's gauges (only with ``store:``): store reachable, leading, how many
+        voters the leader counts fresh and how many of those run another config (-1:
+        not the leader, or no count this cycle)."""
         self.store_up.labels(cluster=self.cluster).set(_flag(up))
         self.is_leader.labels(cluster=self.cluster).set(_flag(leader))
         self.voters_fresh.labels(cluster=self.cluster).set(-1 if fresh is None else fresh)
+        self.voters_config_mismatched.labels(cluster=self.cluster).set(
+            -1 if mismatched is None else mismatched
+        )
 
     def set_armed(self, armed: bool) -> None:
         self.armed.labels(cluster=self.cluster).set(_flag(armed))

@@ -169,6 +169,28 @@ async def test_a_majority_down_lets_the_leader_start_and_nobody_else(fleet: Flee
     assert value("watchdogd_voters_fresh", {"cluster": "orders"}) == 3
 
 
+async def test_a_voter_with_another_config_is_counted_in_a_metric_before_any_outage(
+    fleet: Fleet,
+) -> None:
+    """The refusal shows only when the primary is lost; the gauge (and its alert) shows
+    the mismatch while everything is healthy, when there is time to fix it."""
+    d3 = fleet.d["dc3"]
+    deployed = d3.config
+    d3.config = replace(deployed, failover=replace(deployed.failover, outage_threshold=5.0))
+    await fleet.lead("dc1", "dc2", "dc3")
+    await fleet.two_rounds({"dc1": UP_V, "dc2": UP_V, "dc3": UP_V})
+    leader = fleet.d["dc1"].metrics.registry.get_sample_value
+    follower = fleet.d["dc2"].metrics.registry.get_sample_value
+    assert leader("watchdogd_voters_config_mismatched", {"cluster": "orders"}) == 1
+    assert follower("watchdogd_voters_config_mismatched", {"cluster": "orders"}) == -1
+    assert fleet.d["dc1"].status()["store"]["voters"]["dc3"]["config_matches"] is False
+    # The same config deployed again: the count goes back to 0.
+    d3.config = deployed
+    fleet.clock.advance(1.0)
+    await fleet.two_rounds({"dc1": UP_V, "dc2": UP_V, "dc3": UP_V})
+    assert leader("watchdogd_voters_config_mismatched", {"cluster": "orders"}) == 0
+
+
 async def test_a_minority_down_is_refused_with_the_count(fleet: Fleet) -> None:
     await fleet.lead("dc1", "dc2", "dc3")
     await fleet.two_rounds({"dc1": DOWN_V, "dc2": UP_V, "dc3": UP_V})

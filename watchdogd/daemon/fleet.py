@@ -432,8 +432,13 @@ class Fleet:
         self._export()
 
     def _export(self) -> None:
-        fresh = len(self.tally.fresh) if self.tally is not None and self.is_leader else None
-        self.d.metrics.set_fleet(up=self.up, leader=self.is_leader, fresh=fresh)
+        counted = self.tally if self.is_leader else None
+        self.d.metrics.set_fleet(
+            up=self.up,
+            leader=self.is_leader,
+            fresh=None if counted is None else len(counted.fresh),
+            mismatched=None if counted is None else len(counted.mismatched),
+        )
 
     # ------------------------------------------------------------------ the journal
 
