@@ -680,14 +680,20 @@ class Fleet:
             return "the leader has not read the fleet's journal yet"
         if self.needs_replay:
             return "a journal record's fate is unknown: the leader re-reads the journal first"
+        # What the fleet sees comes before the authority's timing: just before each
+        # renewal the authority left dips below a step's length for a moment, and that
+        # passing dip must not hide a veto or a minority from the status.
+        if self.tally is None:
+            return "no fresh read of the fleet's votes this cycle"
+        refused = self.tally.refusal()
+        if refused is not None:
+            return refused
         if left <= first:
             return (
                 f"the leader's authority ({left:.1f}s left) would end before the first "
                 "step could finish"
             )
-        if self.tally is None:
-            return "no fresh read of the fleet's votes this cycle"
-        return self.tally.refusal()
+        return None
 
     def command_refusal(self) -> str | None:
         """Why a command that changes anything is refused here, or None (the leader)."""
