@@ -533,6 +533,9 @@ def _store_rows(store: Any) -> list[tuple[str, str]]:
     rows = [("fleet leader", lead)]
     up = store.get("up")
     rows.append(("store", "up" if up else f"UNAVAILABLE: {_text(store.get('error') or '?')}"))
+    if store.get("journal_damaged"):
+        # On every watcher, not only in the leader's refusal: a follower reads it too.
+        rows.append(("", f"journal in the store DAMAGED: {_text(store['journal_damaged'])}"))
     voters = store.get("voters")
     if isinstance(voters, dict) and store.get("is_leader"):
         for name, v in voters.items():

@@ -340,6 +340,11 @@ async def test_a_damaged_record_is_a_failed_state_not_store_down(fleet: Fleet) -
     with pytest.raises(CommandError, match="damaged"):
         await fleet.d["dc1"].handle_command("pause", {}, ROOT)
     assert fleet.d["dc1"].status()["store"]["journal_damaged"] is not None
+    from watchdogd.ctl import render_status
+
+    for name in ("dc1", "dc2"):  # the follower says so too, not only the leader's refusal
+        shown = render_status(fleet.d[name].status())
+        assert "journal in the store DAMAGED: etcd journal key " in shown, shown
     # an operator repairs the record: the leader reads the journal whole and acts again
     fleet.store.entries = real  # type: ignore[method-assign]
     await fleet.lead("dc1")
