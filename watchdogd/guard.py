@@ -57,6 +57,7 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 
 from watchdogd import engines
+from watchdogd.core import clock as core_clock
 from watchdogd.core.errors import WatchdogdError
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.engines import Engine, EngineError
@@ -431,7 +432,7 @@ class Guard:
         engine: Engine,
         *,
         log: Any = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = core_clock.now,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings

@@ -14,6 +14,7 @@ import pytest
 from tests.support import store_contract as contract
 from tests.support import timing
 from tests.support.etcd import EtcdCluster
+from watchdogd.core import clock
 from watchdogd.state import journal as records
 from watchdogd.state.etcd import EtcdClient
 from watchdogd.state.etcd_store import EtcdStore
@@ -64,7 +65,7 @@ async def test_one_leader_and_the_next_one_fences_the_first(
         assert time.monotonic() < bound, "the first leader's key never expired"
         await asyncio.sleep(0.2)
         token2 = await second.campaign("dc2", TTL)
-    assert time.monotonic() >= deadline  # never before the first leader's own deadline
+    assert clock.now() >= deadline  # never before the first leader's own deadline
     assert token2.revision > token1.revision
 
     # The old leader wakes up: every guarded write is refused, explicitly.

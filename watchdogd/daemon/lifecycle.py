@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from watchdogd import __version__, engines, policy
 from watchdogd.control import ControlServer, Peer
+from watchdogd.core import clock as core_clock
 from watchdogd.core import httpd as web
 from watchdogd.core import memory
 from watchdogd.core.events import Bus, log_subscriber
@@ -51,7 +52,7 @@ class Daemon:
         config: Config,
         *,
         log: Any = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = core_clock.now,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config

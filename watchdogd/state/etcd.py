@@ -48,7 +48,6 @@ import binascii
 import contextlib
 import json
 import ssl
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NoReturn, TypeVar
@@ -56,6 +55,7 @@ from typing import Any, ClassVar, Literal, NoReturn, TypeVar
 import aiohttp
 import yarl
 
+from watchdogd.core import clock
 from watchdogd.core.errors import WatchdogdError
 from watchdogd.state.store import StoreUnavailable as StoreUnavailable  # the seam's error
 
@@ -498,7 +498,7 @@ class EtcdClient:
         first_line: bool = False,
         ambiguous_if: Callable[[T], bool] | None = None,
     ) -> tuple[T, float]:
-        """The parsed reply and the monotonic time its (successful) attempt was sent."""
+        """The parsed reply and when (``clock.now()``) its successful attempt was sent."""
         failures: list[str] = []
         reached = False
         n = len(self._endpoints)
@@ -506,7 +506,7 @@ class EtcdClient:
         for i in range(n):
             index = (start + i) % n
             endpoint = self._endpoints[index]
-            sent_at = time.monotonic()
+            sent_at = clock.now()
             try:
                 async with asyncio.timeout(self._timeout):
                     reply = await self._authorized(endpoint, path, body, first_line)
@@ -649,7 +649,7 @@ def _lease_not_found(lease_id: int) -> LeaseNotFound:
 
 @dataclass(frozen=True)
 class Renewal:
-    """One acknowledged renewal: when its request was sent (``time.monotonic()``) and the
+    """One acknowledged renewal: when its request was sent (``clock.now()``) and the
     ttl etcd acknowledged."""
 
     sent_at: float
@@ -661,7 +661,7 @@ class Renewal:
 
 @dataclass
 class Lease:
-    """A granted lease and its renewals. ``deadline(margin)`` is the monotonic time until
+    """A granted lease and its renewals. ``deadline(margin)`` is the ``clock.now()`` time until
     which the lease is certainly alive (less ``margin``), as far as this process knows."""
 
     client: EtcdClient
@@ -675,7 +675,7 @@ class Lease:
         return self.last.deadline(margin)
 
     def remaining(self, margin: float = 0.0, now: float | None = None) -> float:
-        return self.deadline(margin) - (time.monotonic() if now is None else now)
+        return self.deadline(margin) - (clock.now() if now is None else now)
 
     async def renew(self) -> Renewal:
         """One keepalive. Raises ``StoreUnavailable`` (the deadline stays where it was) or

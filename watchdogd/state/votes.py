@@ -27,11 +27,11 @@ import asyncio
 import contextlib
 import json
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from watchdogd.core import clock as core_clock
 from watchdogd.state.etcd import EtcdClient, Lease, LeaseNotFound
 from watchdogd.state.store import StoreUnavailable, VirtualClock
 
@@ -116,7 +116,7 @@ class EtcdVoteBox:
 
     async def _fresh_lease(self) -> Lease:
         lease = self.lease
-        if lease is not None and time.monotonic() - lease.last.sent_at > self.ttl / 3:
+        if lease is not None and core_clock.now() - lease.last.sent_at > self.ttl / 3:
             try:
                 await lease.renew()
             except LeaseNotFound:
