@@ -191,6 +191,30 @@ async def test_a_voter_with_another_config_is_counted_in_a_metric_before_any_out
     assert leader("watchdogd_voters_config_mismatched", {"cluster": "orders"}) == 0
 
 
+async def test_a_start_short_of_authority_renews_at_once_not_at_its_turn(fleet: Fleet) -> None:
+    """Before each renewal the authority dips below the first step's need (ttl 15 s:
+    13.5 s after a renewal, 8.5 s before the next); a failover due then asked for a
+    renewal and waited up to a renew interval (5 s). It now renews at once."""
+    await fleet.lead("dc1", "dc2", "dc3")
+    f1 = fleet.fleet("dc1")
+    await fleet.two_rounds({"dc1": DOWN_V, "dc2": DOWN_V, "dc3": DOWN_V})
+    loop = asyncio.create_task(f1._lead_loop())
+    try:
+        await asyncio.sleep(0.1)  # the loop's first round renewed; now it waits 5 s
+        fleet.clock.advance(11.0)  # 2.5 s left, the first step needs 3 s
+        assert f1.authority_left() < 3.0
+        gated = f1.gate(START)
+        assert gated.start is None and "would end before the first step" in gated.reason
+        await asyncio.sleep(0.2)  # real time: far less than the renew interval
+        assert f1.authority_left() == pytest.approx(15.0 - 1.5)
+        # The votes went stale in the 11 s: counted afresh, the failover may start.
+        await fleet.two_rounds({"dc1": DOWN_V, "dc2": DOWN_V, "dc3": DOWN_V})
+        assert f1.gate(START) == START
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
 async def test_a_minority_down_is_refused_with_the_count(fleet: Fleet) -> None:
     await fleet.lead("dc1", "dc2", "dc3")
     await fleet.two_rounds({"dc1": DOWN_V, "dc2": UP_V, "dc3": UP_V})
@@ -350,27 +374,22 @@ async def test_a_step_that_cannot_finish_before_the_deadline_does_not_start(
     assert len(fleet.logs["dc1"].named("failover_resumed")) == 1
 
 
-async def test_a_running_step_is_cancelled_at_the_deadline(tmp_path: Path) -> None:
+def _one_step_runner(
+    tmp_path: Path, argv: list[str], written: list[dict[str, Any]], **bounds: Any
+) -> Any:
+    """A failover runner of one 10 s ``command`` step, its records into ``written``."""
     from watchdogd import actions
     from watchdogd.actions import StepContext
     from watchdogd.failover.runner import Runner
     from watchdogd.policy import build_plan
 
-    marker = tmp_path / "after"
     cfg = config.parse(
         raw(tmp_path, "dc1", tmp_path / "log")
         | {
             "failover": {
                 "rejoin_steps": [{"name": "rejoin", "action": "rejoin", "timeout": "2s"}],
                 "rejoin_timeout": "2s",
-                "steps": [
-                    {
-                        "name": "slow",
-                        "action": "command",
-                        "timeout": "10s",
-                        "argv": ["sh", "-c", f"sleep 3; touch {marker}"],
-                    }
-                ],
+                "steps": [{"name": "slow", "action": "command", "timeout": "10s", "argv": argv}],
             }
         }
     )
@@ -392,23 +411,24 @@ async def test_a_running_step_is_cancelled_at_the_deadline(tmp_path: Path) -> No
         reason="t",
         trigger="manual",
     )
-    written: list[dict[str, Any]] = []
 
     async def record(rec: dict[str, Any]) -> None:
         written.append(rec)
 
+    steps = {s.name: actions.build(s, cfg) for s in plan.steps}
+    return Runner(plan, ctx, steps, record, lambda *a, **k: None, **bounds)
+
+
+async def test_a_running_step_is_cancelled_at_the_deadline(tmp_path: Path) -> None:
+    marker = tmp_path / "after"
+    written: list[dict[str, Any]] = []
     ends = time.monotonic() + 12.0  # enough to start the 10 s step ...
 
     def authority() -> float:
         return ends - time.monotonic()
 
-    runner = Runner(
-        plan,
-        ctx,
-        {s.name: actions.build(s, cfg) for s in plan.steps},
-        record,
-        lambda *a, **k: None,
-        authority=authority,
+    runner = _one_step_runner(
+        tmp_path, ["sh", "-c", f"sleep 3; touch {marker}"], written, authority=authority
     )
     task = asyncio.create_task(runner.run())
     await asyncio.sleep(0.5)
@@ -417,6 +437,30 @@ async def test_a_running_step_is_cancelled_at_the_deadline(tmp_path: Path) -> No
     await asyncio.sleep(3.0)
     assert not marker.exists()  # the command's process group was killed with the step
     assert [r["type"] for r in written] == ["failover_started", "step_started"]
+
+
+async def test_a_step_short_of_authority_asks_for_a_renewal_and_starts_after_it(
+    tmp_path: Path,
+) -> None:
+    written: list[dict[str, Any]] = []
+    ends = time.monotonic() + 5.0  # short of the 10 s step's 11 s
+    asked: list[float] = []
+
+    def authority() -> float:
+        return ends - time.monotonic()
+
+    def renew() -> None:
+        nonlocal ends
+        asked.append(time.monotonic())
+        ends = time.monotonic() + 13.5  # the store answers the renewal
+
+    runner = _one_step_runner(
+        tmp_path, ["true"], written, authority=authority, authority_wait=6.0, renew=renew
+    )
+    started = time.monotonic()
+    assert await asyncio.wait_for(runner.run(), 5) == "completed"
+    assert len(asked) == 1 and asked[0] - started < 0.5  # at once, not at the renewal's turn
+    assert [r["type"] for r in written][:2] == ["failover_started", "step_started"]
 
 
 async def _run(started: Any, d: Daemon) -> str:

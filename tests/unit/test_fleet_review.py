@@ -500,6 +500,7 @@ async def test_one_watcher_passes_no_authority_to_its_runners(tmp_path: Path) ->
     fleet = Fleet(tmp_path)
     bounds = fleet.d["dc1"].sequences.authority_bounds()
     assert bounds["authority"] == fleet.d["dc1"].authority_left and bounds["authority_wait"] > 0
+    assert bounds["renew"] == fleet.fleet("dc1").renew_soon
     fleet.close()
     solo.journal.close()
 

@@ -219,6 +219,7 @@ class Fleet:
         self._last_read: float | None = None  # the leader's last good read of the ballots
         self._task: asyncio.Task[None] | None = None
         self._lost_tasks: set[asyncio.Task[None]] = set()
+        self._renew_now = asyncio.Event()  # renew_soon(): the next round at once
         # One journal call at a time (runner, fence, rejoin, commands and the take-over
         # all append): the store numbers records one after another.
         self._journal = asyncio.Lock()
@@ -292,8 +293,16 @@ class Fleet:
             and self.journal_damaged is None
         )
 
+    def renew_soon(self) -> None:
+        """Renew the lease now rather than at its turn: a failover (or its next step)
+        that needs more authority than is left then waits one store call, not up to a
+        renew interval (the authority dips to ttl - margin - renew before each turn)."""
+        if self.token is not None:
+            self._renew_now.set()
+
     async def _lead_loop(self) -> None:
         while True:
+            self._renew_now.clear()  # a request made during this round gets one more
             try:
                 pause = await self._lead_once()
             except asyncio.CancelledError:
@@ -301,7 +310,9 @@ class Fleet:
             except Exception as exc:  # a bug or a hostile reply must not end leadership work
                 self._down(f"unexpected {type(exc).__name__}: {exc}")
                 pause = self.timing.renew
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._renew_now.wait()
 
     async def _lead_once(self) -> float:
         """One campaign or renewal; returns how long to wait before the next."""
@@ -664,6 +675,8 @@ class Fleet:
             return Decision(State.SUSPECT, f"{decision.reason}; {who} leads the fleet and decides")
         refusal = self.refusal()
         if refusal is not None:
+            if self.authority_left() <= self._first_step_need():
+                self.renew_soon()  # so that the next cycle has the authority it needs
             return replace(
                 decision, state=BLOCKED, reason=f"{decision.reason}; {refusal}", start=None
             )
@@ -671,8 +684,7 @@ class Fleet:
 
     def refusal(self) -> str | None:
         """Why the leader may not start an automatic failover now, or None."""
-        steps = self.d.config.failover.steps
-        first = steps[0].timeout + 1.0 if steps else 0.0
+        first = self._first_step_need()
         left = self.authority_left()
         if self.journal_damaged is not None:
             return f"the fleet's journal in the store is damaged: {self.journal_damaged}"
@@ -694,6 +706,11 @@ class Fleet:
                 "step could finish"
             )
         return None
+
+    def _first_step_need(self) -> float:
+        """The authority the first failover step needs to start (the runner's rule)."""
+        steps = self.d.config.failover.steps
+        return steps[0].timeout + 1.0 if steps else 0.0
 
     def command_refusal(self) -> str | None:
         """Why a command that changes anything is refused here, or None (the leader)."""

@@ -421,6 +421,8 @@ class Sequences:
             need = bound + fleet.timing.budget
             loop = asyncio.get_running_loop()
             until = loop.time() + d.authority_wait()
+            if fleet.authority_left() < need:
+                fleet.renew_soon()
             while True:  # a renewal is a store reply, not an event here: poll, as a step does
                 if not fleet.may_act() or fleet.authority_left() >= need or loop.time() >= until:
                     break
@@ -447,13 +449,18 @@ class Sequences:
         return None
 
     def authority_bounds(self) -> dict[str, Any]:
-        """A runner's authority bounds: in a fleet the leader's authority and the wait
-        for a renewal; none for one watcher (its steps are bounded by their timeouts
-        only, without polling an authority that is always unlimited)."""
+        """A runner's authority bounds: in a fleet the leader's authority, the wait for a
+        renewal and the way to ask for one now; none for one watcher (its steps are
+        bounded by their timeouts only, without polling an authority that is always
+        unlimited)."""
         d = self.d
         if d.fleet is None:
             return {}
-        return {"authority": d.authority_left, "authority_wait": d.authority_wait()}
+        return {
+            "authority": d.authority_left,
+            "authority_wait": d.authority_wait(),
+            "renew": d.fleet.renew_soon,
+        }
 
     def divergence_timeout(self) -> float:
         """How long one call of a divergence report or a rejoin's fence may take: in a

@@ -79,6 +79,7 @@ class Runner:
         started: Mapping[str, Any] | None = None,
         authority: Authority | None = None,
         authority_wait: float = 0.0,
+        renew: Callable[[], None] | None = None,
     ) -> None:
         self.plan = plan
         self.ctx = ctx
@@ -95,6 +96,8 @@ class Runner:
         self.authority = authority
         # How long a step may wait for a renewal that leaves it enough authority.
         self.authority_wait = authority_wait
+        # Asks for that renewal now rather than at its turn (a fleet leader's lease).
+        self.renew = renew
         self.current_step: str | None = None
         self.current_step_started: float | None = None
         self._abort = asyncio.Event()
@@ -320,12 +323,16 @@ class Runner:
         ``authority_wait`` for a renewal that gives them."""
         loop = asyncio.get_running_loop()
         until = loop.time() + self.authority_wait
+        asked = False
         while True:
             left = self._authority_left()
             if left is None or left >= need:
                 return True
             if loop.time() >= until or (left <= 0 and self.authority_wait <= 0):
                 return False
+            if not asked and self.renew is not None:
+                self.renew()
+                asked = True
             await asyncio.sleep(0.05)
 
     def _authority_left(self) -> float | None:
