@@ -20,9 +20,10 @@ from tests.e2e.test_fleet_guard_e2e import (
     writable,
 )
 from tests.support import timing
-from tests.support.fleet import GuardProcess, timeline
+from tests.support.fleet import GUARD_ALIVE, GuardProcess, timeline
 from tests.support.netns import SiteFleet, in_site_writable, site_fleet
 from tests.support.pg import eventually
+from watchdogd.state.etcd import EtcdClient, StoreUnavailable
 
 __all__ = ["site_fleet"]
 
@@ -62,6 +63,28 @@ async def first_refusal_in(fleet: SiteFleet, site: str, within: float) -> float 
     return None
 
 
+async def guard_key_last_seen(fleet: SiteFleet, within: float) -> float | None:
+    """Read the guard's key every 0.1 s from the members outside site a until it is
+    gone: the wall time of the start of the last read that still saw it (the key
+    vanished after that), or None if it never went within ``within``."""
+    outside = [m.client_url for m in fleet.rig.etcd.members[1:]]
+    seen: float | None = None
+    until = time.monotonic() + within
+    async with EtcdClient(outside, timeout=1.0) as client:
+        while time.monotonic() < until:
+            started = time.time()
+            try:
+                present = await client.get(GUARD_ALIVE) is not None
+            except StoreUnavailable:  # the members left electing a new etcd leader
+                present = None  # unknown: proves nothing either way
+            if present is False:
+                return seen
+            if present:
+                seen = started
+            await asyncio.sleep(0.1)
+    return None
+
+
 async def test_the_primary_site_cut_off_is_fenced_by_its_guard_then_failed_over_once(
     site_fleet: SiteFleet,
 ) -> None:
@@ -78,6 +101,7 @@ async def test_the_primary_site_cut_off_is_fenced_by_its_guard_then_failed_over_
     fleet.sites.cut("a")
     cut = time.time()
     refusal = asyncio.create_task(first_refusal_in(fleet, "a", ISO + timing.within(10)))
+    key_gone = asyncio.create_task(guard_key_last_seen(fleet, 2 * TTL + timing.within(10)))
     # Clients in its own site still write to it: nothing fenced it yet.
     assert await in_site_writable(primary, fleet.sites["a"]) is True
 
@@ -99,11 +123,16 @@ async def test_the_primary_site_cut_off_is_fenced_by_its_guard_then_failed_over_
     fenced, promote_started = guard_fence_then_promote(records)
     assert "cleared (expired)" in fenced["detail"], fenced["detail"]
     # The guard's key outlives its last renewal (at most ttl/3 before the cut) by the
-    # ttl, and the leader then counts the isolation timeout: no promotion before.
-    assert promote_started - cut >= 2 * TTL / 3 + ISO - 0.3, promote_started - cut
+    # ttl, and the leader then counts the isolation timeout from when it saw the key
+    # gone: no promotion before.
+    last_seen = await key_gone
+    assert last_seen is not None, "the cut-off guard's key never expired"
+    assert last_seen - cut >= 2 * TTL / 3 - 0.3, last_seen - cut
+    assert promote_started >= last_seen + ISO, promote_started - last_seen
     assert refused < promote_started, (refused, promote_started)
     print(
-        f"site a cut -> old primary fenced {refused - cut:.2f}s, "
+        f"site a cut -> old primary fenced {refused - cut:.2f}s, guard key last seen "
+        f"{last_seen - cut:.2f}s, "
         f"promotion started {promote_started - cut:.2f}s"
     )
 
