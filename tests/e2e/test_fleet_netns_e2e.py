@@ -17,6 +17,7 @@ from tests.e2e.test_fleet_guard_e2e import (
     TTL,
     guard_fence_then_promote,
     guarded_config,
+    stored_ack,
     writable,
 )
 from tests.support import timing
@@ -140,6 +141,14 @@ async def test_the_primary_site_cut_off_is_fenced_by_its_guard_then_failed_over_
     fleet.sites.heal("a")
     healed = await rig.leader(within=20)
     assert healed == "dc3", healed
+
+    # Back in touch, the guard finds the leader's standing order and carries it out on
+    # its already fenced database (ending its client sessions again), then acknowledges.
+    async def acked_fenced() -> bool:
+        ack = await stored_ack(rig)
+        return ack is not None and ack.fenced
+
+    await eventually(acked_fenced, within=10)
     assert await writable(primary) is False  # fenced, and still so with its site back
     assert not primary.is_in_recovery()
     assert primary.execute("SHOW default_transaction_read_only") == "on"
