@@ -133,6 +133,8 @@ def netns_sites(names: Sequence[str] = SITES) -> Iterator[Sites]:
         try:
             _ip(ip, "netns", "add", f"{tag}-{names[0]}")
         except RuntimeError as exc:
+            if not re.search(r"not permitted|denied", str(exc), re.I):
+                raise  # e.g. "File exists": a real failure, not a missing right
             unavailable(f"network namespaces not available here ({exc})")
         made_ns.append(f"{tag}-{names[0]}")
         for name in names[1:]:
