@@ -8,7 +8,7 @@ import shutil
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import pytest
 
@@ -21,7 +21,12 @@ def need(what: str, path: str | None) -> str:
     """Return ``path`` or skip loudly (fail when WATCHDOGD_REQUIRE_INTEGRATION=1)."""
     if path and Path(path).exists():
         return path
-    message = f"{what} not found: install it (see .ci/run) to run this test"
+    unavailable(f"{what} not found: install it (see .ci/run) to run this test")
+
+
+def unavailable(message: str) -> NoReturn:
+    """Skip the test loudly: something it needs is missing here (fail instead when
+    WATCHDOGD_REQUIRE_INTEGRATION=1)."""
     if REQUIRE:
         pytest.fail(message + " [WATCHDOGD_REQUIRE_INTEGRATION=1]")
     pytest.skip(message)

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,8 +106,16 @@ def lab_config(
 
 
 class DaemonProcess:
-    def __init__(self, cfg: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        tmp: Path,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """``prefix``: an argv prefix the daemon is started through (``ip netns exec NS``)."""
         self.cfg = cfg
+        self.prefix = list(prefix)
         self.tmp = tmp
         self.config_path = tmp / "watchdogd.yml"
         self.write_config(cfg)
@@ -116,6 +124,10 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.socket = cfg["control"]["socket"]
         self.metrics_url = "http://{}/metrics".format(cfg["metrics"]["listen"])
+
+    @property
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "watchdogd.cli", "run", "--config", str(self.config_path)]
 
     def write_config(self, cfg: dict[str, Any]) -> None:
         self.config_path.write_text(yaml.safe_dump(cfg))
@@ -127,8 +139,9 @@ class DaemonProcess:
 
         async def attempt() -> None:
             nonlocal first
-            if not first:
-                self.cfg["metrics"]["listen"] = f"127.0.0.1:{free_port()}"
+            if not first:  # on the same address (a site's, in a network namespace)
+                host = self.cfg["metrics"]["listen"].rsplit(":", 1)[0]
+                self.cfg["metrics"]["listen"] = f"{host}:{free_port()}"
                 self.write_config(self.cfg)
                 self.metrics_url = "http://{}/metrics".format(self.cfg["metrics"]["listen"])
             first = False
@@ -140,7 +153,7 @@ class DaemonProcess:
         start_of_log = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(  # noqa: ASYNC220 - a daemon we poll, never await
-            [sys.executable, "-m", "watchdogd.cli", "run", "--config", str(self.config_path)],
+            [*self.prefix, *self.argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},

@@ -256,16 +256,25 @@ def _healthy(member: EtcdMember, certs: Certs | None) -> bool:
         return False
 
 
-def _start(base: Path, certs: Certs | None, extra: Sequence[str]) -> EtcdCluster:
+# Where a member runs: the address it listens on, and an argv prefix it is started
+# through (e.g. ``ip netns exec NS``). By default: loopback, no prefix.
+Placement = tuple[str, Sequence[str]]
+LOOPBACK: Placement = ("127.0.0.1", ())
+
+
+def _start(
+    base: Path, certs: Certs | None, extra: Sequence[str], places: Sequence[Placement]
+) -> EtcdCluster:
     binary = etcd_binary()
     names = ["etcd1", "etcd2", "etcd3"]
+    hosts = {n: (places[i] if places else LOOPBACK) for i, n in enumerate(names)}
     scheme = "https" if certs else "http"
     # All six held at once while they are picked: one at a time, the kernel may hand the
     # same free port out twice (two members on one port: "has duplicate url").
     with contextlib.ExitStack() as held:
         picked = [port_of(held.enter_context(bound_socket())) for _ in range(2 * len(names))]
     ports = {n: (picked[2 * i], picked[2 * i + 1]) for i, n in enumerate(names)}
-    initial = ",".join(f"{n}=http://127.0.0.1:{ports[n][1]}" for n in names)
+    initial = ",".join(f"{n}=http://{hosts[n][0]}:{ports[n][1]}" for n in names)
     token = f"wd-{os.getpid()}-{time.monotonic_ns()}"
     members: list[EtcdMember] = []
     try:
@@ -274,10 +283,11 @@ def _start(base: Path, certs: Certs | None, extra: Sequence[str]) -> EtcdCluster
             data_dir = base / name
             shutil.rmtree(data_dir, ignore_errors=True)  # a failed try's state
             data_dir.mkdir()
-            client_url = f"{scheme}://127.0.0.1:{client_port}"
-            peer_url = f"http://127.0.0.1:{peer_port}"
+            host, prefix = hosts[name]
+            client_url = f"{scheme}://{host}:{client_port}"
+            peer_url = f"http://{host}:{peer_port}"
             cmd = [
-                binary, "--name", name, "--data-dir", str(data_dir),
+                *prefix, binary, "--name", name, "--data-dir", str(data_dir),
                 "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
                 "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
                 "--initial-cluster", initial, "--initial-cluster-token", token,
@@ -337,9 +347,13 @@ def etcd() -> Iterator[EtcdCluster]:
 
 
 @contextlib.contextmanager
-def etcd_cluster(*, tls: bool = False, extra: Sequence[str] = ()) -> Iterator[EtcdCluster]:
+def etcd_cluster(
+    *, tls: bool = False, extra: Sequence[str] = (), places: Sequence[Placement] = ()
+) -> Iterator[EtcdCluster]:
     """Three etcd members forming one cluster; every member SIGKILLed on exit. ``extra``:
-    more flags for every member (e.g. ``--auth-token-ttl=2``)."""
+    more flags for every member (e.g. ``--auth-token-ttl=2``). ``places``: one
+    (address, argv prefix) per member (tests/support/netns.py: one per site; without
+    TLS, whose certificate names only loopback); default: all on loopback."""
     etcd_binary()
     etcdctl_binary()
     shm = Path("/dev/shm")
@@ -347,7 +361,7 @@ def etcd_cluster(*, tls: bool = False, extra: Sequence[str] = ()) -> Iterator[Et
     base = Path(tempfile.mkdtemp(prefix="watchdogd-etcd-", dir=root))
     try:
         certs = make_certs(base / "certs") if tls else None
-        cluster = retry_if_port_taken(lambda: _start(base, certs, extra))
+        cluster = retry_if_port_taken(lambda: _start(base, certs, extra, places))
         try:
             yield cluster
         finally:

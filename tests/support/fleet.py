@@ -71,12 +71,14 @@ GUARD_ALIVE = f"{PREFIX}/{CLUSTER}/guard/alive"
 class GuardProcess:
     """``watchdogd guard --config FILE --node NODE`` as its own process, with its own
     config file (the fleet's, its etcd endpoints possibly through fault proxies); its
-    JSON log in ``log_path``. Dies with the test process (PDEATHSIG)."""
+    JSON log in ``log_path``. Dies with the test process (PDEATHSIG). ``prefix``: an argv
+    prefix it is started through (``ip netns exec NS``: tests/support/netns.py)."""
 
     cfg: dict[str, Any]
     node: str
     base: Path
     proc: subprocess.Popen[bytes] | None = None
+    prefix: tuple[str, ...] = ()
 
     @property
     def config_path(self) -> Path:
@@ -90,7 +92,7 @@ class GuardProcess:
         self.base.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.cfg))
         with self.log_path.open("ab") as log:
-            argv = [sys.executable, "-m", "watchdogd.cli", "guard"]
+            argv = [*self.prefix, sys.executable, "-m", "watchdogd.cli", "guard"]
             argv += ["--config", str(self.config_path), "--node", self.node]
             self.proc = subprocess.Popen(
                 argv,

@@ -39,6 +39,7 @@ SERVICE_USER = "postgres"
 PASSWORD_ROLE = "watchdogd"
 
 _PR_SET_PDEATHSIG = 1
+_SETPRIV = ("setpriv", "--clear-groups", "--pdeathsig=keep")
 _IPC_RMID = 0
 
 # Server profiles (issue 10). ``stock``: PostgreSQL's shipped defaults for everything
@@ -195,12 +196,19 @@ def _quote(value: str) -> str:
 
 @dataclass
 class PgServer:
-    """One PostgreSQL server of the lab: its data dir, port, socket dir and log."""
+    """One PostgreSQL server of the lab: its data dir, port, socket dir and log.
+
+    ``host``: the address it listens on and is reached at (loopback by default).
+    ``prefix``: an argv prefix the postmaster is started through (e.g. ``ip netns exec
+    NS``, to run it in a network namespace); as root, the prefix runs as root and the
+    postmaster drops to the service user after it (``setpriv``)."""
 
     name: str
     bin_dir: Path
     base: Path
     port: int
+    host: str = "127.0.0.1"
+    prefix: tuple[str, ...] = ()
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
@@ -218,11 +226,11 @@ class PgServer:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
 
     def user_dsn(self, user: str) -> str:
         """A DSN for ``user`` without a password (give that separately)."""
-        return f"postgresql://{user}@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://{user}@{self.host}:{self.port}/postgres"
 
     @property
     def pid(self) -> int | None:
@@ -262,13 +270,19 @@ class PgServer:
             "-k",
             str(self.socket_dir),
             "-c",
-            "listen_addresses=127.0.0.1",
+            f"listen_addresses={self.host}",
         ]
         # Logs append across restarts so a test failure shows the whole story.
         with self.log_file.open("ab") as log:
             _chown(self.log_file)
             kwargs: dict[str, object] = {}
-            if _running_as_root():
+            if self.prefix:
+                # The prefix may need root (setns); setpriv then drops to the service
+                # user without a fork (the postmaster keeps our child's pid) and keeps
+                # the parent-death signal that the credential change would clear.
+                drop = [*_SETPRIV, f"--reuid={SERVICE_USER}", f"--regid={SERVICE_USER}"]
+                argv = [*self.prefix, *(drop if _running_as_root() else []), *argv]
+            elif _running_as_root():
                 pw = pwd.getpwnam(SERVICE_USER)
                 kwargs.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
             self._proc = subprocess.Popen(
@@ -437,7 +451,7 @@ class PgServer:
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-h",
-                "127.0.0.1",
+                self.host,
                 "-p",
                 str(self.port),
                 "-U",
@@ -652,7 +666,7 @@ class PgPair:
 
     def primary_conninfo(self) -> str:
         port = self.upstream_port or self.primary.port
-        conninfo = f"host=127.0.0.1 port={port} user=postgres application_name=standby"
+        conninfo = f"host={self.primary.host} port={port} user=postgres application_name=standby"
         # libpq waits for a connection for ever by default; the tuned lab gives up after 2 s.
         return conninfo if self.profile == STOCK else conninfo + " connect_timeout=2"
 
