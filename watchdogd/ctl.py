@@ -528,6 +528,8 @@ def _store_rows(store: Any) -> list[tuple[str, str]]:
     leader = store.get("leader")
     if store.get("is_leader"):
         lead = f"{me} (this watcher), authority {_number(store.get('deadline_in')) or 0:g}s left"
+    elif store.get("holds_token"):
+        lead = f"{me} (this watcher) WITHOUT AUTHORITY: it acts on nothing until it renews"
     else:
         lead = f"{_text(leader)} (this is {me})" if leader else f"nobody (this is {me})"
     rows = [("fleet leader", lead)]

@@ -254,6 +254,16 @@ async def test_no_authority_no_failover_and_no_command(fleet: Fleet) -> None:
     assert fleet.fleet("dc1").authority_left() == 0.0
     with pytest.raises(CommandError, match="authority has ended"):
         await fleet.d["dc1"].handle_command("pause", {}, ROOT)
+    # It still holds its token (no compare failed), but it no longer says it leads:
+    # otherwise it and the next leader would both count in watchdogd_is_leader.
+    from watchdogd.ctl import render_status
+
+    await fleet.fleet("dc1").after_probe(DOWN_V)  # a cycle exports the gauges
+    status = fleet.d["dc1"].status()["store"]
+    assert status["is_leader"] is False and status["holds_token"] is True
+    value = fleet.d["dc1"].metrics.registry.get_sample_value
+    assert value("watchdogd_is_leader", {"cluster": "orders"}) == 0
+    assert "dc1 (this watcher) WITHOUT AUTHORITY" in render_status(fleet.d["dc1"].status())
 
 
 async def test_the_journal_is_the_stores_and_followers_follow_it(fleet: Fleet) -> None:

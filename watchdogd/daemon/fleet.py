@@ -278,6 +278,15 @@ class Fleet:
     def is_leader(self) -> bool:
         return self.token is not None
 
+    @property
+    def leading(self) -> bool:
+        """Holds the leader key AND may act on it (authority left): what status and the
+        ``watchdogd_is_leader`` gauge say. A watcher cut off from the store keeps its
+        token until an explicit compare failure, but past its deadline it leads
+        nothing: reporting it as leader then showed two leaders beside the new one and
+        kept WatchdogdNoFleetLeader from firing while no watcher could act."""
+        return self.is_leader and self.authority_left() > 0
+
     def authority_left(self) -> float:
         """Seconds this watcher may still act as the leader (0 when it may not)."""
         if self.token is None or not self.synced or self.deadline is None:
@@ -446,7 +455,7 @@ class Fleet:
         counted = self.tally if self.is_leader else None
         self.d.metrics.set_fleet(
             up=self.up,
-            leader=self.is_leader,
+            leader=self.leading,
             fresh=None if counted is None else len(counted.fresh),
             mismatched=None if counted is None else len(counted.mismatched),
         )
@@ -756,7 +765,8 @@ class Fleet:
         return {
             "instance": self.instance,
             "leader": self.leader,
-            "is_leader": self.is_leader,
+            "is_leader": self.leading,
+            "holds_token": self.is_leader,
             "up": self.up,
             "error": self.error,
             "journal_damaged": self.journal_damaged,
