@@ -19,12 +19,16 @@ import pytest
 
 from tests.integration.rejoin_checks import (
     eventually_true,
+    failed_over_by_hand,
     refused_as_same_server,
+    rejoin_under_load,
     twice_around,
+    verified_while_steadily_behind,
     wait_replica_of,
 )
 from tests.support import mysql as support
 from tests.support import timing
+from tests.support.cluster import maria_cluster
 from watchdogd import config
 from watchdogd.actions.builtin import rejoin_method
 from watchdogd.config import ConfigError
@@ -529,3 +533,35 @@ async def test_twice_around_the_pair(pair: support.MariaDBPair, failed_over: Eng
     )
     for server in (pair.primary, pair.replica):
         assert {"before", "via-a", "via-b"} <= values(server), server.name
+
+
+@pytest.mark.parametrize("profile", [support.STOCK, support.TUNED])
+async def test_rejoin_and_verification_finish_while_the_new_primary_takes_writes(
+    profile: str, mariadb_template_dir: Path, tmp_path: Path
+) -> None:
+    """A few hundred writes a second on the new primary, from before the rejoin until
+    after its verification: the GTID rejoin and the verification finish in bounded
+    time, and every acknowledged write reaches the rejoined server."""
+    await rejoin_under_load(maria_cluster(profile, mariadb_template_dir), tmp_path, 10)
+
+
+@pytest.mark.parametrize("profile", [support.STOCK, support.TUNED])
+async def test_verification_passes_for_a_replica_steadily_behind_a_busy_primary(
+    profile: str, mariadb_template_dir: Path, tmp_path: Path
+) -> None:
+    """MASTER_DELAY = 1 on the rejoined replica stands for a replica that is always a
+    little behind a busy primary: it never applies up to the primary's current
+    position, yet it reaches any position read earlier within a second."""
+    cluster = maria_cluster(profile, mariadb_template_dir)
+    try:
+        async with failed_over_by_hand(cluster, tmp_path, 30) as f:
+            server = cluster.standby
+            assert isinstance(server, support.MariaDB)
+
+            async def delay() -> None:
+                server.script("STOP SLAVE", "CHANGE MASTER TO MASTER_DELAY = 1", "START SLAVE")
+
+            took = await verified_while_steadily_behind(f, delay, 1.0)
+    finally:
+        await cluster.aclose()
+    assert took < timing.within(6), took

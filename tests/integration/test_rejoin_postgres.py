@@ -19,12 +19,16 @@ import pytest
 
 from tests.integration.rejoin_checks import (
     eventually_true,
+    failed_over_by_hand,
     refused_as_same_server,
+    rejoin_under_load,
     twice_around,
+    verified_while_steadily_behind,
     wait_replica_of,
 )
 from tests.support import pg as support
-from tests.support.cluster import pg_cluster
+from tests.support import timing
+from tests.support.cluster import PgCluster, pg_cluster
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.core.section import Section
 from watchdogd.demo.lab import STOCK, TUNED, LabError, PgPair, PgServer
@@ -400,3 +404,49 @@ async def test_an_unreadable_history_is_an_unknown_divergence(
     report = await old.divergence(plain, 5)
     assert not report.known and report.lost is None and report.diverged is None, report
     assert "permission denied" in report.detail and "pg_read_server_files" in report.detail
+
+
+def rejoin_cluster(request: pytest.FixtureRequest, profile: str) -> PgCluster:
+    """A matrix cluster that can be rejoined (see support.rejoin_pair)."""
+    return pg_cluster(
+        profile,
+        support.require_pg_bin(),
+        support.pg_template(request.config),
+        support.SECRET,
+        settings={"full_page_writes": "on"},
+    )
+
+
+@pytest.mark.parametrize("profile", [STOCK, TUNED])
+async def test_rejoin_and_verification_finish_while_the_new_primary_takes_writes(
+    request: pytest.FixtureRequest, profile: str, tmp_path: Path
+) -> None:
+    """A few hundred writes a second on the new primary, from before the rejoin until
+    after its verification: tuned, pg_rewind against the busy primary; stock (no
+    wal_log_hints), a base backup of it. Both finish in bounded time, the verification
+    passes, and every acknowledged write reaches the rejoined server."""
+    cluster = rejoin_cluster(request, profile)
+    await rejoin_under_load(cluster, tmp_path, 20, rewind_fallback="basebackup")
+
+
+@pytest.mark.parametrize("profile", [STOCK, TUNED])
+async def test_verification_passes_for_a_standby_steadily_behind_a_busy_primary(
+    request: pytest.FixtureRequest, profile: str, tmp_path: Path
+) -> None:
+    """recovery_min_apply_delay 500ms on the rejoined standby stands for a replica that
+    is always a little behind a busy primary: replay never reaches the primary's
+    current position, yet it reaches any position read earlier within half a second."""
+    cluster = rejoin_cluster(request, profile)
+    try:
+        async with failed_over_by_hand(cluster, tmp_path, 30, rewind_fallback="basebackup") as f:
+            server = cluster.standby
+            assert isinstance(server, PgServer)
+
+            async def delay() -> None:
+                server.execute("ALTER SYSTEM SET recovery_min_apply_delay = '500ms'")
+                server.execute("SELECT pg_reload_conf()")
+
+            took = await verified_while_steadily_behind(f, delay, 0.5)
+    finally:
+        await cluster.aclose()
+    assert took < timing.within(5), took

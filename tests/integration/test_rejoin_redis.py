@@ -5,6 +5,7 @@ the verification, on a real pair with stock and tuned link settings."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,10 +13,12 @@ import pytest
 from tests.integration.rejoin_checks import (
     eventually_true,
     refused_as_same_server,
+    rejoin_under_load,
     twice_around,
     wait_replica_of,
 )
 from tests.support import redis as support
+from tests.support.cluster import redis_cluster
 from watchdogd import actions, config
 from watchdogd.actions import ActionError, StepContext
 from watchdogd.core.model import DatabaseConfig
@@ -171,3 +174,15 @@ async def test_twice_around_the_pair(pair: support.RedisPair, failed_over: Engin
     )
     for server in (pair.primary, pair.replica):
         assert server.call("EXISTS", "before", "via-a", "via-b") == 3, server.name
+
+
+@pytest.mark.parametrize("profile", [support.STOCK, support.TUNED])
+async def test_rejoin_and_verification_finish_while_the_new_primary_takes_writes(
+    profile: str, tmp_path: Path
+) -> None:
+    """A few hundred writes a second on the new primary, from before the rejoin until
+    after its verification: REPLICAOF (a partial resync from the fork) and the
+    verification finish in bounded time, and every acknowledged write reaches the
+    rejoined server."""
+    support.binary()
+    await rejoin_under_load(redis_cluster(profile), tmp_path, 10)

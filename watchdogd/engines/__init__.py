@@ -173,8 +173,11 @@ class Engine(Protocol):
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:
         """Verification: a detail when self is a replica connected to new_primary
         (that very server, not just any primary) and has replayed up to
-        new_primary's position read at the start of the call; EngineError saying
-        why not otherwise. The daemon calls it in a loop until failover.rejoin_timeout."""
+        new_primary's position read at the start of the call, waiting for that
+        within ``timeout`` while it streams (a busy new_primary's current position
+        is always ahead); EngineError saying why not otherwise, at once when it does
+        not stream from new_primary. The daemon calls it in a loop until
+        failover.rejoin_timeout."""
         ...
 
     async def close(self) -> None:

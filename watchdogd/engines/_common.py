@@ -371,6 +371,31 @@ class ConnectionTemplate(ABC, Generic[C]):
             raise EngineError(self._line(f"replica_of: {new.where} is not {what}"))
         return new, theirs.current_pos, deadline
 
+    async def _caught_up(
+        self,
+        deadline: float,
+        target: int,
+        applied: Callable[[C, float], Awaitable[int | None]],
+        behind: Callable[[int | None], str],
+        poll: float = 0.1,
+    ) -> int:
+        """The verification's wait (``replica_of``): the query ``applied`` (the replica's
+        applied position, read after checking that it streams from the new primary,
+        raising EngineError at once when it does not) again and again until it reaches
+        ``target``, the new primary's position read at the start of the call. A busy
+        new primary moves on meanwhile: a replica that streams and applies reaches a
+        position read earlier, however steadily it stays behind the current one.
+        ``behind(applied)`` is the EngineError line when ``deadline`` comes first.
+        Returns the position reached."""
+        loop = asyncio.get_running_loop()
+        while True:
+            position = await self._probe("replica_of", self._remaining(deadline), applied)
+            if position is not None and position >= target:
+                return position
+            if loop.time() + poll >= deadline:
+                raise EngineError(self._line(f"replica_of: {behind(position)}"))
+            await asyncio.sleep(poll)
+
     async def _until(
         self,
         op: str,

@@ -1311,20 +1311,10 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
             new_primary, timeout, "a primary with a binary log"
         )
 
-        async def query(conn: _Conn, _: float) -> str:
+        async def query(conn: _Conn, _: float) -> int | None:
             why = await self._not_replicating(conn, new.dsn)
             if why is not None:
                 raise EngineError(self._line(f"replica_of: {why}"))
-            ch = await self._channel(conn)
-            assert ch is not None
-            applied = ch.replay_pos
-            if applied is None or applied < target:
-                raise EngineError(
-                    self._line(
-                        f"replica_of: applied {format_pos(applied)} of {new.where}'s"
-                        f" {format_pos(target)}"
-                    )
-                )
             read_only, super_ro = await self._read_only(conn)
             if not (read_only or super_ro):
                 raise EngineError(
@@ -1333,9 +1323,17 @@ class MySQLEngine(ConnectionTemplate[_Conn]):
                         " clients can still write to it"
                     )
                 )
-            return f"replica of {new.where}, applied up to {format_pos(applied)}"
+            ch = await self._channel(conn)
+            assert ch is not None
+            return ch.replay_pos
 
-        return await self._probe("replica_of", self._remaining(deadline), query)
+        applied = await self._caught_up(
+            deadline,
+            target,
+            query,
+            lambda at: f"applied {format_pos(at)} of {new.where}'s {format_pos(target)}",
+        )
+        return f"replica of {new.where}, applied up to {format_pos(applied)}"
 
 
 TRANSACTIONS = "transactions"

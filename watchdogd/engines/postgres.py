@@ -1204,23 +1204,27 @@ class PostgresEngine(ConnectionTemplate[Any]):
 
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:
         new, target, deadline = await self._replica_target(new_primary, timeout)
-        mine = await self._where_now(self._remaining(deadline))
-        if not mine.in_recovery:
-            raise EngineError(self._line("replica_of: not a standby (not in recovery)"))
-        if not (new._follows(mine) and mine.streaming):
-            raise EngineError(
-                self._line(
-                    f"replica_of: WAL receiver {mine.receiver}, not streaming from {new.where}"
+
+        async def replayed(conn: Any, until: float) -> int:
+            row = await conn.fetchrow(WAL_STATE_SQL, timeout=self._remaining(until))
+            mine = WalState.from_row(row)
+            if not mine.in_recovery:
+                raise EngineError(self._line("replica_of: not a standby (not in recovery)"))
+            if not (new._follows(mine) and mine.streaming):
+                raise EngineError(
+                    self._line(
+                        f"replica_of: WAL receiver {mine.receiver}, not streaming from {new.where}"
+                    )
                 )
-            )
-        if mine.position < target:
-            raise EngineError(
-                self._line(
-                    f"replica_of: replayed {format_lsn(mine.position)} of {new.where}'s"
-                    f" {format_lsn(target)}"
-                )
-            )
-        return f"replica of {new.where}, streaming, replayed up to {format_lsn(mine.position)}"
+            return mine.position
+
+        position = await self._caught_up(
+            deadline,
+            target,
+            replayed,
+            lambda at: f"replayed {format_lsn(at or 0)} of {new.where}'s {format_lsn(target)}",
+        )
+        return f"replica of {new.where}, streaming, replayed up to {format_lsn(position)}"
 
     def libpq_conninfo(self) -> tuple[str, str | None]:
         """This server as a libpq conninfo (for pg_rewind, pg_basebackup and

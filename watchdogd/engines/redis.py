@@ -525,22 +525,20 @@ class RedisEngine(ConnectionTemplate[aioredis.Redis]):
     async def replica_of(self, new_primary: Engine, timeout: float) -> str:
         new, target, deadline = await self._replica_target(new_primary, timeout)
 
-        async def query(client: aioredis.Redis, _: float) -> str:
+        async def query(client: aioredis.Redis, _: float) -> int:
             info = await self._info(client)
             why = await self._not_synced(client, new.dsn)
             if why is not None:
                 raise EngineError(self._line(f"replica_of: {why}"))
-            offset = _int(info.get("slave_repl_offset"), 0) or 0
-            if offset < target:
-                raise EngineError(
-                    self._line(
-                        f"replica_of: at offset {offset}, {target - offset} bytes behind"
-                        f" {new.where}"
-                    )
-                )
-            return f"replica of {new.where}, link up, at offset {offset} (target {target})"
+            return _int(info.get("slave_repl_offset"), 0) or 0
 
-        return await self._probe("replica_of", self._remaining(deadline), query)
+        offset = await self._caught_up(
+            deadline,
+            target,
+            query,
+            lambda at: f"at offset {at}, {target - (at or 0)} bytes behind {new.where}",
+        )
+        return f"replica of {new.where}, link up, at offset {offset} (target {target})"
 
 
 def _follows(info: Mapping[str, Any], dsn: RedisDsn) -> bool:
