@@ -57,6 +57,14 @@ POLL = 0.25
 KEYS = GuardKeys.under(PREFIX)
 
 
+def published_window(published: float, interval: float) -> bool:
+    """The isolation timeout the guard published is the standby's window: at least that
+    of its configured interval; more once it saw two replies further apart (the
+    standby's timer runs a little late, ~0.1 s, more on a loaded machine)."""
+    window = standby_window(interval)
+    return window <= published <= window + timing.within(2)
+
+
 def standby_window(interval: float) -> float:
     """How long after the standby's last reply the guard may count it gone: its
     isolation timeout, or the standby's reply interval (``interval``, the lab's servers
@@ -375,7 +383,7 @@ async def test_cut_from_the_store_with_the_standby_streaming_it_does_not_fence(
         assert refused_at >= detached_at + window - interval - POLL - 0.25
         settings = await it.client.get(KEYS.settings)  # what the leader waits out
         assert settings is not None
-        assert Published.decode(settings.value).isolation_timeout == pytest.approx(window)
+        assert published_window(Published.decode(settings.value).isolation_timeout, interval)
         await eventually(lambda: it.guard.self_fences == 1, within=5)
         print(f"guard: standby left -> fenced in {refused_at - detached_at:.1f}s")
 
@@ -398,7 +406,7 @@ async def test_cut_from_the_store_and_the_standby_it_fences_within_the_standbys_
         # What the leader reads: the guard waits out the standby's window, and says so.
         settings = await it.client.get(KEYS.settings)
         assert settings is not None
-        assert Published.decode(settings.value).isolation_timeout == pytest.approx(window)
+        assert published_window(Published.decode(settings.value).isolation_timeout, interval)
         await asyncio.sleep(1.0)
         replication.set_mode(BLACKHOLE)
         cut_at = it.cut()
@@ -480,7 +488,7 @@ async def test_a_dead_guard_clears_the_leader_only_after_its_key_was_gone_the_ti
         settings = await it.client.get(KEYS.settings)
         assert settings is not None
         waited = Published.decode(settings.value).isolation_timeout
-        assert waited == pytest.approx(standby_window(reply_interval(pg_pair))) and waited > ISO
+        assert published_window(waited, reply_interval(pg_pair)) and waited > ISO
         assert cleared_at >= gone_at + waited - 0.3
         assert cleared_at <= gone_at + waited + timing.within(1.5)
         assert await writable(pg_pair)  # a dead guard fenced nothing
