@@ -35,7 +35,7 @@ from tests.support.redis import _die_with_parent
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.demo.lab import PgPair
 from watchdogd.engines.postgres import PostgresEngine
-from watchdogd.guard import DB_TIMEOUT, Guard, GuardSettings
+from watchdogd.guard import DB_TIMEOUT, Guard, GuardSettings, SignsOfLife
 from watchdogd.state.etcd import EtcdClient
 from watchdogd.state.etcd_store import EtcdStore
 from watchdogd.state.guard_keys import (
@@ -581,3 +581,29 @@ async def test_a_restarted_guard_keeps_the_down_promise_of_a_stale_order(
         refused_at = await first_refusal(pg_pair, back + timing.within(3))
         assert refused_at is not None and refused_at - back <= timing.within(2)
         await eventually(lambda: acked_fenced(it.client), within=3)
+
+
+# The rule itself (pure, no server): here beside the cells above that it explains.
+def test_a_standby_reply_counts_for_its_window_and_the_longest_gap_is_learned() -> None:
+    signs = SignsOfLife(start=0.0)
+    signs.standby_window = 15.0  # stock: 10 s replies, two polls, four reads
+    signs.standby_mark(100.0, polled_at=1.0)
+    signs.standby_mark(110.0, polled_at=11.0)  # a reply after the read sent at 1
+    assert signs.longest_gap == 0.0  # the run's first growth measures nothing
+    signs.standby_mark(110.0, polled_at=12.0)
+    signs.standby_mark(120.5, polled_at=21.0)  # proof at 12; a 10.5 s gap
+    assert signs.longest_gap == 10.5 and signs.source == "standby"
+    # The store is silent since the start: the standby's proof at 12 holds for 15 s.
+    assert not signs.isolated(26.9, ISO) and signs.isolated(27.0, ISO)
+    signs.standby_unread()  # a failed read keeps the mark: the next growth still proves
+    signs.standby_mark(130.0, polled_at=31.0)
+    assert signs.last == 21.0 and signs.longest_gap == 10.5  # no gap measured across it
+    signs.standby_mark(None, polled_at=32.0)  # gone: the next run starts afresh
+    signs.standby_mark(200.0, polled_at=40.0)
+    signs.standby_mark(260.0, polled_at=41.0)
+    assert signs.last == 40.0 and signs.longest_gap == 10.5
+    # Without a window the standby's proof counts for the timeout, as every sign.
+    plain = SignsOfLife(start=0.0)
+    plain.standby_mark(1.0, polled_at=5.0)
+    plain.standby_mark(2.0, polled_at=6.0)
+    assert not plain.isolated(7.9, ISO) and plain.isolated(8.0, ISO)
