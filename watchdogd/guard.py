@@ -11,9 +11,13 @@ It runs on the primary's host with the fleet's config file and fences its local 
   an acknowledged renewal of its own lease (the store answers; counted from the time the
   renewal was sent) and a standby streaming from the local primary whose replies keep
   coming (PostgreSQL: ``pg_stat_replication.reply_time`` grew between two reads, so the
-  two hosts' clocks never matter; other engines cannot tell: no sign). It fences once per
-  isolation, logs it, and keeps trying to reach the store. A started guard counts its
-  start as a sign of life.
+  two hosts' clocks never matter; other engines cannot tell: no sign). An idle standby
+  replies only every ``wal_receiver_status_interval`` (10 s on stock settings), so its
+  last reply counts for its reply window (that interval plus two polls and four reads)
+  when longer than the timeout; the guard publishes the longer one in ``guard/settings``
+  for the leader to wait out (see ``standby_window``). It fences once per isolation,
+  logs it, and keeps trying to reach the store. A started guard counts its start as a
+  sign of life.
 
 On a valid order it cannot carry out because its database is DOWN (not running: every
 address of the node's DSN is this host's and refuses the connection, or its unix
@@ -61,6 +65,7 @@ from watchdogd.core import clock as core_clock
 from watchdogd.core.errors import WatchdogdError
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.engines import Engine, EngineError
+from watchdogd.engines.postgres import pg_duration_seconds
 from watchdogd.state.etcd import (
     EtcdClient,
     EtcdConfigError,
@@ -83,6 +88,8 @@ from watchdogd.state.store import StoreUnavailable
 DEFAULT_POLL = 0.5
 DB_TIMEOUT = 1.0
 DOWN_POLL = 0.1  # how often a database answered "down" is tried again
+# An idle PostgreSQL standby replies every wal_receiver_status_interval: 10 s unless set.
+DEFAULT_REPLY_INTERVAL = 10.0
 _DEFAULT_PORTS = {"postgres": 5432, "mysql": 3306, "redis": 6379}
 _READ_ONLY_LINE = "default_transaction_read_only = 'on'"
 # Errors saying an address does not exist on this host (not a listener, not a hang).
@@ -242,37 +249,67 @@ class SignsOfLife:
 
     ``store_renewed(sent_at)``: an acknowledged lease renewal (or grant), counted from
     the time its request was sent (etcd renewed it no earlier). ``standby_mark(mark,
-    polled_at)``: one read of the standby's reply mark (None: no standby streams, or the
-    read failed); a mark larger than the previous read's proves a reply arrived after
-    that read was sent, so the previous read's send time counts. ``start``: the guard's
-    start counts as a sign, so a guard started while cut off waits a whole timeout.
+    polled_at)``: one read of the standby's reply mark (None: no standby streams); a
+    mark larger than the previous read's proves a reply arrived after that read was
+    sent, so the previous read's send time counts. ``standby_unread()``: a read that
+    failed: it proves nothing and keeps the previous mark (a later, larger mark still
+    proves a reply after that earlier read). ``start``: the guard's start counts as a
+    sign of every source, so a guard started while cut off waits a whole timeout (the
+    standby's window, when longer: the first reply it can count may be that far off).
+
+    A standby replies only so often: an idle one every ``wal_receiver_status_interval``
+    (PostgreSQL's default: 10 s), a busy one at every flush. So its proof is judged
+    fresh for ``standby_window`` seconds when that is longer than the timeout (None:
+    the timeout, as for the other sources); the store's and the start's for the
+    timeout. ``longest_gap``: the longest time between two replies seen in one unbroken
+    run of reads (by the standby's own clock, so only its rate matters), from which
+    the guard derives that window.
     """
 
     def __init__(self, start: float) -> None:
         self.last = start
         self.source = "start"
+        self.standby_window: float | None = None
+        self.longest_gap = 0.0
+        self._other = start  # the last store sign (or the start)
+        self._standby = start  # the last standby proof (the start counts for every source)
         self._mark: float | None = None
         self._mark_polled: float | None = None
+        self._run_mark: float | None = None  # the mark when it last grew, in this run
 
     def _saw(self, at: float, source: str) -> None:
         if at >= self.last:
             self.last, self.source = at, source
 
     def store_renewed(self, sent_at: float) -> None:
+        self._other = max(self._other, sent_at)
         self._saw(sent_at, "store")
 
     def standby_mark(self, mark: float | None, polled_at: float) -> None:
         previous, previous_at = self._mark, self._mark_polled
         if mark is not None and previous is not None and previous_at is not None:
             if mark > previous:
+                self._standby = max(self._standby, previous_at)
                 self._saw(previous_at, "standby")
+                if self._run_mark is not None:
+                    self.longest_gap = max(self.longest_gap, mark - self._run_mark)
+                self._run_mark = mark
+        elif mark is not None:
+            self._run_mark = None  # a new run: its first growth has nothing to measure from
+        if mark is None:
+            self._run_mark = None
         self._mark, self._mark_polled = mark, (polled_at if mark is not None else None)
+
+    def standby_unread(self) -> None:
+        self._run_mark = None  # the next growth may span unseen replies: no gap measured
 
     def silent_for(self, now: float) -> float:
         return max(0.0, now - self.last)
 
     def isolated(self, now: float, timeout: float) -> bool:
-        return self.silent_for(now) >= timeout
+        if now - self._other < timeout:
+            return False
+        return now - self._standby >= max(timeout, self.standby_window or 0.0)
 
 
 # --------------------------------------------------------------------------- "down"
@@ -448,7 +485,8 @@ class Guard:
         self.self_fences = 0
         self.acks: list[Ack] = []  # acks written, in order (status and tests)
         self._key_written = False
-        self._published = False  # guard/settings written (once per start)
+        self._published: float | None = None  # the isolation_timeout in guard/settings
+        self.reply_interval: float | None = None  # the standby's, as its server says (start)
         self._store_down: str | None = None
         self._ignored: set[tuple[int, str]] = set()
         self._last_ack: Ack | None = None
@@ -465,7 +503,6 @@ class Guard:
         self._lock = asyncio.Lock()  # one fence and ack at a time (orders, promise)
 
     async def run(self) -> NoReturn:
-        self.signs = SignsOfLife(self.clock())  # the start counts from now, not construction
         self.log.info(
             "guard started",
             node=self.settings.node,
@@ -479,6 +516,11 @@ class Guard:
         with contextlib.suppress(EngineError):
             await self.engine.status(DB_TIMEOUT)
             self.db_answered = True
+        self.reply_interval = await self._reply_interval()
+        # The start counts from here, not construction: once the guard watches (the reads
+        # above may have taken seconds, and a standby's first countable reply can be its
+        # whole window after the guard's first look at it).
+        self.signs = SignsOfLife(self.clock())
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._keep_alive())
             tasks.create_task(self._follow_orders())
@@ -510,13 +552,8 @@ class Guard:
         if self.lease is None:
             self.lease = await self.client.lease_grant(max(1, math.ceil(self.settings.ttl)))
             self._key_written = False
+        await self._publish()
         if not self._key_written:
-            if not self._published:
-                # Before the alive key: a leader that ever saw the guard alive can read
-                # what it runs with, also once it is gone (see guard_keys.Published).
-                mine = Published(self.settings.node, self.settings.isolation_timeout)
-                await self.client.put(self.keys.settings, mine.encode())
-                self._published = True
             alive = Alive(self.settings.node, os.getpid(), self.wall(), self.self_fences > 0)
             await self.client.put(self.keys.alive, alive.encode(), lease=self.lease.id)
             self._key_written = True
@@ -524,6 +561,62 @@ class Guard:
             return
         renewal = await self.lease.renew()
         self.signs.store_renewed(renewal.sent_at)
+
+    async def _publish(self) -> None:
+        """Write ``guard/settings`` when what it says changed: at start, before the alive
+        key (a leader that ever saw the guard alive can read what it runs with, also
+        once it is gone: see guard_keys.Published), and whenever the standby's replies
+        turn out to be further apart than the guard knew. The isolation timeout it
+        publishes is the longest silence it waits before fencing: the configured one, or
+        the standby's reply window when longer. Only a published window is used
+        (``signs.standby_window``): the leader then waits it out too."""
+        window = self.standby_window()
+        effective = max(self.settings.isolation_timeout, window or 0.0)
+        if self._published == effective:
+            return
+        mine = Published(self.settings.node, effective)
+        await self.client.put(self.keys.settings, mine.encode())
+        if self._published is not None:
+            self.log.warning(
+                "guard: the standby replies further apart than it knew; it waits longer",
+                node=self.settings.node,
+                isolation_timeout=self.settings.isolation_timeout,
+                standby_window=window,
+                longest_gap=round(self.signs.longest_gap, 1),
+            )
+        self._published = effective
+        self.signs.standby_window = window
+
+    def standby_window(self) -> float | None:
+        """How long after the standby's last reply the guard still counts it as alive
+        (None: the guard never sees a standby): its reply interval (the server's
+        ``wal_receiver_status_interval``, or the longest gap seen between its replies
+        when longer), plus two polls and four reads: a reply is counted from the send
+        time of the read before it, which may have taken a read to answer, the reply may
+        come as the next read is under way, and the next reply is seen only by a read
+        sent a poll after the one under way at its arrival, once it answered."""
+        if not self.standby_addresses or not hasattr(self.engine, "standby_reply_mark"):
+            return None
+        interval = max(self.reply_interval or DEFAULT_REPLY_INTERVAL, self.signs.longest_gap)
+        return interval + 2 * self.settings.poll + 4 * DB_TIMEOUT
+
+    async def _reply_interval(self) -> float | None:
+        """The standby's reply interval as this server's ``wal_receiver_status_interval``
+        (the standby's own is not readable from here; a copy of the primary's config
+        usually has the same, and the longest gap seen raises it); 0 (no periodic
+        replies): half the ``wal_sender_timeout``, when the primary asks for one. None:
+        cannot tell (the default, 10 s, is assumed)."""
+        setting = getattr(self.engine, "setting", None)
+        if setting is None or not self.standby_addresses:
+            return None
+        try:
+            status = pg_duration_seconds(await setting("wal_receiver_status_interval", DB_TIMEOUT))
+            if status == 0:
+                sender = pg_duration_seconds(await setting("wal_sender_timeout", DB_TIMEOUT))
+                status = sender / 2 if sender else None
+        except EngineError:
+            return None
+        return status if status is not None and status > 0 else None
 
     def _store_trouble(self, why: str) -> None:
         if self._store_down is None:
@@ -721,8 +814,9 @@ class Guard:
                     self.engine, DB_TIMEOUT, self.standby_addresses
                 )
             except EngineError:
-                mark = None
-            self.signs.standby_mark(mark, polled_at)
+                self.signs.standby_unread()
+            else:
+                self.signs.standby_mark(mark, polled_at)
             now = self.clock()
             if not self.signs.isolated(now, timeout):
                 self._isolation_trouble = None

@@ -28,16 +28,24 @@ import pytest
 
 from tests.support import timing
 from tests.support.etcd import EtcdCluster
+from tests.support.fleet import CELLS, LOADED, reply_interval, write_load
 from tests.support.pg import eventually
 from tests.support.proxy import BLACKHOLE, PASS, FaultProxy
 from tests.support.redis import _die_with_parent
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.demo.lab import PgPair
 from watchdogd.engines.postgres import PostgresEngine
-from watchdogd.guard import Guard, GuardSettings
+from watchdogd.guard import DB_TIMEOUT, Guard, GuardSettings, SignsOfLife
 from watchdogd.state.etcd import EtcdClient
 from watchdogd.state.etcd_store import EtcdStore
-from watchdogd.state.guard_keys import Ack, GuardKeys, Order, guard_clearance, order_fence
+from watchdogd.state.guard_keys import (
+    Ack,
+    GuardKeys,
+    Order,
+    Published,
+    guard_clearance,
+    order_fence,
+)
 from watchdogd.state.store import Token, TokenLost
 
 pytestmark = pytest.mark.integration
@@ -47,6 +55,21 @@ TTL = 3.0  # etcd's floor with the fixture's 1 s election timeout is 2 s
 ISO = 3.0
 POLL = 0.25
 KEYS = GuardKeys.under(PREFIX)
+
+
+def published_window(published: float, interval: float) -> bool:
+    """The isolation timeout the guard published is the standby's window: at least that
+    of its configured interval; more once it saw two replies further apart (the
+    standby's timer runs a little late, ~0.1 s, more on a loaded machine)."""
+    window = standby_window(interval)
+    return window <= published <= window + timing.within(2)
+
+
+def standby_window(interval: float) -> float:
+    """How long after the standby's last reply the guard may count it gone: its
+    isolation timeout, or the standby's reply interval (``interval``, the lab's servers
+    share it) plus two polls and four reads, when longer (docs/fleet.md)."""
+    return max(ISO, interval + 2 * POLL + 4 * DB_TIMEOUT)
 
 
 class RecordingLog:
@@ -187,14 +210,42 @@ def guard_process(etcd: EtcdCluster, pair: PgPair) -> subprocess.Popen[bytes]:
     )
 
 
+# A session ended under the probe (the fence ends every session, and the order follower
+# may fence once more from a read taken before the promise's "fenced" ack): no answer.
+_ENDED = (
+    asyncpg.AdminShutdownError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
 async def writable(pair: PgPair) -> bool:
-    """A fresh session's write on the primary: True accepted, False refused read-only."""
+    """A fresh session's write on the primary: True accepted, False refused read-only
+    (a session ended before it answered is asked again, in a new one, twice at most)."""
+    for attempt in range(3):
+        conn = await asyncpg.connect(pair.primary.dsn, timeout=5)
+        try:
+            await conn.execute("INSERT INTO app VALUES (1)", timeout=5)
+            return True
+        except asyncpg.ReadOnlySQLTransactionError:
+            return False
+        except _ENDED:
+            if attempt == 2:
+                raise
+        finally:
+            with contextlib.suppress(*_ENDED, OSError):
+                await conn.close(timeout=5)
+    raise AssertionError("unreachable")
+
+
+async def read_only(pair: PgPair) -> bool:
+    """A fresh session on the primary is read-only (the fence), asked without writing:
+    a write makes WAL, and WAL makes the standby reply at once, which would hide how an
+    IDLE standby replies (every wal_receiver_status_interval)."""
     conn = await asyncpg.connect(pair.primary.dsn, timeout=5)
     try:
-        await conn.execute("INSERT INTO app VALUES (1)", timeout=5)
-        return True
-    except asyncpg.ReadOnlySQLTransactionError:
-        return False
+        return bool(await conn.fetchval("SELECT current_setting('transaction_read_only')::bool"))
     finally:
         await conn.close(timeout=5)
 
@@ -300,14 +351,23 @@ async def test_cut_from_the_store_with_no_standby_it_fences_itself_after_the_tim
         assert not await writable(pg_pair) and it.guard.self_fences == 1
 
 
+# The standby's replies as a sign of life depend on how the servers time the link: an
+# idle standby replies every wal_receiver_status_interval (10 s stock, 1 s tuned, both
+# far apart from ISO), a loaded one at every flush. All four cells.
+@pytest.mark.parametrize(("pg_pair", "load"), CELLS, indirect=["pg_pair"])
 async def test_cut_from_the_store_with_the_standby_streaming_it_does_not_fence(
-    etcd: EtcdCluster, pg_pair: PgPair
+    etcd: EtcdCluster, pg_pair: PgPair, load: str
 ) -> None:
-    async with lab(etcd, pg_pair, proxied=True) as it:
+    interval = reply_interval(pg_pair)
+    async with lab(etcd, pg_pair, proxied=True) as it, write_load(pg_pair).running(load == LOADED):
         assert pg_pair.standby_streaming()
         cut_at = it.cut()
-        while time.monotonic() < cut_at + ISO + TTL + 2:
-            assert await writable(pg_pair), "fenced although a standby streams from it"
+        # Through the ttl, and through two of an idle standby's reply intervals.
+        while time.monotonic() < cut_at + max(ISO + TTL + 2, 2 * interval + 2):
+            assert not await read_only(pg_pair), (
+                "fenced although a standby streams from it",
+                it.log.named("guard fenced its database: isolated"),
+            )
             await asyncio.sleep(0.25)
         assert it.guard.self_fences == 0 and it.guard.signs.source == "standby"
         assert not await it.alive()  # the leader sees its key gone meanwhile
@@ -315,11 +375,52 @@ async def test_cut_from_the_store_with_the_standby_streaming_it_does_not_fence(
         # The standby was the only sign of life: once it leaves, the guard fences.
         detached_at = time.monotonic()
         pg_pair.detach_standby()
-        refused_at = await first_refusal(pg_pair, detached_at + ISO + timing.within(5))
-        # Not before: the standby's last reply came at most its status interval (1 s in
-        # the lab) and one poll before it left.
-        assert refused_at is not None and refused_at >= detached_at + ISO - 1.0 - POLL - 0.25
+        window = standby_window(interval)
+        refused_at = await first_refusal(pg_pair, detached_at + window + timing.within(5))
+        # Not before: the standby's last reply came at most its status interval and one
+        # poll before it left.
+        assert refused_at is not None, "the guard never fenced once the standby left"
+        assert refused_at >= detached_at + window - interval - POLL - 0.25
+        settings = await it.client.get(KEYS.settings)  # what the leader waits out
+        assert settings is not None
+        assert published_window(Published.decode(settings.value).isolation_timeout, interval)
         await eventually(lambda: it.guard.self_fences == 1, within=5)
+        print(f"guard: standby left -> fenced in {refused_at - detached_at:.1f}s")
+
+
+# The primary's site cut off from everything: the store, and the standby's link (the
+# walsender stays "streaming" on stock for wal_sender_timeout, 60 s, but no reply comes).
+# How long that takes to count depends on the standby's reply interval: all four cells.
+@pytest.mark.parametrize(("pg_pair", "load"), CELLS, indirect=["pg_pair"])
+async def test_cut_from_the_store_and_the_standby_it_fences_within_the_standbys_window(
+    etcd: EtcdCluster, pg_pair: PgPair, load: str
+) -> None:
+    interval = reply_interval(pg_pair)
+    window = standby_window(interval)
+    async with (
+        FaultProxy(pg_pair.primary.port) as replication,
+        lab(etcd, pg_pair, proxied=True) as it,
+        write_load(pg_pair).running(load == LOADED) as writes,
+    ):
+        await asyncio.to_thread(pg_pair.repoint_standby, replication.port)
+        # What the leader reads: the guard waits out the standby's window, and says so.
+        settings = await it.client.get(KEYS.settings)
+        assert settings is not None
+        assert published_window(Published.decode(settings.value).isolation_timeout, interval)
+        await asyncio.sleep(1.0)
+        replication.set_mode(BLACKHOLE)
+        cut_at = it.cut()
+        refused_at = await first_refusal(pg_pair, cut_at + window + timing.within(5))
+        assert refused_at is not None, "the isolated guard never fenced"
+        took = refused_at - cut_at
+        print(f"guard ({pg_pair.profile}, {load}): site cut -> fenced in {took:.1f}s")
+        # Not before: its last renewal was at most ttl/3 before the cut, the standby's
+        # last reply at most its interval (and a poll) before.
+        assert took >= max(ISO - TTL / 3, window - interval - POLL) - 0.25, took
+        await eventually(lambda: it.guard.self_fences == 1, within=5)
+        assert it.log.named("guard fenced its database: isolated")[0]["silent_for"] >= ISO
+        if load == LOADED:
+            assert len(writes.acked) > 10, "the load barely ran"
 
 
 async def test_replication_from_another_address_than_the_standbys_is_no_sign_of_life(
@@ -365,7 +466,13 @@ async def test_a_dead_guard_clears_the_leader_only_after_its_key_was_gone_the_ti
         await order_fence(it.client, PREFIX, token, "f1")  # nobody will ack it
         clearance = asyncio.create_task(
             guard_clearance(
-                it.client, PREFIX, token, "f1", ISO, time.monotonic, timing.within(TTL + ISO + 5)
+                it.client,
+                PREFIX,
+                token,
+                "f1",
+                ISO,
+                time.monotonic,
+                timing.within(TTL + standby_window(reply_interval(pg_pair)) + 5),
             )
         )
         while await it.alive():
@@ -376,8 +483,14 @@ async def test_a_dead_guard_clears_the_leader_only_after_its_key_was_gone_the_ti
         verdict = await clearance
         cleared_at = time.monotonic()
         assert verdict.cleared and verdict.via == "expired", verdict.reason
-        assert cleared_at >= gone_at + ISO - 0.3
-        assert cleared_at <= gone_at + ISO + timing.within(1.5)
+        # The guard's own silence, as it published it: the standby's reply window, as
+        # that is longer than ISO (a standby streams from its primary).
+        settings = await it.client.get(KEYS.settings)
+        assert settings is not None
+        waited = Published.decode(settings.value).isolation_timeout
+        assert published_window(waited, reply_interval(pg_pair)) and waited > ISO
+        assert cleared_at >= gone_at + waited - 0.3
+        assert cleared_at <= gone_at + waited + timing.within(1.5)
         assert await writable(pg_pair)  # a dead guard fenced nothing
 
 
@@ -468,3 +581,29 @@ async def test_a_restarted_guard_keeps_the_down_promise_of_a_stale_order(
         refused_at = await first_refusal(pg_pair, back + timing.within(3))
         assert refused_at is not None and refused_at - back <= timing.within(2)
         await eventually(lambda: acked_fenced(it.client), within=3)
+
+
+# The rule itself (pure, no server): here beside the cells above that it explains.
+def test_a_standby_reply_counts_for_its_window_and_the_longest_gap_is_learned() -> None:
+    signs = SignsOfLife(start=0.0)
+    signs.standby_window = 15.0  # stock: 10 s replies, two polls, four reads
+    signs.standby_mark(100.0, polled_at=1.0)
+    signs.standby_mark(110.0, polled_at=11.0)  # a reply after the read sent at 1
+    assert signs.longest_gap == 0.0  # the run's first growth measures nothing
+    signs.standby_mark(110.0, polled_at=12.0)
+    signs.standby_mark(120.5, polled_at=21.0)  # proof at 12; a 10.5 s gap
+    assert signs.longest_gap == 10.5 and signs.source == "standby"
+    # The store is silent since the start: the standby's proof at 12 holds for 15 s.
+    assert not signs.isolated(26.9, ISO) and signs.isolated(27.0, ISO)
+    signs.standby_unread()  # a failed read keeps the mark: the next growth still proves
+    signs.standby_mark(130.0, polled_at=31.0)
+    assert signs.last == 21.0 and signs.longest_gap == 10.5  # no gap measured across it
+    signs.standby_mark(None, polled_at=32.0)  # gone: the next run starts afresh
+    signs.standby_mark(200.0, polled_at=40.0)
+    signs.standby_mark(260.0, polled_at=41.0)
+    assert signs.last == 40.0 and signs.longest_gap == 10.5
+    # Without a window the standby's proof counts for the timeout, as every sign.
+    plain = SignsOfLife(start=0.0)
+    plain.standby_mark(1.0, polled_at=5.0)
+    plain.standby_mark(2.0, polled_at=6.0)
+    assert not plain.isolated(7.9, ISO) and plain.isolated(8.0, ISO)

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_asyncio
 import yaml
 
 from tests.support import timing
+from tests.support.cluster import PG_TABLE, POSTGRES, PROFILES, Load, PgCluster
 from tests.support.daemon import DaemonProcess, lab_config
 from tests.support.etcd import EtcdCluster, etcd_cluster
 from tests.support.redis import _die_with_parent
@@ -36,6 +38,41 @@ from watchdogd.state.etcd_store import EtcdStore
 NAMES = ("dc1", "dc2", "dc3")
 PREFIX = "/watchdogd"
 CLUSTER = "orders"
+
+# Server profile x write load, as in the chaos matrix (tests/chaos/test_matrix.py): a
+# scenario that depends on how the replication link behaves runs on the servers'
+# shipped defaults (``stock``) as well as on the docs' settings (``tuned``), idle and
+# under load. ``pg_pair`` takes the profile by indirect parametrization, e.g.
+# ``@pytest.mark.parametrize(("pg_pair", "load"), CELLS, indirect=["pg_pair"])``;
+# ids read ``[stock-idle]``.
+IDLE, LOADED = "idle", "load"
+CELLS = [
+    pytest.param(profile, load, id=f"{profile}-{load}")
+    for profile in PROFILES
+    for load in (IDLE, LOADED)
+]
+
+
+def cells(*ids: str) -> list[Any]:
+    """The CELLS named ``ids`` (e.g. ``"stock-idle"``), in that order."""
+    by_id = {c.id: c for c in CELLS}
+    return [by_id[i] for i in ids]
+
+
+def write_load(pair: PgPair) -> Load:
+    """The chaos matrix's steady write load (tests/support/cluster.py ``Load``: a small
+    insert every 75 ms, each bounded) on ``pair``'s primary; ``running(enabled)`` runs
+    it. Never closes the pair (the pair's fixture does)."""
+    pair.primary.execute(f"CREATE TABLE IF NOT EXISTS {PG_TABLE} (note text PRIMARY KEY)")
+    return Load(PgCluster(engine=POSTGRES, profile=pair.profile, pair=pair))
+
+
+def reply_interval(pair: PgPair) -> float:
+    """The standby's ``wal_receiver_status_interval`` in seconds (10 on ``stock``, 1 on
+    ``tuned``): how often an idle standby replies, read from the standby."""
+    raw = pair.standby.execute("SELECT setting FROM pg_settings "
+                               "WHERE name = 'wal_receiver_status_interval'")  # fmt: skip
+    return float(raw)
 
 
 def fleet_config(

@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.support import need, timing
-from watchdogd.demo.lab import SERVICE_USER, PgPair, PgServer, find_pg_bin, make_template
+from watchdogd.demo.lab import (
+    SERVICE_USER,
+    TUNED,
+    PgPair,
+    PgServer,
+    find_pg_bin,
+    make_template,
+)
 
 SECRET = "s3cret-lab-password"  # the lab's PASSWORD_ROLE logs in with this
 
@@ -44,9 +51,15 @@ def pg_template(config: pytest.Config) -> Path:
 @pytest.fixture
 def pg_pair(request: pytest.FixtureRequest) -> Iterator[PgPair]:
     """A primary and a standby streaming from it; killed and removed afterwards.
-    The ``watchdogd`` role logs in over TCP with ``SECRET`` (everyone else: trust)."""
+    The ``watchdogd`` role logs in over TCP with ``SECRET`` (everyone else: trust).
+    On the lab's ``tuned`` profile, unless a test picks one by indirect
+    parametrization: ``@pytest.mark.parametrize("pg_pair", [STOCK], indirect=True)``
+    (also through a fixture built on it, such as ``fleet_rig``)."""
     bin_dir = require_pg_bin()
-    pair = PgPair.create(bin_dir=bin_dir, password=SECRET, template=pg_template(request.config))
+    profile = getattr(request, "param", TUNED)
+    pair = PgPair.create(
+        bin_dir=bin_dir, password=SECRET, template=pg_template(request.config), profile=profile
+    )
     try:
         yield pair
     finally:
