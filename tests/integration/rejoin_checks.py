@@ -16,6 +16,7 @@ import pytest
 
 from tests.support import timing
 from tests.support.cluster import Cluster, Load, MariaCluster, PgCluster, RedisCluster
+from tests.support.pg import eventually
 from watchdogd import config, engines
 from watchdogd.actions import StepContext
 from watchdogd.core.model import Config
@@ -215,6 +216,12 @@ async def verified_while_steadily_behind(
     load = Load(f.cluster, every=LOAD_EVERY, tag="delayed")
     async with load.running():
         await asyncio.sleep(LOAD_WARMUP + behind)  # the replica now lags, steadily
+        # Start right after the writer's next acknowledged write: the position the
+        # verification reads is then that fresh, and the replica reaches it only
+        # ``behind`` later (a writer starved on a loaded machine may have written
+        # nothing for a second, leaving a target the replica had already applied).
+        acked = len(load.acked)
+        await eventually(lambda: len(load.acked) > acked, within=10, interval=0.005)
         started = time.monotonic()
         detail = await f.verify()
         took = time.monotonic() - started

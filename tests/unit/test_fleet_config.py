@@ -219,6 +219,11 @@ def test_with_a_guard_every_failover_plan_waits_for_it_before_the_promotion() ->
         assert names.index(GUARD_STEP) + 1 == names.index("promote_standby"), names
         # The switchover's own fence and catch-up wait fit the authority too.
         assert all(s.timeout <= step_room(cfg.store.etcd) for s in plan.steps), plan.steps
+    # A short isolation_timeout: the guard beside an idle standby on stock settings
+    # waits its reply window (15 s) instead, and publishes it; the attempts cover it.
+    short = guard_step(config.parse({**fleet(), "guard": {"isolation_timeout": "3s"}}))
+    assert short is not None
+    assert short.retries * (short.timeout + short.retry_delay) >= 15.0 + 2 * timing.ttl
     assert guard_step(config.parse(fleet())) is None  # no guard: section
     assert guard_step(config.parse({**raw(), "guard": {"isolation_timeout": "20s"}})) is None
 
