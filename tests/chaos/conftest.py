@@ -86,6 +86,13 @@ async def cluster(
 # start the long ones first under pytest-xdist.
 _LONG_ON_STOCK = {"test_hang": 65, "test_standby_link_cut": 75, "test_isolated_primary": 67}
 _LONG = {"test_flapping_primary_never_fails_over": 62.0}
+# The fleet's and the guard's stock/tuned cells (parametrized on pg_pair, not engine):
+# about 30 s each on stock, where an idle standby replies every 10 s.
+_LONG |= {
+    "test_cut_from_the_store_with_the_standby_streaming_it_does_not_fence": 30.0,
+    "test_cut_from_the_store_and_the_standby_it_fences_within_the_standbys_window": 20.0,
+    "test_a_watcher_cut_from_the_primary_fails_nothing_over": 20.0,
+}
 
 
 def _cost(item: pytest.Item) -> float:
