@@ -32,6 +32,7 @@ from watchdogd.core.model import (
     FailoverConfig,
     GuardConfig,
     LogConfig,
+    MaintenanceCheck,
     MetricsConfig,
     NodeConfig,
     ProbeConfig,
@@ -479,10 +480,17 @@ def _node(
         ):
             a.error(f"expected HTTP status codes, got {statuses!r}", "expect_status")
             statuses = []
+        maintenance = None
+        if (m := a.section("maintenance")) is not None:
+            # contains: the text the page shows in maintenance (never empty: str() says)
+            url, contains = _url(m, "url"), m.str("contains")
+            maintenance = MaintenanceCheck(url=url, contains=contains or "")
+            m.finish()
         app = AppConfig(
             health_url=_url(a, "health_url"),
             expect_status=tuple(statuses),
             headers=a.str_map("headers"),
+            maintenance=maintenance,
         )
         a.finish()
     db = None

@@ -31,6 +31,7 @@ STANDBY_DATABASE = "standby_database"
 REPLICATION = "replication"
 LAG = "lag"
 STANDBY_APP = "standby_app"
+STANDBY_MAINTENANCE = "standby_app_maintenance"
 ARMED = "armed"
 NOT_CHECKED = "not checked yet"
 
@@ -199,6 +200,29 @@ def settings_check(node: str, advice: Sequence[str] | None, error: str | None = 
     return Check(name, True, "no setting slows detection", WARNING)
 
 
+def maintenance_check(
+    node: NodeConfig, status: int | None, body: str | None, error: str | None = None
+) -> Check:
+    """Whether the standby ``node``'s app is in maintenance, as its ``maintenance`` page
+    said (``status`` and the start of ``body``; ``error``: it gave no answer). A
+    warning: a failover works either way, but an app out of maintenance beside a
+    read-only standby is serving users it cannot serve, and the runbook's step that
+    takes it out of maintenance would not be what brings it up."""
+    assert node.app is not None and node.app.maintenance is not None
+    m = node.app.maintenance
+    if error is not None:
+        return Check(STANDBY_MAINTENANCE, False, f"{m.url} does not answer: {error}", WARNING)
+    if status is not None and 200 <= status < 300 and body is not None and m.contains in body:
+        return Check(STANDBY_MAINTENANCE, True, f"{node.name}'s app is in maintenance", WARNING)
+    return Check(
+        STANDBY_MAINTENANCE,
+        False,
+        f"{node.name}'s app is not in maintenance: {m.url} answered {status} without "
+        f"{m.contains!r} (the failover runbook expects to take it out of maintenance)",
+        WARNING,
+    )
+
+
 def pending(config: Config) -> list[Check]:
     """The expensive checks before their first run: unknown is not ready."""
     checks = [
@@ -206,6 +230,8 @@ def pending(config: Config) -> list[Check]:
         for kind, s in configured_steps(config)
     ]
     checks += [Check(settings_check_name(n.name), True, NOT_CHECKED, WARNING) for n in config.nodes]
+    if any(n.app is not None and n.app.maintenance is not None for n in config.nodes):
+        checks.append(Check(STANDBY_MAINTENANCE, True, NOT_CHECKED, WARNING))
     return checks
 
 

@@ -461,3 +461,35 @@ async def _get_state(lb: Haproxy) -> str:
     columns = next(line for line in lines if line.startswith("# "))[2:].split()
     row = dict(zip(columns, lines[2].split(), strict=False))
     return f"{row['srv_name']} {row['srv_op_state']} {row['srv_admin_state']}"
+
+
+async def test_the_standby_apps_maintenance_page_says_whether_it_is_in_maintenance(
+    pg_pair: PgPair, demo_apps: DemoApps, tmp_path: Path
+) -> None:
+    """``app.maintenance`` (issue 14: the standby app is in maintenance when the runbook
+    expects to take it out): a warning when it is not, or when its page does not
+    answer; no check for a node without it."""
+    from tests.support.daemon import lab_config
+    from watchdogd.daemon.readiness import maintenance_checks
+    from watchdogd.readiness import STANDBY_MAINTENANCE, WARNING
+
+    raw = lab_config(pg_pair, tmp_path)
+    page = f"{demo_apps.standby.url}/maintenance"
+    raw["standby"]["app"] = {
+        "health_url": f"{demo_apps.standby.url}/health",
+        "maintenance": {"url": page, "contains": '"maintenance": true'},
+    }
+    cfg = configmod.parse(raw)
+    (check,) = await maintenance_checks(cfg.standby)
+    assert check.name == STANDBY_MAINTENANCE and check.severity == WARNING
+    assert check.ok and check.detail == "failover's app is in maintenance", check.detail
+
+    demo_apps.standby.maintenance = False  # somebody took it out by hand
+    (check,) = await maintenance_checks(cfg.standby)
+    assert not check.ok
+    assert check.detail.startswith(f"failover's app is not in maintenance: {page} answered 200")
+
+    await demo_apps.standby.stop()
+    (check,) = await maintenance_checks(cfg.standby)
+    assert not check.ok and check.detail.startswith(f"{page} does not answer: "), check.detail
+    assert await maintenance_checks(cfg.primary) == []  # no maintenance page configured

@@ -322,3 +322,19 @@ def test_a_step_secret_with_braces_is_refused(monkeypatch: pytest.MonkeyPatch) -
     data = base()
     data["primary"]["database"]["dsn"] = "postgresql://postgres:${BRACE_T}@127.0.0.1:5432/x"
     assert "p{w}d-s3cret" in config.parse(data).primary.database.dsn
+
+
+def test_an_apps_maintenance_page_needs_a_url_and_the_text_it_shows() -> None:
+    data = base()
+    data["standby"]["app"] = {
+        "health_url": "http://10.0.1.5/health",
+        "maintenance": {"url": "http://10.0.1.5/maintenance", "contains": "down for maintenance"},
+    }
+    cfg = config.parse(data)
+    assert cfg.standby.app is not None and cfg.standby.app.maintenance is not None
+    assert cfg.standby.app.maintenance.contains == "down for maintenance"
+    data["standby"]["app"]["maintenance"] = {"url": "10.0.1.5/maintenance", "contains": ""}
+    assert problems(data) == [
+        "standby.app.maintenance.url: expected an http(s) URL, got '10.0.1.5/maintenance'",
+        "standby.app.maintenance.contains: must not be empty",
+    ]

@@ -23,10 +23,22 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class MaintenanceCheck:
+    """How to see that an app is in maintenance: ``url`` answers 2xx with ``contains``
+    in its body (the way a string-matching HTTP health check reads a page)."""
+
+    url: str
+    contains: str
+
+
+@dataclass(frozen=True)
 class AppConfig:
     health_url: str
     expect_status: tuple[int, ...] = ()  # empty: any 2xx
     headers: Mapping[str, str] = field(default_factory=dict)
+    # Set: while this node is the standby, readiness checks that its app is in
+    # maintenance (the runbook takes it out at failover).
+    maintenance: MaintenanceCheck | None = None
 
 
 @dataclass(frozen=True)

@@ -83,9 +83,34 @@ async def settings_checks(config: Config, engines: Mapping[str, Engine]) -> list
     return list(await asyncio.gather(*(one(n) for n in config.nodes)))
 
 
+async def maintenance_checks(standby: NodeConfig) -> list[Check]:
+    """The standby's app is in maintenance (when its ``app.maintenance`` says how to
+    tell): one GET, bounded; at most 64 KiB of the page is read."""
+    app = standby.app
+    if app is None or app.maintenance is None:
+        return []
+    import aiohttp  # only a standby app with a maintenance page loads the HTTP client
+
+    try:
+        async with (
+            asyncio.timeout(CHECK_TIMEOUT),
+            aiohttp.ClientSession() as session,
+            session.get(app.maintenance.url, headers=dict(app.headers)) as resp,
+        ):
+            body = (await resp.content.read(65536)).decode(errors="replace")
+            return [readiness.maintenance_check(standby, resp.status, body)]
+    except TimeoutError:
+        error = f"no answer within {CHECK_TIMEOUT:g}s"
+    except (aiohttp.ClientError, OSError) as exc:
+        error = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return [readiness.maintenance_check(standby, None, None, error)]
+
+
 async def expensive_checks(ctx: StepContext, engines: Mapping[str, Engine]) -> list[Check]:
-    steps, settings = await asyncio.gather(step_checks(ctx), settings_checks(ctx.config, engines))
-    return steps + settings
+    steps, settings, maintenance = await asyncio.gather(
+        step_checks(ctx), settings_checks(ctx.config, engines), maintenance_checks(ctx.standby)
+    )
+    return steps + settings + maintenance
 
 
 class ReadinessRunner:
