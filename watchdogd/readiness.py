@@ -16,9 +16,11 @@ but never does.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from watchdogd.core.model import Config, NodeConfig, StepConfig
 from watchdogd.core.units import format_bytes, format_duration
@@ -210,17 +212,30 @@ def maintenance_check(
     takes it out of maintenance would not be what brings it up."""
     assert node.app is not None and node.app.maintenance is not None
     m = node.app.maintenance
+    page = _shown_url(m.url)
     if error is not None:
-        return Check(STANDBY_MAINTENANCE, False, f"{m.url} does not answer: {error}", WARNING)
-    if status is not None and 200 <= status < 300 and body is not None and m.contains in body:
+        return Check(STANDBY_MAINTENANCE, False, f"{page} does not answer: {error}", WARNING)
+    # Any status: a maintenance page is often served as 503.
+    if body is not None and m.contains in body:
         return Check(STANDBY_MAINTENANCE, True, f"{node.name}'s app is in maintenance", WARNING)
     return Check(
         STANDBY_MAINTENANCE,
         False,
-        f"{node.name}'s app is not in maintenance: {m.url} answered {status} without "
+        f"{node.name}'s app is not in maintenance: {page} answered {status} without "
         f"{m.contains!r} (the failover runbook expects to take it out of maintenance)",
         WARNING,
     )
+
+
+def _shown_url(url: str) -> str:
+    """``url`` without userinfo or query (either may carry a credential)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    with contextlib.suppress(ValueError):  # a port that is not one: left out
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def pending(config: Config) -> list[Check]:

@@ -290,3 +290,22 @@ def test_watchdogctl_status_keeps_the_list_short() -> None:
     assert "ready    NO (9 failing)" in rows
     assert [r for r in rows if r.startswith("step:")] == [f"step:s{i}: refused" for i in range(6)]
     assert rows[-1] == "... and 3 more (--json shows all)"
+
+
+def test_a_maintenance_page_counts_by_its_text_and_its_url_is_shown_without_credentials() -> None:
+    from watchdogd.core.model import MaintenanceCheck
+
+    page = MaintenanceCheck("https://ops:s3cret@10.0.1.5:8443/maint?token=abc", "Down for maint")
+    node = NodeConfig(
+        name="failover",
+        database=DB,
+        app=AppConfig(health_url="http://10.0.1.5/health", maintenance=page),
+    )
+    # A maintenance page served as 503 is still in maintenance.
+    assert readiness.maintenance_check(node, 503, "<h1>Down for maintenance</h1>").ok
+    out = readiness.maintenance_check(node, 200, "<h1>Welcome</h1>")
+    assert not out.ok and out.severity == readiness.WARNING
+    assert "https://10.0.1.5:8443/maint answered 200 without 'Down for maint'" in out.detail
+    gone = readiness.maintenance_check(node, None, None, "connection refused")
+    assert gone.detail == "https://10.0.1.5:8443/maint does not answer: connection refused"
+    assert "s3cret" not in out.detail + gone.detail and "abc" not in out.detail + gone.detail

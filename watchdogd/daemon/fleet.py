@@ -288,12 +288,16 @@ class Fleet:
 
     @property
     def leading(self) -> bool:
-        """Holds the leader key AND may act on it (authority left): what status and the
-        ``watchdogd_is_leader`` gauge say. A watcher cut off from the store keeps its
-        token until an explicit compare failure, but past its deadline it leads
-        nothing: reporting it as leader then showed two leaders beside the new one and
-        kept WatchdogdNoFleetLeader from firing while no watcher could act."""
-        return self.is_leader and self.authority_left() > 0
+        """Holds the leader key with its lease's time left (the deadline not passed):
+        what status and the ``watchdogd_is_leader`` gauge say. A watcher cut off from
+        the store keeps its token until an explicit compare failure, but past its
+        deadline it leads nothing: reporting it as leader then showed two leaders beside
+        the new one and kept WatchdogdNoFleetLeader from firing while no watcher could
+        act."""
+        # Not authority_left(), which is 0 until the journal is read: a leader still
+        # reading it, or facing a damaged one, holds the key with time left and is the
+        # only one that may act once it can (status says why it does not yet).
+        return self.is_leader and self.deadline is not None and self.deadline > self.d.clock()
 
     def authority_left(self) -> float:
         """Seconds this watcher may still act as the leader (0 when it may not)."""

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # The checks that touch other systems: how often, and how long each may take.
 EXPENSIVE_INTERVAL = 60.0
 CHECK_TIMEOUT = 5.0
+MAINTENANCE_PAGE_MAX = 64 * 1024
 
 
 def context(config: Config, primary: NodeConfig, standby: NodeConfig, engines: Any) -> StepContext:
@@ -85,23 +86,30 @@ async def settings_checks(config: Config, engines: Mapping[str, Engine]) -> list
 
 async def maintenance_checks(standby: NodeConfig) -> list[Check]:
     """The standby's app is in maintenance (when its ``app.maintenance`` says how to
-    tell): one GET, bounded; at most 64 KiB of the page is read."""
+    tell): one GET, bounded, not redirected (its headers go to that host only), a page
+    of at most 64 KiB read whole."""
     app = standby.app
     if app is None or app.maintenance is None:
         return []
     import aiohttp  # only a standby app with a maintenance page loads the HTTP client
 
+    from watchdogd.probes import BodyTooLarge, read_capped
+
     try:
         async with (
             asyncio.timeout(CHECK_TIMEOUT),
             aiohttp.ClientSession() as session,
-            session.get(app.maintenance.url, headers=dict(app.headers)) as resp,
+            session.get(
+                app.maintenance.url, headers=dict(app.headers), allow_redirects=False
+            ) as resp,
         ):
-            body = (await resp.content.read(65536)).decode(errors="replace")
+            body = (await read_capped(resp.content, MAINTENANCE_PAGE_MAX)).decode(errors="replace")
             return [readiness.maintenance_check(standby, resp.status, body)]
     except TimeoutError:
         error = f"no answer within {CHECK_TIMEOUT:g}s"
-    except (aiohttp.ClientError, OSError) as exc:
+    except BodyTooLarge as exc:
+        error = str(exc)
+    except Exception as exc:  # a bug or a hostile reply is this check's failure only
         error = " ".join(str(exc).split())[:200] or type(exc).__name__
     return [readiness.maintenance_check(standby, None, None, error)]
 
