@@ -8,11 +8,10 @@ import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import pytest
 
-from tests.support import timing
+from tests.support import timing, wait_stopped
 from watchdogd.engines import DbStatus, Engine, EngineError
 
 
@@ -32,25 +31,6 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s; last: {status}")
         await asyncio.sleep(interval)
-
-
-def wait_stopped(pid: int, within: float = 5.0) -> None:
-    """Until every thread of ``pid`` is stopped: kill() returns before a thread running
-    on another core has stopped, and such a thread can still answer a query sent at
-    once (seen on a loaded two-core CI machine)."""
-    deadline = time.monotonic() + within
-    while True:
-        states = []
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                stat = (task / "stat").read_text()
-            except FileNotFoundError:  # a thread that just ended
-                continue
-            states.append(stat[stat.rindex(")") + 2])
-        if states and all(state in "tT" for state in states):
-            return
-        assert time.monotonic() < deadline, f"pid {pid} not stopped after {within}s: {states}"
-        time.sleep(0.005)
 
 
 async def check_bounded_when_sigstopped(

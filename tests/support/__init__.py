@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -118,3 +119,22 @@ async def aretry_if_port_taken(start: Callable[[], Awaitable[T]], tries: int = P
             if attempt == tries or not port_taken(exc):
                 raise
     raise AssertionError("unreachable")
+
+
+def wait_stopped(pid: int, within: float = 5.0) -> None:
+    """Until every thread of ``pid`` is stopped: kill() returns before a thread running
+    on another core has stopped, and such a thread can still answer a query sent at
+    once (seen on a loaded two-core CI machine)."""
+    deadline = time.monotonic() + within
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except FileNotFoundError:  # a thread that just ended
+                continue
+            states.append(stat[stat.rindex(")") + 2])
+        if states and all(state in "tT" for state in states):
+            return
+        assert time.monotonic() < deadline, f"pid {pid} not stopped after {within}s: {states}"
+        time.sleep(0.005)

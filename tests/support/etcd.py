@@ -46,7 +46,15 @@ from typing import Any
 
 import pytest
 
-from tests.support import bound_socket, need, port_of, retry_if_port_taken, timing, which
+from tests.support import (
+    bound_socket,
+    need,
+    port_of,
+    retry_if_port_taken,
+    timing,
+    wait_stopped,
+    which,
+)
 from tests.support.redis import _die_with_parent
 
 START_TIMEOUT = 20.0
@@ -102,11 +110,7 @@ class EtcdMember:
         that acts at once must not race a thread still finishing its work."""
         self.process.send_signal(signal.SIGSTOP)
         self.stopped = True
-        deadline = time.monotonic() + 5.0
-        while not _all_threads_stopped(self.process.pid):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: not every thread stopped after SIGSTOP")
-            time.sleep(0.005)
+        wait_stopped(self.process.pid)
 
     def sigcont(self) -> None:
         if self.process.poll() is None:
@@ -118,24 +122,6 @@ class EtcdMember:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=10)
-
-
-def _all_threads_stopped(pid: int) -> bool:
-    """Every thread of ``pid`` is in state T (stopped) per /proc (gone: also true)."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return True
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                # "pid (comm) S ...": the state follows the last ')' (comm may hold any).
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, IndexError):
-            continue
-        if state not in ("T", "t"):
-            return False
-    return True
 
 
 @dataclass
