@@ -75,6 +75,7 @@ from watchdogd.state.etcd import (
     endpoints_of,
 )
 from watchdogd.state.guard_keys import (
+    DEFAULT_REPLY_INTERVAL,
     Ack,
     Alive,
     GuardKeys,
@@ -82,14 +83,13 @@ from watchdogd.state.guard_keys import (
     Published,
     order_verdict,
     read_snapshot,
+    reply_window,
 )
+from watchdogd.state.guard_keys import GUARD_DB_TIMEOUT as DB_TIMEOUT
+from watchdogd.state.guard_keys import GUARD_POLL_DEFAULT as DEFAULT_POLL
 from watchdogd.state.store import StoreUnavailable
 
-DEFAULT_POLL = 0.5
-DB_TIMEOUT = 1.0
 DOWN_POLL = 0.1  # how often a database answered "down" is tried again
-# An idle PostgreSQL standby replies every wal_receiver_status_interval: 10 s unless set.
-DEFAULT_REPLY_INTERVAL = 10.0
 _DEFAULT_PORTS = {"postgres": 5432, "mysql": 3306, "redis": 6379}
 _READ_ONLY_LINE = "default_transaction_read_only = 'on'"
 # Errors saying an address does not exist on this host (not a listener, not a hang).
@@ -598,7 +598,7 @@ class Guard:
         if not self.standby_addresses or not hasattr(self.engine, "standby_reply_mark"):
             return None
         interval = max(self.reply_interval or DEFAULT_REPLY_INTERVAL, self.signs.longest_gap)
-        return interval + 2 * self.settings.poll + 4 * DB_TIMEOUT
+        return reply_window(interval, self.settings.poll)
 
     async def _reply_interval(self) -> float | None:
         """The standby's reply interval as this server's ``wal_receiver_status_interval``

@@ -35,10 +35,11 @@ from tests.support.redis import _die_with_parent
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.demo.lab import PgPair
 from watchdogd.engines.postgres import PostgresEngine
-from watchdogd.guard import DB_TIMEOUT, Guard, GuardSettings, SignsOfLife
+from watchdogd.guard import Guard, GuardSettings, SignsOfLife
 from watchdogd.state.etcd import EtcdClient
 from watchdogd.state.etcd_store import EtcdStore
 from watchdogd.state.guard_keys import (
+    GUARD_DB_TIMEOUT,
     Ack,
     GuardKeys,
     Order,
@@ -69,7 +70,7 @@ def standby_window(interval: float) -> float:
     """How long after the standby's last reply the guard may count it gone: its
     isolation timeout, or the standby's reply interval (``interval``, the lab's servers
     share it) plus two polls and four reads, when longer (docs/fleet.md)."""
-    return max(ISO, interval + 2 * POLL + 4 * DB_TIMEOUT)
+    return max(ISO, interval + 2 * POLL + 4 * GUARD_DB_TIMEOUT)
 
 
 class RecordingLog:

@@ -65,12 +65,6 @@ class StoreWriteError(JournalError):
 
 
 GUARD_POLL = 0.25  # a linearizable read of the guard's keys, well below the lease ttl
-# A guard may wait longer than its isolation_timeout: it counts the standby's last reply
-# for its reply window (watchdogd.guard standby_window), 15 s beside an idle standby on
-# PostgreSQL's default wal_receiver_status_interval (10 s) with the default poll, and it
-# publishes the longer wait, which the leader's rule waits out. The step's attempts
-# cover at least that much, so a short isolation_timeout does not run out of them.
-GUARD_WAIT_AT_LEAST = 15.0
 
 
 def guard_step(cfg: Config) -> StepConfig | None:
@@ -81,10 +75,16 @@ def guard_step(cfg: Config) -> StepConfig | None:
     notice and fence) and a little more."""
     if cfg.store is None or cfg.guard is None:
         return None
+    from watchdogd.state.guard_keys import STOCK_REPLY_WINDOW
+
     timing = fleet_timing(cfg.store.etcd)
     attempt = max(0.5, min(5.0, step_room(cfg.store.etcd) - 0.5))
     delay = GUARD_POLL
-    silence = max(cfg.guard.isolation_timeout, GUARD_WAIT_AT_LEAST)
+    # A guard may wait longer than its isolation_timeout: it counts the standby's last
+    # reply for its reply window and publishes the longer wait, which the leader's rule
+    # waits out. The attempts cover at least the stock window, so a short
+    # isolation_timeout does not run out of them.
+    silence = max(cfg.guard.isolation_timeout, STOCK_REPLY_WINDOW)
     needed = silence + 2 * timing.ttl + timing.budget
     retries = math.ceil(needed / (attempt + delay)) + 1
     return StepConfig(

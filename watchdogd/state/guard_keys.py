@@ -288,6 +288,22 @@ async def read_snapshot(client: EtcdClient, prefix: str) -> GuardSnapshot:
 
 # --------------------------------------------------------------------------- the guard's rule
 
+GUARD_POLL_DEFAULT = 0.5  # the guard's poll (guard.poll)
+GUARD_DB_TIMEOUT = 1.0  # each read of its database
+# An idle PostgreSQL standby replies every wal_receiver_status_interval: 10 s unless set.
+DEFAULT_REPLY_INTERVAL = 10.0
+
+
+def reply_window(interval: float, poll: float) -> float:
+    """How long after the standby's last reply the guard still counts it as alive: its
+    reply ``interval`` plus two polls and four reads (watchdogd.guard standby_window)."""
+    return interval + 2 * poll + 4 * GUARD_DB_TIMEOUT
+
+
+# The window beside an idle standby on stock settings with the default poll (15 s): the
+# least a leader's guard_fence step covers, however short the isolation_timeout.
+STOCK_REPLY_WINDOW = reply_window(DEFAULT_REPLY_INTERVAL, GUARD_POLL_DEFAULT)
+
 
 def order_verdict(snapshot: GuardSnapshot, node: str | None = None) -> tuple[Order | None, str]:
     """The order the guard must carry out now, or None and why not.
