@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -226,7 +227,10 @@ def parse(data: Any, source: str | None = None) -> Config:
         _ballots_live(root, store, probe)
     guard = None
     if (g := root.section("guard")) is not None:
-        guard = GuardConfig(isolation_timeout=g.duration("isolation_timeout", 20.0, minimum=1.0))
+        guard = GuardConfig(
+            isolation_timeout=g.duration("isolation_timeout", 20.0, minimum=1.0),
+            watchers=_guard_watchers(g, store),
+        )
         g.finish()
     _guard_fits(root, failover, guard is not None)
 
@@ -301,6 +305,51 @@ def fleet_timing(etcd: EtcdConfig) -> FleetTiming:
 def _hostname() -> str:
     name = socket.gethostname().split(".")[0]
     return name if re.fullmatch(r"[A-Za-z0-9_.-]+", name or "") else "local"
+
+
+def _guard_watchers(g: Section, store: StoreConfig | None) -> tuple[tuple[str, str], ...]:
+    """``guard.watchers``: voter name -> the base URL of its metrics port. The guard
+    counts a strict majority of the voters vouching as a sign of life, so fewer listed
+    than that could never count: refused rather than silently useless."""
+    if not g.has("watchers"):
+        return ()
+    listed = g.str_map("watchers")
+    voters = store.voters if store is not None else ()
+    found: list[tuple[str, str]] = []
+    for name, url in listed.items():
+        where = f"watchers.{name}"
+        if name not in voters:
+            g.error(f"{name!r} is not one of store.voters ({', '.join(voters) or 'none'})", where)
+            continue
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            parts, port = None, None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or port is None
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username is not None
+        ):
+            g.error(
+                f"expected the watcher's metrics address like http://10.0.0.5:9187, got {url!r}",
+                where,
+            )
+            continue
+        found.append((name, url.rstrip("/")))
+    needed = len(voters) // 2 + 1
+    if listed and voters and len(listed) < needed:
+        g.error(
+            f"lists {len(listed)} of {len(voters)} voters: a strict majority ({needed}) must "
+            "vouch, so list at least that many",
+            "watchers",
+        )
+    return tuple(found)
 
 
 def _store(root: Section, instance: str) -> StoreConfig | None:

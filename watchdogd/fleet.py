@@ -35,9 +35,13 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from watchdogd.core.model import Config
+from watchdogd.detector import Status
 
 # The longest outage a view may report (about 31 years): a bigger number is not a time.
 MAX_OUTAGE = 10**9
+
+# Fields a view may leave out (a watcher of an earlier version does not send them).
+_OPTIONAL = frozenset({"vouch_age"})
 
 # Longest text quoted from a peer's value in an error: errors stay one line and short.
 _QUOTE = 60
@@ -60,6 +64,10 @@ class View:
     outage: float  # seconds its detector has seen the primary down
     standby_ok: bool | None  # the standby answers and replicates, by its probes
     config: str  # config_digest() of its config
+    # Seconds since this watcher last vouched for its primary to the guard (or since its
+    # process started, when it has not since: an earlier one may have). None: unknown
+    # (a watcher that does not say), so it never bounds the guard's last sign of life.
+    vouch_age: float | None = None
 
     def encode(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -74,7 +82,7 @@ class View:
         unknown = sorted(str(k) for k in data if k not in names)
         if unknown:
             raise ValueError(f"view: unknown field {_quote(unknown[0])}")
-        missing = [n for n in names if n not in data]
+        missing = [n for n in names if n not in data and n not in _OPTIONAL]
         if missing:
             raise ValueError(f"view: missing field {missing[0]!r}")
         for name in ("instance", "primary", "config"):
@@ -100,6 +108,15 @@ class View:
         ):
             raise ValueError(f"view: outage must be a number of seconds >= 0, not "
                              f"{_quote(outage)}")  # fmt: skip
+        vouch_age = data.get("vouch_age")
+        if vouch_age is not None and (
+            not isinstance(vouch_age, int | float)
+            or isinstance(vouch_age, bool)
+            or (isinstance(vouch_age, float) and not math.isfinite(vouch_age))
+            or not 0 <= vouch_age <= MAX_OUTAGE
+        ):
+            raise ValueError(f"view: vouch_age must be a number of seconds >= 0 or null, not "
+                             f"{_quote(vouch_age)}")  # fmt: skip
         return cls(
             instance=data["instance"],
             seq=seq,
@@ -109,6 +126,7 @@ class View:
             outage=float(outage),
             standby_ok=data["standby_ok"],
             config=data["config"],
+            vouch_age=None if vouch_age is None else float(vouch_age),
         )
 
 
@@ -229,6 +247,111 @@ def tally(
     )
 
 
+class Vouching:
+    """Whether this watcher vouches for its primary to the guard beside it (``GET
+    /vouch``): "I see your primary healthy, you are not cut off". A guard counts a
+    strict majority of voters vouching as a sign of life, so for the leader to know when
+    an isolated guard has fenced, every vouch must be bounded by what the watcher
+    published (``View.vouch_age``). Pure: every time is passed in.
+
+    - It vouches only while its last probe cycle (at most ``stale_after`` ago) found the
+      primary HEALTHY (no outage running, no stall), for the node it treats as primary.
+    - Once its verdict was DOWN it stops (**revoked**), and starts again only after a
+      later cycle found the primary healthy, published that view (the store took it)
+      and then read the fleet's journal with no failover unfinished (``confirm``). So a
+      watcher whose view said "down" never vouches again unseen: either its "up" view
+      reached the store before a failover started (and the leader reads it), or it sees
+      the failover and stays silent. A new process starts revoked (a restart forgets).
+    - ``last`` is when it last vouched, or the process's start (an earlier process may
+      have vouched until then): ``age`` goes into every view.
+    """
+
+    def __init__(self, start: float, stale_after: float) -> None:
+        self.last = start
+        self.stale_after = stale_after
+        self.revoked = True
+        self.why = "not yet confirmed through the store since this watcher started"
+        self._healthy = False
+        self._cycle_at: float | None = None
+        self._primary: str | None = None
+
+    def cycle(self, at: float, status: Status, primary: str) -> None:
+        """A probe cycle's verdict (before its view is built and published)."""
+        if self._primary is not None and primary != self._primary:
+            self.revoked, self.why = True, f"the primary changed to {primary}"
+        if status == Status.DOWN:
+            self.revoked, self.why = True, "this watcher saw the primary down"
+        self._healthy = status == Status.HEALTHY
+        self._cycle_at, self._primary = at, primary
+
+    def confirm(self, published_healthy: bool, failover_unfinished: bool) -> None:
+        """After this cycle's view was taken by the store, a read of the journal made
+        after it: ``failover_unfinished`` says whether it shows a failover not finished."""
+        if self.revoked and published_healthy and self._healthy and not failover_unfinished:
+            self.revoked, self.why = False, ""
+
+    def ask(self, node: str, now: float) -> tuple[bool, str]:
+        """Does it vouch for ``node`` now; why not. A yes is recorded as the last vouch."""
+        if self._primary is None or self._cycle_at is None:
+            return False, "not probed yet"
+        if node != self._primary:
+            return False, f"{node} is not the primary here ({self._primary} is)"
+        if self.revoked:
+            return False, f"not vouching: {self.why}"
+        if not self._healthy:
+            return False, f"the primary {node} is not healthy as seen from here"
+        if now - self._cycle_at > self.stale_after:
+            return False, f"the last probe cycle was {now - self._cycle_at:.1f}s ago"
+        self.last = max(self.last, now)
+        return True, f"the primary {node} is healthy as seen from here"
+
+    def age(self, now: float) -> float:
+        return round(max(0.0, now - self.last), 3)
+
+
+def vouch_end(
+    views: Mapping[str, View],
+    seen_at: Mapping[str, float],
+    freshness: Freshness,
+    voters: Sequence[str],
+    now: float,
+    primary: str,
+) -> tuple[float | None, str]:
+    """The latest time (the leader's clock) at which a strict majority of the voters
+    may have vouched for ``primary`` to its guard, or None and why it cannot be told.
+
+    A voter is known silent since ``seen_at - vouch_age`` when its view is fresh, says
+    the primary down and names a ``vouch_age`` (``seen_at``: the leader's read that
+    first showed that view, no earlier than its publish). It vouches no more after
+    that (``Vouching``: a "down" view revokes it until a later healthy view reached the
+    store). A majority vouching needs one of any ``n - majority + 1`` voters, so once
+    that many are silent, no majority vouched: the bound is the
+    ``(n - majority + 1)``-th earliest silence."""
+    configured = tuple(dict.fromkeys(voters))
+    silent_needed = len(configured) - (len(configured) // 2 + 1) + 1
+    ends: list[float] = []
+    for name in configured:
+        view = views.get(name)
+        if (
+            view is None
+            or view.instance != name
+            or not freshness.fresh(name, now)
+            or not view.primary_down
+            or view.primary != primary
+            or view.vouch_age is None
+            or name not in seen_at
+        ):
+            continue
+        ends.append(seen_at[name] - view.vouch_age)
+    if len(ends) < silent_needed:
+        return None, (
+            f"{len(ends)} of {len(configured)} voters are known to have stopped vouching "
+            f"for {primary} ({silent_needed} needed)"
+        )
+    ends.sort()
+    return ends[silent_needed - 1], ""
+
+
 def authority_deadline(renewal_sent: float, ttl: float, margin: float) -> float:
     """When a leader's authority ends: the send time of its last acknowledged renewal
     (etcd renewed no earlier than that) plus the ttl, minus the safety margin."""
@@ -285,6 +408,9 @@ def config_digest(cfg: Config) -> str:
     }
     guard = getattr(cfg, "guard", None)  # a leader without it promotes unguarded
     if guard is not None:
-        relevant["guard"] = {"isolation_timeout": guard.isolation_timeout}
+        guarded: dict[str, Any] = {"isolation_timeout": guard.isolation_timeout}
+        if guard.watchers:  # whether the guard counts vouches changes the leader's wait
+            guarded["watchers"] = sorted(name for name, _ in guard.watchers)
+        relevant["guard"] = guarded
     text = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import math
 import os
 import socket
@@ -90,6 +91,7 @@ from watchdogd.state.guard_keys import GUARD_POLL_DEFAULT as DEFAULT_POLL
 from watchdogd.state.store import StoreUnavailable
 
 DOWN_POLL = 0.1  # how often a database answered "down" is tried again
+_VOUCH_MAX = 4096  # a watcher's vouch is a hundred bytes; more is not one
 _DEFAULT_PORTS = {"postgres": 5432, "mysql": 3306, "redis": 6379}
 _READ_ONLY_LINE = "default_transaction_read_only = 'on'"
 # Errors saying an address does not exist on this host (not a listener, not a hang).
@@ -126,6 +128,10 @@ class GuardSettings:
     # The other node's database host(s): only replication from there is the standby's
     # sign of life (resolved at start; none: no such sign, so the guard fences sooner).
     standby_hosts: tuple[str, ...] = ()
+    # (voter, base URL) of the watchers asked to vouch (guard.watchers), and how many
+    # voters the fleet has: a strict majority of them vouching is a sign of life.
+    watchers: tuple[tuple[str, str], ...] = ()
+    voters: int = 0
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -149,7 +155,16 @@ class GuardSettings:
             return "store.etcd: username and password go together"
         if (self.cert_file is None) != (self.key_file is None):
             return "store.etcd.tls: cert_file and key_file go together"
+        if self.watchers and len(self.watchers) < self.vouches_needed:
+            return (
+                f"guard.watchers: {len(self.watchers)} listed, but a strict majority of the "
+                f"{self.voters} voters ({self.vouches_needed}) must vouch"
+            )
         return None
+
+    @property
+    def vouches_needed(self) -> int:
+        return self.voters // 2 + 1
 
     @property
     def timeout(self) -> float:
@@ -216,6 +231,8 @@ def settings_from_config(cfg: Any, node: str) -> GuardSettings:
         username=getattr(etcd, "username", None),
         password=None if password is None else str(password),
         secrets=frozenset(getattr(cfg, "secrets", frozenset())),
+        watchers=tuple(getattr(guard, "watchers", ())),
+        voters=len(store.voters),
         standby_hosts=tuple(
             host
             for name, other in nodes.items()
@@ -248,7 +265,9 @@ class SignsOfLife:
     """When the guard last had proof it is not cut off (monotonic seconds).
 
     ``store_renewed(sent_at)``: an acknowledged lease renewal (or grant), counted from
-    the time its request was sent (etcd renewed it no earlier). ``standby_mark(mark,
+    the time its request was sent (etcd renewed it no earlier). ``vouched(sent_at)``: a
+    strict majority of the voters vouched for the primary (``guard.watchers``), asked
+    at ``sent_at``. ``standby_mark(mark,
     polled_at)``: one read of the standby's reply mark (None: no standby streams); a
     mark larger than the previous read's proves a reply arrived after that read was
     sent, so the previous read's send time counts. ``standby_unread()``: a read that
@@ -284,6 +303,12 @@ class SignsOfLife:
     def store_renewed(self, sent_at: float) -> None:
         self._other = max(self._other, sent_at)
         self._saw(sent_at, "store")
+
+    def vouched(self, sent_at: float) -> None:
+        """A strict majority of the voters vouched for the primary, each asked no earlier
+        than ``sent_at`` (counted from then, as a renewal is)."""
+        self._other = max(self._other, sent_at)
+        self._saw(sent_at, "watchers")
 
     def standby_mark(self, mark: float | None, polled_at: float) -> None:
         previous, previous_at = self._mark, self._mark_polled
@@ -486,6 +511,10 @@ class Guard:
         self.acks: list[Ack] = []  # acks written, in order (status and tests)
         self._key_written = False
         self._published: float | None = None  # the isolation_timeout in guard/settings
+        # guard/settings says this guard counts vouches: only then may it count them (a
+        # leader reading it waits for the watchers' silence too).
+        self.vouches_count = False
+        self.vouching: tuple[str, ...] = ()  # the watchers that vouched in the last round
         self.reply_interval: float | None = None  # the standby's, as its server says (start)
         self._store_down: str | None = None
         self._ignored: set[tuple[int, str]] = set()
@@ -526,6 +555,8 @@ class Guard:
             tasks.create_task(self._follow_orders())
             tasks.create_task(self._watch_isolation())
             tasks.create_task(self._keep_promise())
+            if self.settings.watchers:
+                tasks.create_task(self._ask_watchers())
         raise AssertionError("the guard's loops never end")  # pragma: no cover
 
     # ----------------------------------------------------------------- the lease
@@ -574,8 +605,9 @@ class Guard:
         effective = max(self.settings.isolation_timeout, window or 0.0)
         if self._published == effective:
             return
-        mine = Published(self.settings.node, effective)
+        mine = Published(self.settings.node, effective, vouching=bool(self.settings.watchers))
         await self.client.put(self.keys.settings, mine.encode())
+        self.vouches_count = mine.vouching
         if self._published is not None:
             self.log.warning(
                 "guard: the standby replies further apart than it knew; it waits longer",
@@ -798,6 +830,65 @@ class Guard:
         if status.writable:
             return False, f"{done}; yet it still accepts writes ({status.detail})"
         return True, f"{done}; verified: {status.detail}"
+
+    # ----------------------------------------------------------------- vouches
+
+    async def _ask_watchers(self) -> NoReturn:
+        """Every poll, ask each watcher of ``guard.watchers`` whether it vouches for this
+        node (``GET <url>/vouch``, bounded by one database read's time); a strict
+        majority of the voters saying yes is a sign of life, counted from when they were
+        asked. Counted only once ``guard/settings`` says so (``vouches_count``)."""
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=DB_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                sent = self.clock()
+                answers = await asyncio.gather(
+                    *(self._vouches(session, name, url) for name, url in self.settings.watchers)
+                )
+                yes = tuple(
+                    name
+                    for (name, _), ok in zip(self.settings.watchers, answers, strict=True)
+                    if ok
+                )
+                counted = self.vouches_count and len(yes) >= self.settings.vouches_needed
+                if counted:
+                    self.signs.vouched(sent)
+                if yes != self.vouching:
+                    self.log.info(
+                        "guard: the watchers vouching for its primary changed",
+                        node=self.settings.node,
+                        vouching=list(yes),
+                        needed=self.settings.vouches_needed,
+                        counted=counted,
+                    )
+                    self.vouching = yes
+                await asyncio.sleep(self.settings.poll)
+
+    async def _vouches(self, session: Any, name: str, url: str) -> bool:
+        """Watcher ``name`` at ``url`` vouches for this node now: its answer names it and
+        this node and says yes. Anything else (no answer, a redirect, a wrong or
+        oversized reply) is no vouch."""
+        import aiohttp
+
+        try:
+            async with session.get(f"{url}/vouch", allow_redirects=False) as reply:
+                raw = await reply.content.read(_VOUCH_MAX + 1)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return False
+        if len(raw) > _VOUCH_MAX:
+            return False
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            return False
+        return (
+            isinstance(data, dict)
+            and data.get("instance") == name
+            and data.get("node") == self.settings.node
+            and data.get("vouch") is True
+        )
 
     # ----------------------------------------------------------------- isolation
 

@@ -153,9 +153,12 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """``guard``: the optional guard beside the primary."""
+    """``guard``: the optional guard beside the primary. ``watchers``: (voter, base URL)
+    pairs the guard asks whether they vouch for its primary (``/vouch`` on their metrics
+    port); empty: the guard counts no watcher as a sign of life."""
 
     isolation_timeout: float = 20.0
+    watchers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from watchdogd import fleet as votes
 from watchdogd.config import fleet_timing, step_room
 from watchdogd.core.model import Config, StepConfig
 from watchdogd.detector import DOWN, Verdict
-from watchdogd.fleet import Freshness, Tally, View
+from watchdogd.fleet import Freshness, Tally, View, Vouching
 from watchdogd.policy import BLOCKED, GUARD_STEP, Decision, State
 from watchdogd.state.journal import JournalError, apply
 from watchdogd.state.store import StoreUnavailable, Token, TokenLost, fold_entries
@@ -133,12 +133,14 @@ class GuardLink:
                 raise ActionError(f"guard_fence: the fence order was not written: {exc}") from None
             # Replication was stopped before this step: the standby's stream, a sign of
             # life that keeps an isolated guard from fencing, ended at the latest now.
+            guard = fleet.d.config.guard
             rule = ClearanceRule(
                 token,
                 failover_id,
                 self.isolation_timeout,
                 quiet_since=clock(),
                 margin=fleet.timing.ttl,
+                vouching=bool(guard is not None and guard.watchers),
             )
             self._orders = {k: o for k, o in self._orders.items() if k[0] == failover_id}
             self._orders[key] = (rule, ordered)
@@ -153,6 +155,7 @@ class GuardLink:
             max(0.0, end - clock()),  # the order's write came out of this attempt's time
             poll=GUARD_POLL,
             rule=rule,
+            vouches=lambda: fleet.vouch_end(rule.ordered_at),
         )
         if not verdict.cleared:
             raise ActionError(f"guard_fence: not cleared yet: {verdict.reason}")
@@ -225,6 +228,11 @@ class Fleet:
         self.tally: Tally | None = None
         self.freshness = self._new_freshness()
         self._last_read: float | None = None  # the leader's last good read of the ballots
+        self._seen_at: dict[str, float] = {}  # the read that first showed each view
+        self._seen_revision: dict[str, int] = {}
+        # Vouching for the primary to its guard (``GET /vouch``), bounded by our views.
+        probe = cfg.probe
+        self.vouching = Vouching(daemon.clock(), 2 * probe.interval + probe.timeout)
         self._task: asyncio.Task[None] | None = None
         self._lost_tasks: set[asyncio.Task[None]] = set()
         self._renew_now = asyncio.Event()  # renew_soon(): the next round at once
@@ -536,16 +544,17 @@ class Fleet:
         seq = self.d.sequences
         return not seq.running and not seq.fencing and not seq.rejoin_running
 
-    async def follow(self) -> None:
-        """A follower folds in what the leader appended since it last looked."""
+    async def follow(self) -> bool:
+        """A follower folds in what the leader appended since it last looked; True when
+        the journal was read whole (a linearizable read)."""
         if self.is_leader or self.store is None:
-            return
+            return False
         async with self._journal:
             try:
                 entries = await self.store.entries(self.position)
             except JournalError as exc:
                 self._damaged(str(exc))
-                return
+                return False
         self._repaired()
         acked: dict[str, Any] | None = None
         for position, record in entries:
@@ -562,12 +571,15 @@ class Fleet:
             fo = next((f for f in self.d.state.failovers if f.id == acked.get("id")), None)
             primary = acked.get("primary")
             self.d.commands.watch_afresh(primary if isinstance(primary, str) else None, fo)
+        return True
 
     # ------------------------------------------------------------------ votes
 
     def view(self, verdict: Verdict) -> View:
         d = self.d
         primary = d.roles()[0].name
+        # Before the view is built: a DOWN verdict stops vouching before it is published.
+        self.vouching.cycle(d.clock(), verdict.status, primary)
         pdb, sdb = d.latest.primary_db, d.latest.standby_db
         writable: bool | None = None
         if pdb is not None:
@@ -585,6 +597,7 @@ class Fleet:
             outage=round(max(0.0, verdict.outage_seconds), 3),
             standby_ok=standby_ok,
             config=self.digest(),
+            vouch_age=self.vouching.age(d.clock()),
         )
 
     async def after_probe(self, verdict: Verdict) -> None:
@@ -600,13 +613,17 @@ class Fleet:
                 if self.is_leader:
                     ballots = await self.box.ballots()
                     self._count(own, ballots)
+                    read = self.synced  # the leader's state is the journal, once read
                 else:
-                    await self.follow()
+                    read = await self.follow()
                     self.views = {}
         except (StoreUnavailable, TimeoutError) as exc:
             self._down(str(exc) or "no answer within the probe interval")
         else:
             self._up()
+            if read:  # our view is in the store and the journal was read after it
+                unfinished = self.d.state.unfinished is not None or self.d.sequences.running
+                self.vouching.confirm(not own.primary_down, unfinished)
         self._export()
 
     def _new_freshness(self) -> Freshness:
@@ -630,6 +647,8 @@ class Fleet:
         reload that changed ``probe``); then the leader's own view starts afresh too."""
         if rebuild:
             self.freshness = self._new_freshness()
+            probe = self.d.config.probe
+            self.vouching.stale_after = 2 * probe.interval + probe.timeout
         else:
             self.freshness.forget_others(self.instance)
         self._last_read = None
@@ -656,11 +675,14 @@ class Fleet:
                 self.d.emit("fleet_view_refused", voter=name, error=str(exc))
                 continue
             self.freshness.saw(name, ballot.revision, since)
+            if self._seen_revision.get(name) != ballot.revision:
+                self._seen_revision[name], self._seen_at[name] = ballot.revision, now
         for name in list(self.views):
             if name not in ballots and name != self.instance:
                 self.freshness.forget(name)
         views[self.instance] = own
         self.freshness.saw(self.instance, own.seq, now)
+        self._seen_at[self.instance] = now
         self.views = views
         self.tally = votes.tally(
             views,
@@ -669,6 +691,31 @@ class Fleet:
             own.config,
             now,
             primary=own.primary,
+        )
+
+    # ------------------------------------------------------------------ vouching
+
+    def vouch(self, node: str) -> dict[str, Any]:
+        """``GET /vouch``: whether this watcher vouches for ``node`` (its primary) to the
+        guard beside it now (``fleet.Vouching``)."""
+        yes, why = self.vouching.ask(node, self.d.clock())
+        return {"instance": self.instance, "node": node, "vouch": yes, "detail": why}
+
+    def vouch_end(self, since: float) -> tuple[float | None, str]:
+        """The latest time (``d.clock``) a strict majority of voters may have vouched for
+        the primary to its guard (``fleet.vouch_end``), judged on a read of the views
+        made at or after ``since`` (the fence order: a failover was journaled before)."""
+        if not self.is_leader:
+            return None, self._not_leader()
+        if self._last_read is None or self._last_read < since:
+            return None, "no read of the watchers' views since the fence order yet"
+        return votes.vouch_end(
+            self.views,
+            self._seen_at,
+            self.freshness,
+            self.settings.voters,
+            self.d.clock(),
+            self.d.roles()[0].name,
         )
 
     # ------------------------------------------------------------------ the gate

@@ -127,6 +127,7 @@ class Daemon:
                 self.views.healthz,
                 extra_routes=[
                     web.get("/primary", self.views.witness),
+                    web.get("/vouch", self.views.vouch),
                     web.get("/", self.views.page),
                 ],
                 secrets=self.secrets,

@@ -137,6 +137,16 @@ class Views:
             status=200 if up else 503,
         )
 
+    async def vouch(self, request: web.Request) -> web.Response:
+        """``GET /vouch``: whether this watcher vouches for its primary to the guard
+        beside it (``fleet.Vouching``); 404 outside a fleet. 200 when it vouches, 503
+        when not, JSON ``{instance, node, vouch, detail}`` either way."""
+        fleet = self.d.fleet
+        if fleet is None:
+            return web.Response(text="not a fleet watcher (no store: in the config)\n", status=404)
+        answer = fleet.vouch(self.d.roles()[0].name)
+        return web.json_response(answer, status=200 if answer["vouch"] else 503)
+
 
 def _obs(obs: Observation | None) -> dict[str, Any] | None:
     if obs is None:

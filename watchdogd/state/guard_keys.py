@@ -209,11 +209,13 @@ class Published:
 
     node: str
     isolation_timeout: float
+    vouching: bool = False  # it counts a majority of watchers vouching as a sign of life
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {"node": self.node, "isolation_timeout": self.isolation_timeout}, sort_keys=True
-        ).encode()
+        data: dict[str, Any] = {"node": self.node, "isolation_timeout": self.isolation_timeout}
+        if self.vouching:
+            data["vouching"] = True
+        return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Published:
@@ -225,7 +227,14 @@ class Published:
             or not 0 < timeout < 10**6
         ):
             raise ValueError("guard settings: 'isolation_timeout' missing or not a duration")
-        return cls(node=_get(data, "guard settings", "node", str), isolation_timeout=timeout)
+        vouching = data.get("vouching", False)
+        if not isinstance(vouching, bool):
+            raise ValueError("guard settings: 'vouching' is not a bool")
+        return cls(
+            node=_get(data, "guard settings", "node", str),
+            isolation_timeout=timeout,
+            vouching=vouching,
+        )
 
 
 @dataclass(frozen=True)
@@ -370,6 +379,11 @@ class ClearanceRule:
     of life that keeps the guard from fencing itself, so the expired path also needs
     ``now - quiet_since >= isolation_timeout + margin`` (``margin``: the guard's time to
     notice and fence; the store ttl is a safe value).
+
+    ``vouching`` (or a guard that published it counts vouches): a strict majority of
+    watchers vouching for the primary is a sign of life too, so the expired path also
+    needs the latest time a majority may have vouched (``observe``'s ``vouches``, from
+    ``fleet.vouch_end``) to lie ``isolation_timeout + margin`` in the past.
     """
 
     def __init__(
@@ -380,17 +394,32 @@ class ClearanceRule:
         *,
         quiet_since: float | None = None,
         margin: float = 0.0,
+        vouching: bool = False,
+        ordered_at: float | None = None,
     ) -> None:
         self.token = token
         self.failover_id = failover_id
         self.isolation_timeout = isolation_timeout
         self.quiet_since = quiet_since
         self.margin = margin
+        self.vouching = vouching
+        # When the order was written (a failover was journaled before it): the watchers'
+        # views that bound their vouching must be read after it.
+        self.ordered_at = ordered_at if ordered_at is not None else (quiet_since or 0.0)
         self.absent_since: float | None = None
         self.guard_isolation: float | None = None  # the guard's own, as it published it
 
-    def observe(self, snapshot: GuardSnapshot | None, now: float, why: str = "") -> Clearance:
-        """``snapshot`` None: the read failed (``why`` says how)."""
+    def observe(
+        self,
+        snapshot: GuardSnapshot | None,
+        now: float,
+        why: str = "",
+        *,
+        vouches: tuple[float | None, str] | None = None,
+    ) -> Clearance:
+        """``snapshot`` None: the read failed (``why`` says how). ``vouches``: the latest
+        time a majority of watchers may have vouched for the primary, or None and why
+        that cannot be told (needed on the expired path when the guard counts them)."""
         if snapshot is None:
             self.absent_since = None
             return Clearance(False, f"store unavailable: {why}" if why else "store unavailable")
@@ -442,6 +471,20 @@ class ClearanceRule:
                     False,
                     f"the standby stopped streaming {quiet:.1f}s ago, less than "
                     f"{isolation + self.margin:g}s",
+                )
+        if snapshot.published is not None and snapshot.published.vouching:
+            self.vouching = True
+        if self.vouching:
+            end, unknown = vouches if vouches is not None else (None, "not counted")
+            if end is None:
+                return Clearance(
+                    False, f"the watchers may still vouch for the primary to its guard: {unknown}"
+                )
+            if now - end < isolation + self.margin:
+                return Clearance(
+                    False,
+                    f"a majority of watchers may have vouched for the primary "
+                    f"{now - end:.1f}s ago, less than {isolation + self.margin:g}s",
                 )
         return Clearance(
             True,
@@ -497,11 +540,13 @@ async def guard_clearance(
     margin: float = 0.0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rule: ClearanceRule | None = None,
+    vouches: Callable[[], tuple[float | None, str]] | None = None,
 ) -> Clearance:
     """Poll (linearizable reads, every ``poll`` seconds, ``poll`` well below the store
     ttl) until ``ClearanceRule`` clears or ``wait`` seconds of ``clock`` (the leader's
     monotonic clock) have passed; then the last verdict, not cleared. ``rule``: one
-    kept across calls (a step's attempts), so the guard's silence counts on."""
+    kept across calls (a step's attempts), so the guard's silence counts on.
+    ``vouches``: asked after each read, see ``ClearanceRule.observe``."""
     if rule is None:
         rule = ClearanceRule(
             token, failover_id, isolation_timeout, quiet_since=quiet_since, margin=margin
@@ -514,7 +559,7 @@ async def guard_clearance(
         except StoreUnavailable as exc:
             snapshot, why = None, str(exc)
         now = clock()  # after the read: an absence is counted from its latest possible start
-        verdict = rule.observe(snapshot, now, why)
+        verdict = rule.observe(snapshot, now, why, vouches=None if vouches is None else vouches())
         if verdict.cleared or now + poll > end:
             return verdict
         await sleep(poll)
