@@ -20,6 +20,10 @@ leader reads them all with one linearizable read and tallies them:
 - **One config**: a fresh voter whose config digest differs from the leader's refuses
   automatic failover (the fleet would not agree on what to do).
 
+- **Vouching**: a watcher tells the guard beside the primary that it sees it healthy
+  (``Vouching``); its views say how long ago it last did (``vouch_age``), and
+  ``vouch_end`` bounds when a majority last may have, for the leader's wait.
+
 ``timing_problem`` checks the rule ``renew interval + 2 * retry budget + margin <= ttl``
 and ``authority_deadline`` is when a leader's authority ends: the send time of its last
 acknowledged renewal plus the ttl minus the margin.

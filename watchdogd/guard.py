@@ -15,7 +15,10 @@ It runs on the primary's host with the fleet's config file and fences its local 
   replies only every ``wal_receiver_status_interval`` (10 s on stock settings), so its
   last reply counts for its reply window (that interval plus two polls and four reads)
   when longer than the timeout; the guard publishes the longer one in ``guard/settings``
-  for the leader to wait out (see ``standby_window``). It fences once per isolation,
+  for the leader to wait out (see ``standby_window``). With ``guard.watchers``, a
+  strict majority of the voters vouching for this node (``GET <url>/vouch``, asked
+  every poll; ``watchdogd.fleet.Vouching`` says when a watcher does) is a sign too,
+  counted from when they were asked, once ``guard/settings`` says so. It fences once per isolation,
   logs it, and keeps trying to reach the store. A started guard counts its start as a
   sign of life.
 

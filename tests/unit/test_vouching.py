@@ -1,0 +1,302 @@
+"""Watchers vouching for the primary to its guard (issue 12, the guard's third sign of
+life): when a watcher vouches, what bounds its vouches for the leader, the leader's
+wait, the guard's count, and the config. Pure rules with injected clocks, and three
+daemons over one in-memory store."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from tests.unit.test_fleet_config import fleet as fleet_raw
+from tests.unit.test_fleet_config import problems
+from tests.unit.test_fleet_daemon import DOWN_V, UP_V, Fleet
+from tests.unit.test_fleet_daemon import fleet as fleet
+from tests.unit.test_guard import ISO, TOKEN, settings, snap
+from watchdogd import config
+from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT
+from watchdogd.fleet import Freshness, View, Vouching, config_digest, vouch_end
+from watchdogd.guard import GuardConfigError, SignsOfLife, settings_from_config
+from watchdogd.state import journal as records
+from watchdogd.state.guard_keys import ClearanceRule, Published
+
+# --------------------------------------------------------------------------- Vouching
+
+
+def test_a_watcher_vouches_only_once_confirmed_through_the_store() -> None:
+    v = Vouching(start=100.0, stale_after=2.5)
+    assert v.ask("main", 100.0) == (False, "not probed yet")
+    v.cycle(101.0, HEALTHY, "main")
+    yes, why = v.ask("main", 101.1)
+    assert not yes and "not yet confirmed through the store" in why
+    # Its healthy view reached the store and a journal read after it shows no failover.
+    v.confirm(published_healthy=True, failover_unfinished=False)
+    assert v.ask("main", 101.2)[0] is True
+    assert v.age(103.2) == 2.0  # counted from the last vouch
+    # Another node than its primary: no.
+    yes, why = v.ask("standby", 101.3)
+    assert not yes and "standby is not the primary here (main is)" == why
+    # Its last cycle too long ago (a stalled watcher): no.
+    yes, why = v.ask("main", 103.6)
+    assert not yes and "last probe cycle was 2.6s ago" in why
+
+
+@pytest.mark.parametrize("status", [SUSPECT, STALE])
+def test_no_vouch_while_the_primary_is_not_healthy_here(status: Any) -> None:
+    v = Vouching(start=0.0, stale_after=2.5)
+    v.cycle(1.0, HEALTHY, "main")
+    v.confirm(True, False)
+    v.cycle(2.0, status, "main")
+    assert v.ask("main", 2.1)[0] is False
+    v.cycle(3.0, HEALTHY, "main")  # healthy again, never revoked: vouches again
+    assert v.ask("main", 3.1)[0] is True
+
+
+def test_a_down_verdict_revokes_until_a_healthy_view_and_a_clean_journal_read() -> None:
+    v = Vouching(start=0.0, stale_after=2.5)
+    v.cycle(1.0, HEALTHY, "main")
+    v.confirm(True, False)
+    assert v.ask("main", 1.0)[0]
+    v.cycle(2.0, DOWN, "main")
+    v.cycle(3.0, HEALTHY, "main")  # back, but not yet through the store
+    yes, why = v.ask("main", 3.1)
+    assert not yes and "saw the primary down" in why
+    assert v.age(3.1) == 2.1  # the view published now bounds its vouches: 1.0 was the last
+    v.confirm(published_healthy=True, failover_unfinished=True)  # a failover runs
+    assert v.ask("main", 3.2)[0] is False
+    v.confirm(published_healthy=False, failover_unfinished=False)  # that view said down
+    assert v.ask("main", 3.3)[0] is False
+    v.cycle(4.0, DOWN, "main")
+    v.confirm(published_healthy=True, failover_unfinished=False)  # this cycle is DOWN
+    assert v.ask("main", 4.1)[0] is False
+    v.cycle(5.0, HEALTHY, "main")
+    v.confirm(published_healthy=True, failover_unfinished=False)
+    assert v.ask("main", 5.1)[0] is True
+
+
+def test_a_new_primary_revokes() -> None:
+    v = Vouching(start=0.0, stale_after=2.5)
+    v.cycle(1.0, HEALTHY, "main")
+    v.confirm(True, False)
+    v.cycle(2.0, HEALTHY, "failover")  # roles changed (a failover was acknowledged)
+    yes, why = v.ask("failover", 2.1)
+    assert not yes and "primary changed to failover" in why
+
+
+# --------------------------------------------------------------------------- vouch_end
+
+
+def view(name: str, *, down: bool = True, age: float | None = 0.0, primary: str = "main") -> View:
+    return View(
+        instance=name,
+        seq=1,
+        primary=primary,
+        primary_down=down,
+        primary_writable=None,
+        outage=5.0 if down else 0.0,
+        standby_ok=True,
+        config="x",
+        vouch_age=age,
+    )
+
+
+def fresh(*names: str, at: float = 100.0) -> Freshness:
+    f = Freshness(5.0)
+    for name in names:
+        f.saw(name, 1, at - 1)
+        f.saw(name, 2, at)
+    return f
+
+
+VOTERS = ("dc1", "dc2", "dc3")
+
+
+def test_the_bound_is_the_second_earliest_silence_of_three() -> None:
+    views = {"dc1": view("dc1", age=10.0), "dc2": view("dc2", age=4.0), "dc3": view("dc3", age=1.0)}
+    seen = {"dc1": 100.0, "dc2": 99.0, "dc3": 100.0}
+    end, why = vouch_end(views, seen, fresh(*VOTERS), VOTERS, 100.0, "main")
+    # Silent since 90 (dc1), 95 (dc2), 99 (dc3): after 95 two of three are silent, so no
+    # majority vouched after 95.
+    assert (end, why) == (95.0, "")
+
+
+def test_no_bound_without_enough_voters_known_silent() -> None:
+    seen = dict.fromkeys(VOTERS, 100.0)
+    cases = {
+        "up": {"dc1": view("dc1"), "dc2": view("dc2", down=False)},
+        "unknown age": {"dc1": view("dc1"), "dc2": view("dc2", age=None)},
+        "another primary": {"dc1": view("dc1"), "dc2": view("dc2", primary="failover")},
+        "filed under another name": {"dc1": view("dc1"), "dc2": view("dc3")},
+    }
+    for what, views in cases.items():
+        end, why = vouch_end(views, seen, fresh(*VOTERS), VOTERS, 100.0, "main")
+        assert end is None, what
+        assert why == "1 of 3 voters are known to have stopped vouching for main (2 needed)"
+    # Stale views do not count either.
+    views = {"dc1": view("dc1"), "dc2": view("dc2")}
+    end, _ = vouch_end(views, seen, fresh("dc1", "dc2"), VOTERS, 106.0, "main")
+    assert end is None
+    # Five voters: three must be silent.
+    five = ("a", "b", "c", "d", "e")
+    views = {n: view(n, age=float(i)) for i, n in enumerate(five[:3])}
+    end, _ = vouch_end(views, dict.fromkeys(five, 100.0), fresh(*five), five, 100.0, "main")
+    assert end == 100.0  # silent since 100, 99, 98: the third earliest is 100
+    del views["a"]
+    assert (
+        vouch_end(views, dict.fromkeys(five, 100.0), fresh(*five), five, 100.0, "main")[0] is None
+    )
+
+
+# --------------------------------------------------------------------------- the leader's wait
+
+
+def test_the_expired_path_waits_until_the_watchers_silence_is_old_enough() -> None:
+    rule = ClearanceRule(TOKEN, "f1", ISO, margin=3.0, vouching=True)
+    rule.observe(snap(alive=False), now=0.0)
+    no_bound = rule.observe(snap(alive=False), now=50.0, vouches=(None, "1 of 3 ... needed"))
+    assert not no_bound.cleared and "may still vouch" in no_bound.reason
+    assert not rule.observe(snap(alive=False), now=50.0).cleared  # not counted at all
+    early = rule.observe(snap(alive=False), now=50.0, vouches=(37.5, ""))
+    assert not early.cleared and "vouched for the primary 12.5s ago, less than 13s" in early.reason
+    assert rule.observe(snap(alive=False), now=50.0, vouches=(37.0, "")).cleared
+    # Acks never needed the watchers: the guard fenced on our order.
+    assert not ClearanceRule(TOKEN, "f1", ISO).vouching
+
+
+def test_a_guard_that_published_vouching_is_waited_for_whatever_our_config_says() -> None:
+    published = Published("main", ISO, vouching=True)
+    assert Published.decode(published.encode()) == published
+    assert Published.decode(Published("main", ISO).encode()).vouching is False
+    with pytest.raises(ValueError, match="'vouching' is not a bool"):
+        Published.decode(b'{"node": "main", "isolation_timeout": 5, "vouching": 1}')
+    rule = ClearanceRule(TOKEN, "f1", ISO)
+    rule.observe(replace(snap(alive=False), published=published), now=0.0)
+    verdict = rule.observe(replace(snap(alive=False), published=published), now=ISO)
+    assert not verdict.cleared and "may still vouch" in verdict.reason
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def test_a_majority_vouching_is_a_sign_of_life_counted_from_when_it_was_asked() -> None:
+    signs = SignsOfLife(start=0.0)
+    signs.vouched(8.0)
+    assert signs.source == "watchers"
+    assert not signs.isolated(17.9, ISO)
+    assert signs.isolated(18.0, ISO)
+
+
+def test_too_few_watchers_for_a_majority_is_refused() -> None:
+    with pytest.raises(GuardConfigError, match="a strict majority of the 3 voters"):
+        settings(watchers=(("dc1", "http://127.0.0.1:1"),), voters=3)
+    ok = settings(watchers=(("dc1", "http://a:1"), ("dc2", "http://b:1")), voters=3)
+    assert ok.vouches_needed == 2
+
+
+# --------------------------------------------------------------------------- config
+
+
+WATCHERS = {"dc1": "http://10.0.0.5:9644", "dc2": "http://10.0.1.5:9644/"}
+
+
+def test_guard_watchers_in_the_config_reach_the_guard_and_the_digest() -> None:
+    data = {**fleet_raw(), "guard": {"isolation_timeout": "20s", "watchers": WATCHERS}}
+    cfg = config.parse(data)
+    assert cfg.guard is not None
+    assert cfg.guard.watchers == (("dc1", "http://10.0.0.5:9644"), ("dc2", "http://10.0.1.5:9644"))
+    s = settings_from_config(cfg, "main")
+    assert s.watchers == cfg.guard.watchers and s.voters == 3
+    plain = config.parse({**fleet_raw(), "guard": {"isolation_timeout": "20s"}})
+    # Voters that disagree on whether the guard counts vouches refuse to fail over.
+    assert config_digest(cfg) != config_digest(plain)
+
+
+@pytest.mark.parametrize(
+    ("watchers", "expected"),
+    [
+        ({"dc9": "http://a:1", "dc1": "http://b:1"}, "guard.watchers.dc9: 'dc9' is not one of"),
+        ({"dc1": "ftp://a:1", "dc2": "http://b:1"}, "guard.watchers.dc1: expected the watcher"),
+        ({"dc1": "http://a", "dc2": "http://b:1"}, "guard.watchers.dc1: expected the watcher"),
+        ({"dc1": "http://a:1/vouch", "dc2": "http://b:1"}, "guard.watchers.dc1: expected"),
+        ({"dc1": "http://a:1"}, "guard.watchers: lists 1 of 3 voters: a strict majority (2)"),
+        ({"dc1": ["x"], "dc2": "http://b:1"}, "guard.watchers: expected a mapping of strings"),
+    ],
+)
+def test_bad_guard_watchers_are_one_line_each(watchers: Any, expected: str) -> None:
+    data = {**fleet_raw(), "guard": {"isolation_timeout": "20s", "watchers": watchers}}
+    found = problems(data)
+    assert any(p.startswith(expected) for p in found), found
+    assert all("\n" not in p for p in found)
+
+
+def test_a_view_carries_its_vouch_age_and_an_old_watchers_view_still_decodes() -> None:
+    v = view("dc1", age=2.5)
+    assert View.decode(v.encode()) == v
+    older = {k: val for k, val in v.encode().items() if k != "vouch_age"}
+    assert View.decode(older).vouch_age is None
+    for bad in (-1, True, "1", float("nan")):
+        with pytest.raises(ValueError, match="vouch_age must be"):
+            View.decode({**v.encode(), "vouch_age": bad})
+
+
+# --------------------------------------------------------------------------- three daemons
+
+
+async def test_the_fleet_vouches_stops_on_down_and_the_leader_bounds_it(fleet: Fleet) -> None:
+    await fleet.lead("dc1", "dc2", "dc3")
+    f1, f2 = fleet.fleet("dc1"), fleet.fleet("dc2")
+    # A watcher just started vouches for nobody; one healthy round through the store and
+    # it vouches for its primary, not for the standby.
+    assert f2.vouch("main")["vouch"] is False
+    await fleet.two_rounds(dict.fromkeys(("dc1", "dc2", "dc3"), UP_V))
+    answer = f2.vouch("main")
+    assert answer == {
+        "instance": "dc2",
+        "node": "main",
+        "vouch": True,
+        "detail": "the primary main is healthy as seen from here",
+    }
+    assert f2.vouch("failover")["vouch"] is False
+    assert f1.vouch("main")["vouch"] is True  # the leader too
+    vouched_at = fleet.clock()
+    # The primary is lost: every watcher sees it down, stops vouching, and its view says
+    # since when; the leader bounds the watchers' last majority vouch by it.
+    fleet.clock.advance(3.0)
+    await fleet.two_rounds(dict.fromkeys(("dc1", "dc2", "dc3"), DOWN_V))
+    assert f2.vouch("main")["vouch"] is False
+    assert f1.views["dc2"].vouch_age == pytest.approx(4.0)  # built 3 + 1 s after the vouch
+    end, why = f1.vouch_end(since=0.0)
+    assert why == "" and end is not None
+    assert vouched_at <= end <= vouched_at + 1.0  # no earlier than the true last vouch
+    # Views read before the fence order do not bound anything.
+    assert f1.vouch_end(since=fleet.clock() + 1)[0] is None
+    assert f2.vouch_end(since=0.0) == (None, "not the leader: dc1 leads; run it there")
+
+
+async def test_no_vouch_again_while_the_fleets_journal_shows_a_failover_unfinished(
+    fleet: Fleet,
+) -> None:
+    await fleet.lead("dc1", "dc2", "dc3")
+    await fleet.two_rounds(dict.fromkeys(("dc1", "dc2", "dc3"), DOWN_V))
+    # The leader journals a failover start, which the followers read.
+    d1 = fleet.d["dc1"]
+    await d1.record(
+        records.sequence_started(
+            "failover",
+            id="F1",
+            trigger="automatic",
+            kind="failover",
+            reason="primary down",
+            from_node="main",
+            to_node="failover",
+            steps=["one", "two"],
+            at=1.0,
+        )
+    )
+    fleet.clock.advance(1.0)
+    await fleet.two_rounds(dict.fromkeys(("dc1", "dc2", "dc3"), UP_V))  # the primary is back
+    for name in ("dc1", "dc2", "dc3"):
+        answer = fleet.fleet(name).vouch("main")
+        assert answer["vouch"] is False and "saw the primary down" in answer["detail"], name
