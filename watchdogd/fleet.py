@@ -296,6 +296,13 @@ class Vouching:
 
     def ask(self, node: str, now: float) -> tuple[bool, str]:
         """Does it vouch for ``node`` now; why not. A yes is recorded as the last vouch."""
+        yes, why = self.would(node, now)
+        if yes:
+            self.last = max(self.last, now)
+        return yes, why
+
+    def would(self, node: str, now: float) -> tuple[bool, str]:
+        """``ask`` without recording a vouch (for status)."""
         if self._primary is None or self._cycle_at is None:
             return False, "not probed yet"
         if node != self._primary:
@@ -306,7 +313,6 @@ class Vouching:
             return False, f"the primary {node} is not healthy as seen from here"
         if now - self._cycle_at > self.stale_after:
             return False, f"the last probe cycle was {now - self._cycle_at:.1f}s ago"
-        self.last = max(self.last, now)
         return True, f"the primary {node} is healthy as seen from here"
 
     def age(self, now: float) -> float:

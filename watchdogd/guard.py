@@ -285,14 +285,20 @@ class SignsOfLife:
     the timeout, as for the other sources); the store's and the start's for the
     timeout. ``longest_gap``: the longest time between two replies seen in one unbroken
     run of reads (by the standby's own clock, so only its rate matters), from which
-    the guard derives that window.
+    the guard derives that window. ``gap_limit`` (the primary's ``wal_sender_timeout``):
+    a longer gap is not learned (the mark still proves a reply): the primary drops a
+    connection silent that long, so it is the standby's clock that stepped, and learning
+    it would stretch the window (and the leader's wait) by the step.
     """
 
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, gap_limit: float | None = None) -> None:
         self.last = start
         self.source = "start"
         self.standby_window: float | None = None
         self.longest_gap = 0.0
+        # A longer gap is no reply interval: the primary drops a connection silent for
+        # wal_sender_timeout, so such a jump in the mark is the standby's clock stepped.
+        self.gap_limit = gap_limit
         self._other = start  # the last store sign (or the start)
         self._standby = start  # the last standby proof (the start counts for every source)
         self._mark: float | None = None
@@ -320,7 +326,9 @@ class SignsOfLife:
                 self._standby = max(self._standby, previous_at)
                 self._saw(previous_at, "standby")
                 if self._run_mark is not None:
-                    self.longest_gap = max(self.longest_gap, mark - self._run_mark)
+                    gap = mark - self._run_mark
+                    if self.gap_limit is None or gap <= self.gap_limit:
+                        self.longest_gap = max(self.longest_gap, gap)
                 self._run_mark = mark
         elif mark is not None:
             self._run_mark = None  # a new run: its first growth has nothing to measure from
@@ -519,6 +527,7 @@ class Guard:
         self.vouches_count = False
         self.vouching: tuple[str, ...] = ()  # the watchers that vouched in the last round
         self.reply_interval: float | None = None  # the standby's, as its server says (start)
+        self.sender_timeout: float | None = None  # the primary's wal_sender_timeout (start)
         self._store_down: str | None = None
         self._ignored: set[tuple[int, str]] = set()
         self._last_ack: Ack | None = None
@@ -549,10 +558,11 @@ class Guard:
             await self.engine.status(DB_TIMEOUT)
             self.db_answered = True
         self.reply_interval = await self._reply_interval()
+        self.sender_timeout = await self._sender_timeout()
         # The start counts from here, not construction: once the guard watches (the reads
         # above may have taken seconds, and a standby's first countable reply can be its
         # whole window after the guard's first look at it).
-        self.signs = SignsOfLife(self.clock())
+        self.signs = SignsOfLife(self.clock(), gap_limit=self.sender_timeout)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._keep_alive())
             tasks.create_task(self._follow_orders())
@@ -634,6 +644,19 @@ class Guard:
             return None
         interval = max(self.reply_interval or DEFAULT_REPLY_INTERVAL, self.signs.longest_gap)
         return reply_window(interval, self.settings.poll)
+
+    async def _sender_timeout(self) -> float | None:
+        """The primary's ``wal_sender_timeout`` (it ends a replication connection silent
+        that long): the longest real gap between two replies of one connection. None:
+        disabled (0), unreadable, or no standby to watch."""
+        setting = getattr(self.engine, "setting", None)
+        if setting is None or not self.standby_addresses:
+            return None
+        try:
+            timeout = pg_duration_seconds(await setting("wal_sender_timeout", DB_TIMEOUT))
+        except EngineError:
+            return None
+        return timeout if timeout is not None and timeout > 0 else None
 
     async def _reply_interval(self) -> float | None:
         """The standby's reply interval as this server's ``wal_receiver_status_interval``

@@ -260,12 +260,14 @@ async def test_the_fleet_vouches_stops_on_down_and_the_leader_bounds_it(fleet: F
     }
     assert f2.vouch("failover")["vouch"] is False
     assert f1.vouch("main")["vouch"] is True  # the leader too
+    assert fleet.d["dc3"].status()["store"]["vouching"] is True
     vouched_at = fleet.clock()
     # The primary is lost: every watcher sees it down, stops vouching, and its view says
     # since when; the leader bounds the watchers' last majority vouch by it.
     fleet.clock.advance(3.0)
     await fleet.two_rounds(dict.fromkeys(("dc1", "dc2", "dc3"), DOWN_V))
     assert f2.vouch("main")["vouch"] is False
+    assert fleet.d["dc3"].status()["store"]["vouching"] is False
     assert f1.views["dc2"].vouch_age == pytest.approx(4.0)  # built 3 + 1 s after the vouch
     end, why = f1.vouch_end(since=0.0)
     assert why == "" and end is not None
@@ -300,3 +302,18 @@ async def test_no_vouch_again_while_the_fleets_journal_shows_a_failover_unfinish
     for name in ("dc1", "dc2", "dc3"):
         answer = fleet.fleet(name).vouch("main")
         assert answer["vouch"] is False and "saw the primary down" in answer["detail"], name
+
+
+def test_a_reply_gap_longer_than_the_senders_timeout_is_a_clock_step_not_learned() -> None:
+    signs = SignsOfLife(start=0.0, gap_limit=60.0)
+    marks = ((1000.0, 1.0), (1001.0, 2.0), (1011.0, 3.0), (4611.0, 4.0))
+    for mark, at in marks[:3]:  # replies 10 s apart
+        signs.standby_mark(mark, at)
+    assert signs.longest_gap == 10.0
+    signs.standby_mark(*marks[3])  # the standby's clock stepped an hour ahead
+    assert signs.longest_gap == 10.0
+    assert signs.source == "standby" and signs.last == 3.0  # still a reply: counted
+    unlimited = SignsOfLife(start=0.0)
+    for mark, at in marks:
+        unlimited.standby_mark(mark, at)
+    assert unlimited.longest_gap == 3600.0

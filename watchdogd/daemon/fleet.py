@@ -832,4 +832,5 @@ class Fleet:
             "deadline_in": round(self.authority_left(), 1) if self.is_leader else None,
             "voters": voters,
             "refusal": self.refusal() if self.is_leader else self._not_leader(),
+            "vouching": self.vouching.would(self.d.roles()[0].name, now)[0],
         }
