@@ -39,6 +39,8 @@ class FakeFleet:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.d = SimpleNamespace(clock=time.monotonic, emit=self.emit)
         self.lost: list[str] = []
+        self.vouches: tuple[float | None, str] = (None, "no views read")
+        self.vouch_asked: list[float] = []
 
     def emit(self, event: str, /, **facts: Any) -> None:
         self.events.append((event, facts))
@@ -48,6 +50,11 @@ class FakeFleet:
 
     def _lost_soon(self, why: str) -> None:
         self.lost.append(why)
+
+    def vouch_end(self, since: float) -> tuple[float | None, str]:
+        """When a majority of watchers last may have vouched (``Fleet.vouch_end``)."""
+        self.vouch_asked.append(since)
+        return self.vouches
 
 
 @pytest.fixture
@@ -124,3 +131,32 @@ async def test_a_failover_that_did_not_complete_takes_its_order_back(fleet: Fake
     fleet.token = await fleet.store.campaign("dc2", TTL * 10)
     await link.withdraw("f3")  # f3 was ordered under dc1's token
     assert await order(fleet.client) is not None
+
+
+async def test_with_watchers_vouching_the_expired_path_waits_for_their_silence(
+    fleet: FakeFleet,
+) -> None:
+    """``guard.watchers``: no guard key, yet no clearance while the watchers' last
+    majority vouch cannot be bounded, nor until that bound is ISO + TTL old; the bound is
+    asked with the order's time, so only views read after it count."""
+    link = GuardLink(fleet, ISO, vouching=True)  # type: ignore[arg-type]
+    fleet.token = await fleet.store.campaign("dc1", TTL * 10)
+    assert fleet.token is not None
+    started = time.monotonic()
+    with pytest.raises(ActionError, match="may still vouch for the primary to its guard"):
+        await link.clear("f1", "main", ISO + TTL + 1.5)  # long enough for the other rules
+    assert fleet.vouch_asked and min(fleet.vouch_asked) >= started
+    fleet.vouches = (time.monotonic(), "")  # a majority vouched just now
+    with pytest.raises(ActionError, match="a majority of watchers may have vouched"):
+        await link.clear("f1", "main", 1.0)
+    bound = fleet.vouches[0]
+    assert bound is not None
+    reason = ""
+    while time.monotonic() - bound < ISO + TTL + 3:
+        try:
+            reason = await link.clear("f1", "main", 1.0)
+            break
+        except ActionError:
+            continue
+    assert reason.startswith("cleared (expired)"), reason
+    assert time.monotonic() - bound >= ISO + TTL

@@ -2,7 +2,8 @@
 the primary healthy, suspect, down or stall, in any order; their views reach the store
 or not; their journal reads come or not; they restart; the guard asks them at every
 moment something happens; a failover starts at a drawn time; the leader reads the
-views when it likes, and time moves. The safety property of watchdogd/fleet.py's ``Vouching`` and ``vouch_end``:
+views when it likes, and time moves. The safety property of watchdogd/fleet.py's
+``Vouching`` and ``vouch_end``:
 
 - every bound the leader computes after the failover started lies at or after every
   guard round in which a strict majority vouched, before or after that read. So a guard

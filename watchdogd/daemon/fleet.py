@@ -105,9 +105,10 @@ class GuardLink:
     counted from the first read that saw its key gone), one per failover and token: a
     new leader orders afresh with its own token."""
 
-    def __init__(self, fleet: Fleet, isolation_timeout: float) -> None:
+    def __init__(self, fleet: Fleet, isolation_timeout: float, vouching: bool = False) -> None:
         self.fleet = fleet
         self.isolation_timeout = isolation_timeout
+        self.vouching = vouching  # guard.watchers: the guard counts the watchers' vouches
         # (failover id, token) -> its rule and the order key's revision
         self._orders: dict[tuple[str, int], tuple[ClearanceRule, int]] = {}
 
@@ -133,14 +134,13 @@ class GuardLink:
                 raise ActionError(f"guard_fence: the fence order was not written: {exc}") from None
             # Replication was stopped before this step: the standby's stream, a sign of
             # life that keeps an isolated guard from fencing, ended at the latest now.
-            guard = fleet.d.config.guard
             rule = ClearanceRule(
                 token,
                 failover_id,
                 self.isolation_timeout,
                 quiet_since=clock(),
                 margin=fleet.timing.ttl,
-                vouching=bool(guard is not None and guard.watchers),
+                vouching=self.vouching,
             )
             self._orders = {k: o for k, o in self._orders.items() if k[0] == failover_id}
             self._orders[key] = (rule, ordered)
@@ -240,7 +240,11 @@ class Fleet:
         # all append): the store numbers records one after another.
         self._journal = asyncio.Lock()
         self.prefix = f"{cfg.store.etcd.prefix.rstrip('/')}/{cfg.cluster}"
-        self.guard = GuardLink(self, cfg.guard.isolation_timeout) if cfg.guard else None
+        self.guard = (
+            GuardLink(self, cfg.guard.isolation_timeout, bool(cfg.guard.watchers))
+            if cfg.guard
+            else None
+        )
         self._digest: tuple[Config, str] | None = None
 
     # ------------------------------------------------------------------ lifecycle
