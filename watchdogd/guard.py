@@ -861,12 +861,17 @@ class Guard:
 
     async def _ask_watchers(self) -> NoReturn:
         """Every poll, ask each watcher of ``guard.watchers`` whether it vouches for this
-        node (``GET <url>/vouch``, bounded by one database read's time); a strict
-        majority of the voters saying yes is a sign of life, counted from when they were
-        asked. Counted only once ``guard/settings`` says so (``vouches_count``)."""
+        node (``GET <url>/vouch``, bounded by one database read's time). Each yes is
+        dated at its round's send time; once a strict majority of the voters each said
+        yes at or after some time, that time is a sign of life (the majority-th latest
+        of their last yeses: a majority need not answer in the very same round, and the
+        leader's bound, after which fewer than a majority can vouch, still holds).
+        Counted only once ``guard/settings`` says so (``vouches_count``)."""
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=DB_TIMEOUT)
+        last_yes: dict[str, float] = {}
+        needed = self.settings.vouches_needed
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 sent = self.clock()
@@ -878,9 +883,12 @@ class Guard:
                     for (name, _), ok in zip(self.settings.watchers, answers, strict=True)
                     if ok
                 )
-                counted = self.vouches_count and len(yes) >= self.settings.vouches_needed
-                if counted:
-                    self.signs.vouched(sent)
+                for name in yes:
+                    last_yes[name] = sent
+                latest = sorted(last_yes.values(), reverse=True)
+                counted = self.vouches_count and len(yes) >= needed
+                if self.vouches_count and len(latest) >= needed:
+                    self.signs.vouched(latest[needed - 1])
                 if yes != self.vouching:
                     self.log.info(
                         "guard: the watchers vouching for its primary changed",

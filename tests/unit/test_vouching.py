@@ -317,3 +317,14 @@ def test_a_reply_gap_longer_than_the_senders_timeout_is_a_clock_step_not_learned
     for mark, at in marks:
         unlimited.standby_mark(mark, at)
     assert unlimited.longest_gap == 3600.0
+
+
+def test_the_store_gets_what_is_left_of_the_cycles_interval(fleet: Fleet) -> None:
+    """A store that does not answer must not make the cycle outlast its interval: the
+    scheduler would skip a tick and the detector call the gap a stalled loop."""
+    f = fleet.fleet("dc1")  # probe interval 1 s
+    now = fleet.clock()
+    assert f.store_bound(None) == 1.0
+    assert f.store_bound(now) == pytest.approx(0.9)
+    assert f.store_bound(now - 0.5) == pytest.approx(0.4)
+    assert f.store_bound(now - 0.85) == 0.2  # at least a round trip's worth

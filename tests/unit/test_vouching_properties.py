@@ -6,7 +6,8 @@ views when it likes, and time moves. The safety property of watchdogd/fleet.py's
 ``Vouching`` and ``vouch_end``:
 
 - every bound the leader computes after the failover started lies at or after every
-  guard round in which a strict majority vouched, before or after that read. So a guard
+  sign of life the guard took from the watchers (a time at or after which a strict
+  majority each vouched), before or after that read. So a guard
   whose last sign of life came from the watchers has fenced by the bound plus its
   isolation timeout, which is what the leader waits for.
 """
@@ -43,7 +44,8 @@ class VouchingMachine(RuleBasedStateMachine):
         self.freshness = Freshness(MAX_AGE)
         self.last_read: float | None = None
         self.seen: dict[str, tuple[int, float]] = {}
-        self.majority_rounds: list[float] = []
+        self.majority_rounds: list[float] = []  # the guard's signs of life from vouches
+        self.last_yes: dict[str, float] = {}
         self.bounds: list[float] = []
 
     @initialize(due=st.floats(1.0, 30.0))
@@ -131,9 +133,14 @@ class VouchingMachine(RuleBasedStateMachine):
 
     @rule()
     def guard_asks(self) -> None:
-        yes = sum(self.watchers[name].ask("main", self.now)[0] for name in VOTERS)
-        if yes >= 2:
-            self.majority_rounds.append(self.now)
+        """One round of the guard (``Guard._ask_watchers``): each yes dated now; its sign
+        of life is the second latest of the watchers' last yeses."""
+        for name in VOTERS:
+            if self.watchers[name].ask("main", self.now)[0]:
+                self.last_yes[name] = self.now
+        latest = sorted(self.last_yes.values(), reverse=True)
+        if len(latest) >= 2:
+            self.majority_rounds.append(latest[1])
 
     @rule()
     def leader_reads(self) -> None:

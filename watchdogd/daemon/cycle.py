@@ -164,7 +164,7 @@ class ProbeCycle:
         if fleet is not None:
             # This watcher's view goes out, the leader reads everyone's (and the journal
             # a follower follows): before the decision, which may need them.
-            await fleet.after_probe(verdict)
+            await fleet.after_probe(verdict, at)
         decision = d.policy.evaluate(verdict, self.standby_facts(), d.wall())
         if fleet is not None:
             decision = fleet.gate(decision)

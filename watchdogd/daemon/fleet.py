@@ -604,15 +604,15 @@ class Fleet:
             vouch_age=self.vouching.age(d.clock()),
         )
 
-    async def after_probe(self, verdict: Verdict) -> None:
-        """After a probe cycle: publish this watcher's view; the leader reads every
-        ballot and tallies; a follower follows the journal. Bounded: the probe cycle
-        must not wait longer than a probe interval on the store."""
+    async def after_probe(self, verdict: Verdict, started: float | None = None) -> None:
+        """After a probe cycle (``started`` at that ``d.clock`` time): publish this
+        watcher's view; the leader reads every ballot and tallies; a follower follows
+        the journal. Bounded by what is left of the cycle's interval (``store_bound``)."""
         assert self.box is not None
         own = self.view(verdict)
         self.tally = None
         try:
-            async with asyncio.timeout(max(0.2, min(1.5, self.d.config.probe.interval))):
+            async with asyncio.timeout(self.store_bound(started)):
                 await self.box.publish(self.instance, own.encode())
                 if self.is_leader:
                     ballots = await self.box.ballots()
@@ -629,6 +629,18 @@ class Fleet:
                 unfinished = self.d.state.unfinished is not None or self.d.sequences.running
                 self.vouching.confirm(not own.primary_down, unfinished)
         self._export()
+
+    def store_bound(self, started: float | None) -> float:
+        """How long the cycle may wait on the store: what is left of its probe interval,
+        less a tenth (at least 0.2 s, at most 1.5 s). A store that does not answer once
+        made every cycle outlast its interval: the scheduler skipped the next tick, and
+        the detector took the two-interval gap for a stalled loop every other cycle
+        (evidence discarded, a stall event each time, no vouch for the guard)."""
+        interval = self.d.config.probe.interval
+        bound = min(1.5, interval)
+        if started is not None:
+            bound = min(bound, 0.9 * interval - (self.d.clock() - started))
+        return max(0.2, bound)
 
     def _new_freshness(self) -> Freshness:
         # A view counts as fresh while the leader saw it change within this: a live
