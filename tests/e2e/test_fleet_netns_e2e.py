@@ -12,34 +12,42 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from tests.e2e.test_fleet_guard_e2e import (
     ISO,
     TTL,
     guard_fence_then_promote,
     guarded_config,
     stored_ack,
+    wall_of,
     writable,
 )
 from tests.support import timing
-from tests.support.fleet import GUARD_ALIVE, GuardProcess, timeline
+from tests.support.fleet import GUARD_ALIVE, VOUCHING, GuardProcess, timeline, vouched_by
 from tests.support.netns import SiteFleet, in_site_writable, site_fleet
 from tests.support.pg import eventually
 from watchdogd.state.etcd import EtcdClient, StoreUnavailable
+from watchdogd.state.guard_keys import GUARD_POLL_DEFAULT
 
 __all__ = ["site_fleet"]
 
 WATCHERS = {"dc1": "a", "dc2": "b", "dc3": "c"}
 
 
-async def start_sites(fleet: SiteFleet) -> GuardProcess:
+async def start_sites(fleet: SiteFleet, *, vouched: bool = False) -> GuardProcess:
     """The guard in a, then dc3 alone (it becomes the leader), then dc1 and dc2; every
-    watcher watching, the standby caught up, the primary writable."""
+    watcher watching, the standby caught up, the primary writable. ``vouched``: the
+    guard asks the three watchers to vouch (``guard.watchers``: their metrics ports on
+    their sites' addresses), and counts all three before this returns."""
     rig = fleet.rig
     rig.pair.primary.execute("CREATE TABLE app (x int)")
     shared = guarded_config(rig)
-    guard = fleet.add_guard("a", shared)
     for name, site in WATCHERS.items():
         fleet.add_watcher(name, site, shared)
+    if vouched:
+        vouched_by(shared, rig.watchers)
+    guard = fleet.add_guard("a", shared)
     guard.start()
     await eventually(rig.guard_alive, within=15)
     await rig.start("dc3")
@@ -50,7 +58,18 @@ async def start_sites(fleet: SiteFleet) -> GuardProcess:
     await asyncio.to_thread(rig.pair.wait_replayed)
     assert timeline(rig.pair.standby) == 1
     assert await writable(rig.pair.primary) is True
+    if vouched:
+        guard.restart_if_watchers_moved(rig.watchers)
+        await eventually(lambda: vouching_now(guard) == ["dc1", "dc2", "dc3"], within=10)
     return guard
+
+
+def vouching_now(guard: GuardProcess) -> list[str] | None:
+    """Whom the guard counts as vouching now, by its log (None: nobody, or not counted)."""
+    events = guard.events(VOUCHING)
+    if not events or not events[-1]["counted"]:
+        return None
+    return sorted(events[-1]["vouching"])
 
 
 async def first_refusal_in(fleet: SiteFleet, site: str, within: float) -> float | None:
@@ -87,18 +106,22 @@ async def guard_key_gone(fleet: SiteFleet, within: float) -> tuple[float | None,
     return None
 
 
+# The guard without ``guard.watchers``, and with the three watchers asked to vouch: dc1,
+# in the cut-off site, still reaches the primary, but one of three is no majority.
+@pytest.mark.parametrize("vouched", [False, True], ids=["unvouched", "vouched"])
 async def test_the_primary_site_cut_off_is_fenced_by_its_guard_then_failed_over_once(
-    site_fleet: SiteFleet,
+    site_fleet: SiteFleet, vouched: bool
 ) -> None:
     """Site a (primary, etcd1, dc1, guard) loses its link. The guard, with no sign of
-    life (its lease gone with the store's quorum, the standby's replies gone), fences
-    its primary; the leader dc3 promotes the standby once, only after the guard's key
-    expired and its isolation timeout passed. Healed: the old primary is still
-    read-only, one promotion, one leader."""
+    life (its lease gone with the store's quorum, the standby's replies gone, at most
+    dc1 vouching), fences its primary; the leader dc3 promotes the standby once, only
+    after the guard's key expired and its isolation timeout passed (and, vouched, that
+    long and a ttl after the last vouch the guard could count). Healed: the old primary
+    is still read-only, one promotion, one leader."""
     fleet = site_fleet
     rig = fleet.rig
     primary, standby = rig.pair.primary, rig.pair.standby
-    guard = await start_sites(fleet)
+    guard = await start_sites(fleet, vouched=vouched)
 
     fleet.sites.cut("a")
     cut = time.time()
@@ -132,6 +155,27 @@ async def test_the_primary_site_cut_off_is_fenced_by_its_guard_then_failed_over_
     assert last_seen is not None, "the guard's key was never seen after the cut"
     assert promote_started >= last_seen + ISO, promote_started - last_seen
     assert refused < promote_started, (refused, promote_started)
+    if vouched:
+        events = guard.events(VOUCHING)
+        last_counted = max(i for i, e in enumerate(events) if e["counted"])
+        assert events[last_counted + 1 :], events[-3:]
+        uncounted = events[last_counted + 1]
+        # Counted until the cut: the first round after it that the guard did not count
+        # came once dc2's and dc3's answers timed out; none counted after that.
+        assert wall_of(uncounted) > cut, (uncounted, cut)
+        # dc1, in site a with the primary, vouched after the cut: not counted.
+        alone = [e for e in events[last_counted + 1 :] if e["vouching"] == ["dc1"]]
+        assert alone, events[last_counted:]
+        # The last vouch counted came before the line saying none is: no promotion
+        # before it + the isolation timeout. The leader's own rule waits a ttl more
+        # after the last vouch it can bound, and the guard asked every poll until the cut.
+        assert promote_started >= wall_of(uncounted) + ISO, promote_started - wall_of(uncounted)
+        assert promote_started >= cut - GUARD_POLL_DEFAULT - 0.3 + ISO + TTL, promote_started - cut
+        print(
+            f"site a cut -> the guard counts no majority {wall_of(uncounted) - cut:.2f}s, "
+            f"dc1 alone vouching in {len(alone)} of its {len(events) - last_counted - 1} "
+            "changes since"
+        )
     print(
         f"site a cut -> old primary fenced {refused - cut:.2f}s, guard key gone "
         f"{last_seen - cut:.2f}..{gone_at - cut:.2f}s, "

@@ -102,6 +102,26 @@ def fleet_config(
 
 
 GUARD_ALIVE = f"{PREFIX}/{CLUSTER}/guard/alive"
+# The guard's log line whenever the set of watchers vouching for its primary changes
+# (``vouching``: their names, ``counted``: a strict majority it counts as a sign of life).
+VOUCHING = "guard: the watchers vouching for its primary changed"
+
+
+def vouch_urls(watchers: dict[str, DaemonProcess]) -> dict[str, str]:
+    """``guard.watchers`` for ``watchers``: each one's metrics base URL as it runs now."""
+    return {name: "http://{}".format(d.cfg["metrics"]["listen"]) for name, d in watchers.items()}
+
+
+def vouched_by(shared: dict[str, Any], watchers: dict[str, DaemonProcess]) -> dict[str, str]:
+    """Set ``guard.watchers`` to ``watchers``' metrics addresses in the shared config
+    (before ``add_guard``) and in each watcher's own config file (the same file on
+    every host: the fleet's digest covers the names listed); the map set."""
+    urls = vouch_urls(watchers)
+    shared["guard"]["watchers"] = dict(urls)
+    for d in watchers.values():
+        d.cfg["guard"]["watchers"] = dict(urls)
+        d.write_config(d.cfg)
+    return urls
 
 
 @dataclass
@@ -143,6 +163,18 @@ class GuardProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+    def restart_if_watchers_moved(self, watchers: dict[str, DaemonProcess]) -> bool:
+        """A watcher whose metrics port was taken when it started listens elsewhere
+        (``DaemonProcess.start``): a guard started before them asks the old address.
+        Then it is restarted on where they listen now (True)."""
+        urls = vouch_urls(watchers)
+        if self.cfg["guard"].get("watchers") == urls:
+            return False
+        self.kill()
+        self.cfg["guard"]["watchers"] = urls
+        self.start()
+        return True
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
