@@ -328,7 +328,7 @@ def _guard_watchers(g: Section, store: StoreConfig | None) -> tuple[tuple[str, s
             parts, port = None, None
         if (
             parts is None
-            or parts.scheme not in ("http", "https")
+            or parts.scheme != "http"
             or not parts.hostname
             or port is None
             or parts.path not in ("", "/")
@@ -337,7 +337,8 @@ def _guard_watchers(g: Section, store: StoreConfig | None) -> tuple[tuple[str, s
             or parts.username is not None
         ):
             g.error(
-                f"expected the watcher's metrics address like http://10.0.0.5:9187, got {url!r}",
+                f"expected the watcher's metrics address like http://10.0.0.5:9644 (plain "
+                f"HTTP: the metrics port has no TLS), got {url!r}",
                 where,
             )
             continue

@@ -31,10 +31,12 @@ how long? The rules, each guarding against a known false failover:
   closes connections at once). Only when the cycle's own database probe fails
   too, and never earlier than the previous cycle: the threshold, the hysteresis
   and the agreement rules are unchanged.
-- **Stall guard.** When more than two probe intervals passed since the previous
-  cycle (VM pause, swap storm, a blocked loop), the evidence gathered before the
-  gap is stale: the outage timers restart now and the cycle's verdict is
-  ``stale``, on which nobody acts.
+- **Stall guard.** When more than two and a half probe intervals passed since the
+  previous cycle (VM pause, swap storm, a blocked loop), the evidence gathered
+  before the gap is stale: the outage timers restart now and the cycle's verdict is
+  ``stale``, on which nobody acts. One skipped tick (a gap of two intervals, and a
+  hair: a cycle that outlasted its interval, say waiting on a slow store) is not a
+  stall.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class Status(StrEnum):
 
 
 HEALTHY, SUSPECT, DOWN, STALE = Status.HEALTHY, Status.SUSPECT, Status.DOWN, Status.STALE
+
+# A gap between cycles longer than this many intervals is a stall. One skipped tick is
+# not: the scheduler skips the tick that comes while a cycle still runs, so a cycle that
+# outlasts its interval makes a gap of two intervals and a few milliseconds.
+STALL_GAP = 2.5
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,7 @@ class Detector:
 
     def update(self, cycle: Cycle) -> Verdict:
         at = cycle.at
-        stalled = self._last_at is not None and at - self._last_at > 2 * self.interval
+        stalled = self._last_at is not None and at - self._last_at > STALL_GAP * self.interval
         gap = 0.0 if self._last_at is None else at - self._last_at
         since = _loss_start(cycle.primary_lost_at, self._last_at, at, self.interval)
         self._last_at = at

@@ -74,7 +74,13 @@ class View:
     vouch_age: float | None = None
 
     def encode(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The fields, leaving out an optional one that is None: a watcher of an earlier
+        version refuses a view with a field it does not know."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if not (f.name in _OPTIONAL and getattr(self, f.name) is None)
+        }
 
     @classmethod
     def decode(cls, data: Mapping[str, Any]) -> View:
@@ -325,24 +331,30 @@ def vouch_end(
     views: Mapping[str, View],
     seen_at: Mapping[str, float],
     freshness: Freshness,
-    voters: Sequence[str],
+    asked: Sequence[str],
+    needed: int,
     now: float,
     primary: str,
 ) -> tuple[float | None, str]:
-    """The latest time (the leader's clock) at which a strict majority of the voters
-    may have vouched for ``primary`` to its guard, or None and why it cannot be told.
+    """The latest time (the leader's clock) at which ``needed`` of the watchers
+    ``asked`` (the guard's list) may have vouched for ``primary`` to its guard, or None
+    and why it cannot be told.
 
-    A voter is known silent since ``seen_at - vouch_age`` when its view is fresh, says
+    A watcher is known silent since ``seen_at - vouch_age`` when its view is fresh, says
     the primary down and names a ``vouch_age`` (``seen_at``: the leader's read that
     first showed that view, no earlier than its publish). It vouches no more after
     that (``Vouching``: a "down" view revokes it until a later healthy view reached the
-    store). A majority vouching needs one of any ``n - majority + 1`` voters, so once
-    that many are silent, no majority vouched: the bound is the
-    ``(n - majority + 1)``-th earliest silence."""
-    configured = tuple(dict.fromkeys(voters))
-    silent_needed = len(configured) - (len(configured) // 2 + 1) + 1
+    store). ``needed`` vouching needs one of any ``len(asked) - needed + 1`` of them, so
+    once that many are silent, the guard counts no more: the bound is the
+    ``(len(asked) - needed + 1)``-th earliest silence (the second of three for a
+    majority). A guard that can never count (``needed`` more than it asks) has no bound
+    to wait for: minus infinity."""
+    names = tuple(dict.fromkeys(asked))
+    silent_needed = len(names) - needed + 1
+    if silent_needed <= 0:
+        return -math.inf, ""
     ends: list[float] = []
-    for name in configured:
+    for name in names:
         view = views.get(name)
         if (
             view is None
@@ -357,8 +369,8 @@ def vouch_end(
         ends.append(seen_at[name] - view.vouch_age)
     if len(ends) < silent_needed:
         return None, (
-            f"{len(ends)} of {len(configured)} voters are known to have stopped vouching "
-            f"for {primary} ({silent_needed} needed)"
+            f"{len(ends)} of the {len(names)} watchers the guard asks are known to have "
+            f"stopped vouching for {primary} ({silent_needed} needed)"
         )
     ends.sort()
     return ends[silent_needed - 1], ""

@@ -526,6 +526,7 @@ class Guard:
         # leader reading it waits for the watchers' silence too).
         self.vouches_count = False
         self.vouching: tuple[str, ...] = ()  # the watchers that vouched in the last round
+        self._unasked: dict[str, str] = {}  # watchers that could not be asked, and why
         self.reply_interval: float | None = None  # the standby's, as its server says (start)
         self.sender_timeout: float | None = None  # the primary's wal_sender_timeout (start)
         self._store_down: str | None = None
@@ -618,7 +619,13 @@ class Guard:
         effective = max(self.settings.isolation_timeout, window or 0.0)
         if self._published == effective:
             return
-        mine = Published(self.settings.node, effective, vouching=bool(self.settings.watchers))
+        mine = Published(
+            self.settings.node,
+            effective,
+            vouching=bool(self.settings.watchers),
+            watchers=tuple(name for name, _ in self.settings.watchers),
+            needed=self.settings.vouches_needed if self.settings.watchers else 0,
+        )
         await self.client.put(self.keys.settings, mine.encode())
         self.vouches_count = mine.vouching
         if self._published is not None:
@@ -886,9 +893,10 @@ class Guard:
                 for name in yes:
                     last_yes[name] = sent
                 latest = sorted(last_yes.values(), reverse=True)
-                counted = self.vouches_count and len(yes) >= needed
+                counted = False
                 if self.vouches_count and len(latest) >= needed:
                     self.signs.vouched(latest[needed - 1])
+                    counted = latest[needed - 1] == sent  # a sign of life as of this round
                 if yes != self.vouching:
                     self.log.info(
                         "guard: the watchers vouching for its primary changed",
@@ -901,16 +909,23 @@ class Guard:
                 await asyncio.sleep(self.settings.poll)
 
     async def _vouches(self, session: Any, name: str, url: str) -> bool:
-        """Watcher ``name`` at ``url`` vouches for this node now: its answer names it and
-        this node and says yes. Anything else (no answer, a redirect, a wrong or
-        oversized reply) is no vouch."""
-        import aiohttp
-
+        """Watcher ``name`` at ``url`` vouches for this node now: a 200 answer that names
+        it and this node and says yes. Anything else (no answer, another status, a
+        redirect, a wrong or oversized reply, any error) is no vouch."""
         try:
             async with session.get(f"{url}/vouch", allow_redirects=False) as reply:
-                raw = await reply.content.read(_VOUCH_MAX + 1)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+                if reply.status != 200:
+                    return False
+                raw = b""
+                while len(raw) <= _VOUCH_MAX:
+                    chunk = await reply.content.read(_VOUCH_MAX + 1 - len(raw))
+                    if not chunk:
+                        break
+                    raw += chunk
+        except Exception as exc:
+            self._ask_trouble(name, f"{type(exc).__name__}: {exc}")
             return False
+        self._ask_trouble(name, None)
         if len(raw) > _VOUCH_MAX:
             return False
         try:
@@ -923,6 +938,20 @@ class Guard:
             and data.get("node") == self.settings.node
             and data.get("vouch") is True
         )
+
+    def _ask_trouble(self, name: str, why: str | None) -> None:
+        """A watcher that cannot be asked is logged once, and again once it answers."""
+        before = self._unasked.get(name)
+        if why is None:
+            if before is not None:
+                del self._unasked[name]
+                self.log.info("guard reaches the watcher again", node=self.settings.node,
+                              watcher=name)  # fmt: skip
+            return
+        if before is None:
+            self.log.warning("guard cannot ask the watcher", node=self.settings.node,
+                             watcher=name, error=why[:200])  # fmt: skip
+        self._unasked[name] = why
 
     # ----------------------------------------------------------------- isolation
 

@@ -40,7 +40,7 @@ class FakeFleet:
         self.d = SimpleNamespace(clock=time.monotonic, emit=self.emit)
         self.lost: list[str] = []
         self.vouches: tuple[float | None, str] = (None, "no views read")
-        self.vouch_asked: list[float] = []
+        self.vouch_asked: list[tuple[float, tuple[str, ...], int]] = []
 
     def emit(self, event: str, /, **facts: Any) -> None:
         self.events.append((event, facts))
@@ -51,9 +51,11 @@ class FakeFleet:
     def _lost_soon(self, why: str) -> None:
         self.lost.append(why)
 
-    def vouch_end(self, since: float) -> tuple[float | None, str]:
-        """When a majority of watchers last may have vouched (``Fleet.vouch_end``)."""
-        self.vouch_asked.append(since)
+    def vouch_end(
+        self, since: float, asked: tuple[str, ...], needed: int
+    ) -> tuple[float | None, str]:
+        """When ``needed`` of the watchers ``asked`` last may have vouched."""
+        self.vouch_asked.append((since, asked, needed))
         return self.vouches
 
 
@@ -139,13 +141,16 @@ async def test_with_watchers_vouching_the_expired_path_waits_for_their_silence(
     """``guard.watchers``: no guard key, yet no clearance while the watchers' last
     majority vouch cannot be bounded, nor until that bound is ISO + TTL old; the bound is
     asked with the order's time, so only views read after it count."""
-    link = GuardLink(fleet, ISO, vouching=True)  # type: ignore[arg-type]
+    link = GuardLink(fleet, ISO, ("dc1", "dc2", "dc3"), 2)  # type: ignore[arg-type]
     fleet.token = await fleet.store.campaign("dc1", TTL * 10)
     assert fleet.token is not None
     started = time.monotonic()
     with pytest.raises(ActionError, match="may still vouch for the primary to its guard"):
         await link.clear("f1", "main", ISO + TTL + 1.5)  # long enough for the other rules
-    assert fleet.vouch_asked and min(fleet.vouch_asked) >= started
+    assert fleet.vouch_asked and min(since for since, _, _ in fleet.vouch_asked) >= started
+    assert {(asked, needed) for _, asked, needed in fleet.vouch_asked} == {
+        (("dc1", "dc2", "dc3"), 2)
+    }
     fleet.vouches = (time.monotonic(), "")  # a majority vouched just now
     with pytest.raises(ActionError, match="a majority of watchers may have vouched"):
         await link.clear("f1", "main", 1.0)

@@ -112,6 +112,21 @@ def test_recovery_needs_consecutive_successes() -> None:
     assert v3.status == HEALTHY and v3.recovered and v3.outage_seconds == 0
 
 
+def test_one_skipped_tick_is_not_a_stall_two_are() -> None:
+    """A cycle that outlasted its interval (the scheduler skipped one tick) leaves a gap
+    of two intervals and a hair: the outage timer runs on. Three intervals: a stall."""
+    d = make(threshold=5, interval=1)
+    for t in range(3):
+        d.update(cycle(t, primary_ok=False))
+    v = d.update(cycle(4.03, primary_ok=False))  # one tick skipped, 30 ms late
+    assert v.status == SUSPECT and v.outage_seconds == pytest.approx(4.03)
+    assert d.update(cycle(5.03, primary_ok=False)).status == DOWN
+    d = make(threshold=5, interval=1)
+    for t in range(3):
+        d.update(cycle(t, primary_ok=False))
+    assert d.update(cycle(5.0, primary_ok=False)).status == STALE
+
+
 def test_stall_discards_evidence_and_restarts_timer() -> None:
     d = make(threshold=5, interval=1)
     for t in range(4):

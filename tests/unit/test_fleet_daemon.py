@@ -85,7 +85,7 @@ def raw(tmp: Path, instance: str, steps_log: Path) -> dict[str, Any]:
 class Fleet:
     """Three watchers dc1..dc3 over one in-memory store on one virtual clock."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra: dict[str, Any] | None = None) -> None:
         self.clock = VirtualClock(1000.0)
         self.store = MemoryStore(self.clock)
         self.steps_log = tmp / "steps.log"
@@ -94,7 +94,8 @@ class Fleet:
         self.logs: dict[str, Log] = {}
         for name in ("dc1", "dc2", "dc3"):
             log = Log()
-            d = Daemon(config.parse(raw(tmp, name, self.steps_log)), log=log, clock=self.clock)
+            data = raw(tmp, name, self.steps_log) | (extra or {})
+            d = Daemon(config.parse(data), log=log, clock=self.clock)
             assert d.fleet is not None
             d.fleet.store = self.store
             box = MemoryVoteBox(self.clock, 15.0, shared_with=first)

@@ -5,15 +5,16 @@ daemons over one in-memory store."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.unit.test_fleet_config import fleet as fleet_raw
 from tests.unit.test_fleet_config import problems
-from tests.unit.test_fleet_daemon import DOWN_V, UP_V, Fleet
-from tests.unit.test_fleet_daemon import fleet as fleet
+from tests.unit.test_fleet_daemon import DOWN_V, UP_V, Fleet, raw
 from tests.unit.test_guard import ISO, TOKEN, settings, snap
 from watchdogd import config
 from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT
@@ -21,6 +22,27 @@ from watchdogd.fleet import Freshness, View, Vouching, config_digest, vouch_end
 from watchdogd.guard import GuardConfigError, SignsOfLife, settings_from_config
 from watchdogd.state import journal as records
 from watchdogd.state.guard_keys import ClearanceRule, Published
+
+VOTERS_ = ("dc1", "dc2", "dc3")
+
+GUARDED = {
+    "guard": {
+        "isolation_timeout": "10s",
+        "watchers": {n: f"http://127.0.0.1:{9000 + i}" for i, n in enumerate(VOTERS_)},
+    }
+}
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Any:
+    """Three daemons over one in-memory store, their config with guard.watchers."""
+    failover = raw(tmp_path, "dc1", tmp_path / "steps.log")["failover"]
+    stop = {"name": "stop_replication", "action": "stop_replication", "timeout": "2s"}
+    failover = {**failover, "steps": [stop, *failover["steps"]]}
+    f = Fleet(tmp_path, {**GUARDED, "failover": failover})
+    yield f
+    f.close()
+
 
 # --------------------------------------------------------------------------- Vouching
 
@@ -116,7 +138,7 @@ VOTERS = ("dc1", "dc2", "dc3")
 def test_the_bound_is_the_second_earliest_silence_of_three() -> None:
     views = {"dc1": view("dc1", age=10.0), "dc2": view("dc2", age=4.0), "dc3": view("dc3", age=1.0)}
     seen = {"dc1": 100.0, "dc2": 99.0, "dc3": 100.0}
-    end, why = vouch_end(views, seen, fresh(*VOTERS), VOTERS, 100.0, "main")
+    end, why = vouch_end(views, seen, fresh(*VOTERS), VOTERS, 2, 100.0, "main")
     # Silent since 90 (dc1), 95 (dc2), 99 (dc3): after 95 two of three are silent, so no
     # majority vouched after 95.
     assert (end, why) == (95.0, "")
@@ -131,21 +153,25 @@ def test_no_bound_without_enough_voters_known_silent() -> None:
         "filed under another name": {"dc1": view("dc1"), "dc2": view("dc3")},
     }
     for what, views in cases.items():
-        end, why = vouch_end(views, seen, fresh(*VOTERS), VOTERS, 100.0, "main")
+        end, why = vouch_end(views, seen, fresh(*VOTERS), VOTERS, 2, 100.0, "main")
         assert end is None, what
-        assert why == "1 of 3 voters are known to have stopped vouching for main (2 needed)"
+        assert why == (
+            "1 of the 3 watchers the guard asks are known to have stopped vouching for main "
+            "(2 needed)"
+        )
     # Stale views do not count either.
     views = {"dc1": view("dc1"), "dc2": view("dc2")}
-    end, _ = vouch_end(views, seen, fresh("dc1", "dc2"), VOTERS, 106.0, "main")
+    end, _ = vouch_end(views, seen, fresh("dc1", "dc2"), VOTERS, 2, 106.0, "main")
     assert end is None
     # Five voters: three must be silent.
     five = ("a", "b", "c", "d", "e")
     views = {n: view(n, age=float(i)) for i, n in enumerate(five[:3])}
-    end, _ = vouch_end(views, dict.fromkeys(five, 100.0), fresh(*five), five, 100.0, "main")
+    end, _ = vouch_end(views, dict.fromkeys(five, 100.0), fresh(*five), five, 3, 100.0, "main")
     assert end == 100.0  # silent since 100, 99, 98: the third earliest is 100
     del views["a"]
     assert (
-        vouch_end(views, dict.fromkeys(five, 100.0), fresh(*five), five, 100.0, "main")[0] is None
+        vouch_end(views, dict.fromkeys(five, 100.0), fresh(*five), five, 3, 100.0, "main")[0]
+        is None
     )
 
 
@@ -153,28 +179,63 @@ def test_no_bound_without_enough_voters_known_silent() -> None:
 
 
 def test_the_expired_path_waits_until_the_watchers_silence_is_old_enough() -> None:
-    rule = ClearanceRule(TOKEN, "f1", ISO, margin=3.0, vouching=True)
+    asked: list[tuple[tuple[str, ...], int]] = []
+
+    def answer(end: float | None, why: str = "") -> Any:
+        def vouches(names: tuple[str, ...], needed: int) -> tuple[float | None, str]:
+            asked.append((names, needed))
+            return end, why
+
+        return vouches
+
+    rule = ClearanceRule(
+        TOKEN, "f1", ISO, margin=3.0, vouching=True, vouchers=VOTERS, vouches_needed=2
+    )
     rule.observe(snap(alive=False), now=0.0)
-    no_bound = rule.observe(snap(alive=False), now=50.0, vouches=(None, "1 of 3 ... needed"))
+    no_bound = rule.observe(snap(alive=False), now=50.0, vouches=answer(None, "1 of 3"))
     assert not no_bound.cleared and "may still vouch" in no_bound.reason
     assert not rule.observe(snap(alive=False), now=50.0).cleared  # not counted at all
-    early = rule.observe(snap(alive=False), now=50.0, vouches=(37.5, ""))
+    early = rule.observe(snap(alive=False), now=50.0, vouches=answer(37.5))
     assert not early.cleared and "vouched for the primary 12.5s ago, less than 13s" in early.reason
-    assert rule.observe(snap(alive=False), now=50.0, vouches=(37.0, "")).cleared
+    assert rule.observe(snap(alive=False), now=50.0, vouches=answer(37.0)).cleared
+    assert asked == [(("dc1", "dc2", "dc3"), 2)] * 3  # our config's list and count
     # Acks never needed the watchers: the guard fenced on our order.
     assert not ClearanceRule(TOKEN, "f1", ISO).vouching
 
 
 def test_a_guard_that_published_vouching_is_waited_for_whatever_our_config_says() -> None:
-    published = Published("main", ISO, vouching=True)
+    """And with the guard's own list and count: a guard run with another config file
+    (three voters where the fleet has five, say) asks whom it asks."""
+    published = Published("main", ISO, vouching=True, watchers=("dc1", "dc2"), needed=2)
     assert Published.decode(published.encode()) == published
     assert Published.decode(Published("main", ISO).encode()).vouching is False
-    with pytest.raises(ValueError, match="'vouching' is not a bool"):
-        Published.decode(b'{"node": "main", "isolation_timeout": 5, "vouching": 1}')
-    rule = ClearanceRule(TOKEN, "f1", ISO)
+    base = b'{"node": "main", "isolation_timeout": 5, '
+    for junk, words in (
+        (base + b'"vouching": 1}', "'vouching' is not a bool"),
+        (base + b'"vouching": true, "needed": 1}', "'watchers' is not a list"),
+        (base + b'"vouching": true, "watchers": ["a"], "needed": 2}', "'needed' 2 is not 1..1"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            Published.decode(junk)
+    asked: list[tuple[tuple[str, ...], int]] = []
+
+    def vouches(names: tuple[str, ...], needed: int) -> tuple[float | None, str]:
+        asked.append((names, needed))
+        return None, "unknown"
+
+    rule = ClearanceRule(TOKEN, "f1", ISO, vouchers=VOTERS, vouches_needed=2)
     rule.observe(replace(snap(alive=False), published=published), now=0.0)
-    verdict = rule.observe(replace(snap(alive=False), published=published), now=ISO)
+    verdict = rule.observe(
+        replace(snap(alive=False), published=published), now=ISO, vouches=vouches
+    )
     assert not verdict.cleared and "may still vouch" in verdict.reason
+    assert asked == [(("dc1", "dc2"), 2)]
+
+
+def test_a_guard_that_can_never_count_has_no_bound_to_wait_for() -> None:
+    views = {"dc1": view("dc1")}
+    end, why = vouch_end(views, {"dc1": 100.0}, fresh("dc1"), ("dc1",), 2, 100.0, "main")
+    assert end == -math.inf and why == ""
 
 
 # --------------------------------------------------------------------------- the guard
@@ -218,6 +279,7 @@ def test_guard_watchers_in_the_config_reach_the_guard_and_the_digest() -> None:
     [
         ({"dc9": "http://a:1", "dc1": "http://b:1"}, "guard.watchers.dc9: 'dc9' is not one of"),
         ({"dc1": "ftp://a:1", "dc2": "http://b:1"}, "guard.watchers.dc1: expected the watcher"),
+        ({"dc1": "https://a:1", "dc2": "http://b:1"}, "guard.watchers.dc1: expected the watcher"),
         ({"dc1": "http://a", "dc2": "http://b:1"}, "guard.watchers.dc1: expected the watcher"),
         ({"dc1": "http://a:1/vouch", "dc2": "http://b:1"}, "guard.watchers.dc1: expected"),
         ({"dc1": "http://a:1"}, "guard.watchers: lists 1 of 3 voters: a strict majority (2)"),
@@ -269,12 +331,12 @@ async def test_the_fleet_vouches_stops_on_down_and_the_leader_bounds_it(fleet: F
     assert f2.vouch("main")["vouch"] is False
     assert fleet.d["dc3"].status()["store"]["vouching"] is False
     assert f1.views["dc2"].vouch_age == pytest.approx(4.0)  # built 3 + 1 s after the vouch
-    end, why = f1.vouch_end(since=0.0)
+    end, why = f1.vouch_end(0.0, VOTERS, 2)
     assert why == "" and end is not None
     assert vouched_at <= end <= vouched_at + 1.0  # no earlier than the true last vouch
     # Views read before the fence order do not bound anything.
-    assert f1.vouch_end(since=fleet.clock() + 1)[0] is None
-    assert f2.vouch_end(since=0.0) == (None, "not the leader: dc1 leads; run it there")
+    assert f1.vouch_end(fleet.clock() + 1, VOTERS, 2)[0] is None
+    assert f2.vouch_end(0.0, VOTERS, 2) == (None, "not the leader: dc1 leads; run it there")
 
 
 async def test_no_vouch_again_while_the_fleets_journal_shows_a_failover_unfinished(
@@ -326,5 +388,45 @@ def test_the_store_gets_what_is_left_of_the_cycles_interval(fleet: Fleet) -> Non
     now = fleet.clock()
     assert f.store_bound(None) == 1.0
     assert f.store_bound(now) == pytest.approx(0.9)
-    assert f.store_bound(now - 0.5) == pytest.approx(0.4)
-    assert f.store_bound(now - 0.85) == 0.2  # at least a round trip's worth
+    assert f.store_bound(now - 0.3) == pytest.approx(0.6)
+    # Probes that took their whole timeout still leave the store half the full bound:
+    # round trips across sites (one skipped tick is no stall for the detector).
+    assert f.store_bound(now - 0.5) == 0.5
+    assert f.store_bound(now - 0.85) == 0.5
+
+
+async def test_a_leader_past_its_authority_does_not_vouch_again_from_its_own_state(
+    fleet: Fleet,
+) -> None:
+    """A leader whose lease may have expired (its deadline passed without a renewal)
+    holds a state another leader may have moved past: it stays silent."""
+    await fleet.lead("dc1", "dc2", "dc3")
+    await fleet.two_rounds(dict.fromkeys(("dc1", "dc2", "dc3"), DOWN_V))
+    f1 = fleet.fleet("dc1")
+    fleet.clock.advance(20.0)  # past ttl 15 s - margin, no renewal
+    assert f1.is_leader and f1.authority_left() == 0
+    await fleet.two_rounds(dict.fromkeys(("dc1", "dc2", "dc3"), UP_V))
+    assert f1.vouch("main")["vouch"] is False
+    assert fleet.fleet("dc2").vouch("main")["vouch"] is True  # a follower read the journal
+    await fleet.lead("dc1")  # renewed: the state is the journal's again
+    await fleet.two_rounds(dict.fromkeys(("dc1", "dc2", "dc3"), UP_V))
+    assert f1.vouch("main")["vouch"] is True
+
+
+async def test_without_guard_watchers_nobody_vouches_and_views_stay_as_before(
+    tmp_path: Path,
+) -> None:
+    """A fleet whose guard counts no vouches sends views an earlier version reads (no
+    vouch_age) and answers every /vouch with no."""
+    plain = Fleet(tmp_path)
+    try:
+        await plain.lead("dc1", "dc2", "dc3")
+        await plain.two_rounds(dict.fromkeys(("dc1", "dc2", "dc3"), UP_V))
+        f1 = plain.fleet("dc1")
+        assert f1.views["dc2"].vouch_age is None
+        assert "vouch_age" not in f1.views["dc2"].encode()
+        answer = plain.fleet("dc2").vouch("main")
+        assert answer["vouch"] is False and "no guard.watchers" in answer["detail"]
+        assert plain.d["dc2"].status()["store"]["vouching"] is False
+    finally:
+        plain.close()

@@ -158,7 +158,7 @@ class VouchingMachine(RuleBasedStateMachine):
             return  # the leader bounds the vouches only with views read after its order
         views = {name: view for name, (_, view) in self.ballots.items()}
         seen_at = {name: at for name, (_, at) in self.seen.items()}
-        end, _ = vouch_end(views, seen_at, self.freshness, VOTERS, now, "main")
+        end, _ = vouch_end(views, seen_at, self.freshness, VOTERS, 2, now, "main")
         if end is not None:
             self.bounds.append(end)
 

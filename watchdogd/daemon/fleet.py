@@ -105,10 +105,17 @@ class GuardLink:
     counted from the first read that saw its key gone), one per failover and token: a
     new leader orders afresh with its own token."""
 
-    def __init__(self, fleet: Fleet, isolation_timeout: float, vouching: bool = False) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        isolation_timeout: float,
+        vouchers: tuple[str, ...] = (),
+        vouches_needed: int = 0,
+    ) -> None:
         self.fleet = fleet
         self.isolation_timeout = isolation_timeout
-        self.vouching = vouching  # guard.watchers: the guard counts the watchers' vouches
+        # guard.watchers: the guard counts vouches_needed of them vouching
+        self.vouchers, self.vouches_needed = vouchers, vouches_needed
         # (failover id, token) -> its rule and the order key's revision
         self._orders: dict[tuple[str, int], tuple[ClearanceRule, int]] = {}
 
@@ -140,7 +147,9 @@ class GuardLink:
                 self.isolation_timeout,
                 quiet_since=clock(),
                 margin=fleet.timing.ttl,
-                vouching=self.vouching,
+                vouching=bool(self.vouchers),
+                vouchers=self.vouchers,
+                vouches_needed=self.vouches_needed,
             )
             self._orders = {k: o for k, o in self._orders.items() if k[0] == failover_id}
             self._orders[key] = (rule, ordered)
@@ -155,7 +164,7 @@ class GuardLink:
             max(0.0, end - clock()),  # the order's write came out of this attempt's time
             poll=GUARD_POLL,
             rule=rule,
-            vouches=lambda: fleet.vouch_end(rule.ordered_at),
+            vouches=lambda asked, needed: fleet.vouch_end(rule.ordered_at, asked, needed),
         )
         if not verdict.cleared:
             raise ActionError(f"guard_fence: not cleared yet: {verdict.reason}")
@@ -228,6 +237,7 @@ class Fleet:
         self.tally: Tally | None = None
         self.freshness = self._new_freshness()
         self._last_read: float | None = None  # the leader's last good read of the ballots
+        self._read_sent: float | None = None  # ... and when it was sent
         self._seen_at: dict[str, float] = {}  # the read that first showed each view
         self._seen_revision: dict[str, int] = {}
         # Vouching for the primary to its guard (``GET /vouch``), bounded by our views.
@@ -241,10 +251,18 @@ class Fleet:
         self._journal = asyncio.Lock()
         self.prefix = f"{cfg.store.etcd.prefix.rstrip('/')}/{cfg.cluster}"
         self.guard = (
-            GuardLink(self, cfg.guard.isolation_timeout, bool(cfg.guard.watchers))
+            GuardLink(
+                self,
+                cfg.guard.isolation_timeout,
+                tuple(name for name, _ in cfg.guard.watchers),
+                len(cfg.store.voters) // 2 + 1,
+            )
             if cfg.guard
             else None
         )
+        # This watcher vouches (and says since when it last did) only where the fleet
+        # runs its guard with guard.watchers: a fleet without it sends no new field.
+        self.vouches = cfg.guard is not None and bool(cfg.guard.watchers)
         self._digest: tuple[Config, str] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -550,7 +568,7 @@ class Fleet:
 
     async def follow(self) -> bool:
         """A follower folds in what the leader appended since it last looked; True when
-        the journal was read whole (a linearizable read)."""
+        the journal was read (a linearizable read) and every record in it applied."""
         if self.is_leader or self.store is None:
             return False
         async with self._journal:
@@ -561,12 +579,14 @@ class Fleet:
                 return False
         self._repaired()
         acked: dict[str, Any] | None = None
+        whole = True
         for position, record in entries:
             self.position = max(self.position, position)
             try:
                 apply(self.d.state, record)
             except (ValueError, KeyError, TypeError, OverflowError) as exc:
                 self.d.emit("journal_problem", problem=f"record at {position}: {exc}")
+                whole = False
                 continue
             if record.get("type") == "ack":
                 acked = record
@@ -575,7 +595,7 @@ class Fleet:
             fo = next((f for f in self.d.state.failovers if f.id == acked.get("id")), None)
             primary = acked.get("primary")
             self.d.commands.watch_afresh(primary if isinstance(primary, str) else None, fo)
-        return True
+        return whole
 
     # ------------------------------------------------------------------ votes
 
@@ -601,7 +621,7 @@ class Fleet:
             outage=round(max(0.0, verdict.outage_seconds), 3),
             standby_ok=standby_ok,
             config=self.digest(),
-            vouch_age=self.vouching.age(d.clock()),
+            vouch_age=self.vouching.age(d.clock()) if self.vouches else None,
         )
 
     async def after_probe(self, verdict: Verdict, started: float | None = None) -> None:
@@ -615,9 +635,12 @@ class Fleet:
             async with asyncio.timeout(self.store_bound(started)):
                 await self.box.publish(self.instance, own.encode())
                 if self.is_leader:
+                    sent = self.d.clock()
                     ballots = await self.box.ballots()
-                    self._count(own, ballots)
-                    read = self.synced  # the leader's state is the journal, once read
+                    self._count(own, ballots, sent)
+                    # The leader's state is the journal, once read, while its lease
+                    # certainly holds (no other leader can have appended since).
+                    read = self.synced and not self.needs_replay and self.authority_left() > 0
                 else:
                     read = await self.follow()
                     self.views = {}
@@ -632,15 +655,16 @@ class Fleet:
 
     def store_bound(self, started: float | None) -> float:
         """How long the cycle may wait on the store: what is left of its probe interval,
-        less a tenth (at least 0.2 s, at most 1.5 s). A store that does not answer once
-        made every cycle outlast its interval: the scheduler skipped the next tick, and
-        the detector took the two-interval gap for a stalled loop every other cycle
-        (evidence discarded, a stall event each time, no vouch for the guard)."""
-        interval = self.d.config.probe.interval
-        bound = min(1.5, interval)
-        if started is not None:
-            bound = min(bound, 0.9 * interval - (self.d.clock() - started))
-        return max(0.2, bound)
+        less a tenth, and at least half of the full bound (the interval, at most 1.5 s):
+        a store across sites needs round trips even when the probes took their whole
+        timeout. A store that does not answer made every cycle outlast its interval:
+        the scheduler skipped the next tick (and the detector read that as a stalled
+        loop, before it allowed one skipped tick), so no vouch for the guard then."""
+        full = min(1.5, self.d.config.probe.interval)
+        if started is None:
+            return full
+        left = 0.9 * self.d.config.probe.interval - (self.d.clock() - started)
+        return max(full / 2, min(full, left))
 
     def _new_freshness(self) -> Freshness:
         # A view counts as fresh while the leader saw it change within this: a live
@@ -667,10 +691,10 @@ class Fleet:
             self.vouching.stale_after = 2 * probe.interval + probe.timeout
         else:
             self.freshness.forget_others(self.instance)
-        self._last_read = None
+        self._last_read = self._read_sent = None
         self.views, self.tally = {}, None
 
-    def _count(self, own: View, ballots: dict[str, Any]) -> None:
+    def _count(self, own: View, ballots: dict[str, Any], sent: float | None = None) -> None:
         now = self.d.clock()
         since = self._last_read
         if since is None or now - since > self.freshness.max_age:
@@ -681,6 +705,7 @@ class Fleet:
         # A change seen now was published after the previous good read (linearizable
         # reads), not necessarily now: it is dated at that read, never later.
         self._last_read = now
+        self._read_sent = now if sent is None else sent
         views: dict[str, View] = {}
         for name, ballot in ballots.items():
             if name == self.instance:
@@ -713,23 +738,30 @@ class Fleet:
 
     def vouch(self, node: str) -> dict[str, Any]:
         """``GET /vouch``: whether this watcher vouches for ``node`` (its primary) to the
-        guard beside it now (``fleet.Vouching``)."""
-        yes, why = self.vouching.ask(node, self.d.clock())
+        guard beside it now (``fleet.Vouching``); never without ``guard.watchers``."""
+        if not self.vouches:
+            yes, why = False, "this watcher's config has no guard.watchers"
+        else:
+            yes, why = self.vouching.ask(node, self.d.clock())
         return {"instance": self.instance, "node": node, "vouch": yes, "detail": why}
 
-    def vouch_end(self, since: float) -> tuple[float | None, str]:
-        """The latest time (``d.clock``) a strict majority of voters may have vouched for
-        the primary to its guard (``fleet.vouch_end``), judged on a read of the views
-        made at or after ``since`` (the fence order: a failover was journaled before)."""
+    def vouch_end(
+        self, since: float, asked: tuple[str, ...], needed: int
+    ) -> tuple[float | None, str]:
+        """The latest time (``d.clock``) ``needed`` of the watchers ``asked`` may have
+        vouched for the primary to its guard (``fleet.vouch_end``), judged on a read of
+        the views sent at or after ``since`` (the fence order: a failover was journaled
+        before it)."""
         if not self.is_leader:
             return None, self._not_leader()
-        if self._last_read is None or self._last_read < since:
+        if self._read_sent is None or self._read_sent < since:
             return None, "no read of the watchers' views since the fence order yet"
         return votes.vouch_end(
             self.views,
             self._seen_at,
             self.freshness,
-            self.settings.voters,
+            asked,
+            needed,
             self.d.clock(),
             self.d.roles()[0].name,
         )
@@ -848,5 +880,5 @@ class Fleet:
             "deadline_in": round(self.authority_left(), 1) if self.is_leader else None,
             "voters": voters,
             "refusal": self.refusal() if self.is_leader else self._not_leader(),
-            "vouching": self.vouching.would(self.d.roles()[0].name, now)[0],
+            "vouching": self.vouches and self.vouching.would(self.d.roles()[0].name, now)[0],
         }

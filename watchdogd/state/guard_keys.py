@@ -209,12 +209,14 @@ class Published:
 
     node: str
     isolation_timeout: float
-    vouching: bool = False  # it counts a majority of watchers vouching as a sign of life
+    vouching: bool = False  # it counts the watchers vouching as a sign of life
+    watchers: tuple[str, ...] = ()  # the watchers it asks
+    needed: int = 0  # how many of them vouching it counts as a sign of life
 
     def encode(self) -> bytes:
         data: dict[str, Any] = {"node": self.node, "isolation_timeout": self.isolation_timeout}
         if self.vouching:
-            data["vouching"] = True
+            data.update(vouching=True, watchers=list(self.watchers), needed=self.needed)
         return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
@@ -230,10 +232,22 @@ class Published:
         vouching = data.get("vouching", False)
         if not isinstance(vouching, bool):
             raise ValueError("guard settings: 'vouching' is not a bool")
+        watchers: tuple[str, ...] = ()
+        needed = 0
+        if vouching:
+            names = data.get("watchers")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError("guard settings: 'watchers' is not a list of names")
+            needed = _get(data, "guard settings", "needed", int)
+            if not 1 <= needed <= len(names):
+                raise ValueError(f"guard settings: 'needed' {needed} is not 1..{len(names)}")
+            watchers = tuple(names)
         return cls(
             node=_get(data, "guard settings", "node", str),
             isolation_timeout=timeout,
             vouching=vouching,
+            watchers=watchers,
+            needed=needed,
         )
 
 
@@ -350,6 +364,11 @@ def order_verdict(snapshot: GuardSnapshot, node: str | None = None) -> tuple[Ord
 # --------------------------------------------------------------------------- the leader's rule
 
 
+# (watchers asked, how many needed) -> the latest time that many may have vouched, or
+# None and why that cannot be told (``Fleet.vouch_end``).
+Vouches = Callable[[tuple[str, ...], int], tuple[float | None, str]]
+
+
 @dataclass(frozen=True)
 class Clearance:
     """May the leader promote? ``via``: "ack" (the guard fenced on our order), "down"
@@ -380,10 +399,12 @@ class ClearanceRule:
     ``now - quiet_since >= isolation_timeout + margin`` (``margin``: the guard's time to
     notice and fence; the store ttl is a safe value).
 
-    ``vouching`` (or a guard that published it counts vouches): a strict majority of
-    watchers vouching for the primary is a sign of life too, so the expired path also
-    needs the latest time a majority may have vouched (``observe``'s ``vouches``, from
-    ``fleet.vouch_end``) to lie ``isolation_timeout + margin`` in the past.
+    ``vouching`` (or a guard that published it counts vouches): ``vouches_needed`` of
+    the watchers ``vouchers`` vouching for the primary is a sign of life too, so the
+    expired path also needs the latest time that many may have vouched (``observe``'s
+    ``vouches``, from ``fleet.vouch_end``) to lie ``isolation_timeout + margin`` in the
+    past. The guard's own list and count, once it published them, take the place of
+    ours (a guard run with another config file asks whom it asks).
     """
 
     def __init__(
@@ -396,6 +417,8 @@ class ClearanceRule:
         margin: float = 0.0,
         vouching: bool = False,
         ordered_at: float | None = None,
+        vouchers: tuple[str, ...] = (),
+        vouches_needed: int = 0,
     ) -> None:
         self.token = token
         self.failover_id = failover_id
@@ -403,6 +426,7 @@ class ClearanceRule:
         self.quiet_since = quiet_since
         self.margin = margin
         self.vouching = vouching
+        self.vouchers, self.vouches_needed = vouchers, vouches_needed
         # When the order was written (a failover was journaled before it): the watchers'
         # views that bound their vouching must be read after it.
         self.ordered_at = ordered_at if ordered_at is not None else (quiet_since or 0.0)
@@ -415,11 +439,12 @@ class ClearanceRule:
         now: float,
         why: str = "",
         *,
-        vouches: tuple[float | None, str] | None = None,
+        vouches: Vouches | None = None,
     ) -> Clearance:
-        """``snapshot`` None: the read failed (``why`` says how). ``vouches``: the latest
-        time a majority of watchers may have vouched for the primary, or None and why
-        that cannot be told (needed on the expired path when the guard counts them)."""
+        """``snapshot`` None: the read failed (``why`` says how). ``vouches(asked,
+        needed)``: the latest time ``needed`` of the watchers ``asked`` may have vouched
+        for the primary, or None and why that cannot be told (asked on the expired path
+        when the guard counts them)."""
         if snapshot is None:
             self.absent_since = None
             return Clearance(False, f"store unavailable: {why}" if why else "store unavailable")
@@ -472,10 +497,16 @@ class ClearanceRule:
                     f"the standby stopped streaming {quiet:.1f}s ago, less than "
                     f"{isolation + self.margin:g}s",
                 )
-        if snapshot.published is not None and snapshot.published.vouching:
+        published = snapshot.published
+        if published is not None and published.vouching:
             self.vouching = True
+            self.vouchers, self.vouches_needed = published.watchers, published.needed
         if self.vouching:
-            end, unknown = vouches if vouches is not None else (None, "not counted")
+            end, unknown = (
+                vouches(self.vouchers, self.vouches_needed)
+                if vouches is not None
+                else (None, "not counted")
+            )
             if end is None:
                 return Clearance(
                     False, f"the watchers may still vouch for the primary to its guard: {unknown}"
@@ -540,7 +571,7 @@ async def guard_clearance(
     margin: float = 0.0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rule: ClearanceRule | None = None,
-    vouches: Callable[[], tuple[float | None, str]] | None = None,
+    vouches: Vouches | None = None,
 ) -> Clearance:
     """Poll (linearizable reads, every ``poll`` seconds, ``poll`` well below the store
     ttl) until ``ClearanceRule`` clears or ``wait`` seconds of ``clock`` (the leader's
@@ -559,7 +590,7 @@ async def guard_clearance(
         except StoreUnavailable as exc:
             snapshot, why = None, str(exc)
         now = clock()  # after the read: an absence is counted from its latest possible start
-        verdict = rule.observe(snapshot, now, why, vouches=None if vouches is None else vouches())
+        verdict = rule.observe(snapshot, now, why, vouches=vouches)
         if verdict.cleared or now + poll > end:
             return verdict
         await sleep(poll)
