@@ -546,3 +546,31 @@ async def test_abort_of_its_own_running_failover_is_never_refused(fleet: Fleet) 
     fleet.clock.advance(20.0)  # the authority is long gone as well
     assert fleet.fleet("dc1").authority_left() == 0.0
     assert (await d1.handle_command("abort", {}, ROOT))["aborting"] == "f1"
+
+
+async def test_a_leader_short_of_down_votes_looks_again_within_the_cycle(fleet: Fleet) -> None:
+    """The leader sees the primary down and a voter's "down" lands just after its read:
+    it reads once more a moment later, in the same cycle, and may start now rather
+    than an interval later."""
+    await fleet.lead("dc1", "dc2", "dc3")
+    await fleet.two_rounds({"dc1": UP_V, "dc2": UP_V, "dc3": UP_V})
+    fleet.clock.advance(1.0)
+    await fleet.fleet("dc3").after_probe(UP_V)
+
+    async def dc2_down_soon() -> None:
+        await asyncio.sleep(0.05)
+        await fleet.fleet("dc2").after_probe(DOWN_V)
+
+    late = asyncio.create_task(dc2_down_soon())
+    f1 = fleet.fleet("dc1")
+    await f1.after_probe(DOWN_V, fleet.clock())
+    await late
+    assert f1.tally is not None and f1.tally.down == ("dc1", "dc2")
+    assert f1.gate(START) == START
+    # Without a cycle start (no time known to be left) it does not wait: one read.
+    fleet.clock.advance(1.0)
+    await fleet.fleet("dc2").after_probe(UP_V)
+    late = asyncio.create_task(dc2_down_soon())
+    await f1.after_probe(DOWN_V)
+    await late
+    assert f1.tally is not None and f1.tally.down == ("dc1",)

@@ -65,6 +65,7 @@ class StoreWriteError(JournalError):
 
 
 GUARD_POLL = 0.25  # a linearizable read of the guard's keys, well below the lease ttl
+RECOUNT_PAUSE = 0.25  # the leader's second look at the votes when it is short of "down"
 
 
 def guard_step(cfg: Config) -> StepConfig | None:
@@ -651,7 +652,48 @@ class Fleet:
             if read:  # our view is in the store and the journal was read after it
                 unfinished = self.d.state.unfinished is not None or self.d.sequences.running
                 self.vouching.confirm(not own.primary_down, unfinished)
+            if self._short_of_down(own):
+                await self._recount(own, started)
         self._export()
+
+    def _short_of_down(self, own: View) -> bool:
+        """The leader sees the primary down, and so far too few others do, with nothing
+        else in the way (no veto, no other config, nothing running)."""
+        t = self.tally
+        return (
+            self.is_leader
+            and t is not None
+            and own.primary_down
+            and len(t.down) < t.needed
+            and not t.vetoes
+            and not t.mismatched
+            and not self.d.sequences.running
+        )
+
+    async def _recount(self, own: View, started: float | None) -> None:
+        """Read the ballots once more, ``RECOUNT_PAUSE`` later, within this cycle's
+        interval. The watchers probe at their own phases: woken by the same lost
+        connection, they cross the threshold together, and a voter's "down" often lands
+        a few milliseconds after the leader's read, which then waited a whole interval
+        (one failover in five took a second longer). A failed read keeps the first
+        count."""
+        if started is None:
+            return
+        interval = self.d.config.probe.interval
+        pause = min(RECOUNT_PAUSE, interval / 4)
+        left = 0.9 * interval - (self.d.clock() - started) - pause
+        if left < 0.1:
+            return
+        await asyncio.sleep(pause)
+        assert self.box is not None
+        try:
+            async with asyncio.timeout(left):
+                sent = self.d.clock()
+                ballots = await self.box.ballots()
+        except (StoreUnavailable, TimeoutError):
+            return
+        if self.is_leader:
+            self._count(own, ballots, sent)
 
     def store_bound(self, started: float | None) -> float:
         """How long the cycle may wait on the store: what is left of its probe interval,
