@@ -914,6 +914,7 @@ class Guard:
         redirect, a wrong or oversized reply, any error) is no vouch."""
         try:
             async with session.get(f"{url}/vouch", allow_redirects=False) as reply:
+                self._ask_trouble(name, None)  # it answers (a no is an answer)
                 if reply.status != 200:
                     return False
                 raw = b""
@@ -922,10 +923,9 @@ class Guard:
                     if not chunk:
                         break
                     raw += chunk
-        except Exception as exc:
+        except Exception as exc:  # one watcher's answer never ends the guard
             self._ask_trouble(name, f"{type(exc).__name__}: {exc}")
             return False
-        self._ask_trouble(name, None)
         if len(raw) > _VOUCH_MAX:
             return False
         try:

@@ -567,10 +567,12 @@ async def test_a_leader_short_of_down_votes_looks_again_within_the_cycle(fleet: 
     await late
     assert f1.tally is not None and f1.tally.down == ("dc1", "dc2")
     assert f1.gate(START) == START
-    # Without a cycle start (no time known to be left) it does not wait: one read.
+    # A leader that could not act anyway (its authority over) does not look again.
     fleet.clock.advance(1.0)
     await fleet.fleet("dc2").after_probe(UP_V)
+    fleet.clock.advance(14.0)
+    assert f1.authority_left() == 0
     late = asyncio.create_task(dc2_down_soon())
-    await f1.after_probe(DOWN_V)
+    await f1.after_probe(DOWN_V, fleet.clock())
     await late
-    assert f1.tally is not None and f1.tally.down == ("dc1",)
+    assert f1.tally is not None and "dc2" not in f1.tally.down

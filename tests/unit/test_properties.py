@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tests.unit.builders import cycle
 from watchdogd.core.model import FailoverConfig, StepConfig
-from watchdogd.detector import Detector
+from watchdogd.detector import STALL_GAP, Detector
 from watchdogd.policy import Policy, StandbyFacts
 from watchdogd.state.journal import JournalState, apply
 
@@ -39,7 +39,7 @@ ticks = st.lists(
         primary_ok=st.booleans(),
         standby_streaming=st.booleans(),
         standby_ok=st.sampled_from([True, True, True, False]),
-        gap=st.sampled_from([1.0, 1.0, 1.0, 1.0, 0.5, 3.5]),
+        gap=st.sampled_from([1.0, 1.0, 1.0, 1.0, 0.5, 3.5, 2.0, 2.4, 2.6]),
         ack=st.sampled_from([False] * 15 + [True]),
     ),
     max_size=150,
@@ -104,11 +104,12 @@ def simulate(
 
 def longest_outage_before(timeline: list[Tick], end: int) -> float:
     """Reference model: the longest failure run up to index ``end``, a run broken only
-    by N consecutive successes or by a stall (gap > 2 intervals)."""
+    by N consecutive successes or by a stall (gap > STALL_GAP intervals: one skipped
+    tick is not one)."""
     t, since, streak, best = 0.0, None, 0, 0.0
     for tick in timeline[: end + 1]:
         t += tick.gap
-        if tick.gap > 2 * INTERVAL and since is not None:
+        if tick.gap > STALL_GAP * INTERVAL and since is not None:
             since = t
         if tick.primary_ok:
             if since is not None:

@@ -214,6 +214,7 @@ def test_a_guard_that_published_vouching_is_waited_for_whatever_our_config_says(
         (base + b'"vouching": 1}', "'vouching' is not a bool"),
         (base + b'"vouching": true, "needed": 1}', "'watchers' is not a list"),
         (base + b'"vouching": true, "watchers": ["a"], "needed": 2}', "'needed' 2 is not 1..1"),
+        (base + b'"vouching": true, "watchers": ["a", "a"], "needed": 2}', "names one twice"),
     ):
         with pytest.raises(ValueError, match=words):
             Published.decode(junk)
@@ -428,5 +429,9 @@ async def test_without_guard_watchers_nobody_vouches_and_views_stay_as_before(
         answer = plain.fleet("dc2").vouch("main")
         assert answer["vouch"] is False and "no guard.watchers" in answer["detail"]
         assert plain.d["dc2"].status()["store"]["vouching"] is False
+        # A guard that counts vouches beside this fleet: never cleared by expiry, and
+        # the reason says why.
+        end, why = f1.vouch_end(0.0, ("dc1", "dc2", "dc3"), 2)
+        assert end is None and "this fleet's config has no guard.watchers" in why
     finally:
         plain.close()

@@ -9,7 +9,8 @@ Built and owned by the ``Daemon`` when ``store:`` is set; without it nothing her
   stay unfinished in the store for the next leader. ``StoreUnavailable`` keeps the token
   but the authority ends at its deadline.
 - **Votes.** After every probe cycle this watcher publishes its ``View``; the leader
-  reads every ballot (one linearizable read) and tallies them with its own receive times
+  reads every ballot (one linearizable read; a second within the cycle when it is short
+  of "down" votes) and tallies them with its own receive times
   (``fleet.Freshness``); its own view counts as its vote.
 - **The journal** is the store's: the leader appends (guarded by its token) and folds
   the record into its state; a follower re-reads what was appended since it last looked,
@@ -228,6 +229,7 @@ class Fleet:
         # The store's journal holds a record that does not decode: nobody acts on a
         # journal with a hole in it (a hidden failover start?) until an operator fixes it.
         self.journal_damaged: str | None = None
+        self.unapplied = False  # a record read from the store's journal did not apply
         self.deadline: float | None = None  # the leader's authority ends (d.clock)
         self.leader: str | None = None  # who leads, as last read
         self.up = False  # the store answered the last call
@@ -448,6 +450,7 @@ class Fleet:
         for problem in state.problems:
             self.d.emit("journal_problem", problem=problem, path="store")
         self.synced, self.needs_replay = True, False
+        self.unapplied = False  # the whole journal, folded afresh
         if self._idle():
             # A new leader (or one that re-read the journal after an ambiguous append
             # while nothing ran): act on the journal as a restart would.
@@ -569,7 +572,9 @@ class Fleet:
 
     async def follow(self) -> bool:
         """A follower folds in what the leader appended since it last looked; True when
-        the journal was read (a linearizable read) and every record in it applied."""
+        the journal was read (a linearizable read) and every record it ever read
+        applied (``unapplied``: one did not, so its state may miss a failover's start;
+        only a whole replay, on becoming the leader, clears that)."""
         if self.is_leader or self.store is None:
             return False
         async with self._journal:
@@ -580,14 +585,13 @@ class Fleet:
                 return False
         self._repaired()
         acked: dict[str, Any] | None = None
-        whole = True
         for position, record in entries:
             self.position = max(self.position, position)
             try:
                 apply(self.d.state, record)
             except (ValueError, KeyError, TypeError, OverflowError) as exc:
                 self.d.emit("journal_problem", problem=f"record at {position}: {exc}")
-                whole = False
+                self.unapplied = True
                 continue
             if record.get("type") == "ack":
                 acked = record
@@ -596,7 +600,7 @@ class Fleet:
             fo = next((f for f in self.d.state.failovers if f.id == acked.get("id")), None)
             primary = acked.get("primary")
             self.d.commands.watch_afresh(primary if isinstance(primary, str) else None, fo)
-        return whole
+        return not self.unapplied
 
     # ------------------------------------------------------------------ votes
 
@@ -632,8 +636,9 @@ class Fleet:
         assert self.box is not None
         own = self.view(verdict)
         self.tally = None
+        deadline = self.d.clock() + self.store_bound(started)
         try:
-            async with asyncio.timeout(self.store_bound(started)):
+            async with asyncio.timeout(deadline - self.d.clock()):
                 await self.box.publish(self.instance, own.encode())
                 if self.is_leader:
                     sent = self.d.clock()
@@ -653,7 +658,7 @@ class Fleet:
                 unfinished = self.d.state.unfinished is not None or self.d.sequences.running
                 self.vouching.confirm(not own.primary_down, unfinished)
             if self._short_of_down(own):
-                await self._recount(own, started)
+                await self._recount(own, deadline)
         self._export()
 
     def _short_of_down(self, own: View) -> bool:
@@ -662,6 +667,8 @@ class Fleet:
         t = self.tally
         return (
             self.is_leader
+            and self.synced
+            and self.authority_left() > 0
             and t is not None
             and own.primary_down
             and len(t.down) < t.needed
@@ -670,18 +677,16 @@ class Fleet:
             and not self.d.sequences.running
         )
 
-    async def _recount(self, own: View, started: float | None) -> None:
-        """Read the ballots once more, ``RECOUNT_PAUSE`` later, within this cycle's
-        interval. The watchers probe at their own phases: woken by the same lost
-        connection, they cross the threshold together, and a voter's "down" often lands
-        a few milliseconds after the leader's read, which then waited a whole interval
-        (one failover in five took a second longer). A failed read keeps the first
-        count."""
-        if started is None:
-            return
-        interval = self.d.config.probe.interval
-        pause = min(RECOUNT_PAUSE, interval / 4)
-        left = 0.9 * interval - (self.d.clock() - started) - pause
+    async def _recount(self, own: View, deadline: float) -> None:
+        """Read the ballots once more, ``RECOUNT_PAUSE`` later (a quarter interval when
+        shorter), before ``deadline`` (the cycle's time on the store, ``store_bound``)
+        and only with at least 0.1 s left for the read. Woken by the same lost
+        connection, the watchers cross the threshold together, and a voter's "down"
+        often lands a few milliseconds after the leader's read, which then waited a
+        whole interval (one failover in five took a second longer). A failed read
+        keeps the first count."""
+        pause = min(RECOUNT_PAUSE, self.d.config.probe.interval / 4)
+        left = deadline - self.d.clock() - pause
         if left < 0.1:
             return
         await asyncio.sleep(pause)
@@ -702,11 +707,12 @@ class Fleet:
         timeout. A store that does not answer made every cycle outlast its interval:
         the scheduler skipped the next tick (and the detector read that as a stalled
         loop, before it allowed one skipped tick), so no vouch for the guard then."""
-        full = min(1.5, self.d.config.probe.interval)
+        interval = self.d.config.probe.interval
+        full = min(1.5, interval)
         if started is None:
             return full
-        left = 0.9 * self.d.config.probe.interval - (self.d.clock() - started)
-        return max(full / 2, min(full, left))
+        left = 0.9 * interval - (self.d.clock() - started)
+        return max(full / 2, min(0.2, interval), min(full, left))
 
     def _new_freshness(self) -> Freshness:
         # A view counts as fresh while the leader saw it change within this: a live
@@ -738,14 +744,19 @@ class Fleet:
 
     def _count(self, own: View, ballots: dict[str, Any], sent: float | None = None) -> None:
         now = self.d.clock()
-        since = self._last_read
-        if since is None or now - since > self.freshness.max_age:
+        since = self._read_sent
+        if (
+            self._last_read is None
+            or since is None
+            or now - self._last_read > self.freshness.max_age
+        ):
             # The first read of a term, or after reads failed for longer than a view
             # stays fresh: when anything changed is unknown, so nothing is fresh yet.
             self.reset_votes()
             since = now
         # A change seen now was published after the previous good read (linearizable
-        # reads), not necessarily now: it is dated at that read, never later.
+        # reads), not necessarily now: it is dated at that read's send time (its
+        # linearization point came no earlier), never later.
         self._last_read = now
         self._read_sent = now if sent is None else sent
         views: dict[str, View] = {}
@@ -796,6 +807,12 @@ class Fleet:
         before it)."""
         if not self.is_leader:
             return None, self._not_leader()
+        if not self.vouches:
+            return None, (
+                "the guard counts the watchers' vouches, but this fleet's config has no "
+                "guard.watchers, so no watcher vouches or says when it last did: give "
+                "the fleet the guard's guard.watchers"
+            )
         if self._read_sent is None or self._read_sent < since:
             return None, "no read of the watchers' views since the fence order yet"
         return votes.vouch_end(

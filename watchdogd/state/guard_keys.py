@@ -238,6 +238,8 @@ class Published:
             names = data.get("watchers")
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise ValueError("guard settings: 'watchers' is not a list of names")
+            if len(set(names)) != len(names):
+                raise ValueError("guard settings: 'watchers' names one twice")
             needed = _get(data, "guard settings", "needed", int)
             if not 1 <= needed <= len(names):
                 raise ValueError(f"guard settings: 'needed' {needed} is not 1..{len(names)}")
@@ -514,7 +516,7 @@ class ClearanceRule:
             if now - end < isolation + self.margin:
                 return Clearance(
                     False,
-                    f"a majority of watchers may have vouched for the primary "
+                    f"{self.vouches_needed} watchers may have vouched for the primary "
                     f"{now - end:.1f}s ago, less than {isolation + self.margin:g}s",
                 )
         return Clearance(
