@@ -70,6 +70,7 @@ from watchdogd.core.errors import WatchdogdError
 from watchdogd.core.model import DatabaseConfig
 from watchdogd.engines import Engine, EngineError
 from watchdogd.engines.postgres import pg_duration_seconds
+from watchdogd.probes import BodyTooLarge, read_capped
 from watchdogd.state.etcd import (
     EtcdClient,
     EtcdConfigError,
@@ -558,8 +559,10 @@ class Guard:
         with contextlib.suppress(EngineError):
             await self.engine.status(DB_TIMEOUT)
             self.db_answered = True
+        sender = await self._setting_seconds("wal_sender_timeout")
+        # 0: the primary never drops a silent connection, so no gap is too long to learn
+        self.sender_timeout = sender if sender is not None and sender > 0 else None
         self.reply_interval = await self._reply_interval()
-        self.sender_timeout = await self._sender_timeout()
         # The start counts from here, not construction: once the guard watches (the reads
         # above may have taken seconds, and a standby's first countable reply can be its
         # whole window after the guard's first look at it).
@@ -652,18 +655,19 @@ class Guard:
         interval = max(self.reply_interval or DEFAULT_REPLY_INTERVAL, self.signs.longest_gap)
         return reply_window(interval, self.settings.poll)
 
-    async def _sender_timeout(self) -> float | None:
-        """The primary's ``wal_sender_timeout`` (it ends a replication connection silent
-        that long): the longest real gap between two replies of one connection. None:
-        disabled (0), unreadable, or no standby to watch."""
+    async def _setting_seconds(self, name: str) -> float | None:
+        """This primary's duration setting ``name`` in seconds (0 when off). None: no
+        standby to watch, an engine without settings, or unreadable. The primary's
+        ``wal_sender_timeout`` is read at start into ``sender_timeout``: it ends a
+        replication connection silent that long, so no real gap between two replies
+        is longer (None: disabled, or unknown)."""
         setting = getattr(self.engine, "setting", None)
         if setting is None or not self.standby_addresses:
             return None
         try:
-            timeout = pg_duration_seconds(await setting("wal_sender_timeout", DB_TIMEOUT))
+            return pg_duration_seconds(await setting(name, DB_TIMEOUT))
         except EngineError:
             return None
-        return timeout if timeout is not None and timeout > 0 else None
 
     async def _reply_interval(self) -> float | None:
         """The standby's reply interval as this server's ``wal_receiver_status_interval``
@@ -671,16 +675,9 @@ class Guard:
         usually has the same, and the longest gap seen raises it); 0 (no periodic
         replies): half the ``wal_sender_timeout``, when the primary asks for one. None:
         cannot tell (the default, 10 s, is assumed)."""
-        setting = getattr(self.engine, "setting", None)
-        if setting is None or not self.standby_addresses:
-            return None
-        try:
-            status = pg_duration_seconds(await setting("wal_receiver_status_interval", DB_TIMEOUT))
-            if status == 0:
-                sender = pg_duration_seconds(await setting("wal_sender_timeout", DB_TIMEOUT))
-                status = sender / 2 if sender else None
-        except EngineError:
-            return None
+        status = await self._setting_seconds("wal_receiver_status_interval")
+        if status == 0:
+            status = self.sender_timeout / 2 if self.sender_timeout else None
         return status if status is not None and status > 0 else None
 
     def _store_trouble(self, why: str) -> None:
@@ -917,16 +914,11 @@ class Guard:
                 self._ask_trouble(name, None)  # it answers (a no is an answer)
                 if reply.status != 200:
                     return False
-                raw = b""
-                while len(raw) <= _VOUCH_MAX:
-                    chunk = await reply.content.read(_VOUCH_MAX + 1 - len(raw))
-                    if not chunk:
-                        break
-                    raw += chunk
+                raw = await read_capped(reply.content, _VOUCH_MAX)
+        except BodyTooLarge:
+            return False
         except Exception as exc:  # one watcher's answer never ends the guard
             self._ask_trouble(name, f"{type(exc).__name__}: {exc}")
-            return False
-        if len(raw) > _VOUCH_MAX:
             return False
         try:
             data = json.loads(raw)
