@@ -70,6 +70,17 @@ async def order(client: EtcdClient) -> Order | None:
     return None if kv is None else Order.decode(kv.value, kv.mod_revision)
 
 
+async def cleared(link: GuardLink, until: float) -> str:
+    """``clear`` in 1 s attempts until one clears (its answer) or ``until`` passed
+    (``time.monotonic``; then "")."""
+    while time.monotonic() < until:
+        try:
+            return await link.clear("f1", "main", 1.0)
+        except ActionError:
+            continue
+    return ""
+
+
 async def test_one_order_per_failover_and_token_and_the_silence_counts_across_attempts(
     fleet: FakeFleet,
 ) -> None:
@@ -89,13 +100,7 @@ async def test_one_order_per_failover_and_token_and_the_silence_counts_across_at
     first = await order(fleet.client)
     assert first is not None and first.token == fleet.token.revision
     assert first.failover_id == "f1" and first.node == "main"
-    reason = ""
-    while time.monotonic() - started < ISO + TTL + 3:
-        try:
-            reason = await link.clear("f1", "main", 1.0)
-            break
-        except ActionError:
-            continue
+    reason = await cleared(link, started + ISO + TTL + 3)
     assert reason.startswith("cleared (expired)"), reason
     assert time.monotonic() - started >= ISO + TTL  # never before the rule allows
     again = await order(fleet.client)
@@ -156,12 +161,6 @@ async def test_with_watchers_vouching_the_expired_path_waits_for_their_silence(
         await link.clear("f1", "main", 1.0)
     bound = fleet.vouches[0]
     assert bound is not None
-    reason = ""
-    while time.monotonic() - bound < ISO + TTL + 3:
-        try:
-            reason = await link.clear("f1", "main", 1.0)
-            break
-        except ActionError:
-            continue
+    reason = await cleared(link, bound + ISO + TTL + 3)
     assert reason.startswith("cleared (expired)"), reason
     assert time.monotonic() - bound >= ISO + TTL

@@ -31,6 +31,21 @@ UP_V = Verdict(HEALTHY, "primary healthy")
 START = Decision(FAILING_OVER, "primary down for 3s", start="failover")
 
 
+def failover_f1_started() -> dict[str, Any]:
+    """The journal record of an automatic failover F1 (steps one, two) starting."""
+    return records.sequence_started(
+        "failover",
+        id="F1",
+        trigger="automatic",
+        kind="failover",
+        reason="primary down",
+        from_node="main",
+        to_node="failover",
+        steps=["one", "two"],
+        at=1.0,
+    )
+
+
 class Log:
     def __init__(self) -> None:
         self.entries: list[tuple[str, str, dict[str, Any]]] = []
@@ -325,19 +340,7 @@ async def test_a_new_leader_resumes_the_failover_and_runs_no_step_twice(fleet: F
     await fleet.lead("dc1", "dc2", "dc3")
     d1 = fleet.d["dc1"]
     # dc1 started a failover and finished step "one", then froze.
-    await d1.record(
-        records.sequence_started(
-            "failover",
-            id="F1",
-            trigger="automatic",
-            kind="failover",
-            reason="primary down",
-            from_node="main",
-            to_node="failover",
-            steps=["one", "two"],
-            at=1.0,
-        )
-    )
+    await d1.record(failover_f1_started())
     for rec in (
         records.step_started("failover", id="F1", step="one", action="command", attempt=1, at=2),
         records.step_finished(

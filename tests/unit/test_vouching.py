@@ -14,13 +14,12 @@ import pytest
 
 from tests.unit.test_fleet_config import fleet as fleet_raw
 from tests.unit.test_fleet_config import problems
-from tests.unit.test_fleet_daemon import DOWN_V, UP_V, Fleet, raw
+from tests.unit.test_fleet_daemon import DOWN_V, UP_V, Fleet, failover_f1_started, raw
 from tests.unit.test_guard import ISO, TOKEN, settings, snap
 from watchdogd import config
 from watchdogd.detector import DOWN, HEALTHY, STALE, SUSPECT
 from watchdogd.fleet import Freshness, View, Vouching, config_digest, vouch_end
 from watchdogd.guard import GuardConfigError, SignsOfLife, settings_from_config
-from watchdogd.state import journal as records
 from watchdogd.state.guard_keys import ClearanceRule, Published
 
 VOTERS_ = ("dc1", "dc2", "dc3")
@@ -347,19 +346,7 @@ async def test_no_vouch_again_while_the_fleets_journal_shows_a_failover_unfinish
     await fleet.two_rounds(dict.fromkeys(("dc1", "dc2", "dc3"), DOWN_V))
     # The leader journals a failover start, which the followers read.
     d1 = fleet.d["dc1"]
-    await d1.record(
-        records.sequence_started(
-            "failover",
-            id="F1",
-            trigger="automatic",
-            kind="failover",
-            reason="primary down",
-            from_node="main",
-            to_node="failover",
-            steps=["one", "two"],
-            at=1.0,
-        )
-    )
+    await d1.record(failover_f1_started())
     fleet.clock.advance(1.0)
     await fleet.two_rounds(dict.fromkeys(("dc1", "dc2", "dc3"), UP_V))  # the primary is back
     for name in ("dc1", "dc2", "dc3"):
